@@ -1,0 +1,1 @@
+"""Meta-training: optimizee tasks and data, flatness regularizers, the truncated-BPTT trainer."""

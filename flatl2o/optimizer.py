@@ -1,0 +1,262 @@
+"""``flatl2o.L2O``: a ``torch.optim.Optimizer`` that applies a learned update rule.
+
+Each parameter's coordinates carry the rule's recurrent state in ``self.state[p]`` (fp32
+whatever the parameter's dtype), so ``state_dict``/``load_state_dict`` resume exactly.
+The step is ``p <- p - lr * rule(grad)``; ``lr`` (default 1.0) only rescales the learned
+step, so every ``torch.optim.lr_scheduler`` composes with it unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterable
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from flatl2o.hub import default_pretrained_name, load_rule
+from flatl2o.rules import UpdateRule
+
+ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
+NONFINITE_POLICIES = ("skip", "raise")
+
+#: Coordinates processed at once; bounds the step's transient memory (about 1.5 KB per
+#: coordinate for a 2x20 LSTM rule) independently of the model size.
+DEFAULT_CHUNK_SIZE = 16384
+
+
+class L2O(Optimizer):
+    """Drop-in replacement for ``torch.optim.Adam`` driven by a learned update rule.
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        rule: an :class:`~flatl2o.rules.UpdateRule`, or a name / folder / Hub repo id given
+            to :func:`flatl2o.load_rule`. ``None`` uses the best shipped checkpoint.
+        lr: multiplier of the learned step (default 1.0; the rule sets the scale).
+        maximize: maximize the objective instead of minimizing it.
+        chunk_size: coordinates evaluated at once (memory bound of one step).
+        nonfinite: what to do with a parameter whose gradient has NaN/inf: ``"skip"`` leaves
+            that parameter and its recurrent state untouched and warns; ``"raise"`` raises.
+        **load_options: ``revision``, ``cache_dir``, ``token``, ``local_files_only``,
+            ``force_download``, passed to :func:`flatl2o.load_rule` when ``rule`` is a name.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        rule: UpdateRule | str | os.PathLike[str] | None = None,
+        lr: float | Tensor = 1.0,
+        *,
+        maximize: bool = False,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        nonfinite: str = "skip",
+        **load_options: Any,
+    ) -> None:
+        _check_options(lr=lr, chunk_size=chunk_size, nonfinite=nonfinite)
+        if not isinstance(rule, UpdateRule):
+            rule = load_rule(default_pretrained_name() if rule is None else rule, **load_options)
+        elif load_options:
+            raise TypeError(
+                f"load options {sorted(load_options)} only apply when `rule` is a name or path"
+            )
+        self.rule = rule
+        self._device_rules: dict[torch.device, UpdateRule] = {}
+        defaults = dict(lr=lr, maximize=maximize, chunk_size=chunk_size, nonfinite=nonfinite)
+        super().__init__(params, defaults)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        params: ParamsT,
+        name_or_path: str | os.PathLike[str],
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+        **options: Any,
+    ) -> L2O:
+        """An optimizer whose rule is loaded from a folder, shipped name or Hub repo id."""
+        rule = load_rule(
+            name_or_path,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+            force_download=force_download,
+        )
+        return cls(params, rule, **options)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Validate a group (dtypes, duplicates, options) before torch registers it."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        seen: set[int] = set()
+        for p in params:
+            if isinstance(p, Tensor):
+                if not (p.is_floating_point() or p.is_complex()):
+                    raise ValueError(
+                        f"L2O can only optimize floating point or complex tensors, but got a "
+                        f"parameter of dtype {p.dtype}; convert it with .float() or leave it "
+                        "out of the optimizer"
+                    )
+                if id(p) in seen:
+                    raise ValueError(
+                        "optimizer contains a parameter group with duplicate parameters; "
+                        "pass each parameter once"
+                    )
+                seen.add(id(p))
+        _check_options(
+            **{k: param_group[k] for k in ("lr", "chunk_size", "nonfinite") if k in param_group}
+        )
+        super().add_param_group(param_group)
+
+    # ------------------------------------------------------------------ stepping
+    def _rule_on(self, device: torch.device) -> UpdateRule:
+        first = next(iter(self.rule.parameters()))
+        if first.device == device:
+            return self.rule
+        if device not in self._device_rules:
+            import copy
+
+            self._device_rules[device] = copy.deepcopy(self.rule).to(device)
+        return self._device_rules[device]
+
+    def _init_state(self, p: Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        n = p.numel() * (2 if p.is_complex() else 1)
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state.update(self.rule.init_state(n, device=p.device, dtype=torch.float32))
+        return state
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform a single optimization step.
+
+        Args:
+            closure: a closure that re-evaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group)
+        return loss
+
+    def _update(self, p: Tensor, group: dict[str, Any]) -> None:
+        grad = p.grad
+        if grad.is_sparse:
+            raise RuntimeError(
+                "L2O does not support sparse gradients; use a dense embedding "
+                "(sparse=False) or convert the gradient with grad.to_dense()"
+            )
+        param = torch.view_as_real(p) if p.is_complex() else p
+        grad = torch.view_as_real(grad) if grad.is_complex() else grad
+        if not torch.isfinite(grad).all():
+            shape = tuple(p.shape)
+            if group["nonfinite"] == "raise":
+                raise FloatingPointError(
+                    f"L2O: the gradient of a parameter of shape {shape} contains NaN or inf; "
+                    "nothing was updated. Fix the loss, clip gradients, or use "
+                    "nonfinite='skip' to skip such parameters"
+                )
+            warnings.warn(
+                f"L2O: the gradient of a parameter of shape {shape} contains NaN or inf; its "
+                "update was skipped and its recurrent state kept (nonfinite='skip')",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return
+        state = self.state[p] or self._init_state(p)
+        state["step"] += 1
+        step = state["step"].item()
+        names = list(self.rule.state_shapes())
+        rule = self._rule_on(p.device)
+        lr = float(group["lr"])
+        sign = -1.0 if group["maximize"] else 1.0
+        flat_grad = grad.reshape(-1)
+        flat_param = param.view(-1) if param.is_contiguous() else param.reshape(-1)
+        chunk = group["chunk_size"]
+        for start in range(0, flat_param.numel(), chunk):
+            sl = slice(start, start + chunk)
+            g = flat_grad[sl].to(torch.float32)
+            if sign < 0:
+                g = g.neg()
+            chunk_state = {k: state[k][sl] for k in names}
+            delta, new_state = rule(g, chunk_state, step)
+            for k in names:
+                chunk_state[k].copy_(new_state[k])
+            target = flat_param[sl]
+            if target.dtype == torch.float32:
+                target.add_(delta, alpha=-lr)
+            else:  # fp16/bf16/fp64: do the arithmetic in (at least) fp32, then store
+                work = target.to(torch.promote_types(target.dtype, torch.float32))
+                target.copy_(work.add_(delta.to(work.dtype), alpha=-lr))
+        if not param.is_contiguous():
+            param.copy_(flat_param.view_as(param))
+
+    # --------------------------------------------------------------- state dicts
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state dict plus a ``"rule"`` entry identifying the rule."""
+        sd = super().state_dict()
+        sd["rule"] = {
+            "architecture": self.rule.architecture,
+            "fingerprint": self.rule.fingerprint(),
+            "config": self.rule.config.to_dict(),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore exactly: the recurrent state stays fp32 even for bf16/fp16 parameters."""
+        state_dict = dict(state_dict)
+        info = state_dict.pop("rule", None)
+        if not isinstance(info, dict) or "fingerprint" not in info:
+            raise ValueError(
+                "loaded state dict has no 'rule' entry: it was not produced by flatl2o.L2O "
+                "(or was stripped); load a state dict saved from an L2O optimizer"
+            )
+        mine = self.rule.fingerprint()
+        if info["fingerprint"] != mine:
+            raise ValueError(
+                f"loaded state dict was produced by the {info.get('architecture')!r} rule "
+                f"{info['fingerprint']}, but this optimizer uses the {self.rule.architecture!r} "
+                f"rule {mine}; construct L2O with the same rule (the same checkpoint) to resume"
+            )
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, p in zip(saved_ids, params, strict=True):
+            for key, value in saved_state.get(saved_id, {}).items():
+                if key != "step" and isinstance(value, Tensor):
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+
+
+def _check_options(**options: Any) -> None:
+    """Reject invalid hyper-parameters with torch's wording."""
+    if "lr" in options:
+        lr = options["lr"]
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not (isinstance(lr, (int, float, Tensor)) and not isinstance(lr, bool)):
+            raise TypeError(f"lr must be a float or a 1-element Tensor, got {type(lr).__name__}")
+        if not 0.0 <= float(lr) or not math.isfinite(float(lr)):
+            raise ValueError(f"Invalid learning rate: {lr}")
+    if "chunk_size" in options:
+        c = options["chunk_size"]
+        if not isinstance(c, int) or isinstance(c, bool) or c < 1:
+            raise ValueError(f"Invalid chunk_size: {c} (a positive int of coordinates per chunk)")
+    if "nonfinite" in options and options["nonfinite"] not in NONFINITE_POLICIES:
+        raise ValueError(
+            f"Invalid nonfinite policy: {options['nonfinite']!r}; "
+            f"choose one of {NONFINITE_POLICIES}"
+        )

@@ -1,0 +1,198 @@
+"""What every learned update rule shares: its config (round-trips through ``config.json``)
+and the module interface used by both meta-training (differentiably) and the optimizer
+(under ``no_grad``).
+
+Sign convention, fixed once for the whole project: a rule maps a gradient ``g`` to a step
+``s`` and the optimizer applies ``theta <- theta - lr * s``. A rule that learned plain
+gradient descent would emit ``s = c * g`` with ``c > 0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+#: Version of the ``config.json`` / ``model.safetensors`` layout. Bumped on any change
+#: that makes old checkpoints load differently; unknown versions are refused.
+FORMAT_VERSION = 1
+
+State = dict[str, Tensor]
+
+
+class ConfigError(ValueError):
+    """A rule config that cannot be understood (unknown architecture, key, or version)."""
+
+
+@dataclasses.dataclass
+class RuleConfig:
+    """Hyper-parameters of a rule's architecture; subclasses add their own fields."""
+
+    architecture: ClassVar[str] = ""
+    hidden_size: int = 20
+    num_layers: int = 2
+    output_scale: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.hidden_size < 1 or self.num_layers < 1:
+            raise ConfigError(
+                f"{type(self).__name__}: hidden_size and num_layers must be >= 1, got "
+                f"hidden_size={self.hidden_size}, num_layers={self.num_layers}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready form written to ``config.json``."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "architecture": self.architecture,
+            **dataclasses.asdict(self),
+        }
+
+    @staticmethod
+    def from_dict(data: dict[str, Any], *, source: str = "config") -> RuleConfig:
+        """Build the right config subclass from a ``config.json`` dict, strictly."""
+        from flatl2o.rules import RULES  # registry lives with the rules
+
+        data = dict(data)
+        version = data.pop("format_version", None)
+        if version != FORMAT_VERSION:
+            raise ConfigError(
+                f"{source}: unsupported format_version {version!r}; this flatl2o reads "
+                f"format_version {FORMAT_VERSION}. Upgrade flatl2o or re-export the checkpoint."
+            )
+        arch = data.pop("architecture", None)
+        if arch not in RULES:
+            raise ConfigError(
+                f"{source}: unknown architecture {arch!r}; known architectures: "
+                f"{', '.join(sorted(RULES))}"
+            )
+        data.pop("flatl2o_version", None)  # informational only
+        cls = RULES[arch].config_class
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown key(s) {unknown} for architecture {arch!r}; "
+                f"accepted keys: {sorted(fields)}"
+            )
+        for name, value in data.items():
+            expected = type(getattr(cls(), name))
+            ok = isinstance(value, expected) or (expected is float and isinstance(value, int))
+            if not ok or isinstance(value, bool) != (expected is bool):
+                raise ConfigError(
+                    f"{source}: key {name!r} must be {expected.__name__}, got {value!r}"
+                )
+        return cls(**data)
+
+
+class LSTMStack(nn.Module):
+    """Stacked ``nn.LSTMCell`` layers applied coordinatewise (each row is one coordinate)."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int) -> None:
+        super().__init__()
+        sizes = [input_size] + [hidden_size] * (num_layers - 1)
+        self.cells = nn.ModuleList(nn.LSTMCell(s, hidden_size) for s in sizes)
+
+    def forward(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        new: State = {}
+        for i, cell in enumerate(self.cells):
+            h, c = cell(x, (state[f"h{i}"], state[f"c{i}"]))
+            new[f"h{i}"], new[f"c{i}"] = h, c
+            x = h
+        return x, new
+
+
+class UpdateRule(nn.Module):
+    """A coordinatewise learned update rule: ``(grad, state, step) -> (update, new_state)``.
+
+    ``grad`` is a 1-D float32 tensor of n coordinates, ``state`` a dict of tensors whose
+    first dimension is n (see :meth:`state_shapes`), ``step`` the 1-based index of the step
+    being taken. The same module runs differentiably in meta-training and under
+    ``torch.no_grad`` in :class:`flatl2o.L2O`.
+    """
+
+    config_class: ClassVar[type[RuleConfig]] = RuleConfig
+
+    def __init__(self, config: RuleConfig | None = None) -> None:
+        super().__init__()
+        config = self.config_class() if config is None else config
+        if not isinstance(config, self.config_class):
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.config_class.__name__}, "
+                f"got {type(config).__name__}"
+            )
+        self.config = config
+
+    @property
+    def architecture(self) -> str:
+        """The registry name of this rule's architecture (e.g. ``"l2o-dm"``)."""
+        return self.config.architecture
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-coordinate shape of each recurrent state tensor (the state is ``(n, *shape)``)."""
+        h = self.config.hidden_size
+        shapes: dict[str, tuple[int, ...]] = {}
+        for i in range(self.config.num_layers):
+            shapes[f"h{i}"] = (h,)
+            shapes[f"c{i}"] = (h,)
+        return shapes
+
+    def state_floats_per_coordinate(self) -> int:
+        """How many floats of recurrent state each coordinate carries."""
+        return sum(int(torch.Size(s).numel()) for s in self.state_shapes().values())
+
+    def init_state(
+        self,
+        n: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> State:
+        """Fresh (all-zero) recurrent state for ``n`` coordinates."""
+        return {
+            k: torch.zeros((n, *s), device=device, dtype=dtype)
+            for k, s in self.state_shapes().items()
+        }
+
+    def forward(self, grad: Tensor, state: State, step: int | Tensor) -> tuple[Tensor, State]:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """A short hash of architecture, config and weights: identifies the exact rule."""
+        digest = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    # Hub-style persistence (same shape as huggingface_hub's ModelHubMixin).
+    def save_pretrained(self, save_directory: str, *, model_card: str | None = None) -> None:
+        """Write ``config.json``, ``model.safetensors`` and a model card into a folder."""
+        from flatl2o.checkpoint import save_rule
+
+        save_rule(self, save_directory, model_card=model_card)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, **kwargs: Any) -> UpdateRule:
+        """Load a rule from a local folder, a shipped checkpoint name or a Hub repo id."""
+        from flatl2o.hub import load_rule
+
+        rule = load_rule(name_or_path, **kwargs)
+        if cls is not UpdateRule and not isinstance(rule, cls):
+            raise TypeError(
+                f"{name_or_path!r} holds a {type(rule).__name__} rule, not a {cls.__name__}"
+            )
+        return rule
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Upload this rule (config, weights, model card) to a Hub repo; returns the commit URL."""
+        from flatl2o.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"config={self.config}"
