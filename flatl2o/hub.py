@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from flatl2o.checkpoint import (
     CONFIG_NAME,
     MODEL_CARD_NAME,
     WEIGHTS_NAME,
+    CheckpointError,
     load_rule_from_dir,
     save_rule,
 )
@@ -80,6 +82,10 @@ def pretrained_info(name: str) -> dict[str, Any]:
     return json.loads(metrics.read_text()) if metrics.is_file() else {}
 
 
+_SHIPPED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+
+
 def _download(
     repo_id: str,
     *,
@@ -89,25 +95,83 @@ def _download(
     local_files_only: bool,
     force_download: bool,
 ) -> Path:
+    """Download (or find in the cache) config and weights of one commit; return the folder.
+
+    ``revision`` (a branch or tag) is resolved once, by the first download; the second file is
+    then fetched at that exact commit, so a push landing between the two downloads cannot
+    pair the config of one commit with the weights of another.
+    """
     from huggingface_hub import hf_hub_download
 
     from flatl2o import __version__
 
-    paths = [
-        hf_hub_download(
-            repo_id,
-            filename,
-            revision=revision,
-            cache_dir=cache_dir,
-            token=token,
-            local_files_only=local_files_only,
-            force_download=force_download,
-            library_name=LIBRARY_NAME,
-            library_version=__version__,
+    def fetch(filename: str, rev: str | None) -> Path:
+        return Path(
+            hf_hub_download(
+                repo_id,
+                filename,
+                revision=rev,
+                cache_dir=cache_dir,
+                token=token,
+                local_files_only=local_files_only,
+                force_download=force_download,
+                library_name=LIBRARY_NAME,
+                library_version=__version__,
+            )
         )
-        for filename in (CONFIG_NAME, WEIGHTS_NAME)
-    ]
-    return Path(paths[0]).parent
+
+    config = fetch(CONFIG_NAME, revision)
+    folder = config.parent  # .../snapshots/<commit sha>/
+    commit = folder.name if _COMMIT_SHA.fullmatch(folder.name) else revision
+    weights = fetch(WEIGHTS_NAME, commit)
+    if weights.parent != folder:  # not the standard cache layout: keep the files together
+        raise CheckpointError(
+            f"{repo_id}: {CONFIG_NAME} ({config}) and {WEIGHTS_NAME} ({weights}) were resolved "
+            "to different folders; clear the cache entry and retry with force_download=True"
+        )
+    return folder
+
+
+def _hub_reason(
+    error: Exception,
+    *,
+    revision: str | None,
+    cache_dir: str | os.PathLike[str] | None,
+    local_files_only: bool,
+) -> str:
+    """Why the Hub attempt failed, in one line (plus the server's own message if any)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    cache = os.fspath(cache_dir) if cache_dir is not None else constants.HF_HUB_CACHE
+    server = getattr(error, "server_message", None) or ""
+    server = f" (server said: {server.strip()})" if server.strip() else ""
+    if isinstance(error, LocalEntryNotFoundError):
+        if local_files_only or constants.HF_HUB_OFFLINE:
+            why = "local_files_only=True" if local_files_only else "HF_HUB_OFFLINE is set"
+            return f"offline ({why}) and not in the local cache {cache}"
+        cause = error.__cause__ or error.__context__
+        detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(error)
+        return f"could not reach {constants.ENDPOINT} ({detail}) and not in the local cache {cache}"
+    if isinstance(error, RevisionNotFoundError):
+        return f"the repo exists but has no revision {revision!r}{server}"
+    if isinstance(error, GatedRepoError):
+        return f"the repo is gated: accept its terms on the Hub and pass token=...{server}"
+    if isinstance(error, RepositoryNotFoundError):
+        return (
+            f"no such repo on {constants.ENDPOINT} (or it is private: pass token=... or log in "
+            f"with `hf auth login`){server}"
+        )
+    if isinstance(error, HfHubHTTPError):
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return f"{type(error).__name__}: {first}{server}"
+    return f"{type(error).__name__}: {error}"
 
 
 def load_rule(
@@ -122,27 +186,46 @@ def load_rule(
 ) -> UpdateRule:
     """Load a learned update rule from a folder, a shipped name, or a Hub repo id.
 
-    Raises :class:`CheckpointNotFoundError` with every place that was tried when nothing
-    matches, and :class:`flatl2o.checkpoint.CheckpointError` when a file is corrupted or
-    does not match its config.
+    Resolution order: an existing local folder; a checkpoint shipped with flatl2o (see
+    :func:`list_pretrained`); a Hugging Face Hub repo id, through ``hf_hub_download`` (so
+    ``revision``, ``cache_dir``, ``token``, ``local_files_only``, ``force_download``,
+    ``HF_ENDPOINT``, ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE`` behave as everywhere else in the
+    Hugging Face ecosystem). The rule is returned in eval mode, on ``device`` (default CPU).
+
+    Raises :class:`CheckpointNotFoundError` listing every place that was tried, with a fix,
+    when nothing matches, and :class:`flatl2o.checkpoint.CheckpointError` when a checkpoint
+    was found but a file is missing, corrupted or does not match its config.
     """
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+    )
+
     text = os.fspath(name_or_path)
     tried: list[str] = []
+
+    def done(rule: UpdateRule) -> UpdateRule:
+        return rule.to(device) if device is not None else rule
+
     local = Path(text).expanduser()
     if local.is_dir():
-        rule = load_rule_from_dir(local)
-        return rule.to(device) if device is not None else rule
-    tried.append(f"local folder {str(local.resolve())!r}: does not exist")
-    shipped = _shipped_dir(text) if "/" not in text and "\\" not in text else None
+        return done(load_rule_from_dir(local))
+    if local.exists():
+        tried.append(
+            f"local folder {str(local.resolve())!r}: is a file; pass the folder that holds "
+            f"{CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
+    else:
+        tried.append(f"local folder {str(local.resolve())!r}: does not exist")
+    shipped = _shipped_dir(text) if _SHIPPED_NAME.fullmatch(text) else None
     if shipped is not None:
-        rule = load_rule_from_dir(shipped)
-        return rule.to(device) if device is not None else rule
+        return done(load_rule_from_dir(shipped))
     tried.append(
         f"shipped checkpoints: no {text!r} (shipped: {', '.join(list_pretrained()) or 'none'})"
     )
-    from huggingface_hub import constants
-    from huggingface_hub.errors import HFValidationError
-
+    where = f"revision {revision!r}" if revision else "the default revision"
     try:
         folder = _download(
             text,
@@ -154,26 +237,46 @@ def load_rule(
         )
     except HFValidationError as e:
         tried.append(f"Hugging Face Hub: {text!r} is not a valid repo id ({e})")
-    except Exception as e:
-        offline = local_files_only or constants.HF_HUB_OFFLINE
-        where = f"revision {revision!r}" if revision else "the default revision"
-        reason = (
-            "offline (HF_HUB_OFFLINE or local_files_only) and not in the local cache "
-            f"{cache_dir or constants.HF_HUB_CACHE}"
-            if offline or "LocalEntryNotFound" in type(e).__name__
-            else f"{type(e).__name__}: {e}"
+    except EntryNotFoundError as e:
+        if isinstance(e, LocalEntryNotFoundError):
+            reason = _hub_reason(
+                e, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
+            )
+            tried.append(f"Hugging Face Hub repo {text!r} at {where}: {reason}")
+        else:  # the repo exists but lacks a file: a broken checkpoint, not a missing one
+            missing = _missing_filename(e)
+            raise CheckpointError(
+                f"Hugging Face Hub repo {text!r} at {where} ({constants.ENDPOINT}) has no "
+                f"{missing}: it is not a flatl2o checkpoint (one needs {CONFIG_NAME} and "
+                f"{WEIGHTS_NAME}). Check the repo id and revision, or re-upload it with "
+                "flatl2o.push_to_hub()."
+            ) from None
+    except CheckpointError:
+        raise
+    except Exception as e:  # HTTP errors, connection errors, offline mode, bad arguments
+        reason = _hub_reason(
+            e, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
         )
         tried.append(f"Hugging Face Hub repo {text!r} at {where}: {reason}")
     else:
-        rule = load_rule_from_dir(folder)
-        return rule.to(device) if device is not None else rule
+        return done(load_rule_from_dir(folder))
     raise CheckpointNotFoundError(
         f"Could not find the update rule {text!r}. Tried, in order:\n  - "
         + "\n  - ".join(tried)
         + "\nFix: pass an existing checkpoint folder, one of flatl2o.list_pretrained(), or a Hub "
-        "repo id; for a Hub repo while offline, download it once online (or copy the cache) "
+        "repo id ('owner/name', with revision=... for another branch); for a private repo pass "
+        "token=...; for a Hub repo while offline, download it once online (or copy the cache) "
         "and set HF_HUB_CACHE / cache_dir to that cache."
     )
+
+
+def _missing_filename(error: Exception) -> str:
+    """Which checkpoint file a Hub "entry not found" error is about."""
+    url = str(getattr(getattr(error, "response", None), "url", "") or "")
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if url.endswith("/" + name) or name in str(error):
+            return name
+    return f"{CONFIG_NAME} or {WEIGHTS_NAME}"
 
 
 def push_to_hub(
@@ -188,22 +291,24 @@ def push_to_hub(
     revision: str | None = None,
     create_pr: bool | None = None,
 ) -> str:
-    """Upload ``config.json``, ``model.safetensors`` and a model card; return the commit URL."""
-    from huggingface_hub import HfApi
+    """Upload ``config.json``, ``model.safetensors`` and a model card; return the commit URL.
 
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
+    The folder is written and loaded back (strictly) before anything is sent, so a rule that
+    could not be loaded (e.g. NaN weights) is never published. The repo is created if needed
+    (``HfApi.create_repo(exist_ok=True)``), and so is the branch ``revision``.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         card = model_card or render_model_card(rule, repo_id=repo_id, metrics=metrics)
         save_rule(rule, tmp, model_card=card)
-        info = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=tmp,
+        return _upload(
+            tmp,
+            repo_id,
             commit_message=commit_message,
+            private=private,
+            token=token,
             revision=revision,
             create_pr=create_pr,
         )
-    return str(getattr(info, "commit_url", info))
 
 
 def push_folder_to_hub(
@@ -216,19 +321,56 @@ def push_folder_to_hub(
     revision: str | None = None,
 ) -> str:
     """Upload a checkpoint folder (after checking that it loads); return the commit URL."""
-    from huggingface_hub import HfApi
-
-    load_rule_from_dir(folder)  # refuse to publish something that does not load
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    info = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(folder),
+    return _upload(
+        folder,
+        repo_id,
         commit_message=commit_message,
+        private=private,
+        token=token,
         revision=revision,
         allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, MODEL_CARD_NAME, "*.json", "*.toml", "*.png"],
     )
+
+
+def _upload(
+    folder: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    commit_message: str,
+    private: bool | None,
+    token: str | bool | None,
+    revision: str | None,
+    create_pr: bool | None = None,
+    allow_patterns: list[str] | None = None,
+) -> str:
+    from huggingface_hub import HfApi, constants
+
+    load_rule_from_dir(folder)  # refuse to publish something that does not load
+    api = HfApi(token=token, library_name=LIBRARY_NAME, library_version=_version())
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if (
+        revision is not None
+        and revision != constants.DEFAULT_REVISION
+        and not create_pr
+        and not revision.startswith("refs/")  # e.g. an open pull request, refs/pr/1
+    ):
+        # Committing to a branch that does not exist fails on the Hub: create it from main.
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    info = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=os.fspath(folder),
+        commit_message=commit_message,
+        revision=revision,
+        create_pr=create_pr,
+        allow_patterns=allow_patterns,
+    )
     return str(getattr(info, "commit_url", info))
+
+
+def _version() -> str:
+    from flatl2o import __version__
+
+    return __version__
 
 
 def render_model_card(
