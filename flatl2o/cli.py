@@ -1,0 +1,114 @@
+"""The ``flatl2o`` command line: ``demo``, ``list``, ``meta-train``, ``push``."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from flatl2o.hub import DEFAULT_PRETRAINED, list_pretrained, pretrained_info
+
+    names = list_pretrained()
+    if not names:
+        print("no checkpoints are shipped with this installation")
+        return 0
+    for name in names:
+        info = pretrained_info(name)
+        acc = info.get("test_accuracy@1000")
+        score = f"test acc@1000 {acc:.3f}" if isinstance(acc, float) else ""
+        mark = " (default)" if name == DEFAULT_PRETRAINED else ""
+        print(f"{name}{mark}  {score}")
+    return 0
+
+
+def _cmd_meta_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from flatl2o.meta.recipe import load_recipe
+    from flatl2o.meta.trainer import MetaTrainer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipe = load_recipe(args.recipe, args.overrides)  # validated before any work starts
+    command = "flatl2o " + " ".join(shlex.quote(a) for a in args.argv if a != "--resume")
+    trainer = MetaTrainer(
+        recipe, args.out, resume=args.resume, progress=not args.no_progress, command=command
+    )
+    out = trainer.run()
+    print(f"wrote {out} (load it with flatl2o.load_rule({str(out)!r}))")
+    if args.export:
+        print(f"exported the checkpoint files to {trainer.export(args.export)}")
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from flatl2o.hub import push_folder_to_hub
+
+    url = push_folder_to_hub(args.folder, args.repo_id, private=args.private)
+    print(url)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from flatl2o.demo import run_demo
+
+    run_demo(rule=args.rule, steps=args.steps, seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation and tests)."""
+    parser = argparse.ArgumentParser(prog="flatl2o", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="train a small MNIST model with a flatl2o optimizer vs Adam")
+    p.add_argument("--rule", default=None, help="checkpoint name/folder/repo (default: best)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("list", help="list the checkpoints shipped with the package")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("meta-train", help="meta-train an update rule from a recipe")
+    p.add_argument("--recipe", required=True, help="recipe TOML file")
+    p.add_argument("--out", required=True, help="output folder (Hub-ready checkpoint)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run in --out")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--export", default="", help="also copy the shippable files to this folder")
+    p.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="recipe overrides (TOML values)"
+    )
+    p.set_defaults(func=_cmd_meta_train)
+
+    p = sub.add_parser("push", help="upload a checkpoint folder to the Hugging Face Hub")
+    p.add_argument("folder")
+    p.add_argument("--repo-id", required=True)
+    p.add_argument("--private", action="store_true")
+    p.set_defaults(func=_cmd_push)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``flatl2o`` console script."""
+    from flatl2o.checkpoint import CheckpointError
+    from flatl2o.hub import CheckpointNotFoundError
+    from flatl2o.meta.recipe import RecipeError
+    from flatl2o.meta.trainer import ResumeError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    try:
+        return int(args.func(args) or 0)
+    except (RecipeError, ResumeError, CheckpointError, CheckpointNotFoundError) as e:
+        print(f"flatl2o {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,87 @@
+"""Run a learned rule (or Adam) on a functional task without meta-gradients.
+
+Used for validation during meta-training and for the metrics written into model cards.
+The rule is the same module the optimizer uses, applied to the task's flat parameter
+vector under ``torch.no_grad`` (a test checks this matches :class:`flatl2o.L2O`).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from flatl2o.meta.tasks import Task
+from flatl2o.rules import UpdateRule
+
+#: Optimizee runs for reporting use generators seeded ``EVAL_SEED_OFFSET + seed`` so they
+#: never share a random stream with meta-training (which seeds from the recipe's seed).
+EVAL_SEED_OFFSET = 10_000
+
+
+def loss_and_grad(task: Task, theta: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Minibatch loss at ``theta`` and its gradient (both detached)."""
+    with torch.enable_grad():
+        th = theta.detach().requires_grad_(True)
+        x, y = task.sample_batch(generator)
+        loss = task.loss(th, x, y)
+        (grad,) = torch.autograd.grad(loss, th)
+    return loss.detach(), grad
+
+
+@torch.no_grad()
+def rollout(
+    rule: UpdateRule,
+    task: Task,
+    steps: int,
+    generator: torch.Generator,
+    *,
+    theta: Tensor | None = None,
+    on_step: Callable[[int, Tensor], None] | None = None,
+) -> tuple[Tensor, list[float]]:
+    """Train ``task`` for ``steps`` steps with ``rule``; return final params and minibatch losses.
+
+    ``on_step(t, theta)`` is called after every step ``t`` (1-based) with the new parameters.
+    """
+    theta = task.init_params(generator) if theta is None else theta.detach().clone()
+    state = rule.init_state(theta.numel(), device=theta.device)
+    losses: list[float] = []
+    for t in range(1, steps + 1):
+        loss, grad = loss_and_grad(task, theta, generator)
+        losses.append(float(loss))
+        if torch.isfinite(grad).all():  # a diverged run keeps its last finite iterate
+            step, state = rule(grad, state, t)
+            theta = theta - step
+        if on_step is not None:
+            on_step(t, theta)
+    return theta, losses
+
+
+def evaluate_rule(
+    rule: UpdateRule, task: Task, *, horizons: Sequence[int], seeds: int
+) -> dict[str, float]:
+    """Test accuracy / test loss / train loss after each horizon, mean and std over seeds."""
+    results: dict[str, list[float]] = {}
+
+    def record(t: int, theta: Tensor) -> None:
+        if t not in horizons:
+            return
+        test = task.evaluate(theta, "test")
+        train = task.evaluate(theta, "train")
+        for key, value in (
+            (f"test_accuracy@{t}", test.get("accuracy", float("nan"))),
+            (f"test_loss@{t}", test["loss"]),
+            (f"train_loss@{t}", train["loss"]),
+        ):
+            results.setdefault(key, []).append(value)
+
+    for seed in range(seeds):
+        gen = torch.Generator().manual_seed(EVAL_SEED_OFFSET + seed)
+        rollout(rule, task, max(horizons), gen, on_step=record)
+    summary: dict[str, float] = {}
+    for key, values in results.items():
+        summary[key] = statistics.fmean(values)
+        summary[key.replace("@", "_std@")] = statistics.pstdev(values)
+    return summary

@@ -1,0 +1,512 @@
+"""The meta-trainer: truncated backpropagation through optimizee trajectories (spec §3-§4).
+
+One meta-iteration = one trajectory from a fresh optimizee initialization, split into
+unrolls of ``unroll`` steps; after each unroll the rule takes one meta-step (Adam) and the
+optimizee parameters and rule state are detached. The meta-objective of an unroll is
+``mean_t f(theta_t) + alpha * mean_t R(theta_t)``; R's gradient reaches the rule through
+the iterates ``theta_t``. All randomness comes from one seeded ``torch.Generator`` whose
+state is checkpointed, so a killed run resumed with ``resume=True`` ends bit-for-bit where
+an uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor
+
+from flatl2o.checkpoint import atomic_write_bytes, atomic_write_text, save_rule
+from flatl2o.hub import load_rule, render_model_card
+from flatl2o.meta.recipe import Recipe
+from flatl2o.meta.regularizers import make_regularizer
+from flatl2o.meta.rollout import evaluate_rule, rollout
+from flatl2o.meta.tasks import Task, make_task
+from flatl2o.rules import State, UpdateRule, make_rule
+
+TRAINER_DIR = "trainer_state"
+LOG_NAME = "log.jsonl"
+#: What a shipped checkpoint folder holds (see ``pretrained/``).
+EXPORTED_FILES = (
+    "config.json",
+    "model.safetensors",
+    "README.md",
+    "recipe.toml",
+    "metrics.json",
+    LOG_NAME,
+    "meta_training.png",
+)
+
+
+class ResumeError(RuntimeError):
+    """A ``--resume`` that cannot continue (no state, or a different recipe)."""
+
+
+def regularized_unroll(schedule: str, unroll_index: int, num_unrolls: int) -> bool:
+    """Whether this unroll of a trajectory carries the regularizer (all/posterior/prior)."""
+    if schedule == "all":
+        return True
+    later_half = unroll_index >= num_unrolls / 2
+    return later_half if schedule == "posterior" else not later_half
+
+
+def adam_teacher_step(
+    grad: Tensor, m: Tensor, v: Tensor, t: int, lr: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One step of the analytic teacher (Adam, betas 0.9/0.999): ``(step, m, v)``."""
+    m = 0.9 * m + 0.1 * grad
+    v = 0.999 * v + 0.001 * grad * grad
+    step = lr * (m / (1 - 0.9**t)) / (torch.sqrt(v / (1 - 0.999**t)) + 1e-8)
+    return step, m, v
+
+
+class MetaTrainer:
+    """Meta-trains an update rule from a :class:`Recipe` into a Hub-ready folder."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        out_dir: str | os.PathLike[str],
+        *,
+        task: Task | None = None,
+        resume: bool = False,
+        progress: bool = True,
+        command: str | None = None,
+    ) -> None:
+        self.recipe = recipe
+        self.out = Path(out_dir)
+        self.task = (
+            task
+            if task is not None
+            else make_task(recipe.task.name, batch_size=recipe.task.batch_size)
+        )
+        self.progress = progress
+        self.command = command or " ".join(shlex.quote(a) for a in sys.argv)
+        train = recipe.train
+        self.generator = torch.Generator().manual_seed(train.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(train.seed)
+            if recipe.rule.init_from:
+                self.rule = load_rule(recipe.rule.init_from)
+                if self.rule.architecture != recipe.rule.architecture:
+                    raise ValueError(
+                        f"[rule].init_from {recipe.rule.init_from!r} is a "
+                        f"{self.rule.architecture!r} rule but [rule].architecture is "
+                        f"{recipe.rule.architecture!r}; make them agree"
+                    )
+            else:
+                self.rule = make_rule(recipe.rule.architecture, **recipe.rule.options)
+        self.rule.train()
+        self.meta_opt = torch.optim.Adam(self.rule.parameters(), lr=train.meta_lr)
+        reg = recipe.regularizer
+        self.regularizer = (
+            make_regularizer(reg.name, **reg.options)
+            if reg.name != "none" and reg.alpha > 0
+            else None
+        )
+        self.lengths = recipe.curriculum.lengths or [train.trajectory]
+        self.iteration = 0
+        self.stage = 0
+        self.best_val = math.inf
+        self.bad_validations = 0
+        self.log_lines = 0
+        if resume:
+            self._load_state()
+        elif (self.out / TRAINER_DIR).exists():
+            raise ResumeError(
+                f"{self.out} already holds a run; pass resume=True (--resume) to continue it, "
+                "or choose another --out"
+            )
+
+    # ------------------------------------------------------------------ training
+    def meta_loss_term(self, loss: Tensor) -> Tensor:
+        """One optimizee loss as it enters the meta-objective (plain or log)."""
+        return torch.log(loss) if self.recipe.train.meta_loss == "log" else loss
+
+    def unroll(
+        self, theta: Tensor, state: State, step: int, regularize: bool
+    ) -> tuple[Tensor, State, dict[str, float]]:
+        """One truncated unroll of ``unroll`` steps and its meta-step."""
+        meta, reg_value, theta, state = self.unroll_objective(theta, state, step, regularize)
+        alpha = self.recipe.regularizer.alpha
+        self._meta_step(meta + alpha * reg_value if reg_value is not None else meta)
+        metrics = {"meta_loss": float(meta.detach())}
+        if reg_value is not None:
+            metrics["regularizer"] = float(reg_value.detach())
+        return theta.detach(), {k: v.detach() for k, v in state.items()}, metrics
+
+    def unroll_objective(
+        self, theta: Tensor, state: State, step: int, regularize: bool
+    ) -> tuple[Tensor, Tensor | None, Tensor, State]:
+        """Run one unroll differentiably: ``(mean meta-loss, mean R or None, theta, state)``."""
+        train, reg = self.recipe.train, self.recipe.regularizer
+        theta = theta.detach().requires_grad_(True)
+        state = {k: v.detach() for k, v in state.items()}
+        terms: list[Tensor] = []
+        regs: list[Tensor] = []
+        for t in range(train.unroll + 1):
+            x, y = self.task.sample_batch(self.generator)
+            loss = self.task.loss(theta, x, y)
+            if t > 0:  # theta_0 of an unroll does not depend on the rule
+                terms.append(self.meta_loss_term(loss))
+                if regularize and (step + t) % reg.every == 0:
+
+                    def batch_loss(th: Tensor, x: Tensor = x, y: Tensor = y) -> Tensor:
+                        return self.task.loss(th, x, y)
+
+                    regs.append(self.regularizer(batch_loss, theta, generator=self.generator))
+            if t == train.unroll:
+                break
+            (grad,) = torch.autograd.grad(
+                loss, theta, create_graph=train.second_order, retain_graph=True
+            )
+            if not train.second_order:
+                grad = grad.detach()
+            delta, state = self.rule(grad, state, step + t + 1)
+            theta = theta - delta
+        meta = torch.stack(terms).mean()
+        reg_value = torch.stack(regs).mean() if regs else None
+        return meta, reg_value, theta, state
+
+    def imitation_unroll(
+        self, theta: Tensor, state: State, step: int
+    ) -> tuple[Tensor, State, dict[str, float]]:
+        """An unroll that trains the rule to reproduce Adam's steps along Adam's trajectory."""
+        train = self.recipe.train
+        theta = theta.detach()
+        state = {k: v.detach() for k, v in state.items()}
+        m = torch.zeros_like(theta)
+        v = torch.zeros_like(theta)
+        terms: list[Tensor] = []
+        for t in range(train.unroll):
+            with torch.enable_grad():
+                th = theta.clone().requires_grad_(True)
+                x, y = self.task.sample_batch(self.generator)
+                (grad,) = torch.autograd.grad(self.task.loss(th, x, y), th)
+            teacher, m, v = adam_teacher_step(grad, m, v, t + 1, train.imitation_lr)
+            delta, state = self.rule(grad, state, step + t + 1)
+            terms.append(torch.mean((delta - teacher) ** 2) / train.imitation_lr**2)
+            theta = theta - teacher
+        objective = torch.stack(terms).mean()
+        self._meta_step(objective)
+        return (
+            theta,
+            {k: v.detach() for k, v in state.items()},
+            {"imitation": float(objective.detach())},
+        )
+
+    def _meta_step(self, objective: Tensor) -> None:
+        self.meta_opt.zero_grad(set_to_none=True)
+        objective.backward()
+        clip = self.recipe.train.grad_clip
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.rule.parameters(), clip)
+        self.meta_opt.step()
+
+    def trajectory(self, length: int) -> dict[str, float]:
+        """One meta-iteration: a trajectory of ``length`` steps from a fresh initialization."""
+        train, reg = self.recipe.train, self.recipe.regularizer
+        theta = self.task.init_params(self.generator)
+        state = self.rule.init_state(theta.numel())
+        num_unrolls = length // train.unroll
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for u in range(num_unrolls):
+            step = u * train.unroll
+            imitate = (
+                train.imitation_prob > 0
+                and float(torch.rand((), generator=self.generator)) < train.imitation_prob
+            )
+            if imitate:
+                theta, state, metrics = self.imitation_unroll(theta, state, step)
+            else:
+                regularize = self.regularizer is not None and regularized_unroll(
+                    reg.schedule, u, num_unrolls
+                )
+                theta, state, metrics = self.unroll(theta, state, step, regularize)
+            for k, val in metrics.items():
+                sums[k] = sums.get(k, 0.0) + val
+                counts[k] = counts.get(k, 0) + 1
+        result = {k: sums[k] / counts[k] for k in sums}
+        return result
+
+    def validate(self, length: int) -> float:
+        """Mean validation-split loss after ``length`` steps over fixed-seed optimizee runs."""
+        values = []
+        self.rule.eval()
+        for i in range(self.recipe.curriculum.validation_runs):
+            gen = torch.Generator().manual_seed(1_000_000 + i)
+            theta, losses = rollout(self.rule, self.task, length, gen)
+            if self.task.dataset is not None:
+                values.append(self.task.evaluate(theta, "val")["loss"])
+            else:  # a user task with only a batch sampler: late training-batch loss
+                values.append(sum(losses[-10:]) / len(losses[-10:]))
+        self.rule.train()
+        value = sum(values) / len(values)
+        return value if math.isfinite(value) else math.inf
+
+    def run(self) -> Path:
+        """Meta-train to the end (resumable), then write the Hub-ready folder; return it."""
+        from tqdm.auto import tqdm
+
+        train, cur = self.recipe.train, self.recipe.curriculum
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "recipe.toml", self.recipe.to_toml())
+        bar = tqdm(
+            total=train.iterations,
+            initial=self.iteration,
+            desc=f"meta-train {self.recipe.name}",
+            disable=not self.progress,
+        )
+        start = time.perf_counter()
+        while self.iteration < train.iterations:
+            length = self.lengths[self.stage]
+            metrics = self.trajectory(length)
+            self.iteration += 1
+            record: dict[str, Any] = {
+                "iteration": self.iteration,
+                "stage": self.stage,
+                "length": length,
+                **metrics,
+                "seconds": round(time.perf_counter() - start, 3),
+            }
+            if self.iteration % cur.validate_every == 0 or self.iteration == train.iterations:
+                record.update(self._validation_step())
+            self._log(record)
+            bar.set_postfix(
+                {
+                    k: f"{v:.4g}"
+                    for k, v in record.items()
+                    if k in ("meta_loss", "regularizer", "val_loss")
+                }
+            )
+            bar.update(1)
+            if self.iteration % train.checkpoint_every == 0 or self.iteration == train.iterations:
+                self._save_state()
+        bar.close()
+        return self.finish()
+
+    def _validation_step(self) -> dict[str, Any]:
+        cur = self.recipe.curriculum
+        next_length = self.lengths[min(self.stage + 1, len(self.lengths) - 1)]
+        val = self.validate(next_length)
+        improved = val < self.best_val
+        if improved:
+            self.best_val = val
+            self.bad_validations = 0
+            save_rule(self.rule, self.out / "best")
+        else:
+            self.bad_validations += 1
+            if self.bad_validations >= cur.patience and self.stage + 1 < len(self.lengths):
+                self.stage += 1
+                self.bad_validations = 0
+                self.best_val = math.inf  # a new stage is judged on its own horizon
+        return {"val_loss": val, "val_length": next_length, "best_val_loss": self.best_val}
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.out / LOG_NAME, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        self.log_lines += 1
+
+    # ------------------------------------------------------------- checkpoints
+    def _save_state(self) -> None:
+        """Everything needed to continue exactly: rule, meta-optimizer, RNG, counters."""
+        tensors: dict[str, Tensor] = {
+            f"rule.{k}": v.detach().clone().contiguous() for k, v in self.rule.state_dict().items()
+        }
+        opt = self.meta_opt.state_dict()
+        for idx, st in opt["state"].items():
+            for key, value in st.items():
+                tensors[f"opt.{idx}.{key}"] = value.detach().clone().reshape(value.shape)
+        tensors["rng"] = self.generator.get_state()
+        meta = {
+            "iteration": self.iteration,
+            "stage": self.stage,
+            "best_val": self.best_val,
+            "bad_validations": self.bad_validations,
+            "log_lines": self.log_lines,
+            "param_groups": opt["param_groups"],
+            "recipe": self.recipe.to_dict(),
+        }
+        folder = self.out / TRAINER_DIR
+        atomic_write_bytes(folder / "state.safetensors", safetensors_bytes(tensors))
+        atomic_write_text(folder / "state.json", json.dumps(meta, indent=1))
+
+    def _load_state(self) -> None:
+        folder = self.out / TRAINER_DIR
+        if not (folder / "state.json").is_file():
+            raise ResumeError(
+                f"nothing to resume in {self.out}: no {TRAINER_DIR}/state.json (the run saved no "
+                "checkpoint yet); start it again without --resume"
+            )
+        meta = json.loads((folder / "state.json").read_text())
+        if meta["recipe"] != self.recipe.to_dict():
+            raise ResumeError(
+                f"{self.out} was started with a different recipe; resume with the same recipe "
+                f"and overrides (saved copy: {self.out / 'recipe.toml'})"
+            )
+        tensors = load_file(str(folder / "state.safetensors"))
+        self.rule.load_state_dict(
+            {k[5:]: v for k, v in tensors.items() if k.startswith("rule.")}, strict=True
+        )
+        opt_state: dict[int, dict[str, Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("opt."):
+                _, idx, name = key.split(".", 2)
+                opt_state.setdefault(int(idx), {})[name] = value
+        self.meta_opt.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+        self.generator.set_state(tensors["rng"])
+        self.iteration = meta["iteration"]
+        self.stage = meta["stage"]
+        self.best_val = meta["best_val"]
+        self.bad_validations = meta["bad_validations"]
+        self.log_lines = meta["log_lines"]
+        log = self.out / LOG_NAME
+        if log.is_file():  # drop records written after the checkpoint we resume from
+            lines = log.read_text(encoding="utf-8").splitlines(keepends=True)
+            atomic_write_text(log, "".join(lines[: self.log_lines]))
+
+    # ------------------------------------------------------------------ output
+    def final_rule(self) -> UpdateRule:
+        """The rule to ship: the best validated one if validation ran, else the last."""
+        best = self.out / "best"
+        if (best / "model.safetensors").is_file():
+            return load_rule(best)
+        return self.rule.eval()
+
+    def finish(self, evaluate: bool = True) -> Path:
+        """Evaluate the final rule and write config, weights, metrics, model card and plot."""
+        rule = self.final_rule().eval()
+        metrics: dict[str, Any] = {}
+        if evaluate and self.task.dataset is not None:
+            ev = self.recipe.evaluation
+            metrics = evaluate_rule(rule, self.task, horizons=ev.horizons, seeds=ev.seeds)
+        atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        card = render_model_card(rule, metrics=metrics, body=self._card_body(metrics))
+        save_rule(rule, self.out, model_card=card)
+        plot_log(self.out / LOG_NAME, self.out / "meta_training.png")
+        return self.out
+
+    def export(self, folder: str | os.PathLike[str]) -> Path:
+        """Copy the shippable files (checkpoint, card, recipe, metrics, log, plot) to a folder."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in EXPORTED_FILES:
+            src = self.out / name
+            if src.is_file():
+                atomic_write_bytes(folder / name, src.read_bytes())
+        return folder
+
+    def _card_body(self, metrics: dict[str, Any]) -> str:
+        r = self.recipe
+        reg = r.regularizer
+        regline = (
+            f"`{reg.name}` with alpha={reg.alpha}, schedule={reg.schedule}, every={reg.every}, "
+            f"options={reg.options}"
+            if reg.name != "none" and reg.alpha > 0
+            else "none (plain meta-training)"
+        )
+        lines = [
+            "## How it was made",
+            "",
+            r.description.strip() or "Meta-trained with flatl2o.",
+            "",
+            f"- Task: `{r.task.name}` (batch {r.task.batch_size}), "
+            f"{r.train.iterations} trajectories, unroll {r.train.unroll}, "
+            f"curriculum {self.lengths}, meta-lr {r.train.meta_lr}, "
+            f"imitation probability {r.train.imitation_prob}.",
+            f"- Regularizer: {regline}.",
+            f"- Command: `{self.command}`",
+            f"- Git commit: `{_git_commit()}`",
+            "- Recipe: `recipe.toml` in this folder; the log is `log.jsonl`.",
+        ]
+        if metrics:
+            ev = r.evaluation
+            lines += [
+                "",
+                f"## Test accuracy on the seen task ({ev.seeds} seeds, mean ± std)",
+                "",
+                "| steps | test accuracy | test loss | train loss |",
+                "|---|---|---|---|",
+            ]
+            for h in ev.horizons:
+                lines.append(
+                    f"| {h} | {metrics[f'test_accuracy@{h}']:.4f} ± "
+                    f"{metrics[f'test_accuracy_std@{h}']:.4f} | "
+                    f"{metrics[f'test_loss@{h}']:.4f} | {metrics[f'train_loss@{h}']:.4f} |"
+                )
+        return "\n".join(lines)
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+            timeout=10,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def plot_log(log: Path, out: Path) -> Path | None:
+    """Plot meta-loss, regularizer and validation loss from a run's JSONL log (if matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not log.is_file():
+        return None
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    keys = [
+        k
+        for k in ("meta_loss", "regularizer", "imitation", "val_loss")
+        if any(k in r for r in records)
+    ]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        pts = [(r["iteration"], r[key]) for r in records if key in r]
+        ax.plot(*zip(*pts, strict=True), marker="." if key == "val_loss" else None)
+        ax.set_title(key)
+        ax.set_xlabel("trajectory")
+        if key != "regularizer":
+            ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def meta_train(
+    recipe: Recipe,
+    out_dir: str | os.PathLike[str],
+    *,
+    task: Task | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    callback: Callable[[MetaTrainer], None] | None = None,
+) -> Path:
+    """Run a recipe end to end; returns the Hub-ready output folder."""
+    trainer = MetaTrainer(recipe, out_dir, task=task, resume=resume, progress=progress)
+    if callback is not None:
+        callback(trainer)
+    return trainer.run()

@@ -1,0 +1,261 @@
+"""Meta-training: the regularizer reaches the meta-gradient, recipes are checked up front,
+kill-and-resume is exact, user tasks fine-tune, and the functional and optimizer paths agree."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import flatl2o
+from flatl2o.cli import main as cli_main
+from flatl2o.meta.recipe import RecipeError, load_recipe, recipe_from_dict
+from flatl2o.meta.rollout import rollout
+from flatl2o.meta.tasks import Task, make_task
+from flatl2o.meta.trainer import MetaTrainer, ResumeError, regularized_unroll
+
+TINY = {
+    "name": "tiny",
+    "rule": {"architecture": "rnnprop"},
+    "task": {"name": "digits-mlp", "batch_size": 32},
+    "train": {"iterations": 4, "trajectory": 20, "unroll": 10, "checkpoint_every": 2},
+    "curriculum": {"validate_every": 2, "validation_runs": 1},
+    "evaluation": {"seeds": 2, "horizons": [20]},
+}
+
+
+def tiny(**sections) -> dict:
+    data = json.loads(json.dumps(TINY))
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value) if isinstance(value, dict) else data.update(
+            {key: value}
+        )
+    return data
+
+
+@pytest.mark.parametrize("name", ["hessian-trace", "hessian-eig", "hessian-esd", "entropy"])
+def test_alpha_changes_the_meta_gradient_and_zero_alpha_does_not(tmp_path, name):
+    recipe = recipe_from_dict(tiny(regularizer={"name": name, "alpha": 1.0}))
+    trainer = MetaTrainer(recipe, tmp_path, progress=False)
+    theta = trainer.task.init_params(torch.Generator().manual_seed(0))
+    state = trainer.rule.init_state(theta.numel())
+    meta, reg, _, _ = trainer.unroll_objective(theta, state, 0, regularize=True)
+    assert reg is not None and torch.isfinite(reg)
+    params = list(trainer.rule.parameters())
+
+    def grads(objective):
+        return torch.cat(
+            [
+                g.flatten()
+                for g in torch.autograd.grad(
+                    objective, params, retain_graph=True, allow_unused=False
+                )
+            ]
+        )
+
+    plain = grads(meta)
+    assert torch.equal(grads(meta + 0.0 * reg), plain)
+    regularized = grads(meta + 1.0 * reg)
+    assert not torch.allclose(regularized, plain), "R must reach the rule through theta_t"
+    # and R's own meta-gradient is non-zero (it flows through the iterates into phi)
+    assert grads(reg).abs().sum() > 0
+
+
+def test_regularizer_schedule():
+    assert [regularized_unroll("all", u, 4) for u in range(4)] == [True] * 4
+    assert [regularized_unroll("posterior", u, 4) for u in range(4)] == [False, False, True, True]
+    assert [regularized_unroll("prior", u, 4) for u in range(4)] == [True, True, False, False]
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"train": {"unrol": 3}}, r"unknown key \[train\]\.unrol"),
+        ({"train": {"iterations": "ten"}}, r"\[train\]\.iterations must be int"),
+        ({"task": {"name": "imagenet"}}, "unknown task 'imagenet'"),
+        ({"regularizer": {"name": "sharpness"}}, "unknown regularizer 'sharpness'"),
+        ({"regularizer": {"name": "entropy", "options": {"temp": 1}}}, "temp"),
+        ({"rule": {"architecture": "lstm9"}}, "unknown rule architecture"),
+        ({"rule": {"options": {"hidden": 3}}}, "unknown key"),
+        ({"train": {"trajectory": 25}}, "multiple of unroll"),
+        ({"colour": "blue"}, "unknown key 'colour'"),
+    ],
+)
+def test_bad_recipes_fail_before_any_work(patch, message):
+    with pytest.raises(RecipeError, match=message):
+        recipe_from_dict(tiny(**patch))
+
+
+def test_cli_reports_a_bad_recipe_with_exit_code_2(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text('[task]\nname = "nope"\n')
+    assert cli_main(["meta-train", "--recipe", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_overrides_are_typed(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('[task]\nname = "digits-mlp"\n')
+    recipe = load_recipe(
+        path, ["train.iterations=7", "regularizer.name=entropy", "train.meta_lr=2e-3"]
+    )
+    assert (recipe.train.iterations, recipe.regularizer.name, recipe.train.meta_lr) == (
+        7,
+        "entropy",
+        2e-3,
+    )
+
+
+def _write_recipe(tmp_path: Path, **sections) -> Path:
+    path = tmp_path / "recipe.toml"
+    path.write_text(recipe_from_dict(tiny(**sections)).to_toml())
+    return path
+
+
+def _run_cli(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "flatl2o", "meta-train", "--threads", "1", "--no-progress", *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    recipe = _write_recipe(tmp_path, train={"iterations": 6, "checkpoint_every": 2})
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    proc = _run_cli(["--recipe", str(recipe), "--out", str(full)])
+    assert proc.wait(timeout=300) == 0, proc.stdout.read().decode()
+
+    proc = _run_cli(["--recipe", str(recipe), "--out", str(killed)])
+    log = killed / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill -9 after iteration 3 is logged (checkpoint was at 2)
+        if log.is_file() and len(log.read_text().splitlines()) >= 3:
+            break
+        if proc.poll() is not None:
+            pytest.fail("run finished before it could be killed")
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model.safetensors").exists()
+    with pytest.raises(ResumeError, match="already holds a run"):
+        MetaTrainer(load_recipe(recipe), killed, progress=False)
+    resumed = _run_cli(["--recipe", str(recipe), "--out", str(killed), "--resume"])
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read().decode()
+
+    a = flatl2o.load_rule(full)
+    b = flatl2o.load_rule(killed)
+    assert a.fingerprint() == b.fingerprint()
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
+    records = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [r["iteration"] for r in records] == list(range(1, 7))
+
+
+def test_resume_refuses_a_different_recipe(tmp_path):
+    recipe = recipe_from_dict(tiny(train={"iterations": 2}))
+    MetaTrainer(recipe, tmp_path, progress=False).run()
+    other = recipe_from_dict(tiny(train={"iterations": 2, "meta_lr": 0.5}))
+    with pytest.raises(ResumeError, match="different recipe"):
+        MetaTrainer(other, tmp_path, resume=True, progress=False)
+    with pytest.raises(ResumeError, match="nothing to resume"):
+        MetaTrainer(recipe, tmp_path / "empty", resume=True, progress=False)
+
+
+def test_output_is_a_hub_ready_folder_that_the_optimizer_loads(tmp_path):
+    recipe = recipe_from_dict(
+        tiny(regularizer={"name": "hessian-trace", "alpha": 0.1}, train={"imitation_prob": 0.5})
+    )
+    out = MetaTrainer(recipe, tmp_path / "run", progress=False, command="pytest").run()
+    for name in ("config.json", "model.safetensors", "README.md", "recipe.toml", "metrics.json"):
+        assert (out / name).is_file(), name
+    card = (out / "README.md").read_text()
+    assert (
+        "library_name: flatl2o" in card and "hessian-trace" in card and "Command: `pytest`" in card
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["test_accuracy@20"] <= 1.0
+    records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert all("regularizer" in r or "imitation" in r for r in records)
+    assert any("val_loss" in r for r in records)
+    # the recipe written next to the weights reproduces the run's configuration
+    assert load_recipe(out / "recipe.toml").to_dict() == recipe.to_dict()
+    model = nn.Linear(3, 2)
+    opt = flatl2o.L2O.from_pretrained(model.parameters(), out)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+
+
+def test_finetune_from_a_checkpoint_on_a_users_own_module(tmp_path):
+    """A user's nn.Module + loss + sampler becomes a meta-training task without rewriting it."""
+    start = flatl2o.make_rule("rnnprop")
+    start.save_pretrained(tmp_path / "start")
+
+    class Regressor(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+            self.register_buffer("scale", torch.tensor(2.0))
+
+        def forward(self, x):
+            return self.body(x).squeeze(-1) * self.scale
+
+    w = torch.tensor([1.0, -2.0, 0.5, 3.0])
+
+    def sample(gen):
+        x = torch.randn(32, 4, generator=gen)
+        return x, x @ w
+
+    task = Task.from_module(Regressor(), nn.functional.mse_loss, sampler=sample, name="user")
+    recipe = recipe_from_dict(
+        tiny(rule={"init_from": str(tmp_path / "start")}, curriculum={"validate_every": 100})
+    )
+    out = MetaTrainer(recipe, tmp_path / "ft", task=task, progress=False).run()
+    tuned = flatl2o.load_rule(out)
+    assert tuned.fingerprint() != start.fingerprint()
+    model = Regressor()
+    opt = flatl2o.L2O(model.parameters(), tuned)
+    x, y = sample(torch.Generator().manual_seed(1))
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+
+
+def test_rollout_path_matches_the_optimizer_path():
+    """The functional path used in meta-training and L2O on an nn.Module give equal numbers."""
+    task = make_task("digits-mlp", batch_size=16)
+    rule = flatl2o.make_rule("rnnprop")
+    gen = torch.Generator().manual_seed(3)
+    theta0 = task.init_params(gen)
+    batches = [task.sample_batch(gen) for _ in range(5)]
+    it = iter(batches)
+
+    # functional path, with the same batches
+    theta = theta0.clone()
+    state = rule.init_state(theta.numel())
+    with torch.no_grad():
+        for t, (x, y) in enumerate(batches, start=1):
+            with torch.enable_grad():
+                th = theta.clone().requires_grad_(True)
+                (g,) = torch.autograd.grad(task.loss(th, x, y), th)
+            step, state = rule(g, state, t)
+            theta = theta - step
+    # optimizer path on the module itself
+    task.load_params(theta0)
+    opt = flatl2o.L2O(task.module.parameters(), rule)
+    for x, y in it:
+        opt.zero_grad()
+        nn.functional.cross_entropy(task.module(x), y).backward()
+        opt.step()
+    flat = task.flatten(dict(task.module.named_parameters()))
+    torch.testing.assert_close(flat, theta, rtol=1e-6, atol=1e-7)
+    # and rollout() is the same loop
+    gen_a = torch.Generator().manual_seed(3)
+    theta_r, losses = rollout(rule, task, 5, gen_a)
+    assert len(losses) == 5 and torch.isfinite(theta_r).all()
