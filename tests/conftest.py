@@ -31,3 +31,20 @@ def fake_hub(hf_env: HFEnv, monkeypatch) -> Iterator[FakeHub]:
 
 
 # ---- END fake Hugging Face Hub fixtures -----------------------------------------------------
+
+
+# ---- BEGIN slow-test opt-in (full recipe reruns) ---------------------------------------------
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: opt in with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+# ---- END slow-test opt-in ----------------------------------------------------------------------

@@ -259,3 +259,41 @@ def test_rollout_path_matches_the_optimizer_path():
     gen_a = torch.Generator().manual_seed(3)
     theta_r, losses = rollout(rule, task, 5, gen_a)
     assert len(losses) == 5 and torch.isfinite(theta_r).all()
+
+
+DATA = Path(__file__).parent / "data"
+
+
+def _assert_metrics_match(measured: dict, stored: dict, *, acc_tol: float, loss_rtol: float):
+    for key, want in stored.items():
+        if "_std@" in key:
+            continue
+        got = measured[key]
+        if key.startswith("test_accuracy"):
+            assert abs(got - want) <= acc_tol, (key, got, want)
+        else:
+            assert abs(got - want) <= loss_rtol * abs(want), (key, got, want)
+
+
+def test_short_recipe_reproduces_its_stored_metrics(tmp_path):
+    recipe = load_recipe(DATA / "short_recipe.toml")
+    out = MetaTrainer(recipe, tmp_path, progress=False).run()
+    measured = json.loads((out / "metrics.json").read_text())
+    stored = json.loads((DATA / "short_recipe_metrics.json").read_text())
+    _assert_metrics_match(measured, stored, acc_tol=0.02, loss_rtol=0.02)
+
+
+SHIPPED = sorted(p.stem for p in (Path(__file__).parents[1] / "recipes").glob("*.toml"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SHIPPED)
+def test_full_recipe_reproduces_the_shipped_checkpoint(tmp_path, name):
+    """Opt-in (--runslow): rerun a shipped recipe end to end and compare with its model card."""
+    shipped = Path(__file__).parents[1] / "pretrained" / name
+    if not (shipped / "metrics.json").is_file():
+        pytest.skip(f"{name} is not shipped yet")
+    out = MetaTrainer(load_recipe(shipped / "recipe.toml"), tmp_path, progress=False).run()
+    measured = json.loads((out / "metrics.json").read_text())
+    stored = json.loads((shipped / "metrics.json").read_text())
+    _assert_metrics_match(measured, stored, acc_tol=0.03, loss_rtol=0.05)
