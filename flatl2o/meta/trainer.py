@@ -93,6 +93,7 @@ class MetaTrainer:
         )
         self.progress = progress
         self.command = command or " ".join(shlex.quote(a) for a in sys.argv)
+        self.git_commit = _git_commit()  # the code that trains, not the code at the end
         train = recipe.train
         self.generator = torch.Generator().manual_seed(train.seed)
         with torch.random.fork_rng(devices=[]):
@@ -428,7 +429,7 @@ class MetaTrainer:
             f"imitation probability {r.train.imitation_prob}.",
             f"- Regularizer: {regline}.",
             f"- Command: `{self.command}`",
-            f"- Git commit: `{_git_commit()}`",
+            f"- Git commit: `{self.git_commit}`",
             "- Recipe: `recipe.toml` in this folder; the log is `log.jsonl`.",
         ]
         if metrics:
