@@ -328,7 +328,15 @@ def push_folder_to_hub(
         private=private,
         token=token,
         revision=revision,
-        allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, MODEL_CARD_NAME, "*.json", "*.toml", "*.png"],
+        allow_patterns=[  # top-level files only: never a run's trainer_state/ or best/
+            CONFIG_NAME,
+            WEIGHTS_NAME,
+            MODEL_CARD_NAME,
+            "recipe.toml",
+            "metrics.json",
+            "log.jsonl",
+            "meta_training.png",
+        ],
     )
 
 

@@ -87,6 +87,7 @@ def test_regularizer_schedule():
         ({"rule": {"options": {"hidden": 3}}}, "unknown key"),
         ({"train": {"trajectory": 25}}, "multiple of unroll"),
         ({"colour": "blue"}, "unknown key 'colour'"),
+        ({"regularizer": {"name": "hessian-trace"}}, "alpha is 0"),
     ],
 )
 def test_bad_recipes_fail_before_any_work(patch, message):

@@ -209,6 +209,11 @@ def validate(recipe: Recipe, *, source: str = "recipe") -> None:
         fail(f"[regularizer].schedule must be all, posterior or prior, got {reg.schedule!r}")
     if reg.alpha < 0 or reg.every < 1:
         fail("[regularizer] needs alpha >= 0 and every >= 1")
+    if reg.name != "none" and reg.alpha == 0:  # the public code's silent no-op (spec §3)
+        fail(
+            f"[regularizer].name is {reg.name!r} but alpha is 0, which would silently train "
+            "without it; set alpha > 0, or name = \"none\" for plain meta-training"
+        )
     t = recipe.train
     if t.meta_loss not in ("mean", "log"):
         fail(f"[train].meta_loss must be 'mean' or 'log', got {t.meta_loss!r}")
