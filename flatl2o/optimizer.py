@@ -8,11 +8,12 @@ step, so every ``torch.optim.lr_scheduler`` composes with it unchanged.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable
-from itertools import chain
 from typing import Any
 
 import torch
@@ -29,6 +30,12 @@ NONFINITE_POLICIES = ("skip", "raise")
 #: coordinate for a 2x20 LSTM rule) independently of the model size.
 DEFAULT_CHUNK_SIZE = 16384
 
+#: The rule always sees a multiple of this many rows: chunk sizes are rounded up to it and a
+#: parameter's last chunk is padded (zero gradient, zero state; the padding is discarded).
+#: BLAS and vectorized kernels round a tail of rows differently from full tiles, so without
+#: this a coordinate's update would depend (in the last bits) on how it was chunked.
+ROW_TILE = 64
+
 
 class L2O(Optimizer):
     """Drop-in replacement for ``torch.optim.Adam`` driven by a learned update rule.
@@ -39,7 +46,8 @@ class L2O(Optimizer):
             to :func:`flatl2o.load_rule`. ``None`` uses the best shipped checkpoint.
         lr: multiplier of the learned step (default 1.0; the rule sets the scale).
         maximize: maximize the objective instead of minimizing it.
-        chunk_size: coordinates evaluated at once (memory bound of one step).
+        chunk_size: coordinates evaluated at once (memory bound of one step), rounded up
+            to a multiple of ``ROW_TILE`` (64); the result does not depend on it.
         nonfinite: what to do with a parameter whose gradient has NaN/inf: ``"skip"`` leaves
             that parameter and its recurrent state untouched and warns; ``"raise"`` raises.
         **load_options: ``revision``, ``cache_dir``, ``token``, ``local_files_only``,
@@ -65,7 +73,7 @@ class L2O(Optimizer):
                 f"load options {sorted(load_options)} only apply when `rule` is a name or path"
             )
         self.rule = rule
-        self._device_rules: dict[torch.device, UpdateRule] = {}
+        self._device_rules: dict[torch.device, tuple[tuple[Any, ...], UpdateRule]] = {}
         defaults = dict(lr=lr, maximize=maximize, chunk_size=chunk_size, nonfinite=nonfinite)
         super().__init__(params, defaults)
 
@@ -95,11 +103,17 @@ class L2O(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Validate a group (dtypes, duplicates, options) before torch registers it."""
-        params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        seen: set[int] = set()
-        for p in params:
-            if isinstance(p, Tensor):
+        if isinstance(param_group, dict) and not isinstance(param_group.get("params"), set):
+            # Materialize once: a generator (``model.parameters()``) can only be read once,
+            # and torch must see the same parameters we validated.
+            params = param_group["params"]
+            params = [params] if isinstance(params, Tensor) else list(params)
+            param_group["params"] = params
+            tensors = [p[1] if isinstance(p, tuple) else p for p in params]  # named params
+            seen: set[int] = set()
+            for p in tensors:
+                if not isinstance(p, Tensor):
+                    continue  # torch's own check below reports it
                 if not (p.is_floating_point() or p.is_complex()):
                     raise ValueError(
                         f"L2O can only optimize floating point or complex tensors, but got a "
@@ -112,27 +126,39 @@ class L2O(Optimizer):
                         "pass each parameter once"
                     )
                 seen.add(id(p))
-        _check_options(
-            **{k: param_group[k] for k in ("lr", "chunk_size", "nonfinite") if k in param_group}
-        )
+            _check_options(
+                **{k: param_group[k] for k in ("lr", "chunk_size", "nonfinite") if k in param_group}
+            )
         super().add_param_group(param_group)
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict[str, Any]:
+        # torch pickles only defaults/state/param_groups; without the rule, a deep copy or
+        # an unpickled optimizer could not step.
+        return {**super().__getstate__(), "rule": self.rule}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._device_rules = {}
 
     # ------------------------------------------------------------------ stepping
     def _rule_on(self, device: torch.device) -> UpdateRule:
-        first = next(iter(self.rule.parameters()))
-        if first.device == device:
+        """The rule on ``device``: ``self.rule`` itself, or a cached copy that is refreshed
+        whenever ``self.rule``'s tensors change (continued meta-training, a reload)."""
+        tensors = [*self.rule.parameters(), *self.rule.buffers()]
+        if tensors[0].device == device:
             return self.rule
-        if device not in self._device_rules:
-            import copy
-
-            self._device_rules[device] = copy.deepcopy(self.rule).to(device)
-        return self._device_rules[device]
+        version = tuple((id(t), t._version) for t in tensors)
+        cached = self._device_rules.get(device)
+        if cached is None or cached[0] != version:
+            cached = (version, copy.deepcopy(self.rule).to(device))
+            self._device_rules[device] = cached
+        return cached[1]
 
     def _init_state(self, p: Tensor) -> dict[str, Any]:
         state = self.state[p]
-        n = p.numel() * (2 if p.is_complex() else 1)
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        state.update(self.rule.init_state(n, device=p.device, dtype=torch.float32))
+        state.update(self.rule.init_state(_num_coords(p), device=p.device, dtype=torch.float32))
         return state
 
     @torch.no_grad()
@@ -146,56 +172,73 @@ class L2O(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Check every gradient before touching anything, so that an error (sparse gradient,
+        # nonfinite="raise") leaves all parameters and states as they were.
+        todo: list[tuple[Tensor, dict[str, Any]]] = []
+        skipped: list[Tensor] = []
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group)
+                if p.grad is None:
+                    continue
+                if p.grad.layout != torch.strided:
+                    raise RuntimeError(
+                        "L2O does not support sparse gradients; use a dense embedding "
+                        "(sparse=False) or convert the gradient with grad.to_dense()"
+                    )
+                grad = torch.view_as_real(p.grad) if p.grad.is_complex() else p.grad
+                if bool(torch.isfinite(grad).all()):
+                    todo.append((p, group))
+                elif group["nonfinite"] == "raise":
+                    raise FloatingPointError(
+                        f"L2O: the gradient of a parameter of shape {tuple(p.shape)} contains "
+                        "NaN or inf; nothing was updated. Fix the loss, clip gradients, or use "
+                        "nonfinite='skip' to skip such parameters"
+                    )
+                else:
+                    skipped.append(p)
+        for p in skipped:
+            warnings.warn(
+                f"L2O: the gradient of a parameter of shape {tuple(p.shape)} contains NaN or "
+                "inf; its update was skipped and its recurrent state kept (nonfinite='skip')",
+                RuntimeWarning,
+                stacklevel=_user_stacklevel(),
+            )
+        for p, group in todo:
+            self._update(p, group)
         return loss
 
     def _update(self, p: Tensor, group: dict[str, Any]) -> None:
-        grad = p.grad
-        if grad.is_sparse:
-            raise RuntimeError(
-                "L2O does not support sparse gradients; use a dense embedding "
-                "(sparse=False) or convert the gradient with grad.to_dense()"
-            )
         param = torch.view_as_real(p) if p.is_complex() else p
-        grad = torch.view_as_real(grad) if grad.is_complex() else grad
-        if not torch.isfinite(grad).all():
-            shape = tuple(p.shape)
-            if group["nonfinite"] == "raise":
-                raise FloatingPointError(
-                    f"L2O: the gradient of a parameter of shape {shape} contains NaN or inf; "
-                    "nothing was updated. Fix the loss, clip gradients, or use "
-                    "nonfinite='skip' to skip such parameters"
-                )
-            warnings.warn(
-                f"L2O: the gradient of a parameter of shape {shape} contains NaN or inf; its "
-                "update was skipped and its recurrent state kept (nonfinite='skip')",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return
+        grad = torch.view_as_real(p.grad) if p.grad.is_complex() else p.grad
         state = self.state[p] or self._init_state(p)
         state["step"] += 1
         step = state["step"].item()
         names = list(self.rule.state_shapes())
         rule = self._rule_on(p.device)
         lr = float(group["lr"])
-        sign = -1.0 if group["maximize"] else 1.0
         flat_grad = grad.reshape(-1)
         flat_param = param.view(-1) if param.is_contiguous() else param.reshape(-1)
-        chunk = group["chunk_size"]
-        for start in range(0, flat_param.numel(), chunk):
-            sl = slice(start, start + chunk)
-            g = flat_grad[sl].to(torch.float32)
-            if sign < 0:
+        n = flat_param.numel()
+        chunk = -(-group["chunk_size"] // ROW_TILE) * ROW_TILE
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            g = flat_grad[start:stop].to(torch.float32)
+            if group["maximize"]:
                 g = g.neg()
-            chunk_state = {k: state[k][sl] for k in names}
-            delta, new_state = rule(g, chunk_state, step)
+            views = {k: state[k][start:stop] for k in names}
+            pad = -(stop - start) % ROW_TILE
+            if pad:  # only the last chunk of a parameter; see ROW_TILE
+                g = torch.cat((g, g.new_zeros(pad)))
+                rows = {
+                    k: torch.cat((v, v.new_zeros((pad, *v.shape[1:])))) for k, v in views.items()
+                }
+            else:
+                rows = views
+            delta, new_state = rule(g, rows, step)
             for k in names:
-                chunk_state[k].copy_(new_state[k])
-            target = flat_param[sl]
+                views[k].copy_(new_state[k][: stop - start])
+            delta = delta[: stop - start]
+            target = flat_param[start:stop]
             if target.dtype == torch.float32:
                 target.add_(delta, alpha=-lr)
             else:  # fp16/bf16/fp64: do the arithmetic in (at least) fp32, then store
@@ -216,7 +259,11 @@ class L2O(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore exactly: the recurrent state stays fp32 even for bf16/fp16 parameters."""
+        """Restore exactly: the recurrent state stays fp32 even for bf16/fp16 parameters.
+
+        The loaded tensors are copied, so the optimizer that saved the state dict and the
+        one that loaded it can keep stepping independently.
+        """
         state_dict = dict(state_dict)
         info = state_dict.pop("rule", None)
         if not isinstance(info, dict) or "fingerprint" not in info:
@@ -232,13 +279,60 @@ class L2O(Optimizer):
                 f"rule {mine}; construct L2O with the same rule (the same checkpoint) to resume"
             )
         saved_state = state_dict["state"]
+        saved_groups = state_dict["param_groups"]
+        pairs = [
+            (saved_id, p)
+            for saved, group in zip(saved_groups, self.param_groups, strict=False)
+            for saved_id, p in zip(saved["params"], group["params"], strict=False)
+        ]
+        same_layout = len(saved_groups) == len(self.param_groups) and all(
+            len(saved["params"]) == len(group["params"])
+            for saved, group in zip(saved_groups, self.param_groups, strict=True)
+        )
+        if same_layout:  # otherwise torch's own check below raises
+            for index, (saved_id, p) in enumerate(pairs):
+                self._check_loaded_state(index, p, saved_state.get(saved_id, {}))
         super().load_state_dict(state_dict)
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for saved_id, p in zip(saved_ids, params, strict=True):
-            for key, value in saved_state.get(saved_id, {}).items():
-                if key != "step" and isinstance(value, Tensor):
-                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+        for saved_id, p in pairs:
+            saved = saved_state.get(saved_id)
+            if saved:
+                self.state[p] = {
+                    key: value.detach().to(
+                        "cpu" if key == "step" else p.device, torch.float32, copy=True
+                    )
+                    for key, value in saved.items()
+                }
+
+    def _check_loaded_state(self, index: int, p: Tensor, saved: dict[str, Any]) -> None:
+        """Refuse a per-parameter state that does not fit ``p`` before anything is loaded."""
+        if not saved:
+            return
+        n = _num_coords(p)
+        expected = {"step": ()} | {k: (n, *s) for k, s in self.rule.state_shapes().items()}
+        got = {k: tuple(v.shape) if isinstance(v, Tensor) else v for k, v in saved.items()}
+        if got != expected:
+            raise ValueError(
+                f"loaded state dict does not match the optimizer's parameters: the state of "
+                f"parameter {index} (shape {tuple(p.shape)}) has shapes {got}, expected "
+                f"{expected}; load a state dict saved for the same model"
+            )
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` that points a warning raised in :meth:`L2O.step` at the user's call,
+    past torch's wrappers (step hooks, ``no_grad``, LR schedulers' step counters)."""
+    torch_dir = os.path.dirname(torch.__file__)
+    frame, level = sys._getframe(1), 1  # level 1: the function that calls warnings.warn
+    while frame.f_back is not None and (
+        frame.f_code.co_filename == __file__ or frame.f_code.co_filename.startswith(torch_dir)
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _num_coords(p: Tensor) -> int:
+    """Real coordinates of a parameter (a complex number is two)."""
+    return p.numel() * (2 if p.is_complex() else 1)
 
 
 def _check_options(**options: Any) -> None:

@@ -57,6 +57,8 @@ class RuleConfig:
         """Build the right config subclass from a ``config.json`` dict, strictly."""
         from flatl2o.rules import RULES  # registry lives with the rules
 
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: a rule config must be a JSON object, got {data!r}")
         data = dict(data)
         version = data.pop("format_version", None)
         if version != FORMAT_VERSION:
@@ -79,13 +81,18 @@ class RuleConfig:
                 f"{source}: unknown key(s) {unknown} for architecture {arch!r}; "
                 f"accepted keys: {sorted(fields)}"
             )
+        defaults = cls()
         for name, value in data.items():
-            expected = type(getattr(cls(), name))
+            expected = type(getattr(defaults, name))
             ok = isinstance(value, expected) or (expected is float and isinstance(value, int))
             if not ok or isinstance(value, bool) != (expected is bool):
                 raise ConfigError(
                     f"{source}: key {name!r} must be {expected.__name__}, got {value!r}"
                 )
+            if expected is float:
+                # 5 and 5.0 are the same config: store floats so that to_dict() and the
+                # fingerprint do not depend on how a number was spelled.
+                data[name] = float(value)
         return cls(**data)
 
 

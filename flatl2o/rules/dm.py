@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from flatl2o.rules.base import LSTMStack, RuleConfig, State, UpdateRule
+from flatl2o.rules.base import ConfigError, LSTMStack, RuleConfig, State, UpdateRule
 
 
 @dataclasses.dataclass
@@ -18,6 +18,13 @@ class DMConfig(RuleConfig):
     architecture = "l2o-dm"
     k: float = 5.0
     eps: float = float(torch.finfo(torch.float32).eps)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (self.k > 0 and self.eps > 0):
+            raise ConfigError(
+                f"DMConfig: k and eps must be > 0, got k={self.k!r}, eps={self.eps!r}"
+            )
 
 
 class L2ODM(UpdateRule):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flatl2o.rules.base import LSTMStack, RuleConfig, State, UpdateRule
+from flatl2o.rules.base import ConfigError, LSTMStack, RuleConfig, State, UpdateRule
 
 
 @dataclasses.dataclass
@@ -20,6 +20,17 @@ class RNNpropConfig(RuleConfig):
     beta2: float = 0.95
     eps: float = 1e-8
     input_size: int = 20
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("beta1", "beta2"):
+            beta = getattr(self, name)
+            if not 0.0 <= beta < 1.0:
+                raise ConfigError(f"RNNpropConfig: {name} must be in [0, 1), got {beta!r}")
+        if not self.eps > 0:
+            raise ConfigError(f"RNNpropConfig: eps must be > 0, got {self.eps!r}")
+        if self.input_size < 1:
+            raise ConfigError(f"RNNpropConfig: input_size must be >= 1, got {self.input_size}")
 
 
 class RNNprop(UpdateRule):
@@ -49,6 +60,8 @@ class RNNprop(UpdateRule):
         m = c.beta1 * m + (1.0 - c.beta1) * grad
         v = c.beta2 * v + (1.0 - c.beta2) * grad * grad
         t = float(step)
+        if t < 1:
+            raise ValueError(f"RNNprop: step must be >= 1 (1-based step index), got {t:g}")
         m_hat = m / (1.0 - c.beta1**t)
         denom = torch.sqrt(v / (1.0 - c.beta2**t)) + c.eps
         return torch.stack((m_hat / denom, grad / denom), dim=-1), m, v
