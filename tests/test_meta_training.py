@@ -107,7 +107,13 @@ def test_overrides_are_typed(tmp_path):
     path = tmp_path / "r.toml"
     path.write_text('[task]\nname = "digits-mlp"\n')
     recipe = load_recipe(
-        path, ["train.iterations=7", "regularizer.name=entropy", "train.meta_lr=2e-3"]
+        path,
+        [
+            "train.iterations=7",
+            "regularizer.name=entropy",
+            "regularizer.alpha=1",
+            "train.meta_lr=2e-3",
+        ],
     )
     assert (recipe.train.iterations, recipe.regularizer.name, recipe.train.meta_lr) == (
         7,
