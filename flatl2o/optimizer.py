@@ -33,7 +33,9 @@ DEFAULT_CHUNK_SIZE = 16384
 #: The rule always sees a multiple of this many rows: chunk sizes are rounded up to it and a
 #: parameter's last chunk is padded (zero gradient, zero state; the padding is discarded).
 #: BLAS and vectorized kernels round a tail of rows differently from full tiles, so without
-#: this a coordinate's update would depend (in the last bits) on how it was chunked.
+#: this a coordinate's update would depend (in the last bits) on how it was chunked. With it,
+#: chunk_size changes no bit where the BLAS computes a row identically whatever the number of
+#: whole tiles (MKL's AVX-512 and SSE kernels); elsewhere (MKL's AVX2 kernels) only rounding.
 ROW_TILE = 64
 
 
@@ -47,7 +49,8 @@ class L2O(Optimizer):
         lr: multiplier of the learned step (default 1.0; the rule sets the scale).
         maximize: maximize the objective instead of minimizing it.
         chunk_size: coordinates evaluated at once (memory bound of one step), rounded up
-            to a multiple of ``ROW_TILE`` (64); the result does not depend on it.
+            to a multiple of ``ROW_TILE`` (64); the result does not depend on it beyond
+            float rounding (see ``ROW_TILE``).
         nonfinite: what to do with a parameter whose gradient has NaN/inf: ``"skip"`` leaves
             that parameter and its recurrent state untouched and warns; ``"raise"`` raises.
         **load_options: ``revision``, ``cache_dir``, ``token``, ``local_files_only``,
@@ -289,6 +292,8 @@ class L2O(Optimizer):
             len(saved["params"]) == len(group["params"])
             for saved, group in zip(saved_groups, self.param_groups, strict=True)
         )
+        for saved in saved_groups:
+            _check_options(**{k: saved[k] for k in ("lr", "chunk_size", "nonfinite") if k in saved})
         if same_layout:  # otherwise torch's own check below raises
             for index, (saved_id, p) in enumerate(pairs):
                 self._check_loaded_state(index, p, saved_state.get(saved_id, {}))

@@ -26,6 +26,24 @@ from flatl2o.rules import UpdateRule
 RULE_NAMES = ["l2o-dm", "rnnprop"]
 
 
+def _blas_rows_batch_invariant() -> bool:
+    """Whether this BLAS computes a row of ``x @ W.T`` identically for any batch of whole
+    64-row tiles (true of MKL's AVX-512 and SSE kernels, not of its AVX2 ones). Where it is
+    not, chunking can only be invariant up to rounding."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 20, generator=gen)
+    for out_features in (80, 1):
+        w = torch.randn(out_features, 20, generator=gen)
+        full = torch.nn.functional.linear(x, w)
+        for rows in (64, 128, 192, 1024, 2048):
+            if not torch.equal(torch.nn.functional.linear(x[:rows], w), full[:rows]):
+                return False
+    return True
+
+
+BLAS_ROWS_BATCH_INVARIANT = _blas_rows_batch_invariant()
+
+
 def _make_rule(name: str, seed: int = 0) -> UpdateRule:
     torch.manual_seed(seed)
     return make_rule(name)
@@ -352,22 +370,24 @@ def test_named_parameters(rule: UpdateRule) -> None:
 # ------------------------------------------------------------------ dtypes and layouts
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
 def test_dtypes_update_like_fp32(rule: UpdateRule, dtype: torch.dtype) -> None:
-    """A low/high-precision parameter takes the fp32 computation's step, rounded once."""
+    """A half-precision parameter takes the fp32 computation's step, rounded once; a
+    double one is updated in double."""
+    work = torch.promote_types(dtype, torch.float32)
     torch.manual_seed(3)
     p = nn.Parameter(torch.randn(30).to(dtype))
-    ref = nn.Parameter(p.detach().double())
+    ref = nn.Parameter(p.detach().to(work))
     opt = L2O([p], rule)
     ref_opt = L2O([ref], rule)
     for _ in range(3):
         g = torch.randn(30).to(dtype)
-        p.grad, ref.grad = g, g.double()
+        p.grad, ref.grad = g, g.to(work)
         before = p.detach().clone()
         opt.step()
         ref_opt.step()
         assert p.dtype == dtype
         assert not torch.equal(p, before)
         assert torch.equal(p, ref.detach().to(dtype))
-        ref.data.copy_(p.detach().double())  # both continue from the stored value
+        ref.data.copy_(p.detach().to(work))  # both continue from the stored value
     for key, value in opt.state[p].items():
         assert value.dtype == torch.float32, key
     _assert_snapshots_equal(_snapshot(opt), _snapshot(ref_opt))
@@ -447,8 +467,14 @@ def test_chunk_size_does_not_change_results(rule: UpdateRule, chunk_size: int) -
     opt = L2O(model.parameters(), rule, chunk_size=chunk_size)
     _train_wide(ref, ref_opt, 3)
     _train_wide(model, opt, 3)
-    _assert_params_equal(ref, model)
-    _assert_snapshots_equal(_snapshot(ref_opt), _snapshot(opt))
+    for p_ref, p in zip(ref.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(p, p_ref, rtol=0, atol=1e-7)
+    for s_ref, s in zip(_snapshot(ref_opt), _snapshot(opt), strict=True):
+        for key in s_ref:
+            torch.testing.assert_close(s[key], s_ref[key], rtol=1e-5, atol=1e-6)
+    if BLAS_ROWS_BATCH_INVARIANT:  # then the 64-row tiling makes it exact
+        _assert_params_equal(ref, model)
+        _assert_snapshots_equal(_snapshot(ref_opt), _snapshot(opt))
 
 
 @pytest.mark.parametrize(("chunk_size", "rows"), [(7, 64), (64, 64), (100, 128), (10**6, None)])
@@ -599,6 +625,10 @@ def test_load_state_dict_of_another_model(rule: UpdateRule) -> None:
     with pytest.raises(ValueError, match=r"state of parameter 3 \(shape \(3,\)\)"):
         other.load_state_dict(sd)
     assert len(other.state) == 0
+    bad_options = copy.deepcopy(sd)
+    bad_options["param_groups"][0]["nonfinite"] = "ignore"
+    with pytest.raises(ValueError, match="Invalid nonfinite policy: 'ignore'"):
+        L2O(_model().parameters(), rule).load_state_dict(bad_options)
     with pytest.raises(ValueError, match="different number of parameter groups"):
         L2O([{"params": shapes[:2]}, {"params": shapes[2:]}], rule).load_state_dict(sd)
 
@@ -687,7 +717,7 @@ def test_grad_scaler_skips_overflow_steps(rule: UpdateRule) -> None:
             model[0].weight.grad[0, 0] = math.inf  # an overflow in the scaled backward
         state, params, scale = _snapshot(opt), _clone_params(model), scaler.get_scale()
         with warnings.catch_warnings():
-            warnings.simplefilter("error")  # no L2O nonfinite warning: the scaler skips
+            warnings.filterwarnings("error", message="L2O")  # the scaler skips, not L2O
             scaler.step(opt)
         scaler.update()
         if i == 2:

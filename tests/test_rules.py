@@ -27,6 +27,24 @@ RULE_NAMES = ["l2o-dm", "rnnprop"]
 SPEC_STATE_FLOATS = {"l2o-dm": 80, "rnnprop": 82}
 
 
+def _blas_rows_batch_invariant() -> bool:
+    """Whether this BLAS computes a row of ``x @ W.T`` identically for any batch of whole
+    64-row tiles (true of MKL's AVX-512 and SSE kernels, not of its AVX2 ones). Where it is
+    not, chunking can only be invariant up to rounding."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 20, generator=gen)
+    for out_features in (80, 1):
+        w = torch.randn(out_features, 20, generator=gen)
+        full = torch.nn.functional.linear(x, w)
+        for rows in (64, 128, 192, 1024, 2048):
+            if not torch.equal(torch.nn.functional.linear(x[:rows], w), full[:rows]):
+                return False
+    return True
+
+
+BLAS_ROWS_BATCH_INVARIANT = _blas_rows_batch_invariant()
+
+
 def _make(name: str, seed: int = 0, **options: object) -> UpdateRule:
     torch.manual_seed(seed)
     return make_rule(name, **options)
@@ -391,11 +409,14 @@ def test_chunking_invariance(rule: UpdateRule, sizes: list[int]) -> None:
     differently), over several steps of carried state."""
     full_out, full_state = _run_chunked(rule, [300], steps=3, n=300)
     out, state = _run_chunked(rule, sizes, steps=3, n=300)
-    torch.testing.assert_close(out, full_out, rtol=1e-5, atol=1e-10)
+    torch.testing.assert_close(out, full_out, rtol=1e-5, atol=1e-8)
     for key in state:
         torch.testing.assert_close(state[key], full_state[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(
+    not BLAS_ROWS_BATCH_INVARIANT, reason="this BLAS rounds a row differently by batch size"
+)
 @pytest.mark.parametrize("sizes", [[64, 64, 64, 64, 44], [128, 172], [7, 293]])
 def test_chunking_invariance_row_tiled_is_bitwise(rule: UpdateRule, sizes: list[int]) -> None:
     """Padded to whole 64-row tiles, as L2O does, chunking changes no bit."""
