@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from numerics import BLAS_ROWS_BATCH_INVARIANT
 from torch import Tensor, nn
 
 from flatl2o import L2O, make_rule
@@ -24,24 +25,6 @@ from flatl2o.optimizer import ROW_TILE
 from flatl2o.rules import UpdateRule
 
 RULE_NAMES = ["l2o-dm", "rnnprop"]
-
-
-def _blas_rows_batch_invariant() -> bool:
-    """Whether this BLAS computes a row of ``x @ W.T`` identically for any batch of whole
-    64-row tiles (true of MKL's AVX-512 and SSE kernels, not of its AVX2 ones). Where it is
-    not, chunking can only be invariant up to rounding."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(4096, 20, generator=gen)
-    for out_features in (80, 1):
-        w = torch.randn(out_features, 20, generator=gen)
-        full = torch.nn.functional.linear(x, w)
-        for rows in (64, 128, 192, 1024, 2048):
-            if not torch.equal(torch.nn.functional.linear(x[:rows], w), full[:rows]):
-                return False
-    return True
-
-
-BLAS_ROWS_BATCH_INVARIANT = _blas_rows_batch_invariant()
 
 
 def _make_rule(name: str, seed: int = 0) -> UpdateRule:
