@@ -20,6 +20,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from flatl2o.distributed import (
+    finite_flags,
+    local_grad,
+    local_shard,
+    local_state,
+    shard_state_like,
+    state_coords_shape,
+)
 from flatl2o.hub import default_pretrained_name, load_rule
 from flatl2o.rules import UpdateRule
 
@@ -161,7 +169,8 @@ class L2O(Optimizer):
     def _init_state(self, p: Tensor) -> dict[str, Any]:
         state = self.state[p]
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        state.update(self.rule.init_state(_num_coords(p), device=p.device, dtype=torch.float32))
+        fresh = self.rule.init_state(_num_coords(local_shard(p)), device=p.device)
+        state.update(shard_state_like(p, fresh))  # a DTensor's state is sharded like it
         return state
 
     @torch.no_grad()
@@ -179,6 +188,7 @@ class L2O(Optimizer):
         # nonfinite="raise") leaves all parameters and states as they were.
         todo: list[tuple[Tensor, dict[str, Any]]] = []
         skipped: list[Tensor] = []
+        candidates: list[tuple[Tensor, dict[str, Any]]] = []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -188,17 +198,20 @@ class L2O(Optimizer):
                         "L2O does not support sparse gradients; use a dense embedding "
                         "(sparse=False) or convert the gradient with grad.to_dense()"
                     )
-                grad = torch.view_as_real(p.grad) if p.grad.is_complex() else p.grad
-                if bool(torch.isfinite(grad).all()):
-                    todo.append((p, group))
-                elif group["nonfinite"] == "raise":
-                    raise FloatingPointError(
-                        f"L2O: the gradient of a parameter of shape {tuple(p.shape)} contains "
-                        "NaN or inf; nothing was updated. Fix the loss, clip gradients, or use "
-                        "nonfinite='skip' to skip such parameters"
-                    )
-                else:
-                    skipped.append(p)
+                candidates.append((p, group))
+        # one answer per parameter, the same on every rank for a sharded (DTensor) parameter
+        finite = finite_flags([p for p, _ in candidates])
+        for (p, group), ok in zip(candidates, finite, strict=True):
+            if ok:
+                todo.append((p, group))
+            elif group["nonfinite"] == "raise":
+                raise FloatingPointError(
+                    f"L2O: the gradient of a parameter of shape {tuple(p.shape)} contains "
+                    "NaN or inf; nothing was updated. Fix the loss, clip gradients, or use "
+                    "nonfinite='skip' to skip such parameters"
+                )
+            else:
+                skipped.append(p)
         for p in skipped:
             warnings.warn(
                 f"L2O: the gradient of a parameter of shape {tuple(p.shape)} contains NaN or "
@@ -211,11 +224,13 @@ class L2O(Optimizer):
         return loss
 
     def _update(self, p: Tensor, group: dict[str, Any]) -> None:
-        param = torch.view_as_real(p) if p.is_complex() else p
-        grad = torch.view_as_real(p.grad) if p.grad.is_complex() else p.grad
+        local, local_g = local_shard(p), local_grad(p)  # a DTensor's (FSDP2) local shard
+        param = torch.view_as_real(local) if local.is_complex() else local
+        grad = torch.view_as_real(local_g) if local_g.is_complex() else local_g
         state = self.state[p] or self._init_state(p)
         state["step"] += 1
         step = state["step"].item()
+        state = local_state(state, self.rule.state_shapes())  # the shard's rows, as views
         names = list(self.rule.state_shapes())
         rule = self._rule_on(p.device)
         lr = float(group["lr"])
@@ -312,8 +327,8 @@ class L2O(Optimizer):
         """Refuse a per-parameter state that does not fit ``p`` before anything is loaded."""
         if not saved:
             return
-        n = _num_coords(p)
-        expected = {"step": ()} | {k: (n, *s) for k, s in self.rule.state_shapes().items()}
+        lead = state_coords_shape(p)  # (numel,); a DTensor's own shape (sharded like it)
+        expected = {"step": ()} | {k: (*lead, *s) for k, s in self.rule.state_shapes().items()}
         got = {k: tuple(v.shape) if isinstance(v, Tensor) else v for k, v in saved.items()}
         if got != expected:
             raise ValueError(
