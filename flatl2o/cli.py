@@ -27,6 +27,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_meta_train(args: argparse.Namespace) -> int:
     import torch
 
+    from flatl2o import distributed
     from flatl2o.meta.recipe import load_recipe
     from flatl2o.meta.trainer import MetaTrainer
 
@@ -34,14 +35,38 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     recipe = load_recipe(args.recipe, args.overrides)  # validated before any work starts
     command = "flatl2o " + " ".join(shlex.quote(a) for a in args.argv if a != "--resume")
-    trainer = MetaTrainer(
-        recipe, args.out, resume=args.resume, progress=not args.no_progress, command=command
-    )
-    out = trainer.run()
-    print(f"wrote {out} (load it with flatl2o.load_rule({str(out)!r}))")
-    if args.export:
-        print(f"exported the checkpoint files to {trainer.export(args.export)}")
+    # under torchrun (WORLD_SIZE > 1) join the process group: one rank per process
+    joined = distributed.init_from_env()
+    try:
+        if joined:
+            command = f"torchrun --nproc-per-node {_procs_per_node()} -m {command}"
+        trainer = MetaTrainer(
+            recipe,
+            args.out,
+            resume=args.resume,
+            progress=not args.no_progress,
+            command=command,
+            meta_batch=args.meta_batch,
+        )
+        out = trainer.run()
+        if distributed.rank() == 0:
+            print(f"wrote {out} (load it with flatl2o.load_rule({str(out)!r}))")
+            if args.export:
+                print(f"exported the checkpoint files to {trainer.export(args.export)}")
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
     return 0
+
+
+def _procs_per_node() -> str:
+    """torchrun's ``--nproc-per-node`` (and ``--nnodes`` when more than one) for the card."""
+    import os
+
+    world, local = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+    if local and world != local:
+        return f"{local} --nnodes {world // local}"
+    return str(world)
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
@@ -57,6 +82,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(rule=args.rule, steps=args.steps, seed=args.seed)
     return 0
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--export", default="", help="also copy the shippable files to this folder")
+    p.add_argument(
+        "--meta-batch",
+        type=_positive_int,
+        default=1,
+        help="optimizees unrolled per process in each meta-step (default 1); under torchrun, "
+        "N processes x B equal one process with N*B",
+    )
     p.add_argument(
         "overrides", nargs="*", metavar="section.key=value", help="recipe overrides (TOML values)"
     )

@@ -7,6 +7,13 @@ optimizee parameters and rule state are detached. The meta-objective of an unrol
 the iterates ``theta_t``. All randomness comes from one seeded ``torch.Generator`` whose
 state is checkpointed, so a killed run resumed with ``resume=True`` ends bit-for-bit where
 an uninterrupted run ends.
+
+A meta-step can unroll several optimizees ("slots") at once: ``meta_batch`` per process, and
+under torchrun ``meta_batch`` on each of N processes. Slot ``j`` has its own generator
+(:func:`slot_seed`; slot 0's is the single-process run's generator), the objective is the mean
+over slots, and DDP averages the rule's meta-gradient over processes, so N processes with
+``meta_batch=B`` compute what one process with ``meta_batch=N*B`` computes (up to float
+rounding). Only rank 0 validates, logs and writes files; decisions are broadcast from it.
 """
 
 from __future__ import annotations
@@ -25,8 +32,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
-from torch import Tensor
+from torch import Tensor, nn
 
+from flatl2o import distributed
 from flatl2o.checkpoint import atomic_write_bytes, atomic_write_text, save_rule
 from flatl2o.hub import load_rule, render_model_card
 from flatl2o.meta.recipe import Recipe
@@ -49,8 +57,29 @@ EXPORTED_FILES = (
 )
 
 
+#: Seed spacing of the optimizee slots' generators (see :func:`slot_seed`).
+SLOT_SEED_STRIDE = 2**32
+
+
 class ResumeError(RuntimeError):
     """A ``--resume`` that cannot continue (no state, or a different recipe)."""
+
+
+def slot_seed(seed: int, slot: int) -> int:
+    """Seed of optimizee slot ``slot``'s generator: ``seed + slot * 2**32`` (slot 0: ``seed``)."""
+    return seed + slot * SLOT_SEED_STRIDE
+
+
+class _Objective(nn.Module):
+    """Holds the rule and runs a meta-objective as its forward, so that DDP all-reduces
+    (averages) the rule's meta-gradient over ranks in that objective's backward."""
+
+    def __init__(self, rule: UpdateRule) -> None:
+        super().__init__()
+        self.rule = rule
+
+    def forward(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
 
 
 def regularized_unroll(schedule: str, unroll_index: int, num_unrolls: int) -> bool:
@@ -83,7 +112,10 @@ class MetaTrainer:
         resume: bool = False,
         progress: bool = True,
         command: str | None = None,
+        meta_batch: int = 1,
     ) -> None:
+        if not isinstance(meta_batch, int) or isinstance(meta_batch, bool) or meta_batch < 1:
+            raise ValueError(f"meta_batch must be a positive int (optimizees), got {meta_batch!r}")
         self.recipe = recipe
         self.out = Path(out_dir)
         self.task = (
@@ -95,7 +127,14 @@ class MetaTrainer:
         self.command = command or " ".join(shlex.quote(a) for a in sys.argv)
         self.git_commit = _git_commit()  # the code that trains, not the code at the end
         train = recipe.train
-        self.generator = torch.Generator().manual_seed(train.seed)
+        self.meta_batch = meta_batch
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        first = self.rank * meta_batch  # this process unrolls slots first .. first+meta_batch-1
+        self.generators = [
+            torch.Generator().manual_seed(slot_seed(train.seed, j))
+            for j in range(first, first + meta_batch)
+        ]
+        self.generator = self.generators[0]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(train.seed)
             if recipe.rule.init_from:
@@ -124,22 +163,42 @@ class MetaTrainer:
         self.log_lines = 0
         if resume:
             self._load_state()
-        elif (self.out / TRAINER_DIR).exists():
+        elif distributed.broadcast_object(self.rank == 0 and (self.out / TRAINER_DIR).exists()):
             raise ResumeError(
                 f"{self.out} already holds a run; pass resume=True (--resume) to continue it, "
                 "or choose another --out"
             )
+        self._ddp: nn.Module | None = None
+        if self.world_size > 1:  # after a resume: DDP starts from rank 0's (loaded) weights
+            from torch.nn.parallel import DistributedDataParallel
+
+            self._ddp = DistributedDataParallel(_Objective(self.rule), broadcast_buffers=False)
 
     # ------------------------------------------------------------------ training
     def meta_loss_term(self, loss: Tensor) -> Tensor:
         """One optimizee loss as it enters the meta-objective (plain or log)."""
         return torch.log(loss) if self.recipe.train.meta_loss == "log" else loss
 
+    def _objective(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``; under torchrun through DDP, whose backward averages the meta-gradient."""
+        return fn(*args) if self._ddp is None else self._ddp(fn, *args)
+
+    def _slots(self, theta: Tensor) -> tuple[Tensor, ...]:
+        """The optimizees of this process in the concatenated parameter vector."""
+        return (theta,) if self.meta_batch == 1 else theta.split(self.task.num_params)
+
+    def _slot_grads(self, losses: list[Tensor], parts: tuple[Tensor, ...], **kw: Any) -> Tensor:
+        """Each optimizee's loss gradient, concatenated like ``theta``."""
+        grads = torch.autograd.grad(losses, parts, **kw)
+        return grads[0] if len(grads) == 1 else torch.cat(grads)
+
     def unroll(
         self, theta: Tensor, state: State, step: int, regularize: bool
     ) -> tuple[Tensor, State, dict[str, float]]:
         """One truncated unroll of ``unroll`` steps and its meta-step."""
-        meta, reg_value, theta, state = self.unroll_objective(theta, state, step, regularize)
+        meta, reg_value, theta, state = self._objective(
+            self.unroll_objective, theta, state, step, regularize
+        )
         alpha = self.recipe.regularizer.alpha
         self._meta_step(meta + alpha * reg_value if reg_value is not None else meta)
         metrics = {"meta_loss": float(meta.detach())}
@@ -150,27 +209,35 @@ class MetaTrainer:
     def unroll_objective(
         self, theta: Tensor, state: State, step: int, regularize: bool
     ) -> tuple[Tensor, Tensor | None, Tensor, State]:
-        """Run one unroll differentiably: ``(mean meta-loss, mean R or None, theta, state)``."""
+        """Run one unroll differentiably: ``(mean meta-loss, mean R or None, theta, state)``.
+
+        ``theta`` holds this process's ``meta_batch`` optimizees one after the other; the
+        meta-loss and R are means over all of them.
+        """
         train, reg = self.recipe.train, self.recipe.regularizer
         theta = theta.detach().requires_grad_(True)
         state = {k: v.detach() for k, v in state.items()}
         terms: list[Tensor] = []
         regs: list[Tensor] = []
         for t in range(train.unroll + 1):
-            x, y = self.task.sample_batch(self.generator)
-            loss = self.task.loss(theta, x, y)
-            if t > 0:  # theta_0 of an unroll does not depend on the rule
-                terms.append(self.meta_loss_term(loss))
-                if regularize and (step + t) % reg.every == 0:
+            parts = self._slots(theta)
+            losses = []
+            for part, gen in zip(parts, self.generators, strict=True):
+                x, y = self.task.sample_batch(gen)
+                loss = self.task.loss(part, x, y)
+                losses.append(loss)
+                if t > 0:  # theta_0 of an unroll does not depend on the rule
+                    terms.append(self.meta_loss_term(loss))
+                    if regularize and (step + t) % reg.every == 0:
 
-                    def batch_loss(th: Tensor, x: Tensor = x, y: Tensor = y) -> Tensor:
-                        return self.task.loss(th, x, y)
+                        def batch_loss(th: Tensor, x: Tensor = x, y: Tensor = y) -> Tensor:
+                            return self.task.loss(th, x, y)
 
-                    regs.append(self.regularizer(batch_loss, theta, generator=self.generator))
+                        regs.append(self.regularizer(batch_loss, part, generator=gen))
             if t == train.unroll:
                 break
-            (grad,) = torch.autograd.grad(
-                loss, theta, create_graph=train.second_order, retain_graph=True
+            grad = self._slot_grads(
+                losses, parts, create_graph=train.second_order, retain_graph=True
             )
             if not train.second_order:
                 grad = grad.detach()
@@ -184,6 +251,18 @@ class MetaTrainer:
         self, theta: Tensor, state: State, step: int
     ) -> tuple[Tensor, State, dict[str, float]]:
         """An unroll that trains the rule to reproduce Adam's steps along Adam's trajectory."""
+        objective, theta, state = self._objective(self.imitation_objective, theta, state, step)
+        self._meta_step(objective)
+        return (
+            theta,
+            {k: v.detach() for k, v in state.items()},
+            {"imitation": float(objective.detach())},
+        )
+
+    def imitation_objective(
+        self, theta: Tensor, state: State, step: int
+    ) -> tuple[Tensor, Tensor, State]:
+        """The imitation unroll's objective, ``theta`` moved by the teacher, and the rule state."""
         train = self.recipe.train
         theta = theta.detach()
         state = {k: v.detach() for k, v in state.items()}
@@ -193,19 +272,17 @@ class MetaTrainer:
         for t in range(train.unroll):
             with torch.enable_grad():
                 th = theta.clone().requires_grad_(True)
-                x, y = self.task.sample_batch(self.generator)
-                (grad,) = torch.autograd.grad(self.task.loss(th, x, y), th)
+                parts = self._slots(th)
+                losses = []
+                for part, gen in zip(parts, self.generators, strict=True):
+                    x, y = self.task.sample_batch(gen)
+                    losses.append(self.task.loss(part, x, y))
+                grad = self._slot_grads(losses, parts)
             teacher, m, v = adam_teacher_step(grad, m, v, t + 1, train.imitation_lr)
             delta, state = self.rule(grad, state, step + t + 1)
             terms.append(torch.mean((delta - teacher) ** 2) / train.imitation_lr**2)
             theta = theta - teacher
-        objective = torch.stack(terms).mean()
-        self._meta_step(objective)
-        return (
-            theta,
-            {k: v.detach() for k, v in state.items()},
-            {"imitation": float(objective.detach())},
-        )
+        return torch.stack(terms).mean(), theta, state
 
     def _meta_step(self, objective: Tensor) -> None:
         self.meta_opt.zero_grad(set_to_none=True)
@@ -218,15 +295,17 @@ class MetaTrainer:
     def trajectory(self, length: int) -> dict[str, float]:
         """One meta-iteration: a trajectory of ``length`` steps from a fresh initialization."""
         train, reg = self.recipe.train, self.recipe.regularizer
-        theta = self.task.init_params(self.generator)
+        thetas = [self.task.init_params(gen) for gen in self.generators]
+        theta = thetas[0] if len(thetas) == 1 else torch.cat(thetas)
         state = self.rule.init_state(theta.numel())
         num_unrolls = length // train.unroll
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         for u in range(num_unrolls):
             step = u * train.unroll
-            imitate = (
-                train.imitation_prob > 0
+            imitate = train.imitation_prob > 0 and distributed.broadcast_object(
+                # drawn from slot 0's generator, which rank 0 holds; the same on every rank
+                self.rank == 0
                 and float(torch.rand((), generator=self.generator)) < train.imitation_prob
             )
             if imitate:
@@ -240,7 +319,7 @@ class MetaTrainer:
                 sums[k] = sums.get(k, 0.0) + val
                 counts[k] = counts.get(k, 0) + 1
         result = {k: sums[k] / counts[k] for k in sums}
-        return result
+        return distributed.mean_over_ranks(result)
 
     def validate(self, length: int) -> float:
         """Mean validation-split loss after ``length`` steps over fixed-seed optimizee runs."""
@@ -262,13 +341,15 @@ class MetaTrainer:
         from tqdm.auto import tqdm
 
         train, cur = self.recipe.train, self.recipe.curriculum
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out / "recipe.toml", self.recipe.to_toml())
+        main = self.rank == 0  # the only process that writes
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "recipe.toml", self.recipe.to_toml())
         bar = tqdm(
             total=train.iterations,
             initial=self.iteration,
             desc=f"meta-train {self.recipe.name}",
-            disable=not self.progress,
+            disable=not (self.progress and main),
         )
         start = time.perf_counter()
         while self.iteration < train.iterations:
@@ -296,17 +377,18 @@ class MetaTrainer:
             if self.iteration % train.checkpoint_every == 0 or self.iteration == train.iterations:
                 self._save_state()
         bar.close()
-        return self.finish()
+        return self.finish() if main else self.out
 
     def _validation_step(self) -> dict[str, Any]:
         cur = self.recipe.curriculum
         next_length = self.lengths[min(self.stage + 1, len(self.lengths) - 1)]
-        val = self.validate(next_length)
+        val = distributed.broadcast_object(self.validate(next_length) if self.rank == 0 else None)
         improved = val < self.best_val
         if improved:
             self.best_val = val
             self.bad_validations = 0
-            save_rule(self.rule, self.out / "best")
+            if self.rank == 0:
+                save_rule(self.rule, self.out / "best")
         else:
             self.bad_validations += 1
             if self.bad_validations >= cur.patience and self.stage + 1 < len(self.lengths):
@@ -316,13 +398,32 @@ class MetaTrainer:
         return {"val_loss": val, "val_length": next_length, "best_val_loss": self.best_val}
 
     def _log(self, record: dict[str, Any]) -> None:
-        with open(self.out / LOG_NAME, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.rank == 0:
+            with open(self.out / LOG_NAME, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
         self.log_lines += 1
 
     # ------------------------------------------------------------- checkpoints
     def _save_state(self) -> None:
-        """Everything needed to continue exactly: rule, meta-optimizer, RNG, counters."""
+        """Everything needed to continue exactly: rule, meta-optimizer, RNGs, counters.
+
+        Every rank's slot generators are gathered to rank 0, which writes; the ranks' rules
+        are checked to be identical first (DDP keeps them so; this catches a broken setup).
+        """
+        gathered = distributed.all_gather_object(
+            (
+                self.rule.fingerprint() if self.world_size > 1 else "",
+                [gen.get_state() for gen in self.generators],
+            )
+        )
+        if len({fingerprint for fingerprint, _ in gathered}) != 1:
+            raise RuntimeError(
+                "the ranks' rules differ after the same meta-steps: "
+                f"{[fingerprint for fingerprint, _ in gathered]}; every rank must run the same "
+                "flatl2o, torch and recipe (launch all of them with the same command)"
+            )
+        if self.rank != 0:
+            return
         tensors: dict[str, Tensor] = {
             f"rule.{k}": v.detach().clone().contiguous() for k, v in self.rule.state_dict().items()
         }
@@ -330,7 +431,10 @@ class MetaTrainer:
         for idx, st in opt["state"].items():
             for key, value in st.items():
                 tensors[f"opt.{idx}.{key}"] = value.detach().clone().reshape(value.shape)
-        tensors["rng"] = self.generator.get_state()
+        slot_states = [state for _, states in gathered for state in states]
+        tensors["rng"] = slot_states[0]  # slot 0: the run's generator in a single process
+        for j, state in enumerate(slot_states[1:], start=1):
+            tensors[f"rng.{j}"] = state
         meta = {
             "iteration": self.iteration,
             "stage": self.stage,
@@ -339,12 +443,47 @@ class MetaTrainer:
             "log_lines": self.log_lines,
             "param_groups": opt["param_groups"],
             "recipe": self.recipe.to_dict(),
+            "slots": len(slot_states),
+            "world_size": self.world_size,
+            "meta_batch": self.meta_batch,
         }
         folder = self.out / TRAINER_DIR
         atomic_write_bytes(folder / "state.safetensors", safetensors_bytes(tensors))
         atomic_write_text(folder / "state.json", json.dumps(meta, indent=1))
 
     def _load_state(self) -> None:
+        """Rank 0 reads the checkpoint (or the reason it cannot) and every rank applies it."""
+        payload: Any = None
+        if self.rank == 0:
+            try:
+                payload = self._read_state()
+            except ResumeError as e:
+                payload = e
+        payload = distributed.broadcast_object(payload)
+        if isinstance(payload, ResumeError):
+            raise payload
+        meta, tensors = payload
+        self.rule.load_state_dict(
+            {k[5:]: v for k, v in tensors.items() if k.startswith("rule.")}, strict=True
+        )
+        opt_state: dict[int, dict[str, Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("opt."):
+                _, idx, name = key.split(".", 2)
+                opt_state.setdefault(int(idx), {})[name] = value
+        self.meta_opt.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+        first = self.rank * self.meta_batch
+        for j, gen in enumerate(self.generators, start=first):
+            gen.set_state(tensors["rng" if j == 0 else f"rng.{j}"])
+        self.iteration = meta["iteration"]
+        self.stage = meta["stage"]
+        self.best_val = meta["best_val"]
+        self.bad_validations = meta["bad_validations"]
+        self.log_lines = meta["log_lines"]
+
+    def _read_state(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """The saved counters and tensors, after checking they fit this run; drops log records
+        written after the checkpoint."""
         folder = self.out / TRAINER_DIR
         if not (folder / "state.json").is_file():
             raise ResumeError(
@@ -357,26 +496,21 @@ class MetaTrainer:
                 f"{self.out} was started with a different recipe; resume with the same recipe "
                 f"and overrides (saved copy: {self.out / 'recipe.toml'})"
             )
+        slots = self.world_size * self.meta_batch
+        if meta.get("slots", 1) != slots:
+            raise ResumeError(
+                f"{self.out} was meta-trained with {meta.get('slots', 1)} optimizees per meta-step "
+                f"(processes x meta_batch: {meta.get('world_size', 1)} x "
+                f"{meta.get('meta_batch', 1)}), this run has {slots} ({self.world_size} x "
+                f"{self.meta_batch}); resume with the same product of --nproc-per-node and "
+                "--meta-batch"
+            )
         tensors = load_file(str(folder / "state.safetensors"))
-        self.rule.load_state_dict(
-            {k[5:]: v for k, v in tensors.items() if k.startswith("rule.")}, strict=True
-        )
-        opt_state: dict[int, dict[str, Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("opt."):
-                _, idx, name = key.split(".", 2)
-                opt_state.setdefault(int(idx), {})[name] = value
-        self.meta_opt.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
-        self.generator.set_state(tensors["rng"])
-        self.iteration = meta["iteration"]
-        self.stage = meta["stage"]
-        self.best_val = meta["best_val"]
-        self.bad_validations = meta["bad_validations"]
-        self.log_lines = meta["log_lines"]
         log = self.out / LOG_NAME
         if log.is_file():  # drop records written after the checkpoint we resume from
             lines = log.read_text(encoding="utf-8").splitlines(keepends=True)
-            atomic_write_text(log, "".join(lines[: self.log_lines]))
+            atomic_write_text(log, "".join(lines[: meta["log_lines"]]))
+        return meta, tensors
 
     # ------------------------------------------------------------------ output
     def final_rule(self) -> UpdateRule:
@@ -427,6 +561,14 @@ class MetaTrainer:
             f"{r.train.iterations} trajectories, unroll {r.train.unroll}, "
             f"curriculum {self.lengths}, meta-lr {r.train.meta_lr}, "
             f"imitation probability {r.train.imitation_prob}.",
+            *(
+                [
+                    f"- Optimizees per meta-step: {self.world_size * self.meta_batch} "
+                    f"({self.world_size} processes x meta_batch {self.meta_batch})."
+                ]
+                if self.world_size * self.meta_batch > 1
+                else []
+            ),
             f"- Regularizer: {regline}.",
             f"- Command: `{self.command}`",
             f"- Git commit: `{self.git_commit}`",
