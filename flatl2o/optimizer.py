@@ -231,6 +231,8 @@ class L2O(Optimizer):
         state["step"] += 1
         step = state["step"].item()
         state = local_state(state, self.rule.state_shapes())  # the shard's rows, as views
+        if local.numel() == 0:  # an empty FSDP2 shard (fewer rows than ranks): nothing to do
+            return
         names = list(self.rule.state_shapes())
         rule = self._rule_on(p.device)
         lr = float(group["lr"])

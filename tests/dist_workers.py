@@ -26,9 +26,10 @@ GLOBAL_BATCH = 8
 
 
 def make_model() -> nn.Module:
-    """A small MLP whose rows (5 and 3) do not split evenly over 2 ranks (uneven FSDP2 shards)."""
+    """A small MLP whose rows (5, 3 and 1) do not split evenly over 2 ranks: uneven FSDP2
+    shards, and the last layer's shard on rank 1 is empty."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 1))
 
 
 def make_rule() -> flatl2o.UpdateRule:
@@ -41,7 +42,7 @@ def make_rule() -> flatl2o.UpdateRule:
 def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The same global batch for step ``step`` in every process."""
     gen = torch.Generator().manual_seed(100 + step)
-    return torch.randn(GLOBAL_BATCH, 6, generator=gen), torch.randn(GLOBAL_BATCH, 3, generator=gen)
+    return torch.randn(GLOBAL_BATCH, 6, generator=gen), torch.randn(GLOBAL_BATCH, 1, generator=gen)
 
 
 def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range, rank: int, world: int):
@@ -178,7 +179,31 @@ def scenario_optimizer(out: Path) -> None:
             "weight_unchanged": torch.equal(before["0.weight"], after["0.weight"]),
             "bias_changed": not torch.equal(before["2.bias"], after["2.bias"]),
         }
+
+    # (e) examples/distributed_train.py: FSDP2 with a DCP checkpoint every 2 steps, run for 4
+    # steps at once and as 2 + 2 (the second run resumes); DDP for 2 steps
+    example = load_example("distributed_train")
+    results["example_full"] = example.main(
+        ["--steps", "4", "--save-every", "2", "--ckpt", str(out / "ex_full")]
+    )
+    resume = ["--steps", "2", "--save-every", "2", "--ckpt", str(out / "ex_resumed")]
+    example.main(resume)
+    results["example_resumed"] = example.main(["--steps", "4", *resume[2:]])
+    results["example_ddp"] = example.main(
+        ["--mode", "ddp", "--steps", "2", "--ckpt", str(out / "ex_ddp")]
+    )
     torch.save(results, out / f"optimizer_rank{rank}.pt")
+
+
+def load_example(name: str):
+    """Import ``examples/<name>.py`` (a script, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # ------------------------------------------------------------------------ meta-training

@@ -75,10 +75,11 @@ def test_ddp_matches_single_process_training(optimizer_runs, reference):
 
 
 def test_fsdp2_matches_single_process_training_shard_by_shard(optimizer_runs, reference):
-    # uneven shards: 5 rows -> 3 + 2, 3 rows -> 2 + 1
+    # uneven shards: 5 rows -> 3 + 2, 3 rows -> 2 + 1, 1 row -> 1 + 0 (an empty shard)
     assert optimizer_runs[0]["fsdp_local_shapes"]["0.weight"] == (3, 6)
     assert optimizer_runs[1]["fsdp_local_shapes"]["0.weight"] == (2, 6)
     assert optimizer_runs[1]["fsdp_local_shapes"]["2.weight"] == (1, 5)
+    assert optimizer_runs[1]["fsdp_local_shapes"]["4.weight"] == (0, 3)
     for run in optimizer_runs:
         assert run["fsdp_state_is_dtensor"]
         assert_tensors_close(run["fsdp"], reference["params"])
@@ -106,6 +107,17 @@ def test_a_nan_in_one_shard_is_handled_on_every_rank(optimizer_runs):
             "bias_changed": True,
         }
         assert raise_["outcome"] == "raised" and raise_["weight_unchanged"]
+
+
+def test_distributed_example_trains_and_resumes_from_its_dcp_checkpoint(optimizer_runs):
+    for run in optimizer_runs:
+        full, resumed, ddp = run["example_full"], run["example_resumed"], run["example_ddp"]
+        assert full["start"] == 0 and resumed["start"] == 2
+        assert resumed["losses"] == full["losses"][2:]
+        for name, value in full["params"].items():
+            assert torch.equal(resumed["params"][name], value), name
+        # DDP and FSDP2 train the same model on the same data alike
+        assert ddp["losses"] == pytest.approx(full["losses"][:2], rel=1e-5)
 
 
 # ------------------------------------------------------------------------ meta-training
