@@ -42,11 +42,19 @@ def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 # ------------------------------------------------------------------ the optimizer
 @pytest.fixture(scope="module")
-def optimizer_runs(tmp_path_factory) -> list[dict]:
-    """Both ranks' results of tests/dist_workers.py's optimizer scenario."""
+def optimizer_dir(tmp_path_factory) -> Path:
+    """The folder where tests/dist_workers.py's optimizer scenario wrote its results."""
     out = tmp_path_factory.mktemp("optimizer")
     torchrun(str(HERE / "dist_workers.py"), "optimizer", str(out))
-    return [torch.load(out / f"optimizer_rank{r}.pt", weights_only=True) for r in range(2)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def optimizer_runs(optimizer_dir) -> list[dict]:
+    """Both ranks' results of the optimizer scenario."""
+    return [
+        torch.load(optimizer_dir / f"optimizer_rank{r}.pt", weights_only=True) for r in range(2)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +104,37 @@ def test_sharded_state_saves_with_dcp_and_resumes_exactly(optimizer_runs):
             for key, value in state.items():
                 assert torch.equal(run["resumed_state"][name][key], value), (name, key)
         assert "rule" in run["other_rule_error"] and "same rule" in run["other_rule_error"]
+
+
+def test_a_two_rank_checkpoint_reshards_onto_one_process(optimizer_dir, optimizer_runs):
+    """DCP reshards the DTensor state: the 2-rank checkpoint resumes under FSDP2 on 1 rank."""
+    import socket
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from flatl2o import distributed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        model = W.fsdp_model(init_device_mesh("cpu", (1,)))
+        opt = flatl2o.L2O(model.parameters(), W.make_rule())
+        state = {
+            "model": get_model_state_dict(model),
+            "optim": distributed.get_optimizer_state_dict(model, opt),
+        }
+        dcp.load(state, checkpoint_id=optimizer_dir / "dcp")
+        set_model_state_dict(model, state["model"])
+        distributed.set_optimizer_state_dict(model, opt, state["optim"])
+        W.train(model, opt, range(W.RESUME_AT, W.STEPS), rank=0, world=1)
+        assert_tensors_close(W.full_params(model), optimizer_runs[0]["fsdp"])
+        assert_tensors_close(W.full_state(model, opt), optimizer_runs[0]["fsdp_state"])
+    finally:
+        dist.destroy_process_group()
 
 
 def test_a_nan_in_one_shard_is_handled_on_every_rank(optimizer_runs):
