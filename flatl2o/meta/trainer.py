@@ -647,9 +647,12 @@ def meta_train(
     resume: bool = False,
     progress: bool = True,
     callback: Callable[[MetaTrainer], None] | None = None,
+    meta_batch: int = 1,
 ) -> Path:
     """Run a recipe end to end; returns the Hub-ready output folder."""
-    trainer = MetaTrainer(recipe, out_dir, task=task, resume=resume, progress=progress)
+    trainer = MetaTrainer(
+        recipe, out_dir, task=task, resume=resume, progress=progress, meta_batch=meta_batch
+    )
     if callback is not None:
         callback(trainer)
     return trainer.run()
