@@ -1,0 +1,636 @@
+"""The evaluation suite: plan every run, execute them (in parallel), write the results JSON.
+
+:func:`evaluate` takes an :class:`EvalConfig` and returns (and writes) one JSON-ready dict:
+
+- ``tuning``: per task and baseline, the validation-split trials and the selected
+  hyper-parameters per horizon (:mod:`flatl2o.evaluation.tuning`);
+- ``runs``: one record per (task, optimizer, seed), trained to the largest horizon and
+  measured at every horizon on the full train and test splits, with flatness
+  (:mod:`flatl2o.evaluation.runner`); baselines use the hyper-parameters selected for that
+  horizon, so a baseline whose selection differs between horizons has one run per horizon;
+- ``long_runs``: the long-horizon runs (``long_horizon`` steps, ``long_seeds`` seeds) on
+  ``long_tasks``, with baselines at the hyper-parameters tuned for the largest horizon;
+- ``optimizers`` (what each one is, regularizer, sibling), ``tasks``, ``config``,
+  ``environment`` and ``timing``.
+
+Every run is a pure function of its :class:`~flatl2o.evaluation.runner.RunSpec`, so results
+do not depend on ``jobs``; with ``resume=True`` runs whose key is already in the output
+folder's JSON are reused (a checkpoint retrained in between has a new fingerprint, so a new key).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import heapq
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flatl2o.evaluation.baselines import BASELINES
+from flatl2o.evaluation.optimizers import OptimizerInfo, default_optimizers, resolve_optimizers
+from flatl2o.evaluation.runner import RunSpec, train_run
+from flatl2o.evaluation.tuning import TUNE_SEED_BASE, finish_tuning, plan_trials
+from flatl2o.meta.tasks import TASKS, Task, make_task
+
+__all__ = [
+    "RESULTS_NAME",
+    "SEEN_TASK",
+    "STANDARD_TASKS",
+    "EvalConfig",
+    "evaluate",
+    "load_results",
+]
+
+#: The meta-training optimizee of every shipped checkpoint ("seen"); the others are unseen.
+SEEN_TASK = "mnist-mlp-sigmoid"
+STANDARD_TASKS = ("mnist-mlp-sigmoid", "mnist-mlp-relu", "mnist-mlp-deep", "mnist-conv")
+#: File name of the results JSON inside the output folder.
+RESULTS_NAME = "eval.json"
+FORMAT = "flatl2o-evaluation/1"
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and how much: the standard table is ``EvalConfig()``.
+
+    ``optimizers`` empty means every shipped checkpoint plus every baseline at run time.
+    ``flatness`` maps a task to its own ``(trace_probes, eig_iters)``, ``(0, 0)`` = not
+    measured. The default skips the conv net: one Hessian-vector product over its full train
+    split costs ~0.4 s on one core (~100x an MLP's), so 100 probes + 20 iterations at two
+    horizons would cost more CPU time than the whole rest of the standard table.
+    """
+
+    optimizers: tuple[str, ...] = ()
+    tasks: tuple[str, ...] = STANDARD_TASKS
+    seeds: int = 5
+    horizons: tuple[int, ...] = (100, 1000)
+    long_horizon: int = 0
+    long_tasks: tuple[str, ...] = (SEEN_TASK,)
+    long_seeds: int = 2
+    batch_size: int = 128
+    tune_seeds: int = 2
+    trace_probes: int = 100
+    eig_iters: int = 20
+    flatness: dict[str, tuple[int, int]] = field(default_factory=lambda: {"mnist-conv": (10, 10)})
+    curve_points: int = 1000
+    seen_task: str = SEEN_TASK
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> EvalConfig:
+        """A tiny configuration for tests and smoke runs (8x8 digits, tens of steps)."""
+        base: dict[str, Any] = dict(
+            tasks=("digits-mlp",),
+            seeds=2,
+            horizons=(10, 30),
+            long_horizon=60,
+            long_tasks=("digits-mlp",),
+            long_seeds=1,
+            tune_seeds=1,
+            trace_probes=4,
+            eig_iters=3,
+            flatness={},
+            curve_points=100,
+            seen_task="digits-mlp",
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the problem and the fix."""
+        unknown = [t for t in (*self.tasks, *self.long_tasks) if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; available: {', '.join(sorted(TASKS))}")
+        if not self.tasks:
+            raise ValueError("no tasks selected; pass at least one of " + ", ".join(TASKS))
+        if not 1 <= self.seeds <= TUNE_SEED_BASE:
+            raise ValueError(f"seeds must be in [1, {TUNE_SEED_BASE}], got {self.seeds}")
+        if not self.horizons or min(self.horizons) < 1:
+            raise ValueError(f"horizons must be positive step counts, got {self.horizons}")
+        if self.long_horizon and self.long_horizon < max(self.horizons):
+            raise ValueError(
+                f"long_horizon {self.long_horizon} must be 0 (off) or >= the largest horizon "
+                f"{max(self.horizons)}"
+            )
+        if self.long_horizon and not 1 <= self.long_seeds <= self.seeds:
+            raise ValueError(f"long_seeds must be in [1, seeds={self.seeds}]")
+        if self.tune_seeds < 1 or self.batch_size < 1:
+            raise ValueError("tune_seeds and batch_size must be >= 1")
+        bad = [t for t in self.flatness if t not in TASKS]
+        if bad:
+            raise ValueError(f"flatness budget for unknown task(s) {bad}; tasks: {sorted(TASKS)}")
+        for task in {*self.tasks, *self.flatness}:
+            probes, iters = self.flatness_for(task)
+            if probes < 0 or iters < 0 or (probes == 0) != (iters == 0):
+                raise ValueError(
+                    f"flatness budget of {task!r} must be two positive counts (probes, "
+                    f"iterations) or (0, 0) to skip it, got ({probes}, {iters})"
+                )
+
+    def flatness_for(self, task: str) -> tuple[int, int]:
+        """(trace probes, power iterations) used on ``task``."""
+        probes, iters = self.flatness.get(task, (self.trace_probes, self.eig_iters))
+        return int(probes), int(iters)
+
+    def long_checkpoints(self) -> tuple[int, ...]:
+        """Steps at which long runs are measured: the horizons, 1-3-10 steps, the end."""
+        if not self.long_horizon:
+            return ()
+        marks = {h for h in self.horizons if h <= self.long_horizon} | {self.long_horizon}
+        v = 1
+        while v <= self.long_horizon:
+            for m in (v, 3 * v):
+                if min(self.horizons) <= m <= self.long_horizon:
+                    marks.add(m)
+            v *= 10
+        return tuple(sorted(marks))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        d = dataclasses.asdict(self)
+        for k in ("optimizers", "tasks", "horizons", "long_tasks"):
+            d[k] = list(d[k])
+        d["flatness"] = {k: list(v) for k, v in self.flatness.items()}
+        return d
+
+
+# ----------------------------------------------------------------------- worker side
+
+
+@functools.cache
+def _task(name: str, batch_size: int) -> Task:
+    return make_task(name, batch_size=batch_size)
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(max(1, threads))
+
+
+def _run_spec(spec: RunSpec) -> dict[str, Any]:
+    """Worker entry point: run one spec on the (cached) task it names."""
+    return train_run(spec, _task(spec.task, spec.batch_size))
+
+
+# ------------------------------------------------------------------------ planning
+
+
+class _Costs:
+    """Rough seconds per run (for longest-first scheduling and the progress bar)."""
+
+    def __init__(self, tasks: Iterable[str], batch_size: int, infos: dict[str, OptimizerInfo]):
+        self.grad: dict[str, float] = {}
+        self.hvp: dict[str, float] = {}
+        self.rule: dict[tuple[str, str], float] = {}
+        for name in tasks:
+            task = _task(name, batch_size)
+            gen = torch.Generator().manual_seed(0)
+            theta = task.init_params(gen).requires_grad_(True)
+            x, y = task.sample_batch(gen)
+            self.grad[name] = _timed(functools.partial(_backward, task, theta, x, y))
+            n_train = len(task.dataset.train) if task.dataset is not None else batch_size
+            self.hvp[name] = 4 * self.grad[name] * n_train / batch_size
+            for info in infos.values():
+                if info.kind == "learned" and info.path is not None:
+                    self.rule[(name, info.name)] = _rule_seconds(info.path, task.num_params)
+
+    def of(self, spec: RunSpec) -> float:
+        """Estimated seconds of ``spec``."""
+        steps = max(spec.horizons)
+        grads = BASELINES[spec.optimizer].grads_per_step if spec.checkpoint is None else 1
+        rule = self.rule.get((spec.task, spec.optimizer), 0.0)
+        train = steps * (grads * self.grad[spec.task] * 1.3 + rule)
+        n_flat = 1 if spec.flatness_last_only else len(spec.horizons)
+        flat = n_flat * (spec.trace_probes + spec.eig_iters + 2) * self.hvp[spec.task]
+        return train + (flat if spec.trace_probes and spec.purpose != "tune" else 0.0)
+
+
+def _backward(task: Task, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
+    task.loss(theta, x, y).backward()
+
+
+def _timed(fn: Callable[[], Any], repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+@functools.cache
+def _rule_seconds(path: str, n: int) -> float:
+    from flatl2o import load_rule
+
+    rule = load_rule(path)
+    state = rule.init_state(n)
+    g = torch.full((n,), 1e-3)
+    with torch.no_grad():
+        return _timed(lambda: rule(g, state, 1), repeats=3)
+
+
+class _Planner:
+    """Decides which runs exist; unlocks baseline evaluations as their tuning completes."""
+
+    def __init__(self, config: EvalConfig, infos: dict[str, OptimizerInfo]) -> None:
+        self.config = config
+        self.infos = infos
+        self.horizons = tuple(sorted(set(config.horizons)))
+        self.baselines = [n for n, i in infos.items() if i.kind == "baseline"]
+        needed = set(self.baselines)
+        for n in self.baselines:
+            if BASELINES[n].tune_after:
+                needed.add(BASELINES[n].tune_after)
+        self.to_tune = [n for n in BASELINES if n in needed]  # registry order: bases first
+        self.tune_seeds = [TUNE_SEED_BASE + i for i in range(config.tune_seeds)]
+        self.pending: dict[tuple[str, str], int] = {}
+        self.records: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self.tuning: dict[str, dict[str, dict[str, Any]]] = {t: {} for t in config.tasks}
+        self.hparams: dict[str, dict[str, dict[str, dict[str, float]]]] = {
+            t: {} for t in config.tasks
+        }
+
+    def _spec(
+        self, task: str, name: str, seed: int, horizons: tuple[int, ...], **kw: Any
+    ) -> RunSpec:
+        info = self.infos.get(name)
+        probes, iters = self.config.flatness_for(task)
+        learned = info is not None and info.kind == "learned"
+        fields: dict[str, Any] = dict(
+            checkpoint=info.path if learned else None,
+            fingerprint=info.fingerprint if learned else None,
+            batch_size=self.config.batch_size,
+            trace_probes=probes,
+            eig_iters=iters,
+            curve_points=self.config.curve_points,
+        )
+        fields.update(kw)
+        return RunSpec(task=task, optimizer=name, seed=seed, horizons=horizons, **fields)
+
+    def initial(self) -> list[RunSpec]:
+        """Learned-rule runs and the first tuning trials."""
+        specs: list[RunSpec] = []
+        for task in self.config.tasks:
+            for name, info in self.infos.items():
+                if info.kind == "learned":
+                    specs += self._eval_specs(
+                        task, name, {str(h): {"lr": 1.0} for h in self.horizons}
+                    )
+            for name in self.to_tune:
+                if BASELINES[name].tune_after is None:
+                    specs += self._tune_specs(task, name, plan_trials(name))
+        return specs
+
+    def _tune_specs(self, task: str, name: str, points: list[dict[str, float]]) -> list[RunSpec]:
+        specs = [
+            self._spec(
+                task,
+                name,
+                s,
+                self.horizons,
+                purpose="tune",
+                hparams=hp,
+                trace_probes=0,
+                eig_iters=0,
+                curve_points=0,
+            )
+            for hp in points
+            for s in self.tune_seeds
+        ]
+        self.pending[(task, name)] = len(specs)
+        self.records[(task, name)] = []
+        return specs
+
+    def _eval_specs(
+        self, task: str, name: str, chosen: dict[str, dict[str, float]]
+    ) -> list[RunSpec]:
+        self.hparams[task][name] = chosen
+        groups: dict[str, list[int]] = {}
+        for h in self.horizons:  # one run per distinct hyper-parameter choice
+            groups.setdefault(json.dumps(chosen[str(h)], sort_keys=True), []).append(h)
+        specs = [
+            self._spec(task, name, s, tuple(hs), purpose="eval", hparams=json.loads(hp))
+            for hp, hs in groups.items()
+            for s in range(self.config.seeds)
+        ]
+        if self.config.long_horizon and task in self.config.long_tasks:
+            hp = chosen[str(self.horizons[-1])]
+            specs += [
+                self._spec(
+                    task,
+                    name,
+                    s,
+                    self.config.long_checkpoints(),
+                    purpose="long",
+                    hparams=dict(hp),
+                    flatness_last_only=True,
+                )
+                for s in range(self.config.long_seeds)
+            ]
+        return specs
+
+    def done(self, spec: RunSpec, record: dict[str, Any]) -> list[RunSpec]:
+        """Account for a finished run; return the runs it unlocks."""
+        if spec.purpose != "tune":
+            return []
+        key = (spec.task, spec.optimizer)
+        self.records[key].append(record)
+        self.pending[key] -= 1
+        if self.pending[key]:
+            return []
+        base = BASELINES[spec.optimizer].tune_after
+        base_sel = None
+        if base:
+            base_sel = {int(h): hp for h, hp in self.tuning[spec.task][base]["selected"].items()}
+        entry = finish_tuning(
+            spec.optimizer, self.records[key], self.horizons, self.tune_seeds, base_sel
+        )
+        self.tuning[spec.task][spec.optimizer] = entry
+        new: list[RunSpec] = []
+        if spec.optimizer in self.baselines:
+            new += self._eval_specs(spec.task, spec.optimizer, entry["selected"])
+        for name in self.to_tune:
+            if BASELINES[name].tune_after == spec.optimizer:
+                sel = {int(h): hp for h, hp in entry["selected"].items()}
+                new += self._tune_specs(spec.task, name, plan_trials(name, sel))
+        return new
+
+
+# ------------------------------------------------------------------------ execution
+
+
+def _environment(jobs: int, threads: int) -> dict[str, Any]:
+    from flatl2o import __version__
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", *args],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                cwd=Path(__file__).resolve().parent,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    return {
+        "flatl2o": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "jobs": jobs,
+        "threads_per_job": threads,
+        "git_commit": git("rev-parse", "HEAD"),
+    }
+
+
+def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a results JSON written by :func:`evaluate` (a file or the folder holding it)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / RESULTS_NAME
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"no evaluation results at {p}; run `flatl2o evaluate --out DIR` first"
+        )
+    data = json.loads(p.read_text())
+    if data.get("format") != FORMAT:
+        raise ValueError(f"{p} is not a flatl2o evaluation results file (format {FORMAT})")
+    return data
+
+
+def _write_json(data: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, allow_nan=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _previous_records(out: Path | None) -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = {}
+    if out is None:
+        return found
+    for name in (RESULTS_NAME, "eval.partial.json"):
+        p = out / name
+        if p.is_file():
+            try:
+                data = json.loads(p.read_text())
+            except json.JSONDecodeError:
+                continue
+            for k in ("runs", "long_runs", "tuning_runs"):
+                for r in data.get(k, []):
+                    found[r["key"]] = r
+    return found
+
+
+def evaluate(
+    config: EvalConfig | None = None,
+    *,
+    out: str | os.PathLike[str] | None = None,
+    jobs: int = 1,
+    threads: int = 1,
+    progress: bool = True,
+    resume: bool = False,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Run the evaluation described by ``config``; return the results (and write them to ``out``).
+
+    ``jobs`` worker processes (each with ``threads`` torch threads) run independent runs in
+    parallel; ``jobs=1`` runs everything in this process. ``out`` receives ``eval.json``
+    (and ``eval.partial.json`` while running). ``resume`` reuses finished runs found there.
+    """
+    config = config or EvalConfig()
+    config.validate()
+    if jobs < 1 or threads < 1:
+        raise ValueError(f"jobs and threads must be >= 1, got jobs={jobs}, threads={threads}")
+    names = list(config.optimizers) or default_optimizers()
+    infos = resolve_optimizers(names)
+    out_dir = Path(out) if out is not None else None
+    previous = _previous_records(out_dir) if resume else {}
+    t_start = time.perf_counter()
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        tasks_used = list(
+            dict.fromkeys([*config.tasks, *(config.long_tasks if config.long_horizon else ())])
+        )
+        costs = _Costs(tasks_used, config.batch_size, infos)
+        planner = _Planner(config, infos)
+        results: dict[str, list[dict[str, Any]]] = {"eval": [], "long": [], "tune": []}
+        partial = out_dir / "eval.partial.json" if out_dir is not None else None
+
+        def snapshot(final: bool) -> dict[str, Any]:
+            return _assemble(
+                config, infos, planner, results, jobs, threads, t_start, command, final
+            )
+
+        _execute(
+            planner,
+            costs,
+            previous,
+            results,
+            jobs,
+            threads,
+            progress,
+            on_progress=(lambda: _write_json(snapshot(False), partial)) if partial else None,
+        )
+    finally:
+        torch.set_num_threads(prev_threads)
+    data = snapshot(True)
+    if out_dir is not None:
+        _write_json(data, out_dir / RESULTS_NAME)
+        if partial is not None and partial.exists():
+            partial.unlink()
+    return data
+
+
+def _execute(
+    planner: _Planner,
+    costs: _Costs,
+    previous: dict[str, dict[str, Any]],
+    results: dict[str, list[dict[str, Any]]],
+    jobs: int,
+    threads: int,
+    progress: bool,
+    on_progress: Callable[[], None] | None,
+) -> None:
+    """Run every planned spec, longest first, feeding results back to the planner."""
+    from tqdm.auto import tqdm
+
+    heap: list[tuple[float, int, RunSpec]] = []
+    counter = 0
+    bar = tqdm(
+        total=0.0,
+        disable=not progress,
+        desc="evaluate",
+        unit="est-s",
+        bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]",
+    )
+    n_done = n_total = 0
+    last_save = time.perf_counter()
+
+    def push(specs: list[RunSpec]) -> None:
+        nonlocal counter, n_total
+        for spec in specs:
+            cost = costs.of(spec)
+            heapq.heappush(heap, (-cost, counter, spec))
+            counter += 1
+            n_total += 1
+            bar.total += cost
+        bar.refresh()
+
+    def finish(spec: RunSpec, record: dict[str, Any]) -> None:
+        nonlocal n_done, last_save
+        results[spec.purpose].append(record)
+        n_done += 1
+        bar.set_postfix_str(
+            f"runs {n_done}/{n_total}, last {spec.optimizer}@{spec.task}", refresh=False
+        )
+        bar.update(costs.of(spec))
+        push(planner.done(spec, record))
+        if on_progress is not None and time.perf_counter() - last_save > 30:
+            on_progress()
+            last_save = time.perf_counter()
+
+    push(planner.initial())
+    try:
+        if jobs == 1:
+            while heap:
+                _, _, spec = heapq.heappop(heap)
+                record = previous.get(spec.key()) or _run_spec(spec)
+                finish(spec, record)
+            return
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,)
+        ) as pool:
+            running: dict[Future, RunSpec] = {}
+            while heap or running:
+                while heap and len(running) < jobs:
+                    _, _, spec = heapq.heappop(heap)
+                    if spec.key() in previous:
+                        finish(spec, previous[spec.key()])
+                        continue
+                    running[pool.submit(_run_spec, spec)] = spec
+                if not running:
+                    continue
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    finish(running.pop(fut), fut.result())
+    finally:
+        bar.close()
+
+
+def _compact(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k not in ("curve", "curve_every")}
+
+
+def _assemble(
+    config: EvalConfig,
+    infos: dict[str, OptimizerInfo],
+    planner: _Planner,
+    results: dict[str, list[dict[str, Any]]],
+    jobs: int,
+    threads: int,
+    t_start: float,
+    command: str | None,
+    final: bool,
+) -> dict[str, Any]:
+    """The results JSON (sorted so that it does not depend on completion order)."""
+
+    def order(r: dict[str, Any]) -> tuple:
+        s = r["spec"]
+        return (
+            s["task"],
+            s["optimizer"],
+            s["horizons"],
+            s["seed"],
+            json.dumps(s["hparams"], sort_keys=True),
+        )
+
+    tasks: dict[str, Any] = {}
+    for name in dict.fromkeys([*config.tasks, *(config.long_tasks if config.long_horizon else ())]):
+        task = _task(name, config.batch_size)
+        ds = task.dataset
+        tasks[name] = {
+            "num_params": task.num_params,
+            "seen": name == config.seen_task,
+            "dataset": ds.name if ds is not None else None,
+            "splits": {s: len(ds.split(s)) for s in ("train", "val", "test")} if ds else {},
+            "description": (TASKS[name].__doc__ or "").strip().splitlines()[0],
+        }
+    cpu = {k: math.fsum(r.get("cpu_seconds", 0.0) for r in v) for k, v in results.items()}
+    wall = {k: math.fsum(r["seconds"] for r in v) for k, v in results.items()}
+    return {
+        "format": FORMAT,
+        "complete": final,
+        "command": command,
+        "config": config.to_dict(),
+        "environment": _environment(jobs, threads),
+        "optimizers": {n: i.to_dict() for n, i in infos.items()},
+        "tasks": tasks,
+        "tuning": planner.tuning,
+        "hparams": planner.hparams,
+        "runs": sorted(results["eval"], key=order),
+        "long_runs": sorted(results["long"], key=order),
+        "tuning_runs": [_compact(r) for r in sorted(results["tune"], key=order)],
+        "timing": {
+            "wall_seconds": time.perf_counter() - t_start,
+            "run_seconds": wall,
+            "run_cpu_seconds": cpu,
+        },
+    }

@@ -1,0 +1,200 @@
+"""Hyper-parameter selection for the baselines, on the VALIDATION split only.
+
+For each optimizee and each baseline, every point of the baseline's grid
+(:data:`flatl2o.evaluation.baselines.BASELINES`) is trained on ``tune seeds`` (seeds
+:data:`TUNE_SEED_BASE` + i, disjoint from the evaluation seeds) up to the largest horizon,
+and measured on the validation split at every horizon; tuning runs never evaluate the test
+split (:func:`flatl2o.evaluation.runner.train_run` with ``purpose="tune"`` reads only "val").
+Per horizon, the selected point is the one with the highest mean validation accuracy over
+the tune seeds, ties broken by the lower mean validation loss, then by grid order; a point
+whose run diverged on any tune seed is not eligible.
+
+SAM reuses the tuned learning rate of its base optimizer at each horizon and tunes only rho
+(as Foret et al. tuned rho on top of standard base settings), so its trials are planned once
+the base's selection is known. Learned rules are not tuned: they run with ``lr = 1.0`` as
+shipped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from flatl2o.evaluation.baselines import BASELINES
+from flatl2o.evaluation.runner import RunSpec, train_run
+from flatl2o.meta.tasks import Task
+
+__all__ = [
+    "TUNE_SEED_BASE",
+    "grid_points",
+    "plan_trials",
+    "select",
+    "summarize_trials",
+    "tune",
+]
+
+#: Tuning runs use seeds TUNE_SEED_BASE + i (generators EVAL_SEED_OFFSET + TUNE_SEED_BASE + i).
+TUNE_SEED_BASE = 1000
+
+
+def grid_points(name: str) -> list[dict[str, float]]:
+    """Every grid point of baseline ``name`` in grid order (first key varies slowest)."""
+    grid = BASELINES[name].grid
+    keys = list(grid)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def plan_trials(
+    name: str, base_selected: dict[int, dict[str, float]] | None = None
+) -> list[dict[str, float]]:
+    """The hyper-parameter points to try for baseline ``name``.
+
+    For a baseline tuned after another (SAM), ``base_selected`` maps each horizon to the base
+    optimizer's selected hyper-parameters; the trials are that ``lr`` (for each distinct value)
+    crossed with this baseline's own grid.
+    """
+    baseline = BASELINES[name]
+    if baseline.tune_after is None:
+        return grid_points(name)
+    if not base_selected:
+        raise ValueError(f"{name} is tuned after {baseline.tune_after}: pass its selection")
+    lrs = sorted({float(hp["lr"]) for hp in base_selected.values()})
+    return [{"lr": lr, **pt} for lr in lrs for pt in grid_points(name)]
+
+
+def _key(hparams: dict[str, float]) -> str:
+    return ",".join(f"{k}={hparams[k]!r}" for k in sorted(hparams))
+
+
+def summarize_trials(
+    name: str, results: Sequence[dict[str, Any]], horizons: Sequence[int]
+) -> list[dict[str, Any]]:
+    """Group tuning-run records by hyper-parameters: per horizon, means over the tune seeds."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    order: list[str] = []
+    for r in results:
+        k = _key(r["spec"]["hparams"])
+        if k not in groups:
+            groups[k], _ = [], order.append(k)
+        groups[k].append(r)
+    trials = []
+    for k in order:
+        runs = sorted(groups[k], key=lambda r: r["spec"]["seed"])
+        val: dict[str, dict[str, Any]] = {}
+        for h in horizons:
+            accs = [r["metrics"][str(h)]["val_accuracy"] for r in runs]
+            losses = [r["metrics"][str(h)]["val_loss"] for r in runs]
+            diverged = sum(
+                1 for r in runs if r["diverged_at"] is not None and r["diverged_at"] <= h
+            )
+            val[str(h)] = {
+                "val_accuracy": math.fsum(accs) / len(accs),
+                "val_loss": math.fsum(losses) / len(losses),
+                "per_seed_accuracy": accs,
+                "per_seed_loss": losses,
+                "diverged": diverged,
+            }
+        trials.append(
+            {
+                "hparams": dict(runs[0]["spec"]["hparams"]),
+                "seeds": [r["spec"]["seed"] for r in runs],
+                "val": val,
+            }
+        )
+    return trials
+
+
+def select(
+    trials: Sequence[dict[str, Any]],
+    horizon: int,
+    *,
+    lr: float | None = None,
+) -> dict[str, float]:
+    """The selected hyper-parameters at ``horizon`` (see the module docstring for the rule).
+
+    ``lr`` restricts the choice to trials with that learning rate (SAM on its base's lr).
+    """
+    best: tuple[float, float, int] | None = None
+    chosen: dict[str, float] | None = None
+    for i, t in enumerate(trials):
+        if lr is not None and float(t["hparams"].get("lr", math.nan)) != lr:
+            continue
+        v = t["val"][str(horizon)]
+        if v["diverged"] or not (math.isfinite(v["val_loss"]) and math.isfinite(v["val_accuracy"])):
+            continue
+        score = (-v["val_accuracy"], v["val_loss"], i)
+        if best is None or score < best:
+            best, chosen = score, t["hparams"]
+    if chosen is None:
+        raise RuntimeError(
+            f"every tuning trial at horizon {horizon} diverged or gave a non-finite validation "
+            "metric; widen the grid towards smaller learning rates"
+        )
+    return dict(chosen)
+
+
+def tune(
+    task: Task,
+    name: str,
+    *,
+    horizons: Sequence[int],
+    seeds: int = 2,
+    base_selected: dict[int, dict[str, float]] | None = None,
+    run: Callable[[RunSpec, Task], dict[str, Any]] = train_run,
+) -> dict[str, Any]:
+    """Tune baseline ``name`` on ``task`` serially; return its trials and per-horizon choice.
+
+    The returned dict is the suite's JSON ``tuning`` entry: ``grid``, ``seeds``, ``trials``
+    (per hyper-parameter point, mean validation accuracy/loss per horizon) and ``selected``
+    (``{str(horizon): hparams}``). For SAM pass the base optimizer's ``selected`` (with int
+    horizons) as ``base_selected``.
+    """
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}; available: {', '.join(BASELINES)}")
+    horizons = sorted(set(int(h) for h in horizons))
+    tune_seeds = [TUNE_SEED_BASE + i for i in range(seeds)]
+    records = []
+    for hp in plan_trials(name, base_selected):
+        for s in tune_seeds:
+            spec = RunSpec(
+                task=task.name,
+                optimizer=name,
+                seed=s,
+                horizons=tuple(horizons),
+                purpose="tune",
+                hparams=hp,
+                batch_size=task.batch_size,
+                trace_probes=0,
+                eig_iters=0,
+            )
+            records.append(run(spec, task))
+    return finish_tuning(name, records, horizons, tune_seeds, base_selected)
+
+
+def finish_tuning(
+    name: str,
+    records: Sequence[dict[str, Any]],
+    horizons: Sequence[int],
+    tune_seeds: Sequence[int],
+    base_selected: dict[int, dict[str, float]] | None = None,
+) -> dict[str, Any]:
+    """Summarize tuning-run records and select per horizon (the JSON ``tuning`` entry)."""
+    baseline = BASELINES[name]
+    trials = summarize_trials(name, records, horizons)
+    selected = {}
+    for h in horizons:
+        lr = float(base_selected[h]["lr"]) if baseline.tune_after and base_selected else None
+        selected[str(h)] = select(trials, h, lr=lr)
+    return {
+        "baseline": name,
+        "tune_after": baseline.tune_after,
+        "grid": {k: list(v) for k, v in baseline.grid.items()},
+        "fixed": dict(baseline.fixed),
+        "seeds": list(tune_seeds),
+        "horizons": list(horizons),
+        "trials": trials,
+        "selected": selected,
+        "seconds": math.fsum(r["seconds"] for r in records),
+    }
