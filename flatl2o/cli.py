@@ -1,4 +1,4 @@
-"""The ``flatl2o`` command line: ``demo``, ``list``, ``meta-train``, ``push``."""
+"""The ``flatl2o`` command line: ``demo``, ``list``, ``meta-train``, ``push``, ``evaluate``."""
 
 from __future__ import annotations
 
@@ -84,6 +84,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from flatl2o.evaluation.command import run
+
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as e:  # unknown names, bad options, missing JSON
+        print(f"flatl2o evaluate: error: {e}", file=sys.stderr)
+        return 2
+
+
 def _positive_int(text: str) -> int:
     """argparse type: an int >= 1."""
     value = int(text)
@@ -130,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo-id", required=True)
     p.add_argument("--private", action="store_true")
     p.set_defaults(func=_cmd_push)
+
+    from flatl2o.evaluation.command import add_arguments as _evaluate_arguments
+
+    p = sub.add_parser(
+        "evaluate", help="evaluate optimizers vs tuned baselines (docs/evaluation.md)"
+    )
+    _evaluate_arguments(p)
+    p.set_defaults(func=_cmd_evaluate)
     return parser
 
 
