@@ -242,7 +242,12 @@ def _setup(data: dict[str, Any], fig: str) -> list[str]:
         lines.append(
             f"- Runtime: {timing['wall_seconds'] / 60:.1f} min wall; CPU time of the runs: "
             + ", ".join(f"{k} {v / 60:.1f} min" for k, v in sorted(cpu.items()))
-            + "."
+            + (
+                f" ({timing['runs_reused']} runs reused from an earlier invocation, so the wall "
+                "time covers only the rest)."
+                if timing.get("runs_reused")
+                else "."
+            )
         )
     if not data.get("complete", True):
         lines.append("- **This file is incomplete (a partial snapshot of a running evaluation).**")

@@ -83,7 +83,7 @@ class EvalConfig:
     trace_probes: int = 100
     eig_iters: int = 20
     flatness: dict[str, tuple[int, int]] = field(default_factory=lambda: {"mnist-conv": (10, 10)})
-    curve_points: int = 1000
+    curve_points: int = 250
     seen_task: str = SEEN_TASK
 
     @classmethod
@@ -435,6 +435,21 @@ def _previous_records(out: Path | None) -> dict[str, dict[str, Any]]:
     return found
 
 
+def _sigterm_as_interrupt() -> Callable[[], None]:
+    """Turn SIGTERM into KeyboardInterrupt (so workers are stopped); return the undo."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
 def evaluate(
     config: EvalConfig | None = None,
     *,
@@ -462,13 +477,15 @@ def evaluate(
     t_start = time.perf_counter()
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    undo_signal = _sigterm_as_interrupt()
     try:
         tasks_used = list(
             dict.fromkeys([*config.tasks, *(config.long_tasks if config.long_horizon else ())])
         )
         costs = _Costs(tasks_used, config.batch_size, infos)
         planner = _Planner(config, infos)
-        results: dict[str, list[dict[str, Any]]] = {"eval": [], "long": [], "tune": []}
+        kinds = ("eval", "long", "tune", "reused")
+        results: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
         partial = out_dir / "eval.partial.json" if out_dir is not None else None
 
         def snapshot(final: bool) -> dict[str, Any]:
@@ -476,18 +493,24 @@ def evaluate(
                 config, infos, planner, results, jobs, threads, t_start, command, final
             )
 
-        _execute(
-            planner,
-            costs,
-            previous,
-            results,
-            jobs,
-            threads,
-            progress,
-            on_progress=(lambda: _write_json(snapshot(False), partial)) if partial else None,
-        )
+        try:
+            _execute(
+                planner,
+                costs,
+                previous,
+                results,
+                jobs,
+                threads,
+                progress,
+                on_progress=(lambda: _write_json(snapshot(False), partial)) if partial else None,
+            )
+        except BaseException:  # keep what finished, for --resume
+            if partial is not None:
+                _write_json(snapshot(False), partial)
+            raise
     finally:
         torch.set_num_threads(prev_threads)
+        undo_signal()
     data = snapshot(True)
     if out_dir is not None:
         _write_json(data, out_dir / RESULTS_NAME)
@@ -549,20 +572,24 @@ def _execute(
         if jobs == 1:
             while heap:
                 _, _, spec = heapq.heappop(heap)
+                if spec.key() in previous:
+                    results["reused"].append({"key": spec.key()})
                 record = previous.get(spec.key()) or _run_spec(spec)
                 finish(spec, record)
             return
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(
+        pool = ProcessPoolExecutor(
             jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,)
-        ) as pool:
+        )
+        try:
             running: dict[Future, RunSpec] = {}
             while heap or running:
                 while heap and len(running) < jobs:
                     _, _, spec = heapq.heappop(heap)
                     if spec.key() in previous:
+                        results["reused"].append({"key": spec.key()})
                         finish(spec, previous[spec.key()])
                         continue
                     running[pool.submit(_run_spec, spec)] = spec
@@ -571,6 +598,12 @@ def _execute(
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for fut in done:
                     finish(running.pop(fut), fut.result())
+        except BaseException:  # Ctrl-C, SIGTERM or a failed run: stop the workers now
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
     finally:
         bar.close()
 
@@ -613,8 +646,9 @@ def _assemble(
             "splits": {s: len(ds.split(s)) for s in ("train", "val", "test")} if ds else {},
             "description": (TASKS[name].__doc__ or "").strip().splitlines()[0],
         }
-    cpu = {k: math.fsum(r.get("cpu_seconds", 0.0) for r in v) for k, v in results.items()}
-    wall = {k: math.fsum(r["seconds"] for r in v) for k, v in results.items()}
+    kinds = ("eval", "long", "tune")
+    cpu = {k: math.fsum(r.get("cpu_seconds", 0.0) for r in results[k]) for k in kinds}
+    wall = {k: math.fsum(r["seconds"] for r in results[k]) for k in kinds}
     return {
         "format": FORMAT,
         "complete": final,
@@ -632,5 +666,6 @@ def _assemble(
             "wall_seconds": time.perf_counter() - t_start,
             "run_seconds": wall,
             "run_cpu_seconds": cpu,
+            "runs_reused": len(results["reused"]),
         },
     }
