@@ -29,6 +29,13 @@ from flatl2o.distributed import (
     state_coords_shape,
 )
 from flatl2o.hub import default_pretrained_name, load_rule
+from flatl2o.kernels import (
+    KernelUnavailable,
+    ReferenceKernel,
+    StepKernel,
+    check_backend,
+    make_kernel,
+)
 from flatl2o.rules import UpdateRule
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
@@ -37,14 +44,6 @@ NONFINITE_POLICIES = ("skip", "raise")
 #: Coordinates processed at once; bounds the step's transient memory (about 1.5 KB per
 #: coordinate for a 2x20 LSTM rule) independently of the model size.
 DEFAULT_CHUNK_SIZE = 16384
-
-#: The rule always sees a multiple of this many rows: chunk sizes are rounded up to it and a
-#: parameter's last chunk is padded (zero gradient, zero state; the padding is discarded).
-#: BLAS and vectorized kernels round a tail of rows differently from full tiles, so without
-#: this a coordinate's update would depend (in the last bits) on how it was chunked. With it,
-#: chunk_size changes no bit where the BLAS computes a row identically whatever the number of
-#: whole tiles (MKL's AVX-512 and SSE kernels); elsewhere (MKL's AVX2 kernels) only rounding.
-ROW_TILE = 64
 
 
 class L2O(Optimizer):
@@ -56,11 +55,15 @@ class L2O(Optimizer):
             to :func:`flatl2o.load_rule`. ``None`` uses the best shipped checkpoint.
         lr: multiplier of the learned step (default 1.0; the rule sets the scale).
         maximize: maximize the objective instead of minimizing it.
-        chunk_size: coordinates evaluated at once (memory bound of one step), rounded up
-            to a multiple of ``ROW_TILE`` (64); the result does not depend on it beyond
-            float rounding (see ``ROW_TILE``).
+        chunk_size: coordinates evaluated at once by the reference step (and converted at
+            once for non-fp32 parameters by the fast kernels): the memory bound of one step,
+            rounded up to a multiple of ``ROW_TILE`` (64); the result does not depend on it
+            beyond float rounding (see ``flatl2o.kernels.reference.ROW_TILE``).
         nonfinite: what to do with a parameter whose gradient has NaN/inf: ``"skip"`` leaves
             that parameter and its recurrent state untouched and warns; ``"raise"`` raises.
+        backend: how the step is computed: ``"auto"`` (fused Triton kernel on CUDA, compiled
+            C kernel on CPU, when available), ``"reference"`` (the rule module itself),
+            ``"cpu"`` or ``"triton"`` (that kernel or an error). See :mod:`flatl2o.kernels`.
         **load_options: ``revision``, ``cache_dir``, ``token``, ``local_files_only``,
             ``force_download``, passed to :func:`flatl2o.load_rule` when ``rule`` is a name.
     """
@@ -74,9 +77,11 @@ class L2O(Optimizer):
         maximize: bool = False,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         nonfinite: str = "skip",
+        backend: str = "auto",
         **load_options: Any,
     ) -> None:
         _check_options(lr=lr, chunk_size=chunk_size, nonfinite=nonfinite)
+        self.backend = check_backend(backend)
         if not isinstance(rule, UpdateRule):
             rule = load_rule(default_pretrained_name() if rule is None else rule, **load_options)
         elif load_options:
@@ -85,6 +90,7 @@ class L2O(Optimizer):
             )
         self.rule = rule
         self._device_rules: dict[torch.device, tuple[tuple[Any, ...], UpdateRule]] = {}
+        self._kernels: dict[torch.device, tuple[tuple[Any, ...], StepKernel]] = {}
         defaults = dict(lr=lr, maximize=maximize, chunk_size=chunk_size, nonfinite=nonfinite)
         super().__init__(params, defaults)
 
@@ -146,11 +152,13 @@ class L2O(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         # torch pickles only defaults/state/param_groups; without the rule, a deep copy or
         # an unpickled optimizer could not step.
-        return {**super().__getstate__(), "rule": self.rule}
+        return {**super().__getstate__(), "rule": self.rule, "backend": self.backend}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("backend", "auto")
         super().__setstate__(state)
         self._device_rules = {}
+        self._kernels = {}
 
     # ------------------------------------------------------------------ stepping
     def _rule_on(self, device: torch.device) -> UpdateRule:
@@ -164,6 +172,17 @@ class L2O(Optimizer):
         if cached is None or cached[0] != version:
             cached = (version, copy.deepcopy(self.rule).to(device))
             self._device_rules[device] = cached
+        return cached[1]
+
+    def _kernel_on(self, device: torch.device) -> StepKernel:
+        """The step kernel for ``device`` (see :mod:`flatl2o.kernels`), rebuilt whenever the
+        rule's tensors change, since fast kernels keep a packed copy of the weights."""
+        rule = self._rule_on(device)
+        version = tuple((id(t), t._version) for t in [*rule.parameters(), *rule.buffers()])
+        cached = self._kernels.get(device)
+        if cached is None or cached[0] != version:
+            cached = (version, make_kernel(rule, device, self.backend))
+            self._kernels[device] = cached
         return cached[1]
 
     def _init_state(self, p: Tensor) -> dict[str, Any]:
@@ -234,36 +253,21 @@ class L2O(Optimizer):
         if local.numel() == 0:  # an empty FSDP2 shard (fewer rows than ranks): nothing to do
             return
         names = list(self.rule.state_shapes())
-        rule = self._rule_on(p.device)
-        lr = float(group["lr"])
         flat_grad = grad.reshape(-1)
         flat_param = param.view(-1) if param.is_contiguous() else param.reshape(-1)
-        n = flat_param.numel()
-        chunk = -(-group["chunk_size"] // ROW_TILE) * ROW_TILE
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
-            g = flat_grad[start:stop].to(torch.float32)
-            if group["maximize"]:
-                g = g.neg()
-            views = {k: state[k][start:stop] for k in names}
-            pad = -(stop - start) % ROW_TILE
-            if pad:  # only the last chunk of a parameter; see ROW_TILE
-                g = torch.cat((g, g.new_zeros(pad)))
-                rows = {
-                    k: torch.cat((v, v.new_zeros((pad, *v.shape[1:])))) for k, v in views.items()
-                }
-            else:
-                rows = views
-            delta, new_state = rule(g, rows, step)
-            for k in names:
-                views[k].copy_(new_state[k][: stop - start])
-            delta = delta[: stop - start]
-            target = flat_param[start:stop]
-            if target.dtype == torch.float32:
-                target.add_(delta, alpha=-lr)
-            else:  # fp16/bf16/fp64: do the arithmetic in (at least) fp32, then store
-                work = target.to(torch.promote_types(target.dtype, torch.float32))
-                target.copy_(work.add_(delta.to(work.dtype), alpha=-lr))
+        args = (
+            flat_param,
+            flat_grad,
+            {k: state[k] for k in names},
+            int(step),
+            float(group["lr"]),
+            bool(group["maximize"]),
+            group["chunk_size"],
+        )
+        try:
+            self._kernel_on(p.device).update(*args)
+        except KernelUnavailable:  # a state layout the kernel refuses (checked before writing)
+            ReferenceKernel(self._rule_on(p.device)).update(*args)
         if not param.is_contiguous():
             param.copy_(flat_param.view_as(param))
 

@@ -21,7 +21,7 @@ from numerics import BLAS_ROWS_BATCH_INVARIANT
 from torch import Tensor, nn
 
 from flatl2o import L2O, make_rule
-from flatl2o.optimizer import ROW_TILE
+from flatl2o.kernels import ROW_TILE
 from flatl2o.rules import UpdateRule
 
 RULE_NAMES = ["l2o-dm", "rnnprop"]
@@ -35,6 +35,14 @@ def _make_rule(name: str, seed: int = 0) -> UpdateRule:
 @pytest.fixture(params=RULE_NAMES)
 def rule(request: pytest.FixtureRequest) -> UpdateRule:
     return _make_rule(request.param)
+
+
+@pytest.fixture(autouse=True, params=["reference", "cpu"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every contract test runs on the reference step and on the compiled CPU kernel
+    (``backend="auto"`` reads ``FLATL2O_BACKEND``)."""
+    monkeypatch.setenv("FLATL2O_BACKEND", request.param)
+    return request.param
 
 
 def _model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -465,7 +473,7 @@ def test_rule_sees_at_most_one_chunk(rule: UpdateRule, chunk_size: int, rows: in
     """The transient memory of a step is bounded: the rule never sees more than one chunk
     (rounded up to whole 64-row tiles), and sees only whole tiles."""
     model = _wide_model()
-    opt = L2O(model.parameters(), rule, chunk_size=chunk_size)
+    opt = L2O(model.parameters(), rule, chunk_size=chunk_size, backend="reference")
     sizes: list[int] = []
     handle = rule.register_forward_pre_hook(lambda mod, args: sizes.append(args[0].shape[0]))
     try:

@@ -1,0 +1,289 @@
+"""Check and time the Triton step on a GPU in one short run (for a lent device machine).
+
+    python benchmarks/gpu_check.py            # on a CUDA machine, ~3 minutes
+    TRITON_INTERPRET=1 python benchmarks/gpu_check.py --quick   # the same code paths on CPU
+
+Prints (and writes to --out as JSON): correctness of the Triton kernel against the reference
+rule module (fp32 and bf16 state), the card's measured copy bandwidth, and for a
+100M-parameter step: time, achieved bandwidth and its fraction of the copy bandwidth, next
+to torch.optim.Adam (foreach and fused) and the reference step measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flatl2o import L2O
+from flatl2o.kernels import ReferenceKernel, rule_program
+from flatl2o.kernels import triton_step as ts
+from flatl2o.rules import make_rule
+
+RULES = ["l2o-dm", "rnnprop"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device, reps: int) -> float:
+    """Median seconds of ``fn()`` over ``reps`` runs after one warm-up (CUDA events on GPU)."""
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def rule_for(name: str, device: torch.device):
+    torch.manual_seed(0)
+    rule = make_rule(name).to(device)
+    with torch.no_grad():  # larger weights than init: exercise the nonlinearities
+        for p in rule.parameters():
+            p.mul_(3)
+    return rule
+
+
+def state_bytes(rule, dtype: torch.dtype) -> int:
+    return rule.state_floats_per_coordinate() * torch.finfo(dtype).bits // 8
+
+
+def check(device: torch.device, n: int, precisions: list[str]) -> list[dict]:
+    """Triton vs the reference module over 3 steps, random state, spread-out gradients."""
+    out = []
+    for name in RULES:
+        rule = rule_for(name, device)
+        for sdt in (torch.float32, torch.bfloat16):
+            for prec in precisions:
+                ts.PRECISION = prec
+                gen = torch.Generator(device="cpu").manual_seed(1)
+                g = (torch.randn(n, generator=gen) * torch.logspace(-8, 1, n)).to(device)
+                init = {
+                    k: (torch.rand if k == "v" else torch.randn)(v.shape, generator=gen)
+                    for k, v in rule.init_state(n).items()
+                }
+                st = {k: v.to(device, sdt, copy=True) for k, v in init.items()}
+                st_ref = {k: v.to(device, sdt).float().clone() for k, v in init.items()}
+                p = torch.randn(n, generator=gen).to(device)
+                p_ref = p.clone()
+                kern = ts.TritonKernel(rule_program(rule), device)
+                ref = ReferenceKernel(rule)
+                worst_p = worst_s = 0.0
+                for step in range(1, 4):
+                    kern.update(p, g, st, step, 0.5, False, 1 << 16)
+                    ref.update(p_ref, g, st_ref, step, 0.5, False, 1 << 16)
+                    if sdt == torch.bfloat16:  # the reference keeps fp32: round like storage
+                        st_ref = {k: v.to(sdt).float() for k, v in st_ref.items()}
+                    worst_p = max(worst_p, (p - p_ref).abs().max().item())
+                    worst_s = max(
+                        worst_s, max((st[k].float() - st_ref[k]).abs().max().item() for k in st)
+                    )
+                row = dict(
+                    rule=name,
+                    state=str(sdt),
+                    precision=prec,
+                    n=n,
+                    max_abs_param_diff=worst_p,
+                    max_abs_state_diff=worst_s,
+                )
+                print("check", row, flush=True)
+                out.append(row)
+    return out
+
+
+def copy_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Bytes read + written per second by a device-to-device tensor copy."""
+    a = torch.empty(nbytes // 4, device=device)
+    b = torch.empty_like(a)
+    t = timed(lambda: b.copy_(a), device, 10)
+    return 2 * nbytes / t
+
+
+def bench(device: torch.device, n: int, reps: int, sweep: bool) -> list[dict]:
+    rows = []
+    grad = torch.randn(n, device=device)
+    param = torch.randn(n, device=device)
+    pa = torch.nn.Parameter(param.clone())
+    pa.grad = grad.clone()
+    for label, kw in [("adam-foreach", dict(foreach=True)), ("adam-fused", dict(fused=True))]:
+        if device.type != "cuda" and label == "adam-fused":
+            continue
+        opt = torch.optim.Adam([pa], lr=1e-3, **kw)
+        t = timed(opt.step, device, reps)
+        rows.append(dict(what=label, n=n, seconds=t))
+        print("bench", rows[-1], flush=True)
+        del opt
+    adam = rows[0]["seconds"]
+    del pa
+    configs = (
+        [(b, w) for b in (32, 64, 128) for w in (2, 4, 8)] if sweep else [(ts.BLOCK, ts.NUM_WARPS)]
+    )
+    for name in RULES:
+        rule = rule_for(name, device)
+        kern = ts.TritonKernel(rule_program(rule), device)
+        for sdt in (torch.float32, torch.bfloat16):
+            st = {k: v.to(sdt) for k, v in rule.init_state(n, device=device).items()}
+            moved = n * (4 + 8 + 2 * state_bytes(rule, sdt))  # grad r, param r+w, state r+w
+            for prec in ("ieee", "tf32x3"):
+                ts.PRECISION = prec
+                for block, warps in (
+                    configs
+                    if (sdt == torch.float32 and prec == "ieee")
+                    else [(ts.BLOCK, ts.NUM_WARPS)]
+                ):
+                    ts.BLOCK, ts.NUM_WARPS = block, warps
+                    step = iter(range(1, 10**6))
+                    try:
+                        t = timed(
+                            lambda k=kern, s=st, i=step: k.update(
+                                param, grad, s, next(i), 1e-9, False, 0
+                            ),
+                            device,
+                            reps,
+                        )
+                    except Exception as e:  # a config that does not compile: record, go on
+                        rows.append(
+                            dict(
+                                what="flatl2o-triton",
+                                rule=name,
+                                block=block,
+                                warps=warps,
+                                precision=prec,
+                                error=repr(e)[:300],
+                            )
+                        )
+                        print("bench", rows[-1], flush=True)
+                        continue
+                    rows.append(
+                        dict(
+                            what="flatl2o-triton",
+                            rule=name,
+                            state=str(sdt),
+                            precision=prec,
+                            block=block,
+                            warps=warps,
+                            n=n,
+                            seconds=t,
+                            bytes=moved,
+                            gbps=moved / t / 1e9,
+                            vs_adam=t / adam,
+                        )
+                    )
+                    print("bench", rows[-1], flush=True)
+                if sdt == torch.float32 and prec == "ieee" and sweep:
+                    best = min(
+                        (
+                            r
+                            for r in rows
+                            if r.get("rule") == name
+                            and r.get("precision") == "ieee"
+                            and r.get("state") == str(sdt)
+                            and "seconds" in r
+                        ),
+                        key=lambda r: r["seconds"],
+                    )
+                    ts.BLOCK, ts.NUM_WARPS = best["block"], best["warps"]
+                    print("best config", name, best["block"], best["warps"], flush=True)
+            del st
+    return rows
+
+
+def reference_time(device: torch.device, n: int, reps: int) -> list[dict]:
+    rows = []
+    for name in RULES:
+        rule = rule_for(name, device)
+        ref = ReferenceKernel(rule)
+        st = rule.init_state(n, device=device)
+        g = torch.randn(n, device=device)
+        p = torch.randn(n, device=device)
+        step = iter(range(1, 10**6))
+        t = timed(
+            lambda r=ref, p=p, g=g, s=st, i=step: r.update(p, g, s, next(i), 1e-9, False, 1 << 20),
+            device,
+            reps,
+        )
+        rows.append(dict(what="flatl2o-reference", rule=name, n=n, seconds=t))
+        print("bench", rows[-1], flush=True)
+    return rows
+
+
+def end_to_end(device: torch.device) -> dict:
+    """L2O(backend='triton') on a small model matches backend='reference' over 5 steps."""
+    res = {}
+    for name in RULES:
+        rule = rule_for(name, device)
+        models = []
+        for backend in ("triton", "reference"):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(
+                torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 10)
+            ).to(device)
+            opt = L2O(model.parameters(), rule, backend=backend)
+            for i in range(5):
+                gen = torch.Generator().manual_seed(i)
+                x = torch.randn(32, 64, generator=gen).to(device)
+                loss = model(x).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            models.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+        res[name] = (models[0] - models[1]).abs().max().item()
+    print("end_to_end max abs param diff", res, flush=True)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (for TRITON_INTERPRET=1)")
+    ap.add_argument("--out", default="gpu_check.json")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    info = dict(
+        torch=torch.__version__,
+        triton=getattr(ts.triton, "__version__", None),
+        device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
+        python=platform.python_version(),
+    )
+    print(info, flush=True)
+    big = 1000 if args.quick else 100_000_000
+    result = dict(info=info)
+    result["check"] = check(
+        device, 333 if args.quick else 1_000_003, ["ieee"] if args.quick else ["ieee", "tf32x3"]
+    )
+    result["end_to_end"] = end_to_end(device)
+    result["copy_bytes_per_s"] = copy_bandwidth(device, 1 << (16 if args.quick else 31))
+    print("copy bandwidth GB/s", result["copy_bytes_per_s"] / 1e9, flush=True)
+    result["bench"] = bench(device, big, 2 if args.quick else 10, sweep=not args.quick)
+    result["reference"] = reference_time(
+        device, 1000 if args.quick else 10_000_000, 1 if args.quick else 3
+    )
+    for r in result["bench"]:
+        if "gbps" in r:
+            r["fraction_of_copy"] = r["gbps"] * 1e9 / result["copy_bytes_per_s"]
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,337 @@
+"""The CPU fast path: ``cpu_step.c`` compiled at first use and called through ctypes.
+
+One call runs the whole rule step (preprocessing, every LSTM layer, read-out, parameter
+update) for a range of coordinates, tile by tile, so nothing of size (coordinates x hidden)
+is ever materialized beyond the state itself. Coordinates are split across
+``torch.get_num_threads()`` threads; ctypes releases the GIL during the call, and every
+coordinate is computed independently, so the result does not depend on the split.
+
+The shared library is cached under ``$FLATL2O_CACHE_DIR`` (default
+``~/.cache/flatl2o/kernels``), keyed by the source, compiler and flags. Without a working
+C compiler (``$CC``, ``cc``, ``gcc`` or ``clang``) the optimizer uses the reference path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from flatl2o.kernels.errors import KernelUnavailable
+from flatl2o.kernels.program import PREP_DM, RuleProgram, dm_exp_k
+
+SOURCE = Path(__file__).with_name("cpu_step.c")
+TILE = 16
+MAX_LAYERS = 4
+MAX_HIDDEN = 64
+MAX_INPUT = 64
+#: Below this many coordinates per thread, splitting across threads costs more than it saves.
+MIN_COORDS_PER_THREAD = 8192
+
+
+class _Args(ctypes.Structure):
+    _fields_ = [
+        ("grad", ctypes.c_void_p),
+        ("param", ctypes.c_void_p),
+        ("delta", ctypes.c_void_p),
+        ("lr", ctypes.c_float),
+        ("negate", ctypes.c_int32),
+        ("prep", ctypes.c_int32),
+        ("dm_inv_k", ctypes.c_float),
+        ("dm_eps", ctypes.c_float),
+        ("dm_exp_k", ctypes.c_float),
+        ("m", ctypes.c_void_p),
+        ("v", ctypes.c_void_p),
+        ("beta1", ctypes.c_float),
+        ("beta2", ctypes.c_float),
+        ("inv_bc1", ctypes.c_float),
+        ("inv_bc2", ctypes.c_float),
+        ("rp_eps", ctypes.c_float),
+        ("in_size", ctypes.c_int32),
+        ("w_in", ctypes.c_void_p),
+        ("b_in", ctypes.c_void_p),
+        ("layers", ctypes.c_int32),
+        ("hidden", ctypes.c_int32),
+        ("h", ctypes.c_void_p * MAX_LAYERS),
+        ("c", ctypes.c_void_p * MAX_LAYERS),
+        ("w", ctypes.c_void_p * MAX_LAYERS),
+        ("b", ctypes.c_void_p * MAX_LAYERS),
+        ("k", ctypes.c_int32 * MAX_LAYERS),
+        ("w_out", ctypes.c_void_p),
+        ("b_out", ctypes.c_float),
+        ("out_tanh", ctypes.c_int32),
+        ("scale", ctypes.c_float),
+    ]
+
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_library_error: str | None = None
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept."""
+    root = os.environ.get("FLATL2O_CACHE_DIR")
+    if root:
+        return Path(root) / "kernels"
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "flatl2o" / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _flag_sets() -> list[list[str]]:
+    base = [
+        "-O3",
+        "-std=c99",
+        "-fno-math-errno",
+        "-fno-trapping-math",
+        "-ffinite-math-only",
+        "-fno-signed-zeros",
+        "-ffp-contract=fast",
+        "-fPIC",
+        "-shared",
+    ]
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        native = ["-march=native", "-mprefer-vector-width=512"]
+    elif machine in ("aarch64", "arm64"):
+        native = ["-mcpu=native"]
+    else:
+        native = ["-march=native"]
+    return [base + native, base]  # the portable set when the compiler refuses `native`
+
+
+def _build() -> ctypes.CDLL:
+    cc = _compiler()
+    if cc is None:
+        raise KernelUnavailable(
+            "no C compiler found (tried $CC, cc, gcc, clang); install one (e.g. gcc) for the "
+            "fast CPU step, or pass backend='reference' to silence this"
+        )
+    source = SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    errors = []
+    for flags in _flag_sets():
+        key = hashlib.sha256(
+            b"\0".join(
+                [
+                    source,
+                    version.encode(),
+                    " ".join(flags).encode(),
+                    platform.machine().encode(),
+                    _cpu_model().encode(),
+                ]
+            )
+        ).hexdigest()[:16]
+        target = cache_dir() / f"cpu_step-{key}.so"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+            os.close(fd)
+            proc = subprocess.run(
+                [cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True
+            )
+            if proc.returncode != 0:
+                os.unlink(tmp)
+                errors.append(f"{cc} {' '.join(flags)}: {proc.stderr.strip()[-500:]}")
+                continue
+            os.replace(tmp, target)  # atomic: concurrent processes never load a partial file
+        lib = ctypes.CDLL(str(target))
+        lib.flatl2o_step.argtypes = [ctypes.POINTER(_Args), ctypes.c_int64]
+        lib.flatl2o_step.restype = ctypes.c_int
+        return lib
+    raise KernelUnavailable("compiling the CPU kernel failed:\n" + "\n".join(errors))
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def library() -> ctypes.CDLL:
+    """The compiled kernel (built once per process, cached on disk across processes)."""
+    global _library, _library_error
+    with _lock:
+        if _library is None:
+            if _library_error is not None:
+                raise KernelUnavailable(_library_error)
+            try:
+                _library = _build()
+            except (KernelUnavailable, OSError) as e:
+                _library_error = str(e)
+                raise KernelUnavailable(_library_error) from None
+        return _library
+
+
+def _threads(count: int) -> int:
+    return max(1, min(torch.get_num_threads(), count // MIN_COORDS_PER_THREAD))
+
+
+def _executor(size: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    with _lock:
+        if _pool is None or _pool_size < size:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool, _pool_size = ThreadPoolExecutor(size, thread_name_prefix="flatl2o"), size
+        return _pool
+
+
+def supports(program: RuleProgram) -> bool:
+    """Whether the compiled kernel handles this rule's sizes."""
+    widest = max([*program.layer_inputs, program.w_in.shape[0] if program.w_in is not None else 0])
+    return (
+        program.layers <= MAX_LAYERS
+        and program.hidden <= MAX_HIDDEN
+        and widest <= MAX_INPUT
+        and program.layer_inputs[1:] == (program.hidden,) * (program.layers - 1)
+    )
+
+
+class CPUKernel:
+    """Runs a :class:`RuleProgram` with the compiled CPU kernel."""
+
+    name = "cpu"
+
+    def __init__(self, program: RuleProgram) -> None:
+        if not supports(program):
+            raise KernelUnavailable(
+                f"the CPU kernel supports at most {MAX_LAYERS} layers, hidden size "
+                f"{MAX_HIDDEN} and input width {MAX_INPUT}; this rule runs on the reference path"
+            )
+        self.lib = library()
+        self.program = program.to(torch.device("cpu"))
+
+    def _args(self, step: int, lr: float, maximize: bool) -> _Args:
+        p = self.program
+        a = _Args()
+        a.lr, a.negate, a.prep = lr, int(maximize), p.prep
+        a.layers, a.hidden = p.layers, p.hidden
+        for i in range(p.layers):
+            a.w[i] = p.layer_weights[i].data_ptr()
+            a.b[i] = p.layer_biases[i].data_ptr()
+            a.k[i] = p.layer_inputs[i]
+        a.w_out, a.b_out, a.out_tanh, a.scale = (
+            p.w_out.data_ptr(),
+            p.b_out,
+            int(p.out_tanh),
+            p.scale,
+        )
+        if p.prep == PREP_DM:
+            a.dm_inv_k, a.dm_eps, a.dm_exp_k = 1.0 / p.dm_k, p.dm_eps, dm_exp_k(p)
+        else:
+            a.beta1, a.beta2, a.rp_eps = p.beta1, p.beta2, p.rp_eps
+            a.inv_bc1 = 1.0 / (1.0 - p.beta1**step)
+            a.inv_bc2 = 1.0 / (1.0 - p.beta2**step)
+            a.in_size = p.w_in.shape[0]
+            a.w_in, a.b_in = p.w_in.data_ptr(), p.b_in.data_ptr()
+        return a
+
+    def update(
+        self,
+        param: Tensor,
+        grad: Tensor,
+        state: dict[str, Tensor],
+        step: int,
+        lr: float,
+        maximize: bool,
+        chunk_size: int,
+    ) -> None:
+        """``param -= lr * rule(grad)`` in place, with ``state`` (rows of coordinates) updated.
+
+        ``param`` and ``grad`` are 1-D; ``state`` values are contiguous fp32 ``(n, ...)``.
+        """
+        n = param.numel()
+        if n == 0:
+            return
+        if step < 1:
+            raise ValueError(f"step must be >= 1 (1-based step index), got {step}")
+        names = self.program.state_names()
+        for k in names:
+            s = state[k]
+            if s.dtype != torch.float32 or not s.is_contiguous() or s.device.type != "cpu":
+                raise KernelUnavailable(f"state {k!r} is not a contiguous fp32 CPU tensor")
+        base = self._args(step, lr, maximize)
+        direct = param.dtype == torch.float32 and param.is_contiguous()
+        if direct and grad.dtype == torch.float32 and grad.is_contiguous():
+            self._run(base, state, grad, param, None, 0, n)
+            return
+        # another dtype or layout: convert bounded chunks (transient memory ~ chunk_size)
+        chunk = max(TILE, chunk_size)
+        delta = None if direct else torch.empty(min(chunk, n), dtype=torch.float32)
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            g = grad[start:stop].to(torch.float32).contiguous()
+            if direct:
+                self._run(base, state, g, param[start:stop], None, start, stop - start)
+            else:
+                d = delta[: stop - start]
+                self._run(base, state, g, None, d, start, stop - start)
+                target = param[start:stop]
+                work = target.to(torch.promote_types(target.dtype, torch.float32))
+                target.copy_(work.add_(d.to(work.dtype), alpha=-lr))
+
+    def _run(
+        self,
+        base: _Args,
+        state: dict[str, Tensor],
+        grad: Tensor,
+        param: Tensor | None,
+        delta: Tensor | None,
+        first: int,
+        count: int,
+    ) -> None:
+        """Run coordinates ``first .. first+count`` of the state; grad/param/delta start at 0."""
+        p = self.program
+        threads = _threads(count)
+        per = -(-count // threads)
+        per = -(-per // TILE) * TILE
+        jobs = []
+        for lo in range(0, count, per):
+            hi = min(lo + per, count)
+            a = _Args.from_buffer_copy(base)
+            a.grad = grad.data_ptr() + 4 * lo
+            if param is not None:
+                a.param = param.data_ptr() + 4 * lo
+            else:
+                a.delta = delta.data_ptr() + 4 * lo
+            row = first + lo
+            if p.prep != PREP_DM:
+                a.m = state["m"].data_ptr() + 4 * row
+                a.v = state["v"].data_ptr() + 4 * row
+            for i in range(p.layers):
+                a.h[i] = state[f"h{i}"].data_ptr() + 4 * row * p.hidden
+                a.c[i] = state[f"c{i}"].data_ptr() + 4 * row * p.hidden
+            jobs.append((a, hi - lo))
+        if len(jobs) == 1:
+            codes = [self.lib.flatl2o_step(ctypes.byref(jobs[0][0]), jobs[0][1])]
+        else:
+            pool = _executor(len(jobs))
+            futures = [pool.submit(self.lib.flatl2o_step, ctypes.byref(a), c) for a, c in jobs]
+            codes = [f.result() for f in futures]
+        if any(codes):
+            raise KernelUnavailable("the CPU kernel refused this rule's sizes")

@@ -1,0 +1,67 @@
+"""The reference step: the rule ``nn.Module`` itself, applied to bounded chunks of coordinates.
+
+Works for every rule (also user-registered ones) on every device; the fast kernels are
+tested against it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from flatl2o.rules import UpdateRule
+
+#: The rule always sees a multiple of this many rows: chunk sizes are rounded up to it and a
+#: parameter's last chunk is padded (zero gradient, zero state; the padding is discarded).
+#: BLAS and vectorized kernels round a tail of rows differently from full tiles, so without
+#: this a coordinate's update would depend (in the last bits) on how it was chunked. With it,
+#: chunk_size changes no bit where the BLAS computes a row identically whatever the number of
+#: whole tiles (MKL's AVX-512 and SSE kernels); elsewhere (MKL's AVX2 kernels) only rounding.
+ROW_TILE = 64
+
+
+class ReferenceKernel:
+    """Runs the rule module chunk by chunk (transient memory bounded by ``chunk_size``)."""
+
+    name = "reference"
+
+    def __init__(self, rule: UpdateRule) -> None:
+        self.rule = rule
+
+    def update(
+        self,
+        param: Tensor,
+        grad: Tensor,
+        state: dict[str, Tensor],
+        step: int,
+        lr: float,
+        maximize: bool,
+        chunk_size: int,
+    ) -> None:
+        """``param -= lr * rule(grad)`` in place (1-D ``param``/``grad``; state rows updated)."""
+        n = param.numel()
+        chunk = -(-chunk_size // ROW_TILE) * ROW_TILE
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            g = grad[start:stop].to(torch.float32)
+            if maximize:
+                g = g.neg()
+            views = {k: v[start:stop] for k, v in state.items()}
+            pad = -(stop - start) % ROW_TILE
+            if pad:  # only the last chunk of a parameter; see ROW_TILE
+                g = torch.cat((g, g.new_zeros(pad)))
+                rows = {
+                    k: torch.cat((v, v.new_zeros((pad, *v.shape[1:])))) for k, v in views.items()
+                }
+            else:
+                rows = views
+            delta, new_state = self.rule(g, rows, step)
+            for k, v in views.items():
+                v.copy_(new_state[k][: stop - start])
+            delta = delta[: stop - start]
+            target = param[start:stop]
+            if target.dtype == torch.float32:
+                target.add_(delta, alpha=-lr)
+            else:  # fp16/bf16/fp64: do the arithmetic in (at least) fp32, then store
+                work = target.to(torch.promote_types(target.dtype, torch.float32))
+                target.copy_(work.add_(delta.to(work.dtype), alpha=-lr))

@@ -1,0 +1,289 @@
+"""The GPU fast path: a Triton kernel that does one whole rule step per block of coordinates.
+
+Each program reads a block's gradient and recurrent state once, computes preprocessing, both
+LSTM layers (gate pre-activations as small ``tl.dot`` tiles; the weights, a few KB, stay in
+L1/L2) and the read-out, and writes the new state and parameter once. State may be fp32 or
+bf16 (arithmetic is fp32 either way). ``TRITON_INTERPRET=1`` runs the same kernel on the CPU,
+which is how CI checks it against the reference rule without a GPU.
+
+Triton is optional: without it (or without CUDA) ``backend="auto"`` uses the reference step.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from flatl2o.kernels.errors import KernelUnavailable
+from flatl2o.kernels.program import PREP_DM, RuleProgram, dm_exp_k
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # optional dependency
+    triton = None
+    tl = None
+
+#: Coordinates per program and warps per program (measured on an H200, see docs/performance.md).
+BLOCK = 64
+NUM_WARPS = 4
+#: ``tl.dot`` precision for the gate products: ``"ieee"`` is plain fp32 FMA; ``"tf32x3"``
+#: uses tensor cores with fp32-level accuracy. Overridable with ``FLATL2O_TRITON_PRECISION``.
+PRECISION = os.environ.get("FLATL2O_TRITON_PRECISION", "ieee")
+
+
+def _pow2(x: int, floor: int = 16) -> int:
+    return max(floor, 1 << (int(x) - 1).bit_length())
+
+
+if triton is not None:
+
+    @triton.jit
+    def _sigmoid(x):
+        return 1.0 / (1.0 + tl.exp(-x))
+
+    @triton.jit
+    def _tanh(x):
+        return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+
+    @triton.jit
+    def _wtile(
+        w_ptr, ldw, row0, col0, K: tl.constexpr, KP: tl.constexpr, H: tl.constexpr, HP: tl.constexpr
+    ):
+        """W[row0 : row0 + H, col0 : col0 + K] transposed into a zero-padded (KP, HP) tile."""
+        k = tl.arange(0, KP)[:, None]
+        j = tl.arange(0, HP)[None, :]
+        return tl.load(w_ptr + (row0 + j) * ldw + col0 + k, mask=(k < K) & (j < H), other=0.0)
+
+    @triton.jit
+    def _lstm_layer(
+        x,
+        h,
+        c,
+        w_ptr,
+        b_ptr,
+        K: tl.constexpr,
+        KP: tl.constexpr,
+        H: tl.constexpr,
+        HP: tl.constexpr,
+        PREC: tl.constexpr,
+    ):
+        """One LSTM cell on a block: x (B, KP), h and c (B, HP) -> new h, new c."""
+        ldw = K + H
+        j = tl.arange(0, HP)
+        jm = j < H
+        zi = tl.dot(x, _wtile(w_ptr, ldw, 0 * H, 0, K, KP, H, HP), input_precision=PREC)
+        zi += tl.dot(h, _wtile(w_ptr, ldw, 0 * H, K, H, HP, H, HP), input_precision=PREC)
+        zi += tl.load(b_ptr + 0 * H + j, mask=jm, other=0.0)[None, :]
+        zf = tl.dot(x, _wtile(w_ptr, ldw, 1 * H, 0, K, KP, H, HP), input_precision=PREC)
+        zf += tl.dot(h, _wtile(w_ptr, ldw, 1 * H, K, H, HP, H, HP), input_precision=PREC)
+        zf += tl.load(b_ptr + 1 * H + j, mask=jm, other=0.0)[None, :]
+        zg = tl.dot(x, _wtile(w_ptr, ldw, 2 * H, 0, K, KP, H, HP), input_precision=PREC)
+        zg += tl.dot(h, _wtile(w_ptr, ldw, 2 * H, K, H, HP, H, HP), input_precision=PREC)
+        zg += tl.load(b_ptr + 2 * H + j, mask=jm, other=0.0)[None, :]
+        zo = tl.dot(x, _wtile(w_ptr, ldw, 3 * H, 0, K, KP, H, HP), input_precision=PREC)
+        zo += tl.dot(h, _wtile(w_ptr, ldw, 3 * H, K, H, HP, H, HP), input_precision=PREC)
+        zo += tl.load(b_ptr + 3 * H + j, mask=jm, other=0.0)[None, :]
+        c_new = _sigmoid(zf) * c + _sigmoid(zi) * _tanh(zg)
+        h_new = _sigmoid(zo) * _tanh(c_new)
+        return h_new, c_new
+
+    @triton.jit
+    def _step_kernel(
+        grad_ptr,
+        param_ptr,
+        n,
+        lr,
+        negate,
+        m_ptr,
+        v_ptr,
+        h0_ptr,
+        c0_ptr,
+        h1_ptr,
+        c1_ptr,
+        w0_ptr,
+        b0_ptr,
+        w1_ptr,
+        b1_ptr,
+        win_ptr,
+        bin_ptr,
+        wout_ptr,
+        b_out,
+        scale,
+        dm_inv_k,
+        dm_eps,
+        dm_exp_k,
+        beta1,
+        beta2,
+        inv_bc1,
+        inv_bc2,
+        rp_eps,
+        PREP: tl.constexpr,
+        LAYERS: tl.constexpr,
+        H: tl.constexpr,
+        HP: tl.constexpr,
+        I: tl.constexpr,  # noqa: E741
+        IP: tl.constexpr,
+        OUT_TANH: tl.constexpr,
+        BLOCK: tl.constexpr,
+        PREC: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        rows = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        rm = rows < n
+        j = tl.arange(0, HP)
+        sm = rm[:, None] & (j < H)[None, :]
+        soff = rows[:, None] * H + j[None, :]
+
+        g = tl.load(grad_ptr + rows, mask=rm, other=0.0).to(tl.float32)
+        g = tl.where(negate != 0, -g, g)
+
+        # ---- preprocessing: the input of layer 0 ----
+        if PREP == 0:  # L2O-DM: [clamp(log(|g|+eps)/k, min=-1), clamp(g*e^k, -1, 1)]
+            x0 = tl.maximum(tl.log(tl.abs(g) + dm_eps) * dm_inv_k, -1.0)
+            x1 = tl.minimum(tl.maximum(g * dm_exp_k, -1.0), 1.0)
+            col = tl.arange(0, IP)[None, :]
+            x = tl.where(col == 0, x0[:, None], tl.where(col == 1, x1[:, None], 0.0))
+        else:  # RNNprop: moving averages, normalized inputs, ELU input layer
+            m = tl.load(m_ptr + rows, mask=rm, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + rows, mask=rm, other=0.0).to(tl.float32)
+            m = beta1 * m + (1.0 - beta1) * g
+            v = beta2 * v + (1.0 - beta2) * g * g
+            tl.store(m_ptr + rows, m.to(m_ptr.dtype.element_ty), mask=rm)
+            tl.store(v_ptr + rows, v.to(v_ptr.dtype.element_ty), mask=rm)
+            d = tl.sqrt(v * inv_bc2) + rp_eps
+            x0 = m * inv_bc1 / d
+            x1 = g / d
+            ci = tl.arange(0, IP)
+            cim = ci < I
+            wa = tl.load(win_ptr + 2 * ci, mask=cim, other=0.0)
+            wb = tl.load(win_ptr + 2 * ci + 1, mask=cim, other=0.0)
+            bi = tl.load(bin_ptr + ci, mask=cim, other=0.0)
+            u = x0[:, None] * wa[None, :] + x1[:, None] * wb[None, :] + bi[None, :]
+            x = tl.where(u > 0.0, u, tl.exp(u) - 1.0)
+
+        # ---- LSTM stack ----
+        h = tl.load(h0_ptr + soff, mask=sm, other=0.0).to(tl.float32)
+        c = tl.load(c0_ptr + soff, mask=sm, other=0.0).to(tl.float32)
+        h, c = _lstm_layer(x, h, c, w0_ptr, b0_ptr, I, IP, H, HP, PREC)
+        tl.store(h0_ptr + soff, h.to(h0_ptr.dtype.element_ty), mask=sm)
+        tl.store(c0_ptr + soff, c.to(c0_ptr.dtype.element_ty), mask=sm)
+        if LAYERS == 2:
+            h2 = tl.load(h1_ptr + soff, mask=sm, other=0.0).to(tl.float32)
+            c2 = tl.load(c1_ptr + soff, mask=sm, other=0.0).to(tl.float32)
+            h, c = _lstm_layer(h, h2, c2, w1_ptr, b1_ptr, H, HP, H, HP, PREC)
+            tl.store(h1_ptr + soff, h.to(h1_ptr.dtype.element_ty), mask=sm)
+            tl.store(c1_ptr + soff, c.to(c1_ptr.dtype.element_ty), mask=sm)
+
+        # ---- read-out and update ----
+        wo = tl.load(wout_ptr + j, mask=j < H, other=0.0)
+        out = tl.sum(h * wo[None, :], axis=1) + b_out
+        if OUT_TANH:
+            out = _tanh(out)
+        out = out * scale
+        p = tl.load(param_ptr + rows, mask=rm, other=0.0).to(tl.float32)
+        tl.store(param_ptr + rows, (p - lr * out).to(param_ptr.dtype.element_ty), mask=rm)
+
+
+def available() -> str | None:
+    """``None`` when the Triton kernel can run, else why not."""
+    if triton is None:
+        return "Triton is not installed (pip install triton)"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernel on the CPU for testing)"
+    return None
+
+
+class TritonKernel:
+    """Runs a :class:`RuleProgram` with the Triton kernel on one device."""
+
+    name = "triton"
+
+    def __init__(self, program: RuleProgram, device: torch.device) -> None:
+        why = available()
+        if why is not None:
+            raise KernelUnavailable(why)
+        if program.layers not in (1, 2):
+            raise KernelUnavailable(
+                f"the Triton kernel supports 1 or 2 LSTM layers, not {program.layers}"
+            )
+        if program.hidden > 128:
+            raise KernelUnavailable("the Triton kernel supports hidden sizes up to 128")
+        self.program = program.to(device)
+        self.device = device
+
+    def update(
+        self,
+        param: Tensor,
+        grad: Tensor,
+        state: dict[str, Tensor],
+        step: int,
+        lr: float,
+        maximize: bool,
+        chunk_size: int,
+    ) -> None:
+        """``param -= lr * rule(grad)`` in place; ``param``/``grad`` 1-D, state rows updated."""
+        p = self.program
+        if step < 1:
+            raise ValueError(f"step must be >= 1 (1-based step index), got {step}")
+        for k in p.state_names():
+            s = state[k]
+            if not s.is_contiguous() or s.dtype not in (torch.float32, torch.bfloat16):
+                raise KernelUnavailable(f"state {k!r} is not a contiguous fp32/bf16 tensor")
+        if not (param.is_contiguous() and grad.is_contiguous()):
+            raise KernelUnavailable("param and grad must be contiguous")
+        if param.dtype == torch.float64:
+            raise KernelUnavailable("fp64 parameters use the reference step")
+        n = param.numel()
+        if n == 0:
+            return
+        dm = p.prep == PREP_DM
+        inputs = 2 if dm else p.w_in.shape[0]
+        h1 = state["h1"] if p.layers == 2 else state["h0"]
+        c1 = state["c1"] if p.layers == 2 else state["c0"]
+        w1 = p.layer_weights[1] if p.layers == 2 else p.layer_weights[0]
+        b1 = p.layer_biases[1] if p.layers == 2 else p.layer_biases[0]
+        dummy = p.w_out
+        grid = (triton.cdiv(n, BLOCK),)
+        _step_kernel[grid](
+            grad,
+            param,
+            n,
+            float(lr),
+            int(maximize),
+            dummy if dm else state["m"],
+            dummy if dm else state["v"],
+            state["h0"],
+            state["c0"],
+            h1,
+            c1,
+            p.layer_weights[0],
+            p.layer_biases[0],
+            w1,
+            b1,
+            dummy if dm else p.w_in,
+            dummy if dm else p.b_in,
+            p.w_out,
+            p.b_out,
+            p.scale,
+            1.0 / p.dm_k,
+            p.dm_eps,
+            dm_exp_k(p) if dm else 1.0,
+            p.beta1,
+            p.beta2,
+            1.0 if dm else 1.0 / (1.0 - p.beta1**step),
+            1.0 if dm else 1.0 / (1.0 - p.beta2**step),
+            p.rp_eps,
+            PREP=p.prep,
+            LAYERS=p.layers,
+            H=p.hidden,
+            HP=_pow2(p.hidden),
+            I=inputs,
+            IP=_pow2(inputs),
+            OUT_TANH=p.out_tanh,
+            BLOCK=BLOCK,
+            PREC=PRECISION,
+            num_warps=NUM_WARPS,
+        )

@@ -1,0 +1,289 @@
+"""The fast step kernels against the reference rule module (the single definition of each
+rule): the compiled CPU kernel here, the Triton kernel through Triton's CPU interpreter (and
+on CUDA where a GPU exists), plus how a backend is chosen and what happens without one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+import flatl2o.kernels.cpu as cpu
+from flatl2o import L2O, make_rule
+from flatl2o.kernels import (
+    KernelUnavailable,
+    ReferenceKernel,
+    make_kernel,
+    resolve_backend,
+    rule_program,
+)
+from flatl2o.rules import L2ODM, UpdateRule
+
+RULE_NAMES = ["l2o-dm", "rnnprop"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rule(name: str, scale: float = 3.0, **options: object) -> UpdateRule:
+    """Fixed random weights, scaled up so gates saturate and the nonlinearities matter."""
+    torch.manual_seed(0)
+    rule = make_rule(name, **options)
+    with torch.no_grad():
+        for p in rule.parameters():
+            p.mul_(scale)
+    return rule
+
+
+def _inputs(rule: UpdateRule, n: int, seed: int = 1) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """Gradients spanning 1e-8..10 in magnitude (both signs, exact zeros), random state."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(n, generator=gen) * torch.logspace(-8, 1, n)
+    g[::97] = 0.0
+    state = {
+        k: (torch.rand if k == "v" else torch.randn)(v.shape, generator=gen)
+        for k, v in rule.init_state(n).items()
+    }
+    return g, state, torch.randn(n, generator=gen)
+
+
+def _run(kernel, rule, n: int, steps: int, maximize: bool = False, chunk: int = 1 << 16):
+    g, state, p = _inputs(rule, n)
+    for t in range(1, steps + 1):
+        kernel.update(p, g * (1 + 0.1 * t), state, t, 0.7, maximize, chunk)
+    return p, state
+
+
+def _assert_matches_reference(kernel, rule, n: int, steps: int = 4, maximize: bool = False):
+    p, state = _run(kernel, rule, n, steps, maximize)
+    p_ref, state_ref = _run(ReferenceKernel(rule), rule, n, steps, maximize)
+    # the same function: differences at float32 rounding only (polynomial exp/log, FMA)
+    torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-6)
+    for k in state:
+        torch.testing.assert_close(state[k], state_ref[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+# ------------------------------------------------------------------------------ CPU kernel
+@pytest.mark.parametrize("name", RULE_NAMES)
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 1000, 40_003])
+def test_cpu_kernel_matches_reference(name: str, n: int) -> None:
+    rule = _rule(name)
+    _assert_matches_reference(cpu.CPUKernel(rule_program(rule)), rule, n)
+
+
+@pytest.mark.parametrize("name", RULE_NAMES)
+def test_cpu_kernel_other_sizes_and_maximize(name: str) -> None:
+    rule = _rule(name, hidden_size=7, num_layers=3)
+    _assert_matches_reference(cpu.CPUKernel(rule_program(rule)), rule, 333, maximize=True)
+
+
+@pytest.mark.parametrize("name", RULE_NAMES)
+def test_cpu_kernel_untrained_scale(name: str) -> None:
+    """At init scale (small weights) too, not only with saturated gates."""
+    rule = _rule(name, scale=1.0)
+    _assert_matches_reference(cpu.CPUKernel(rule_program(rule)), rule, 2049)
+
+
+def test_cpu_kernel_does_not_depend_on_thread_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    rule = _rule("rnnprop")
+    kernel = cpu.CPUKernel(rule_program(rule))
+    monkeypatch.setattr(cpu, "MIN_COORDS_PER_THREAD", 10**9)  # one thread
+    p1, s1 = _run(kernel, rule, 50_001, 2)
+    monkeypatch.setattr(cpu, "MIN_COORDS_PER_THREAD", 1000)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # four uneven parts
+    p4, s4 = _run(kernel, rule, 50_001, 2)
+    assert torch.equal(p1, p4)
+    assert all(torch.equal(s1[k], s4[k]) for k in s1)
+
+
+def test_cpu_kernel_bf16_params_use_bounded_chunks() -> None:
+    """bf16 params: the kernel writes the step for one chunk at a time, fp32 arithmetic."""
+    rule = _rule("l2o-dm")
+    kernel = cpu.CPUKernel(rule_program(rule))
+    g, state, p = _inputs(rule, 1000)
+    pb = p.to(torch.bfloat16)
+    ref_state = {k: v.clone() for k, v in state.items()}
+    ref_p = pb.clone()
+    kernel.update(pb, g.to(torch.bfloat16), state, 1, 1.0, False, 64)
+    ReferenceKernel(rule).update(ref_p, g.to(torch.bfloat16), ref_state, 1, 1.0, False, 64)
+    torch.testing.assert_close(pb, ref_p, rtol=1e-2, atol=1e-3)  # one bf16 ulp at most
+    assert (pb.float() - ref_p.float()).abs().max() <= 2 * (2**-8) * pb.float().abs().max()
+
+
+def test_cpu_kernel_refuses_unsupported_sizes() -> None:
+    with pytest.raises(KernelUnavailable, match="hidden size"):
+        cpu.CPUKernel(rule_program(make_rule("l2o-dm", hidden_size=65)))
+
+
+def test_noncontiguous_state_is_refused_before_any_write() -> None:
+    rule = _rule("l2o-dm")
+    kernel = cpu.CPUKernel(rule_program(rule))
+    g, state, p = _inputs(rule, 64)
+    state["h0"] = state["h0"].t().contiguous().t()
+    before = p.clone()
+    with pytest.raises(KernelUnavailable, match="contiguous"):
+        kernel.update(p, g, state, 1, 1.0, False, 64)
+    assert torch.equal(p, before)
+
+
+# ------------------------------------------------------------------------------- selection
+def test_auto_picks_cpu_kernel_for_builtin_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLATL2O_BACKEND", raising=False)
+    for name in RULE_NAMES:
+        assert make_kernel(_rule(name), torch.device("cpu")).name == "cpu"
+
+
+def test_subclassed_rule_runs_on_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLATL2O_BACKEND", raising=False)
+
+    class Doubled(L2ODM):
+        def forward(self, grad, state, step=1):
+            step_out, new = super().forward(grad, state, step)
+            return 2 * step_out, new
+
+    rule = Doubled()
+    assert make_kernel(rule, torch.device("cpu")).name == "reference"
+    with pytest.raises(KernelUnavailable, match="built-in rules only"):
+        make_kernel(rule, torch.device("cpu"), "cpu")
+
+
+def test_backend_names_are_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="Invalid backend: 'gpu'"):
+        L2O([torch.nn.Parameter(torch.zeros(2))], _rule("l2o-dm"), backend="gpu")
+    monkeypatch.setenv("FLATL2O_BACKEND", "fast")
+    with pytest.raises(ValueError, match="Invalid FLATL2O_BACKEND='fast'"):
+        resolve_backend("auto")
+    assert resolve_backend("reference") == "reference"  # explicit choice beats the variable
+
+
+def test_without_a_compiler_auto_falls_back_and_warns(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("FLATL2O_BACKEND", raising=False)
+    monkeypatch.setenv("FLATL2O_CACHE_DIR", str(tmp_path))  # nothing compiled there
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cc, gcc, clang
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(cpu, "_library", None)
+    monkeypatch.setattr(cpu, "_library_error", None)
+    import flatl2o.kernels as kernels
+
+    monkeypatch.setattr(kernels, "_warned", set())
+    rule = _rule("rnnprop")
+    with pytest.warns(RuntimeWarning, match="no C compiler found"):
+        assert make_kernel(rule, torch.device("cpu")).name == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        assert make_kernel(rule, torch.device("cpu")).name == "reference"
+    with pytest.raises(KernelUnavailable, match="no C compiler found"):
+        make_kernel(rule, torch.device("cpu"), "cpu")
+
+
+def test_optimizer_follows_rule_weight_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel packs the weights; editing the rule (continued meta-training) repacks."""
+    monkeypatch.delenv("FLATL2O_BACKEND", raising=False)
+    rule = _rule("l2o-dm")
+    p = torch.nn.Parameter(torch.ones(100))
+    q = torch.nn.Parameter(torch.ones(100))
+    fast = L2O([p], rule)
+    ref = L2O([q], rule, backend="reference")
+    for i in range(3):
+        with torch.no_grad():
+            rule.readout.bias.add_(0.5)  # changes every step
+        p.grad = torch.full_like(p, 0.1 * (i + 1))
+        q.grad = p.grad.clone()
+        fast.step()
+        ref.step()
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------- Triton
+_TRITON_SCRIPT = """
+import torch, sys
+sys.path.insert(0, {root!r})
+from flatl2o.kernels import ReferenceKernel, rule_program
+from flatl2o.kernels.triton_step import TritonKernel
+from flatl2o import make_rule
+worst = 0.0
+cases = [("l2o-dm", {{}}), ("rnnprop", {{}}), ("rnnprop", dict(num_layers=1, hidden_size=9))]
+for name, opts in cases:
+    for sdt in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        rule = make_rule(name, **opts)
+        with torch.no_grad():
+            for q in rule.parameters():
+                q.mul_(3)
+        n = 150
+        gen = torch.Generator().manual_seed(1)
+        g = torch.randn(n, generator=gen) * torch.logspace(-8, 1, n)
+        init = {{k: (torch.rand if k == "v" else torch.randn)(v.shape, generator=gen)
+                for k, v in rule.init_state(n).items()}}
+        st = {{k: v.to(sdt, copy=True) for k, v in init.items()}}
+        ref = {{k: v.to(sdt).float() for k, v in init.items()}}
+        p = torch.randn(n, generator=gen)
+        pr = p.clone()
+        kern = TritonKernel(rule_program(rule), torch.device("cpu"))
+        for t in (1, 2):
+            kern.update(p, g, st, t, 0.5, t == 2, 0)
+            ReferenceKernel(rule).update(pr, g, ref, t, 0.5, t == 2, 1 << 16)
+            if sdt == torch.bfloat16:
+                ref = {{k: v.to(sdt).float() for k, v in ref.items()}}
+        # bf16 state: a rounding flip at step 1 (fp32-level differences) propagates into
+        # step 2, so allow a few bf16 ulps there
+        tol = 1e-5 if sdt == torch.float32 else 5e-2
+        torch.testing.assert_close(p, pr, rtol=1e-5 if sdt == torch.float32 else 1e-4,
+                                   atol=1e-5 if sdt == torch.float32 else 1e-4)
+        for k in st:
+            torch.testing.assert_close(st[k].float(), ref[k], rtol=tol, atol=tol, msg=k)
+print("TRITON-OK")
+"""
+
+
+def test_triton_kernel_matches_reference_in_interpreter() -> None:
+    pytest.importorskip("triton", reason="Triton is optional: pip install triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _TRITON_SCRIPT.format(root=str(ROOT))],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0 and "TRITON-OK" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", RULE_NAMES)
+def test_triton_kernel_matches_reference_on_cuda(name: str) -> None:
+    pytest.importorskip("triton")
+    from flatl2o.kernels.triton_step import TritonKernel
+
+    device = torch.device("cuda")
+    rule = _rule(name).to(device)
+    g, state, p = _inputs(rule, 100_003)
+    g, p = g.to(device), p.to(device)
+    state = {k: v.to(device) for k, v in state.items()}
+    ref_state = {k: v.clone() for k, v in state.items()}
+    p_ref = p.clone()
+    kern, ref = TritonKernel(rule_program(rule), device), ReferenceKernel(rule)
+    for t in range(1, 4):
+        kern.update(p, g, state, t, 0.7, False, 1 << 16)
+        ref.update(p_ref, g, ref_state, t, 0.7, False, 1 << 16)
+    torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-6)
+    for k in state:
+        torch.testing.assert_close(state[k], ref_state[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_auto_without_cuda_never_selects_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLATL2O_BACKEND", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    from flatl2o.kernels import triton_step
+
+    assert triton_step.available() is not None
+    with pytest.raises(KernelUnavailable):
+        make_kernel(_rule("l2o-dm"), torch.device("cpu"), "triton")
