@@ -341,6 +341,23 @@ def test_unknown_names_list_the_choices():
         EvalConfig(tasks=("no-such-task",)).validate()
 
 
+def test_flatness_budget_option_and_validation():
+    from flatl2o.evaluation.command import _flatness
+
+    assert _flatness(["mnist-conv=20,10", "mnist-mlp-deep=0,0"]) == {
+        "mnist-conv": (20, 10),
+        "mnist-mlp-deep": (0, 0),
+    }
+    with pytest.raises(ValueError, match="TASK=PROBES,ITERS"):
+        _flatness(["mnist-conv=20"])
+    assert EvalConfig().flatness_for("mnist-conv") == (0, 0)  # skipped by default (cost)
+    assert EvalConfig().flatness_for("mnist-mlp-relu") == (100, 20)
+    with pytest.raises(ValueError, match="two positive counts"):
+        EvalConfig(flatness={"mnist-conv": (5, 0)}).validate()
+    with pytest.raises(ValueError, match="long_tasks"):
+        EvalConfig(tasks=("mnist-conv",), long_horizon=2000).validate()
+
+
 def test_regularized_checkpoint_pairs_with_its_sibling_from_the_recipe():
     infos = resolve_optimizers(["rnnprop-hessian"])
     info = infos["rnnprop-hessian"]

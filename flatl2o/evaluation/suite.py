@@ -82,7 +82,7 @@ class EvalConfig:
     tune_seeds: int = 2
     trace_probes: int = 100
     eig_iters: int = 20
-    flatness: dict[str, tuple[int, int]] = field(default_factory=lambda: {"mnist-conv": (10, 10)})
+    flatness: dict[str, tuple[int, int]] = field(default_factory=lambda: {"mnist-conv": (0, 0)})
     curve_points: int = 250
     seen_task: str = SEEN_TASK
 
@@ -121,6 +121,11 @@ class EvalConfig:
             raise ValueError(
                 f"long_horizon {self.long_horizon} must be 0 (off) or >= the largest horizon "
                 f"{max(self.horizons)}"
+            )
+        if self.long_horizon and not set(self.long_tasks) <= set(self.tasks):
+            raise ValueError(
+                f"long_tasks {list(self.long_tasks)} must be among the evaluated tasks "
+                f"{list(self.tasks)} (their baselines are tuned there)"
             )
         if self.long_horizon and not 1 <= self.long_seeds <= self.seeds:
             raise ValueError(f"long_seeds must be in [1, seeds={self.seeds}]")
