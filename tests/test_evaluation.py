@@ -443,6 +443,13 @@ def test_report_answers_are_computed_from_the_numbers():
     )
     assert "within seed noise in 1" in noisy and "not supported" in noisy
     assert "flatter (lower trace) beyond seed noise in 1 of 1" in good
+    # a "win" over a sibling that does not train is no evidence for the regularizer
+    hollow = render_markdown(
+        _synthetic([0.90, 0.91, 0.92, 0.905, 0.915], [0.05, 0.06, 0.07, 0.055, 0.065])
+    )
+    assert "**Does not train**" in hollow and "`r` (`t`@10)" in hollow
+    assert "1 of the wins are cells where `r` does not train" in hollow
+    assert "**The claim is not supported for this pair.**" in hollow
 
 
 def test_paired_comparison_statistics():

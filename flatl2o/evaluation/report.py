@@ -299,6 +299,40 @@ def _tuned_table(data: dict[str, Any]) -> list[str]:
     ]
 
 
+#: A rule whose mean test accuracy is below this multiple of chance "does not train" there.
+STALL_FACTOR = 1.5
+
+
+def _stalled(data: dict[str, Any], agg: dict, task: str, opt: str, h: int) -> bool:
+    """Whether ``opt`` fails to train ``task`` by ``h`` steps (mean test acc near chance)."""
+    cell = agg.get((task, opt, h))
+    if cell is None or cell["test_accuracy"].n == 0:
+        return cell is not None  # every run non-finite: it does not train either
+    classes = data["tasks"].get(task, {}).get("num_classes") or 10
+    return cell["test_accuracy"].mean < STALL_FACTOR / classes
+
+
+def _stall_lines(data: dict[str, Any], agg: dict) -> list[str]:
+    bad = []
+    for opt in optimizer_order(data):
+        cells = [
+            f"`{task}`@{h}"
+            for task in data["config"]["tasks"]
+            for h in horizons_of(data)
+            if _stalled(data, agg, task, opt, h)
+        ]
+        if cells:
+            bad.append(f"`{opt}` ({', '.join(cells)})")
+    if not bad:
+        return []
+    return [
+        f"**Does not train** (mean test accuracy below {STALL_FACTOR}× chance): "
+        + "; ".join(bad)
+        + ". A comparison with a rule that does not train says nothing about flatness.",
+        "",
+    ]
+
+
 def _q1(data: dict[str, Any], agg: dict) -> list[str]:
     lines = ["## 1. Does each regularized checkpoint beat its unregularized sibling?", ""]
     pairs = _pairs(data)
@@ -318,8 +352,9 @@ def _q1(data: dict[str, Any], agg: dict) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     summary = []
+    lines[2:2] = _stall_lines(data, agg)
     for reg, sib in pairs:
-        wins = losses = ties = 0
+        wins = losses = ties = hollow = 0
         for task in data["config"]["tasks"]:
             for h in horizons_of(data):
                 if (task, reg, h) not in agg or (task, sib, h) not in agg:
@@ -336,6 +371,11 @@ def _q1(data: dict[str, Any], agg: dict) -> list[str]:
                     per_seed(data, task, reg, h, "gap"), per_seed(data, task, sib, h, "gap")
                 )
                 verdict = acc.verdict()
+                if _stalled(data, agg, task, sib, h):
+                    verdict += f" (`{sib}` does not train)"
+                    hollow += verdict.startswith("higher")
+                if _stalled(data, agg, task, reg, h):
+                    verdict += f" (`{reg}` does not train)"
                 wins += verdict.startswith("higher")
                 losses += verdict.startswith("lower")
                 ties += verdict == "within seed noise"
@@ -354,6 +394,12 @@ def _q1(data: dict[str, Any], agg: dict) -> list[str]:
             f"(task, horizon) cells, lower beyond seed noise in {losses}, within seed noise in "
             f"{ties}. "
         )
+        if hollow:
+            text += (
+                f"{hollow} of the wins are cells where `{sib}` does not train, which is no "
+                "evidence for the regularizer. "
+            )
+            wins -= hollow
         if wins == total:
             text += "The claim (regularized beats unregularized) is supported for this pair."
         elif wins > 0 and losses == 0:

@@ -646,6 +646,7 @@ def _assemble(
         ds = task.dataset
         tasks[name] = {
             "num_params": task.num_params,
+            "num_classes": ds.num_classes if ds is not None else None,
             "seen": name == config.seen_task,
             "dataset": ds.name if ds is not None else None,
             "splits": {s: len(ds.split(s)) for s in ("train", "val", "test")} if ds else {},
