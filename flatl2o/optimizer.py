@@ -40,6 +40,9 @@ from flatl2o.rules import UpdateRule
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 NONFINITE_POLICIES = ("skip", "raise")
+#: Storage dtypes of the recurrent state; the arithmetic is fp32 either way. bf16 halves the
+#: optimizer's memory (see docs/performance.md for its measured effect on training).
+STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 #: Coordinates processed at once; bounds the step's transient memory (about 1.5 KB per
 #: coordinate for a 2x20 LSTM rule) independently of the model size.
@@ -64,6 +67,8 @@ class L2O(Optimizer):
         backend: how the step is computed: ``"auto"`` (fused Triton kernel on CUDA, compiled
             C kernel on CPU, when available), ``"reference"`` (the rule module itself),
             ``"cpu"`` or ``"triton"`` (that kernel or an error). See :mod:`flatl2o.kernels`.
+        state_dtype: storage dtype of the recurrent state, ``torch.float32`` (default) or
+            ``torch.bfloat16`` (half the memory; the step's arithmetic stays fp32).
         **load_options: ``revision``, ``cache_dir``, ``token``, ``local_files_only``,
             ``force_download``, passed to :func:`flatl2o.load_rule` when ``rule`` is a name.
     """
@@ -78,10 +83,17 @@ class L2O(Optimizer):
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         nonfinite: str = "skip",
         backend: str = "auto",
+        state_dtype: torch.dtype = torch.float32,
         **load_options: Any,
     ) -> None:
         _check_options(lr=lr, chunk_size=chunk_size, nonfinite=nonfinite)
         self.backend = check_backend(backend)
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(
+                f"Invalid state_dtype: {state_dtype}; choose one of "
+                f"{', '.join(str(d) for d in STATE_DTYPES)}"
+            )
+        self.state_dtype = state_dtype
         if not isinstance(rule, UpdateRule):
             rule = load_rule(default_pretrained_name() if rule is None else rule, **load_options)
         elif load_options:
@@ -152,11 +164,20 @@ class L2O(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         # torch pickles only defaults/state/param_groups; without the rule, a deep copy or
         # an unpickled optimizer could not step.
-        return {**super().__getstate__(), "rule": self.rule, "backend": self.backend}
+        return {
+            **super().__getstate__(),
+            "rule": self.rule,
+            "backend": self.backend,
+            "state_dtype": self.state_dtype,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state.setdefault("backend", "auto")
         super().__setstate__(state)
+        # torch's load_state_dict also calls this, with only state/param_groups: keep ours
+        if not hasattr(self, "backend"):
+            self.backend = "auto"
+        if not hasattr(self, "state_dtype"):
+            self.state_dtype = torch.float32
         self._device_rules = {}
         self._kernels = {}
 
@@ -188,7 +209,9 @@ class L2O(Optimizer):
     def _init_state(self, p: Tensor) -> dict[str, Any]:
         state = self.state[p]
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        fresh = self.rule.init_state(_num_coords(local_shard(p)), device=p.device)
+        fresh = self.rule.init_state(
+            _num_coords(local_shard(p)), device=p.device, dtype=self.state_dtype
+        )
         state.update(shard_state_like(p, fresh))  # a DTensor's state is sharded like it
         return state
 
@@ -324,7 +347,9 @@ class L2O(Optimizer):
             if saved:
                 self.state[p] = {
                     key: value.detach().to(
-                        "cpu" if key == "step" else p.device, torch.float32, copy=True
+                        "cpu" if key == "step" else p.device,
+                        torch.float32 if key == "step" else self.state_dtype,
+                        copy=True,
                     )
                     for key, value in saved.items()
                 }

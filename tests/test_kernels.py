@@ -119,15 +119,37 @@ def test_cpu_kernel_refuses_unsupported_sizes() -> None:
         cpu.CPUKernel(rule_program(make_rule("l2o-dm", hidden_size=65)))
 
 
-def test_noncontiguous_state_is_refused_before_any_write() -> None:
+def test_cpu_kernel_strided_state_goes_through_fp32_chunks() -> None:
+    """A strided state (e.g. a view of a sharded tensor) gives the same numbers."""
     rule = _rule("l2o-dm")
     kernel = cpu.CPUKernel(rule_program(rule))
-    g, state, p = _inputs(rule, 64)
-    state["h0"] = state["h0"].t().contiguous().t()
-    before = p.clone()
-    with pytest.raises(KernelUnavailable, match="contiguous"):
-        kernel.update(p, g, state, 1, 1.0, False, 64)
-    assert torch.equal(p, before)
+    g, state, p = _inputs(rule, 300)
+    strided = {k: v.t().contiguous().t() for k, v in state.items()}
+    ref_state = {k: v.clone() for k, v in state.items()}
+    ref_p = p.clone()
+    kernel.update(p, g, strided, 1, 1.0, False, 64)
+    kernel.update(ref_p, g, ref_state, 1, 1.0, False, 64)
+    assert torch.equal(p, ref_p)
+    assert all(torch.equal(strided[k], ref_state[k]) for k in state)
+
+
+@pytest.mark.parametrize("name", RULE_NAMES)
+def test_bf16_state_matches_reference(name: str) -> None:
+    """bf16 state: both paths compute in fp32 and round when storing, so they agree up to a
+    rounding flip (one bf16 ulp) where fp32-level differences straddle a rounding boundary."""
+    rule = _rule(name)
+    g, state, p = _inputs(rule, 1000)
+    state = {k: v.to(torch.bfloat16) for k, v in state.items()}
+    ref_state = {k: v.clone() for k, v in state.items()}
+    ref_p = p.clone()
+    cpu.CPUKernel(rule_program(rule)).update(p, g, state, 1, 1.0, False, 128)
+    ReferenceKernel(rule).update(ref_p, g, ref_state, 1, 1.0, False, 128)
+    torch.testing.assert_close(p, ref_p, rtol=1e-5, atol=1e-6)
+    for k in state:
+        assert state[k].dtype == torch.bfloat16
+        diff = (state[k].float() - ref_state[k].float()).abs()
+        ulp = ref_state[k].float().abs() * 2**-7 + 1e-6  # + fp32-level noise near zero
+        assert bool((diff <= ulp).all()), k
 
 
 # ------------------------------------------------------------------------------- selection
@@ -287,3 +309,51 @@ def test_auto_without_cuda_never_selects_triton(monkeypatch: pytest.MonkeyPatch)
     assert triton_step.available() is not None
     with pytest.raises(KernelUnavailable):
         make_kernel(_rule("l2o-dm"), torch.device("cpu"), "triton")
+
+
+# ------------------------------------------------------------------- reduced-precision state
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_bf16_state_halves_memory_and_resumes_exactly(backend: str) -> None:
+    rule = _rule("rnnprop", scale=1.0)
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+    def train(m, opt, steps):
+        for i in steps:
+            gen = torch.Generator().manual_seed(i)
+            x, y = torch.randn(32, 8, generator=gen), torch.randn(32, 1, generator=gen)
+            opt.zero_grad()
+            (m(x) - y).pow(2).mean().backward()
+            opt.step()
+
+    a = model()
+    opt_a = L2O(a.parameters(), rule, backend=backend, state_dtype=torch.bfloat16)
+    train(a, opt_a, range(3))
+    for st in opt_a.state.values():
+        assert all(v.dtype == torch.bfloat16 for k, v in st.items() if k != "step")
+    sd = opt_a.state_dict()
+    b = model()
+    b.load_state_dict(a.state_dict())
+    opt_b = L2O(b.parameters(), rule, backend=backend, state_dtype=torch.bfloat16)
+    opt_b.load_state_dict(sd)
+    for st in opt_b.state.values():  # torch would cast to the parameter's dtype: we keep bf16
+        assert all(v.dtype == torch.bfloat16 for k, v in st.items() if k != "step")
+    train(a, opt_a, range(3, 6))
+    train(b, opt_b, range(3, 6))
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    n = sum(p.numel() for p in a.parameters())
+    bytes_bf16 = sum(
+        v.numel() * v.element_size()
+        for st in opt_a.state.values()
+        for k, v in st.items()
+        if k != "step"
+    )
+    assert bytes_bf16 == n * rule.state_floats_per_coordinate() * 2
+
+
+def test_invalid_state_dtype() -> None:
+    with pytest.raises(ValueError, match=r"Invalid state_dtype: torch\.float16"):
+        L2O([torch.nn.Parameter(torch.zeros(2))], _rule("l2o-dm"), state_dtype=torch.float16)

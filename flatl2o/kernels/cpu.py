@@ -263,7 +263,8 @@ class CPUKernel:
     ) -> None:
         """``param -= lr * rule(grad)`` in place, with ``state`` (rows of coordinates) updated.
 
-        ``param`` and ``grad`` are 1-D; ``state`` values are contiguous fp32 ``(n, ...)``.
+        ``param`` and ``grad`` are 1-D; ``state`` values are ``(n, ...)`` CPU tensors (fp32 and
+        contiguous run in place; bf16 or strided ones go through fp32 chunks).
         """
         n = param.numel()
         if n == 0:
@@ -273,27 +274,39 @@ class CPUKernel:
         names = self.program.state_names()
         for k in names:
             s = state[k]
-            if s.dtype != torch.float32 or not s.is_contiguous() or s.device.type != "cpu":
-                raise KernelUnavailable(f"state {k!r} is not a contiguous fp32 CPU tensor")
+            if s.device.type != "cpu" or not s.is_floating_point():
+                raise KernelUnavailable(f"state {k!r} is not a floating-point CPU tensor")
         base = self._args(step, lr, maximize)
+        fp32_state = all(
+            state[k].dtype == torch.float32 and state[k].is_contiguous() for k in names
+        )
         direct = param.dtype == torch.float32 and param.is_contiguous()
-        if direct and grad.dtype == torch.float32 and grad.is_contiguous():
+        if fp32_state and direct and grad.dtype == torch.float32 and grad.is_contiguous():
             self._run(base, state, grad, param, None, 0, n)
             return
-        # another dtype or layout: convert bounded chunks (transient memory ~ chunk_size)
+        # another dtype or layout (bf16 state or params, a strided shard): convert bounded
+        # chunks to fp32 and back, so transient memory stays ~ chunk_size coordinates
         chunk = max(TILE, chunk_size)
         delta = None if direct else torch.empty(min(chunk, n), dtype=torch.float32)
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
             g = grad[start:stop].to(torch.float32).contiguous()
+            if fp32_state:
+                rows, first = state, start
+            else:
+                rows = {k: state[k][start:stop].to(torch.float32).contiguous() for k in names}
+                first = 0
             if direct:
-                self._run(base, state, g, param[start:stop], None, start, stop - start)
+                self._run(base, rows, g, param[start:stop], None, first, stop - start)
             else:
                 d = delta[: stop - start]
-                self._run(base, state, g, None, d, start, stop - start)
+                self._run(base, rows, g, None, d, first, stop - start)
                 target = param[start:stop]
                 work = target.to(torch.promote_types(target.dtype, torch.float32))
                 target.copy_(work.add_(d.to(work.dtype), alpha=-lr))
+            if not fp32_state:
+                for k in names:
+                    state[k][start:stop].copy_(rows[k])
 
     def _run(
         self,

@@ -47,14 +47,16 @@ class ReferenceKernel:
             if maximize:
                 g = g.neg()
             views = {k: v[start:stop] for k, v in state.items()}
+            # reduced-precision state (bf16) is computed in fp32 and rounded when stored
+            exact = {k: v if v.dtype == torch.float32 else v.float() for k, v in views.items()}
             pad = -(stop - start) % ROW_TILE
             if pad:  # only the last chunk of a parameter; see ROW_TILE
                 g = torch.cat((g, g.new_zeros(pad)))
                 rows = {
-                    k: torch.cat((v, v.new_zeros((pad, *v.shape[1:])))) for k, v in views.items()
+                    k: torch.cat((v, v.new_zeros((pad, *v.shape[1:])))) for k, v in exact.items()
                 }
             else:
-                rows = views
+                rows = exact
             delta, new_state = self.rule(g, rows, step)
             for k, v in views.items():
                 v.copy_(new_state[k][: stop - start])
