@@ -357,3 +357,31 @@ def test_bf16_state_halves_memory_and_resumes_exactly(backend: str) -> None:
 def test_invalid_state_dtype() -> None:
     with pytest.raises(ValueError, match=r"Invalid state_dtype: torch\.float16"):
         L2O([torch.nn.Parameter(torch.zeros(2))], _rule("l2o-dm"), state_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("reference", marks=pytest.mark.slow)])
+def test_torch_compile_of_a_training_step(backend: str) -> None:
+    """``torch.compile`` of a step that calls ``opt.step()`` runs and gives eager's numbers:
+    Dynamo graph-breaks around the optimizer step (ctypes/Triton launches, Python loops over
+    parameters), which then runs eagerly, while the model's forward and backward compile."""
+    torch._dynamo.reset()
+
+    def run(compile_it: bool) -> Tensor:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        opt = L2O(model.parameters(), _rule("rnnprop", scale=1.0), backend=backend)
+
+        def step(x: Tensor, y: Tensor) -> Tensor:
+            opt.zero_grad()
+            loss = (model(x) - y).pow(2).mean()
+            loss.backward()
+            opt.step()
+            return loss
+
+        fn = torch.compile(step, backend="eager") if compile_it else step
+        for i in range(3):
+            gen = torch.Generator().manual_seed(i)
+            fn(torch.randn(32, 8, generator=gen), torch.randn(32, 1, generator=gen))
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    assert torch.equal(run(True), run(False))
