@@ -214,3 +214,40 @@ def test_make_regularizer_validates_name_and_options():
     loss_fn, theta = _mlp_problem()
     expected = hessian_trace(loss_fn, theta, probes=3, generator=_gen())
     torch.testing.assert_close(reg(loss_fn, theta, generator=_gen()), expected)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "option"),
+    [
+        ("hessian-trace", {"probes": 0}, "probes"),
+        ("hessian-trace", {"probes": 1.5}, "probes"),
+        ("hessian-trace", {"probes": True}, "probes"),
+        ("hessian-trace", {"probes": "2"}, "probes"),
+        ("hessian-eig", {"iters": 0}, "iters"),
+        ("hessian-esd", {"steps": 0}, "steps"),
+        ("entropy", {"gamma": -0.01}, "gamma"),
+        ("entropy", {"gamma": float("nan")}, "gamma"),
+        ("entropy", {"steps": 0}, "steps"),
+        ("entropy", {"lr": 0}, "lr"),
+        ("entropy", {"noise": -1e-4}, "noise"),
+        ("entropy", {"average": 1.0}, "average"),
+    ],
+)
+def test_make_regularizer_rejects_bad_option_values_up_front(name, options, option):
+    """A bad value fails when the regularizer is built (recipe validation), not at the first
+    regularized step, and the message names the option and a valid value."""
+    with pytest.raises(ValueError, match=rf"{name}.*option {option} .*set {option} = "):
+        make_regularizer(name, **options)
+
+
+def test_every_option_has_a_value_check_and_its_default_passes():
+    import inspect
+
+    for name, fn in REGULARIZERS.items():
+        defaults = {
+            p.name: p.default
+            for p in inspect.signature(fn).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "generator"
+        }
+        make_regularizer(name, **defaults)  # KeyError if an option had no check
+    make_regularizer("entropy", gamma=1, lr=1, noise=0, average=0)  # ints accepted as floats

@@ -105,8 +105,8 @@ def hessian_eig(
     |vᵀHv| for the final unit vector v, differentiable in theta (by Hellmann-Feynman its
     gradient is that of the eigenvalue once v has converged). Costs iters + 1 HVPs.
     """
-    if iters < 0:
-        raise ValueError(f"iters must be >= 0, got {iters}")
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
     keep = _tracks_grad(theta)
     x, g = _grad_with_graph(loss_fn, theta)
     v = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
@@ -216,8 +216,9 @@ def local_entropy(
             walker.requires_grad_(True)
             (grad,) = torch.autograd.grad(loss_fn(walker), walker)
             step = grad + gamma * (walker.detach() - center)
-            eta = torch.randn(center.shape, generator=generator, dtype=center.dtype,
-                              device=center.device)
+            eta = torch.randn(
+                center.shape, generator=generator, dtype=center.dtype, device=center.device
+            )
             walker = walker.detach() - lr * step + std * eta
             mu = average * mu + (1 - average) * walker
     return 0.5 * gamma * (theta - mu).pow(2).sum()
@@ -231,18 +232,60 @@ REGULARIZERS: dict[str, Callable[..., Tensor]] = {
 }
 
 
+#: Allowed values of each regularizer option: (type, test, what the test requires, meaning).
+#: ``make_regularizer`` (and so recipe validation) checks options against this table before
+#: any work starts; the functions check again on every call.
+_OPTION_RULES: dict[str, dict[str, tuple[type, Callable[[float], bool], str, str]]] = {
+    "hessian-trace": {
+        "probes": (int, lambda v: v >= 1, ">= 1", "Rademacher probes per call"),
+    },
+    "hessian-eig": {
+        "iters": (int, lambda v: v >= 1, ">= 1", "power iterations per call"),
+    },
+    "hessian-esd": {
+        "steps": (int, lambda v: v >= 1, ">= 1", "Lanczos steps per call"),
+    },
+    "entropy": {
+        "gamma": (float, lambda v: v > 0, "> 0", "scope of the local entropy"),
+        "steps": (int, lambda v: v >= 1, ">= 1", "Langevin (SGLD) steps per call"),
+        "lr": (float, lambda v: v > 0, "> 0", "SGLD step size"),
+        "noise": (float, lambda v: v >= 0, ">= 0", "SGLD temperature"),
+        "average": (float, lambda v: 0 <= v < 1, "in [0, 1)", "averaging rate of the mean"),
+    },
+}
+
+
+def _check_option(name: str, key: str, value: object) -> None:
+    kind, ok, requirement, meaning = _OPTION_RULES[name][key]
+    default = inspect.signature(REGULARIZERS[name]).parameters[key].default
+    typed = (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float) if kind is float else int)
+        and math.isfinite(value)
+    )
+    if not typed or not ok(value):
+        kind_name = "a number" if kind is float else "an integer"
+        raise ValueError(
+            f"regularizer {name!r}: option {key} ({meaning}) must be {kind_name} "
+            f"{requirement}, got {value!r}; set {key} = {default!r} (the default) or another "
+            f"value {requirement}"
+        )
+
+
 def make_regularizer(name: str, **options: object) -> Callable[..., Tensor]:
     """Build ``reg(loss_fn, theta, *, generator)`` from a recipe name and its options.
 
-    Validates the name against ``REGULARIZERS`` and the option names against the chosen
-    function's keyword-only parameters, so a typo in a config fails loudly instead of being
-    silently ignored.
+    Validates the name against ``REGULARIZERS``, the option names against the chosen
+    function's keyword-only parameters, and each option's type and range (e.g.
+    ``probes >= 1``, ``gamma > 0``), so a typo or a bad value in a config fails loudly,
+    naming the option, before any work starts instead of at the first regularized step.
     """
     if name not in REGULARIZERS:
         raise ValueError(f"unknown regularizer {name!r}; valid names: {sorted(REGULARIZERS)}")
     fn = REGULARIZERS[name]
     accepted = [
-        p.name for p in inspect.signature(fn).parameters.values()
+        p.name
+        for p in inspect.signature(fn).parameters.values()
         if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "generator"
     ]
     unknown = sorted(set(options) - set(accepted))
@@ -250,4 +293,6 @@ def make_regularizer(name: str, **options: object) -> Callable[..., Tensor]:
         raise ValueError(
             f"unknown option(s) {unknown} for regularizer {name!r}; accepted: {accepted}"
         )
+    for key, value in options.items():
+        _check_option(name, key, value)
     return functools.partial(fn, **options)
