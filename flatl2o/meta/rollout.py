@@ -60,9 +60,19 @@ def rollout(
 
 
 def evaluate_rule(
-    rule: UpdateRule, task: Task, *, horizons: Sequence[int], seeds: int
+    rule: UpdateRule,
+    task: Task,
+    *,
+    horizons: Sequence[int],
+    seeds: int,
+    extra: Callable[[Tensor], dict[str, float]] | None = None,
 ) -> dict[str, float]:
-    """Test accuracy / test loss / train loss after each horizon, mean and std over seeds."""
+    """Test accuracy / test loss / train loss after each horizon, mean and std over seeds.
+
+    ``extra(theta)``, if given, is called at each horizon with that run's parameters; each
+    ``name: value`` it returns is summarized like the built-in metrics (``name@h`` and
+    ``name_std@h``), e.g. a flatness readout at the iterates the accuracies are measured at.
+    """
     results: dict[str, list[float]] = {}
 
     def record(t: int, theta: Tensor) -> None:
@@ -76,6 +86,8 @@ def evaluate_rule(
             (f"train_loss@{t}", train["loss"]),
         ):
             results.setdefault(key, []).append(value)
+        for name, value in (extra(theta) if extra is not None else {}).items():
+            results.setdefault(f"{name}@{t}", []).append(value)
 
     for seed in range(seeds):
         gen = torch.Generator().manual_seed(EVAL_SEED_OFFSET + seed)
