@@ -119,7 +119,8 @@ def _flag_sets() -> list[list[str]]:
     return [base + native, base]  # the portable set when the compiler refuses `native`
 
 
-def _build() -> ctypes.CDLL:
+def _build(defines: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Compile (or reuse from the cache) the kernel; ``defines`` are for profiling builds."""
     cc = _compiler()
     if cc is None:
         raise KernelUnavailable(
@@ -130,6 +131,7 @@ def _build() -> ctypes.CDLL:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     errors = []
     for flags in _flag_sets():
+        flags = flags + [f"-D{d}" for d in defines]
         key = hashlib.sha256(
             b"\0".join(
                 [

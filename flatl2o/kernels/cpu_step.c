@@ -84,13 +84,62 @@ static inline float log_poly(float x) {
     return m + y + 0.693359375f * fe;
 }
 
+#ifdef FLATL2O_PROFILE_CHEAP_NONLINEAR
+/* benchmarks/cpu_profile.py only: wrong numbers, used to time the step without exp/div */
+static inline float sigmoid_poly(float x) { return 0.5f + 0.25f * x; }
+static inline float tanh_poly(float x) { return 0.5f * x; }
+#else
 static inline float sigmoid_poly(float x) { return 1.0f / (1.0f + exp_poly(-x)); }
 static inline float tanh_poly(float x) { return 1.0f - 2.0f / (1.0f + exp_poly(2.0f * x)); }
+#endif
 
-/* out[r][t] = bias[r] + sum_j W[r][j] * in[j][t], rows blocked by 4 (R is a multiple of 4). */
+/* out[r][t] = bias[r] + sum_j W[r][j] * in[j][t]. Rows are blocked by 8 (a last block of
+ * 4: R = 4H is a multiple of 4): 8 independent accumulator vectors hide the FMA latency, and
+ * each in[j] vector load feeds 8 FMAs. Written out so compilers keep them in registers. */
 static inline void matvec_tile(const float *W, const float *bias, int R, int K,
                                float in[][TILE], float out[][TILE]) {
-    for (int r = 0; r < R; r += 4) {
+    int r = 0;
+    for (; r + 8 <= R; r += 8) {
+        float a0[TILE], a1[TILE], a2[TILE], a3[TILE], a4[TILE], a5[TILE], a6[TILE], a7[TILE];
+        for (int t = 0; t < TILE; ++t) {
+            a0[t] = bias[r];
+            a1[t] = bias[r + 1];
+            a2[t] = bias[r + 2];
+            a3[t] = bias[r + 3];
+            a4[t] = bias[r + 4];
+            a5[t] = bias[r + 5];
+            a6[t] = bias[r + 6];
+            a7[t] = bias[r + 7];
+        }
+        const float *w0 = W + (int64_t)r * K;
+        for (int j = 0; j < K; ++j) {
+            const float c0 = w0[j], c1 = w0[K + j], c2 = w0[2 * K + j], c3 = w0[3 * K + j];
+            const float c4 = w0[4 * K + j], c5 = w0[5 * K + j], c6 = w0[6 * K + j],
+                        c7 = w0[7 * K + j];
+            for (int t = 0; t < TILE; ++t) {
+                const float x = in[j][t];
+                a0[t] += c0 * x;
+                a1[t] += c1 * x;
+                a2[t] += c2 * x;
+                a3[t] += c3 * x;
+                a4[t] += c4 * x;
+                a5[t] += c5 * x;
+                a6[t] += c6 * x;
+                a7[t] += c7 * x;
+            }
+        }
+        for (int t = 0; t < TILE; ++t) {
+            out[r][t] = a0[t];
+            out[r + 1][t] = a1[t];
+            out[r + 2][t] = a2[t];
+            out[r + 3][t] = a3[t];
+            out[r + 4][t] = a4[t];
+            out[r + 5][t] = a5[t];
+            out[r + 6][t] = a6[t];
+            out[r + 7][t] = a7[t];
+        }
+    }
+    for (; r < R; r += 4) {
         float a0[TILE], a1[TILE], a2[TILE], a3[TILE];
         for (int t = 0; t < TILE; ++t) {
             a0[t] = bias[r];
@@ -98,9 +147,9 @@ static inline void matvec_tile(const float *W, const float *bias, int R, int K,
             a2[t] = bias[r + 2];
             a3[t] = bias[r + 3];
         }
-        const float *w0 = W + (int64_t)r * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        const float *w0 = W + (int64_t)r * K;
         for (int j = 0; j < K; ++j) {
-            const float c0 = w0[j], c1 = w1[j], c2 = w2[j], c3 = w3[j];
+            const float c0 = w0[j], c1 = w0[K + j], c2 = w0[2 * K + j], c3 = w0[3 * K + j];
             for (int t = 0; t < TILE; ++t) {
                 const float x = in[j][t];
                 a0[t] += c0 * x;
@@ -180,18 +229,32 @@ int flatl2o_step(const flatl2o_args *a, int64_t count) {
         for (int l = 0; l < L; ++l) {
             const int K = l == 0 ? k0 : H;
             float *hs = a->h[l], *cs = a->c[l];
-            for (int t = 0; t < TILE; ++t) {
-                if (t < n) {
-                    const float *hr = hs + (i0 + t) * H, *cr = cs + (i0 + t) * H;
-                    for (int j = 0; j < H; ++j) {
-                        in[K + j][t] = hr[j];
-                        cell[j][t] = cr[j];
+            if (n == TILE) { /* full tile: strided (gather) loads, t innermost to vectorize */
+                const float *hb = hs + i0 * H, *cb = cs + i0 * H;
+                for (int j = 0; j < H; ++j)
+                    for (int t = 0; t < TILE; ++t) {
+                        in[K + j][t] = hb[t * H + j];
+                        cell[j][t] = cb[t * H + j];
                     }
-                } else {
-                    for (int j = 0; j < H; ++j) in[K + j][t] = cell[j][t] = 0.0f;
+            } else {
+                for (int t = 0; t < TILE; ++t) {
+                    if (t < n) {
+                        const float *hr = hs + (i0 + t) * H, *cr = cs + (i0 + t) * H;
+                        for (int j = 0; j < H; ++j) {
+                            in[K + j][t] = hr[j];
+                            cell[j][t] = cr[j];
+                        }
+                    } else {
+                        for (int j = 0; j < H; ++j) in[K + j][t] = cell[j][t] = 0.0f;
+                    }
                 }
             }
+#ifndef FLATL2O_PROFILE_SKIP_MATVEC
             matvec_tile(a->w[l], a->b[l], 4 * H, K + H, in, gates);
+#else /* benchmarks/cpu_profile.py only: time the step without the gate products */
+            for (int r = 0; r < 4 * H; ++r)
+                for (int t = 0; t < TILE; ++t) gates[r][t] = in[r % (K + H)][t];
+#endif
             for (int j = 0; j < H; ++j) {
                 for (int t = 0; t < TILE; ++t) {
                     const float ig = sigmoid_poly(gates[j][t]);
@@ -203,11 +266,20 @@ int flatl2o_step(const flatl2o_args *a, int64_t count) {
                     in[j][t] = og * tanh_poly(c); /* next layer's input (and new h) */
                 }
             }
-            for (int t = 0; t < n; ++t) {
-                float *hr = hs + (i0 + t) * H, *cr = cs + (i0 + t) * H;
-                for (int j = 0; j < H; ++j) {
-                    hr[j] = in[j][t];
-                    cr[j] = cell[j][t];
+            if (n == TILE) {
+                float *hb = hs + i0 * H, *cb = cs + i0 * H;
+                for (int j = 0; j < H; ++j)
+                    for (int t = 0; t < TILE; ++t) {
+                        hb[t * H + j] = in[j][t];
+                        cb[t * H + j] = cell[j][t];
+                    }
+            } else {
+                for (int t = 0; t < n; ++t) {
+                    float *hr = hs + (i0 + t) * H, *cr = cs + (i0 + t) * H;
+                    for (int j = 0; j < H; ++j) {
+                        hr[j] = in[j][t];
+                        cr[j] = cell[j][t];
+                    }
                 }
             }
         }
