@@ -16,6 +16,7 @@ from flatl2o.optimizer import L2O
 from flatl2o.rules import (
     L2ODM,
     RULES,
+    ConfigError,
     DMConfig,
     RNNprop,
     RNNpropConfig,
@@ -32,6 +33,7 @@ __all__ = [
     "RULES",
     "CheckpointError",
     "CheckpointNotFoundError",
+    "ConfigError",
     "DMConfig",
     "RNNprop",
     "RNNpropConfig",

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+
+class UsageError(Exception):
+    """An expected user error found by the CLI itself: printed as one line, exit code 2."""
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -31,9 +37,15 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
     from flatl2o.meta.recipe import load_recipe
     from flatl2o.meta.trainer import MetaTrainer
 
+    for flag, value in (("--out", args.out), ("--export", args.export)):
+        if value and Path(value).exists() and not Path(value).is_dir():
+            raise UsageError(f"{flag} {value} is a file; pass a folder (new or existing)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe = load_recipe(args.recipe, args.overrides)  # validated before any work starts
+    overrides = list(args.overrides)
+    if args.init_from:  # the same as the override rule.init_from=... (given last, so it wins)
+        overrides.append(f"rule.init_from={json.dumps(args.init_from)}")
+    recipe = load_recipe(args.recipe, overrides)  # validated before any work starts
     command = "flatl2o " + " ".join(shlex.quote(a) for a in args.argv if a != "--resume")
     # under torchrun (WORLD_SIZE > 1) join the process group: one rank per process
     joined = distributed.init_from_env()
@@ -70,9 +82,24 @@ def _procs_per_node() -> str:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
     from flatl2o.hub import push_folder_to_hub
 
-    url = push_folder_to_hub(args.folder, args.repo_id, private=args.private)
+    if not Path(args.folder).is_dir():
+        raise UsageError(f"{args.folder} is not a folder; pass a checkpoint folder")
+    try:
+        url = push_folder_to_hub(
+            args.folder,
+            args.repo_id,
+            commit_message=args.commit_message,
+            private=True if args.private else None,
+            token=args.token or None,
+            revision=args.revision or None,
+        )
+    except (HfHubHTTPError, HFValidationError) as e:  # bad token, no access, bad repo id
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"the Hub refused the upload to {args.repo_id!r}: {first}") from None
     print(url)
     return 0
 
@@ -102,6 +129,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    """argparse type: an int >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(prog="flatl2o", description=__doc__)
@@ -120,9 +158,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True, help="recipe TOML file")
     p.add_argument("--out", required=True, help="output folder (Hub-ready checkpoint)")
     p.add_argument("--resume", action="store_true", help="continue a killed run in --out")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument(
+        "--threads", type=_non_negative_int, default=0, help="torch threads (0: torch default)"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--export", default="", help="also copy the shippable files to this folder")
+    p.add_argument(
+        "--init-from",
+        default="",
+        metavar="NAME_OR_REPO",
+        help="start from this checkpoint (folder, shipped name or Hub repo id) instead of a "
+        "random rule: the same as the override rule.init_from=...; its architecture must be "
+        "the recipe's [rule].architecture",
+    )
     p.add_argument(
         "--meta-batch",
         type=_positive_int,
@@ -138,7 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("push", help="upload a checkpoint folder to the Hugging Face Hub")
     p.add_argument("folder")
     p.add_argument("--repo-id", required=True)
-    p.add_argument("--private", action="store_true")
+    p.add_argument("--private", action="store_true", help="create the repo private if it is new")
+    p.add_argument(
+        "--token",
+        default="",
+        help="Hub token with write access (default: HF_TOKEN or the `hf auth login` token)",
+    )
+    p.add_argument(
+        "--revision", default="", help="branch to commit to (created from main if missing)"
+    )
+    p.add_argument("--commit-message", default="Upload flatl2o update rule")
     p.set_defaults(func=_cmd_push)
 
     from flatl2o.evaluation.command import add_arguments as _evaluate_arguments
@@ -155,17 +212,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``flatl2o`` console script."""
     from flatl2o.checkpoint import CheckpointError
     from flatl2o.hub import CheckpointNotFoundError
+    from flatl2o.meta.data import DatasetUnavailableError
     from flatl2o.meta.recipe import RecipeError
     from flatl2o.meta.trainer import ResumeError
+    from flatl2o.rules import ConfigError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    expected = (
+        UsageError,
+        RecipeError,
+        ResumeError,
+        CheckpointError,
+        CheckpointNotFoundError,
+        ConfigError,
+        DatasetUnavailableError,
+        PermissionError,
+    )
     try:
         return int(args.func(args) or 0)
-    except (RecipeError, ResumeError, CheckpointError, CheckpointNotFoundError) as e:
+    except expected as e:
         print(f"flatl2o {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = ""
+        if args.command == "meta-train":
+            hint = (
+                "; to continue from the last checkpoint saved in --out (every "
+                "[train].checkpoint_every trajectories), run the same command with --resume"
+            )
+        print(f"flatl2o {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

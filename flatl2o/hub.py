@@ -320,24 +320,41 @@ def push_folder_to_hub(
     token: str | bool | None = None,
     revision: str | None = None,
 ) -> str:
-    """Upload a checkpoint folder (after checking that it loads); return the commit URL."""
-    return _upload(
-        folder,
-        repo_id,
-        commit_message=commit_message,
-        private=private,
-        token=token,
-        revision=revision,
-        allow_patterns=[  # top-level files only: never a run's trainer_state/ or best/
-            CONFIG_NAME,
-            WEIGHTS_NAME,
-            MODEL_CARD_NAME,
-            "recipe.toml",
-            "metrics.json",
-            "log.jsonl",
-            "meta_training.png",
-        ],
-    )
+    """Upload a checkpoint folder (after checking that it loads); return the commit URL.
+
+    Only the checkpoint files are sent (never a run's ``trainer_state/`` or ``best/``), and the
+    model card's usage snippet is pointed at ``repo_id`` (:func:`retarget_model_card`) in the
+    uploaded copy; the folder itself is not changed.
+    """
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in FOLDER_FILES:
+            src = folder / name
+            if src.is_file():
+                data = src.read_bytes()
+                if name == MODEL_CARD_NAME:
+                    data = retarget_model_card(data.decode("utf-8"), repo_id).encode("utf-8")
+                (Path(tmp) / name).write_bytes(data)
+        return _upload(
+            tmp,
+            repo_id,
+            commit_message=commit_message,
+            private=private,
+            token=token,
+            revision=revision,
+        )
+
+
+#: The files of a checkpoint folder that are published (top level only).
+FOLDER_FILES = (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    MODEL_CARD_NAME,
+    "recipe.toml",
+    "metrics.json",
+    "log.jsonl",
+    "meta_training.png",
+)
 
 
 def _upload(
@@ -381,6 +398,21 @@ def _version() -> str:
     return __version__
 
 
+#: The usage line of a model card rendered without a known location (shown as written).
+UNKNOWN_LOCATION = "path/to/this/folder"
+_USAGE = re.compile(r'(L2O\.from_pretrained\(model\.parameters\(\), )"[^"\n]*"(\))')
+_LEGACY_TITLE = re.compile(r"^# PATH_OR_REPO_ID$", re.MULTILINE)
+
+
+def retarget_model_card(card: str, load_from: str) -> str:
+    """``card`` with the usage snippet of :func:`render_model_card` loading ``load_from`` (a
+    folder, shipped name or Hub repo id) instead; cards written by older versions also get
+    their ``# PATH_OR_REPO_ID`` title replaced. A card without that snippet is returned as is.
+    """
+    card = _USAGE.sub(lambda m: f"{m.group(1)}{json.dumps(load_from)}{m.group(2)}", card, 1)
+    return _LEGACY_TITLE.sub(lambda _: f"# {load_from}", card, 1)
+
+
 def render_model_card(
     rule: UpdateRule,
     *,
@@ -388,8 +420,15 @@ def render_model_card(
     metrics: dict[str, float] | None = None,
     body: str | None = None,
     license: str = "apache-2.0",
+    title: str | None = None,
+    load_from: str | None = None,
 ) -> str:
-    """A Hub model card: YAML metadata (library, tags, license, metrics) and a usage section."""
+    """A Hub model card: YAML metadata (library, tags, license, metrics) and a usage section.
+
+    The usage snippet loads ``repo_id`` or else ``load_from`` (a folder or shipped name); the
+    title is ``title``, else that name. With neither, the title names the architecture and
+    the snippet loads ``"path/to/this/folder"``.
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
     data = ModelCardData(
@@ -399,14 +438,15 @@ def render_model_card(
     )
     if metrics:
         data.metrics = sorted(metrics)
-    name = repo_id or "PATH_OR_REPO_ID"
+    name = repo_id or load_from or UNKNOWN_LOCATION
+    heading = title or repo_id or load_from or f"flatl2o update rule ({rule.architecture})"
     metric_lines = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted((metrics or {}).items()))
     text = (
         f"---\n{data.to_yaml()}\n---\n\n"
-        f"# {name}\n\nA learned update rule (`{rule.architecture}`) for "
+        f"# {heading}\n\nA learned update rule (`{rule.architecture}`) for "
         "[flatl2o](https://github.com/flatl2o/flatl2o).\n\n"
         "```python\nimport flatl2o\n"
-        f'opt = flatl2o.L2O.from_pretrained(model.parameters(), "{name}")\n```\n\n'
+        f"opt = flatl2o.L2O.from_pretrained(model.parameters(), {json.dumps(name)})\n```\n\n"
         f"Config: `{json.dumps(rule.config.to_dict())}`\n"
     )
     if metric_lines:

@@ -423,3 +423,47 @@ def test_fake_hub_stops_every_thread():
             assert r.headers["X-Repo-Commit"] == hub.repos["a/b"].branches["main"]
             assert "X-Xet-Hash" not in r.headers
     assert set(threading.enumerate()) <= before
+
+
+def test_cli_push_passes_token_revision_and_private(fake_hub: FakeHub, hf_env, tmp_path, capsys):
+    from flatl2o.cli import main as cli_main
+
+    rule = _rule()
+    card = render_model_card(rule, title="mine", load_from="runs/mine")
+    folder = flatl2o.checkpoint.save_rule(rule, tmp_path / "run", model_card=card)
+    args = ["push", str(folder), "--repo-id", REPO]
+    # no token anywhere (isolated HF home): the Hub refuses the write, one line, exit 2
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert REPO not in fake_hub.repos
+
+    assert cli_main([*args, "--token", TOKEN, "--revision", "dev", "--private"]) == 0
+    repo = fake_hub.repos[REPO]
+    assert repo.private and "dev" in repo.branches
+    assert (
+        capsys.readouterr().out.strip()
+        == f"{fake_hub.endpoint}/{REPO}/commit/{repo.branches['dev']}"
+    )
+    create = fake_hub.requests_for("POST", "/api/repos/create")[-1]
+    assert create.headers["authorization"] == f"Bearer {TOKEN}"
+    assert MODEL_CARD_NAME not in repo.commits[repo.branches["main"]]  # only "dev" got it
+    assert flatl2o.load_rule(REPO, revision="dev").fingerprint() == rule.fingerprint()
+    # the uploaded card's usage line loads the repo; the local folder is left as it was
+    pushed = fake_hub.file(REPO, MODEL_CARD_NAME, revision="dev").decode()
+    assert f'L2O.from_pretrained(model.parameters(), "{REPO}")' in pushed and "# mine" in pushed
+    assert (folder / MODEL_CARD_NAME).read_text() == card
+
+
+def test_retarget_fixes_cards_with_the_old_placeholder():
+    from flatl2o.hub import retarget_model_card
+
+    old = (
+        "# PATH_OR_REPO_ID\n\n```python\n"
+        'opt = flatl2o.L2O.from_pretrained(model.parameters(), "PATH_OR_REPO_ID")\n```\n'
+    )
+    new = retarget_model_card(old, "dm-entropy")
+    assert "PATH_OR_REPO_ID" not in new
+    assert new.startswith("# dm-entropy\n")
+    assert 'from_pretrained(model.parameters(), "dm-entropy")' in new
+    assert retarget_model_card("a custom card\n", "x") == "a custom card\n"

@@ -20,7 +20,13 @@ from flatl2o.cli import main as cli_main
 from flatl2o.meta.recipe import RecipeError, load_recipe, recipe_from_dict
 from flatl2o.meta.rollout import rollout
 from flatl2o.meta.tasks import Task, make_task
-from flatl2o.meta.trainer import MetaTrainer, ResumeError, regularized_unroll
+from flatl2o.meta.trainer import (
+    MetaTrainer,
+    ResumeError,
+    export_name,
+    plot_log,
+    regularized_unroll,
+)
 
 TINY = {
     "name": "tiny",
@@ -88,6 +94,14 @@ def test_regularizer_schedule():
         ({"train": {"trajectory": 25}}, "multiple of unroll"),
         ({"colour": "blue"}, "unknown key 'colour'"),
         ({"regularizer": {"name": "hessian-trace"}}, "alpha is 0"),
+        (
+            {"regularizer": {"name": "hessian-trace", "alpha": 0.1, "options": {"probes": 0}}},
+            r"\[regularizer\]\.options: .*option probes .* >= 1, got 0",
+        ),
+        (
+            {"regularizer": {"name": "entropy", "alpha": 1.0, "options": {"gamma": -0.01}}},
+            r"option gamma .* > 0, got -0\.01",
+        ),
     ],
 )
 def test_bad_recipes_fail_before_any_work(patch, message):
@@ -101,6 +115,95 @@ def test_cli_reports_a_bad_recipe_with_exit_code_2(tmp_path, capsys):
     assert cli_main(["meta-train", "--recipe", str(path), "--out", str(tmp_path / "o")]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("form", ["flag", "override"])
+def test_cli_init_from_a_rule_of_another_architecture_is_a_one_line_error(tmp_path, capsys, form):
+    flatl2o.make_rule("l2o-dm").save_pretrained(tmp_path / "dm")
+    recipe = _write_recipe(tmp_path)  # an rnnprop recipe
+    start = (
+        ["--init-from", str(tmp_path / "dm")]
+        if form == "flag"
+        else [f"rule.init_from={tmp_path / 'dm'}"]
+    )
+    args = ["meta-train", "--recipe", str(recipe), "--out", str(tmp_path / "o"), *start]
+    assert cli_main(args) == 2
+    err = _one_line_error(capsys)
+    assert "is a 'l2o-dm' rule but [rule].architecture is 'rnnprop'" in err
+    assert "rule.architecture=l2o-dm" in err
+    assert not (tmp_path / "o").exists()
+    # and with the architecture that matches, --init-from starts from that checkpoint
+    recipe = recipe_from_dict(
+        tiny(rule={"architecture": "l2o-dm", "init_from": str(tmp_path / "dm")})
+    )
+    trainer = MetaTrainer(recipe, tmp_path / "ok", progress=False)
+    assert trainer.rule.fingerprint() == flatl2o.load_rule(tmp_path / "dm").fingerprint()
+
+
+def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys):
+    recipe = _write_recipe(tmp_path)
+    (tmp_path / "file").write_text("x")
+    assert cli_main(["meta-train", "--recipe", str(recipe), "--out", str(tmp_path / "file")]) == 2
+    assert "--out" in _one_line_error(capsys)
+    args = ["meta-train", "--recipe", str(recipe), "--out", str(tmp_path / "o")]
+    assert (
+        cli_main(
+            [
+                *args,
+                "regularizer.name=entropy",
+                "regularizer.alpha=1",
+                "regularizer.options.steps=0",
+            ]
+        )
+        == 2
+    )
+    assert "option steps" in _one_line_error(capsys)
+    with pytest.raises(SystemExit) as info:  # argparse's own usage error
+        cli_main([*args, "--threads", "-1"])
+    assert info.value.code == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_ctrl_c_exits_130_with_a_resume_hint(tmp_path):
+    recipe = _write_recipe(tmp_path, train={"iterations": 50, "checkpoint_every": 1})
+    out = tmp_path / "run"
+    proc = _run_cli(["--recipe", str(recipe), "--out", str(out)])
+    deadline = time.time() + 300
+    while not (out / "trainer_state" / "state.json").is_file():
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint was written"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    output = proc.stdout.read().decode()
+    assert "interrupted" in output and "--resume" in output and "Traceback" not in output
+
+
+def test_configerror_is_exported_from_the_top_level():
+    assert flatl2o.ConfigError is flatl2o.rules.ConfigError
+    with pytest.raises(flatl2o.ConfigError):
+        flatl2o.make_rule("rnnprop", hidden_size=-1)
+
+
+def test_log_is_strict_json_with_null_for_non_finite_values(tmp_path):
+    trainer = MetaTrainer(recipe_from_dict(tiny()), tmp_path, progress=False)
+    tmp_path.mkdir(exist_ok=True)
+    trainer._log({"iteration": 1, "meta_loss": float("nan"), "val_loss": float("inf")})
+    trainer._log({"iteration": 2, "meta_loss": 0.5, "val_loss": 2.0, "best_val_loss": 2.0})
+
+    def reject(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=reject) for line in lines]
+    assert records[0] == {"iteration": 1, "meta_loss": None, "val_loss": None}
+    assert records[1]["val_loss"] == 2.0
+    plot_log(tmp_path / "log.jsonl", tmp_path / "plot.png")  # nulls are skipped, not plotted
 
 
 def test_overrides_are_typed(tmp_path):
@@ -187,6 +290,10 @@ def test_output_is_a_hub_ready_folder_that_the_optimizer_loads(tmp_path):
     assert (
         "library_name: flatl2o" in card and "hessian-trace" in card and "Command: `pytest`" in card
     )
+    # a real title and usage line: the folder it was written to, not a placeholder
+    assert "PATH_OR_REPO_ID" not in card and "\n# tiny\n" in card
+    assert f"L2O.from_pretrained(model.parameters(), {json.dumps(str(out))})" in card
+    assert "Task: `digits-mlp` (batch 32)" in card
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["test_accuracy@20"] <= 1.0
     records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
@@ -198,6 +305,12 @@ def test_output_is_a_hub_ready_folder_that_the_optimizer_loads(tmp_path):
     opt = flatl2o.L2O.from_pretrained(model.parameters(), out)
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
+    # an exported copy's card loads the copy; a copy into pretrained/ loads the shipped name
+    trainer = MetaTrainer(recipe, out, resume=True, progress=False)
+    exported = trainer.export(tmp_path / "shipped" / "tiny")
+    card = (exported / "README.md").read_text()
+    assert f"from_pretrained(model.parameters(), {json.dumps(str(exported))})" in card
+    assert export_name(Path(flatl2o.hub.SHIPPED_DIRS[1]) / "dm-entropy") == "dm-entropy"
 
 
 def test_finetune_from_a_checkpoint_on_a_users_own_module(tmp_path):
@@ -227,6 +340,10 @@ def test_finetune_from_a_checkpoint_on_a_users_own_module(tmp_path):
     out = MetaTrainer(recipe, tmp_path / "ft", task=task, progress=False).run()
     tuned = flatl2o.load_rule(out)
     assert tuned.fingerprint() != start.fingerprint()
+    # the card names the task that was trained on, not the recipe's [task] (digits-mlp)
+    card = (out / "README.md").read_text()
+    assert "digits-mlp" not in card
+    assert "a user-defined task `user` (49 parameters, batches from its sampler" in card
     model = Regressor()
     opt = flatl2o.L2O(model.parameters(), tuned)
     x, y = sample(torch.Generator().manual_seed(1))

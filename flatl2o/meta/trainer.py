@@ -36,8 +36,8 @@ from torch import Tensor, nn
 
 from flatl2o import distributed
 from flatl2o.checkpoint import atomic_write_bytes, atomic_write_text, save_rule
-from flatl2o.hub import load_rule, render_model_card
-from flatl2o.meta.recipe import Recipe
+from flatl2o.hub import SHIPPED_DIRS, load_rule, render_model_card, retarget_model_card
+from flatl2o.meta.recipe import Recipe, RecipeError
 from flatl2o.meta.regularizers import make_regularizer
 from flatl2o.meta.rollout import evaluate_rule, rollout
 from flatl2o.meta.tasks import Task, make_task
@@ -118,6 +118,7 @@ class MetaTrainer:
             raise ValueError(f"meta_batch must be a positive int (optimizees), got {meta_batch!r}")
         self.recipe = recipe
         self.out = Path(out_dir)
+        self.custom_task = task is not None  # the model card must not claim [task].name then
         self.task = (
             task
             if task is not None
@@ -140,10 +141,11 @@ class MetaTrainer:
             if recipe.rule.init_from:
                 self.rule = load_rule(recipe.rule.init_from)
                 if self.rule.architecture != recipe.rule.architecture:
-                    raise ValueError(
+                    raise RecipeError(
                         f"[rule].init_from {recipe.rule.init_from!r} is a "
                         f"{self.rule.architecture!r} rule but [rule].architecture is "
-                        f"{recipe.rule.architecture!r}; make them agree"
+                        f"{recipe.rule.architecture!r}; make them agree (e.g. override "
+                        f"rule.architecture={self.rule.architecture})"
                     )
             else:
                 self.rule = make_rule(recipe.rule.architecture, **recipe.rule.options)
@@ -400,7 +402,7 @@ class MetaTrainer:
     def _log(self, record: dict[str, Any]) -> None:
         if self.rank == 0:
             with open(self.out / LOG_NAME, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(strict_json(record) + "\n")
         self.log_lines += 1
 
     # ------------------------------------------------------------- checkpoints
@@ -527,8 +529,14 @@ class MetaTrainer:
         if evaluate and self.task.dataset is not None:
             ev = self.recipe.evaluation
             metrics = evaluate_rule(rule, self.task, horizons=ev.horizons, seeds=ev.seeds)
-        atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        card = render_model_card(rule, metrics=metrics, body=self._card_body(metrics))
+        atomic_write_text(self.out / "metrics.json", strict_json(metrics, indent=2) + "\n")
+        card = render_model_card(
+            rule,
+            title=self.recipe.name,
+            load_from=str(self.out),
+            metrics=metrics,
+            body=self._card_body(metrics),
+        )
         save_rule(rule, self.out, model_card=card)
         plot_log(self.out / LOG_NAME, self.out / "meta_training.png")
         return self.out
@@ -540,7 +548,11 @@ class MetaTrainer:
         for name in EXPORTED_FILES:
             src = self.out / name
             if src.is_file():
-                atomic_write_bytes(folder / name, src.read_bytes())
+                data = src.read_bytes()
+                if name == "README.md":  # the card's usage line loads the exported copy
+                    card = retarget_model_card(data.decode("utf-8"), export_name(folder))
+                    data = card.encode("utf-8")
+                atomic_write_bytes(folder / name, data)
         return folder
 
     def _card_body(self, metrics: dict[str, Any]) -> str:
@@ -552,12 +564,25 @@ class MetaTrainer:
             if reg.name != "none" and reg.alpha > 0
             else "none (plain meta-training)"
         )
+        if self.custom_task:  # passed to meta_train(task=...): [task] was not used
+            batches = (
+                f"batch {self.task.batch_size}"
+                if self.task.dataset is not None
+                else "batches from its sampler"
+            )
+            task = (
+                f"a user-defined task `{self.task.name}` ({self.task.num_params} parameters, "
+                f"{batches}; passed to `meta_train(task=...)`, so the recipe's `[task]` "
+                "section was not used)"
+            )
+        else:
+            task = f"`{r.task.name}` (batch {r.task.batch_size})"
         lines = [
             "## How it was made",
             "",
             r.description.strip() or "Meta-trained with flatl2o.",
             "",
-            f"- Task: `{r.task.name}` (batch {r.task.batch_size}), "
+            f"- Task: {task}, "
             f"{r.train.iterations} trajectories, unroll {r.train.unroll}, "
             f"curriculum {self.lengths}, meta-lr {r.train.meta_lr}, "
             f"imitation probability {r.train.imitation_prob}.",
@@ -592,6 +617,31 @@ class MetaTrainer:
         return "\n".join(lines)
 
 
+def export_name(folder: str | os.PathLike[str]) -> str:
+    """How to load an exported folder: its shipped name if it is ``pretrained/<name>`` of this
+    flatl2o (source checkout or wheel), else the folder path as given."""
+    folder = Path(folder)
+    shipped = {root.resolve() for root in SHIPPED_DIRS}
+    return folder.name if folder.resolve().parent in shipped else str(folder)
+
+
+def _finite_or_none(value: Any) -> Any:
+    """``value`` with every non-finite float (inf, -inf, nan) replaced by ``None``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def strict_json(value: Any, **kwargs: Any) -> str:
+    """Strict JSON (RFC 8259): non-finite floats, which ``json.dumps`` would write as the
+    non-standard ``Infinity`` / ``NaN`` tokens, are written as ``null``."""
+    return json.dumps(_finite_or_none(value), allow_nan=False, **kwargs)
+
+
 def _git_commit() -> str:
     try:
         out = subprocess.run(
@@ -621,13 +671,13 @@ def plot_log(log: Path, out: Path) -> Path | None:
     keys = [
         k
         for k in ("meta_loss", "regularizer", "imitation", "val_loss")
-        if any(k in r for r in records)
+        if any(r.get(k) is not None for r in records)
     ]
     if not keys:
         return None
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
-        pts = [(r["iteration"], r[key]) for r in records if key in r]
+        pts = [(r["iteration"], r[key]) for r in records if r.get(key) is not None]
         ax.plot(*zip(*pts, strict=True), marker="." if key == "val_loss" else None)
         ax.set_title(key)
         ax.set_xlabel("trajectory")
