@@ -285,6 +285,22 @@ def test_learned_run_equals_the_meta_training_rollout(digits_task):
     assert rec["metrics"]["20"]["test_loss"] == pytest.approx(ref["test_loss@20"], rel=1e-6)
 
 
+def test_a_checkpoint_changed_since_planning_is_refused(digits_task):
+    info = resolve_optimizers(["rnnprop"])["rnnprop"]
+    spec = RunSpec(
+        "digits-mlp",
+        "rnnprop",
+        seed=0,
+        horizons=(2,),
+        hparams={"lr": 1.0},
+        checkpoint=info.path,
+        fingerprint="0" * 16,
+        trace_probes=0,
+    )
+    with pytest.raises(RuntimeError, match="changed on disk"):
+        train_run(spec, digits_task)
+
+
 def test_divergence_stops_the_run_at_the_last_finite_iterate(digits_task):
     spec = RunSpec(
         "digits-mlp", "sgd", seed=0, horizons=(30,), hparams={"lr": 1e38}, trace_probes=0

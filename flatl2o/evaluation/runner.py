@@ -112,6 +112,12 @@ def build_optimizer(
         from flatl2o import L2O, load_rule
 
         rule = load_rule(spec.checkpoint)
+        if spec.fingerprint is not None and rule.fingerprint() != spec.fingerprint:
+            raise RuntimeError(
+                f"the checkpoint {spec.checkpoint} changed on disk during the evaluation (rule "
+                f"fingerprint {rule.fingerprint()}, planned {spec.fingerprint}); rerun with "
+                "--resume: finished runs of unchanged checkpoints are reused"
+            )
         return L2O(params, rule=rule, nonfinite="raise", **spec.hparams)
     return BASELINES[spec.optimizer].make(params, dict(spec.hparams), noise_generator)
 
