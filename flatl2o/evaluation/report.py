@@ -354,7 +354,7 @@ def _q1(data: dict[str, Any], agg: dict) -> list[str]:
     summary = []
     lines[2:2] = _stall_lines(data, agg)
     for reg, sib in pairs:
-        wins = losses = ties = hollow = 0
+        wins = losses = ties = hollow = fits_less = gap_larger = 0
         for task in data["config"]["tasks"]:
             for h in horizons_of(data):
                 if (task, reg, h) not in agg or (task, sib, h) not in agg:
@@ -377,7 +377,10 @@ def _q1(data: dict[str, Any], agg: dict) -> list[str]:
                 if _stalled(data, agg, task, reg, h):
                     verdict += f" (`{reg}` does not train)"
                 wins += verdict.startswith("higher")
-                losses += verdict.startswith("lower")
+                if verdict.startswith("lower"):
+                    losses += 1
+                    fits_less += dtr.significant and dtr.mean > 0
+                    gap_larger += dgap.significant and dgap.mean > 0
                 ties += verdict == "within seed noise"
                 lines.append(
                     f"| `{reg}` | `{sib}` | {_task_label(data, task)} | {h} | "
@@ -409,6 +412,12 @@ def _q1(data: dict[str, Any], agg: dict) -> list[str]:
             )
         else:
             text += "**The claim is not supported for this pair.**"
+        if losses:
+            text += (
+                f" In the {losses} cell(s) where it is lower, it fits the train split less "
+                f"(higher train loss, beyond seed noise) in {fits_less} and its generalization "
+                f"gap is larger (beyond seed noise) in {gap_larger}."
+            )
         summary.append(text)
     lines += ["", "Summary:", "", *summary, ""]
     lines.append(
@@ -758,8 +767,13 @@ def render_markdown(data: dict[str, Any], fig: str = ".", command: str | None = 
 def _colors(data: dict[str, Any]) -> dict[str, Any]:
     import matplotlib
 
-    cmap = matplotlib.colormaps["tab10"]
-    return {n: cmap(i % 10) for i, n in enumerate(optimizer_order(data))}
+    names = optimizer_order(data)
+    if len(names) <= 10:
+        cmap = matplotlib.colormaps["tab10"]
+        return {n: cmap(i) for i, n in enumerate(names)}
+    cmap = matplotlib.colormaps["tab20"]  # dark shades first, then the light ones
+    order = [*range(0, 20, 2), *range(1, 20, 2)]
+    return {n: cmap(order[i % 20]) for i, n in enumerate(names)}
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -791,21 +805,23 @@ def _curve_plot(ax: Any, data: dict[str, Any], runs: list[dict[str, Any]], color
             curves.append(_smooth(c, max(1, len(c) // 50)))
         n = max(len(c) for c in curves)
         xs, mean, lo, hi = [], [], [], []
-        for i in range(n):
-            vals = [c[i] for c in curves if i < len(c) and math.isfinite(c[i])]
+        for i in range(n):  # geometric mean and ± 1 std band of log(loss): a log-scale plot
+            vals = [
+                math.log(c[i]) for c in curves if i < len(c) and math.isfinite(c[i]) and c[i] > 0
+            ]
             if not vals:
                 continue
             st = Stats.of(vals)
             xs.append((i + 1) * every)
-            mean.append(st.mean)
-            lo.append(st.mean - st.std)
-            hi.append(st.mean + st.std)
+            mean.append(math.exp(st.mean))
+            lo.append(math.exp(st.mean - st.std))
+            hi.append(math.exp(st.mean + st.std))
         style = "-" if data["optimizers"][opt]["kind"] == "learned" else "--"
         ax.plot(xs, mean, style, color=colors[opt], lw=1.2, label=opt)
-        ax.fill_between(xs, [max(v, 1e-6) for v in lo], hi, color=colors[opt], alpha=0.2, lw=0)
+        ax.fill_between(xs, lo, hi, color=colors[opt], alpha=0.2, lw=0)
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("minibatch loss (running mean)")
+    ax.set_ylabel("minibatch loss (geometric mean ± std)")
     ax.grid(True, alpha=0.3)
 
 
@@ -836,13 +852,13 @@ def write_plots(data: dict[str, Any], out_dir: str | os.PathLike[str]) -> list[P
         runs = [r for r in data["runs"] if r["spec"]["task"] == task]
         fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
         _curve_plot(ax, data, runs, colors)
-        ax.set_title(f"{task}: minibatch loss, mean ± std over seeds")
+        ax.set_title(f"{task}: minibatch loss over seeds")
         ax.legend(fontsize=7, ncol=2)
         save(fig, f"loss_curves_{task}.png")
 
     for h in horizons_of(data):
         fig, ax = plt.subplots(
-            figsize=(max(7, 1.6 * len(tasks) * max(1, len(order)) / 4), 4.2), layout="constrained"
+            figsize=(max(7.0, 2.0 + 0.2 * len(tasks) * len(order)), 4.2), layout="constrained"
         )
         width = 0.8 / max(len(order), 1)
         for j, opt in enumerate(order):
@@ -865,7 +881,7 @@ def write_plots(data: dict[str, Any], out_dir: str | os.PathLike[str]) -> list[P
         ax.set_xticks(range(len(tasks)), tasks, fontsize=8)
         ax.set_ylabel("test accuracy")
         ax.set_title(f"test accuracy after {h} steps (mean ± std over seeds)")
-        ax.legend(fontsize=7, ncol=3)
+        fig.legend(fontsize=7, loc="outside right upper")
         ax.grid(True, axis="y", alpha=0.3)
         save(fig, f"test_accuracy_{h}.png")
 
@@ -901,7 +917,21 @@ def write_plots(data: dict[str, Any], out_dir: str | os.PathLike[str]) -> list[P
             ax.set_title(task, fontsize=9)
             ax.grid(True, alpha=0.3)
         axes[0][0].set_ylabel("test accuracy")
-        axes[0][-1].legend(fontsize=6)
+        with_points = [ax for ax in axes[0] if ax.get_legend_handles_labels()[0]]
+        if with_points:
+            with_points[-1].legend(fontsize=6)
+        for ax in axes[0]:
+            if not ax.get_legend_handles_labels()[0]:
+                ax.text(
+                    0.5,
+                    0.5,
+                    "flatness not measured",
+                    ha="center",
+                    va="center",
+                    transform=ax.transAxes,
+                    fontsize=8,
+                    color="gray",
+                )
         fig.suptitle(f"flatness vs test accuracy after {h} steps (one point per run)", fontsize=10)
         save(fig, f"flatness_vs_accuracy_{h}.png")
 
@@ -912,7 +942,7 @@ def write_plots(data: dict[str, Any], out_dir: str | os.PathLike[str]) -> list[P
         fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
         _curve_plot(ax, data, runs, colors)
         ax.set_xscale("log")
-        ax.set_title(f"{task}: long horizon, minibatch loss (mean ± std over seeds)")
+        ax.set_title(f"{task}: long horizon, minibatch loss over seeds")
         ax.legend(fontsize=7, ncol=2)
         save(fig, f"long_{task}.png")
     return written
