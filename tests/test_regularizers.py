@@ -126,8 +126,7 @@ def test_local_entropy_gradient_matches_gibbs_mean_noiseless():
     a, loss_fn = _quadratic()
     gamma = 1.0
     theta = torch.tensor([1.0, -2.0, 0.5], dtype=DT, requires_grad=True)
-    reg = local_entropy(loss_fn, theta, gamma=gamma, steps=400, lr=0.1, noise=0.0,
-                        generator=_gen())
+    reg = local_entropy(loss_fn, theta, gamma=gamma, steps=400, lr=0.1, noise=0.0, generator=_gen())
     (grad,) = torch.autograd.grad(reg, theta)
     mu = gamma * torch.linalg.solve(a + gamma * torch.eye(3, dtype=DT), theta.detach())
     torch.testing.assert_close(grad, gamma * (theta.detach() - mu), rtol=1e-8, atol=1e-10)
@@ -139,8 +138,16 @@ def test_local_entropy_gradient_matches_gibbs_mean_with_noise():
     a, loss_fn = _quadratic()
     gamma, lr, noise, average = 1.0, 0.1, 1e-3, 0.995
     theta = torch.tensor([1.0, -2.0, 0.5], dtype=DT, requires_grad=True)
-    reg = local_entropy(loss_fn, theta, gamma=gamma, steps=3000, lr=lr, noise=noise,
-                        average=average, generator=_gen())
+    reg = local_entropy(
+        loss_fn,
+        theta,
+        gamma=gamma,
+        steps=3000,
+        lr=lr,
+        noise=noise,
+        average=average,
+        generator=_gen(),
+    )
     (grad,) = torch.autograd.grad(reg, theta)
     mu = gamma * torch.linalg.solve(a + gamma * torch.eye(3, dtype=DT), theta.detach())
     # Per coordinate of μ: Gibbs variance ≤ ε/(λ_min + γ) = 6.7e-4, reduced by the EMA
