@@ -253,7 +253,9 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [
         f"Machine: {m['cpu']}, {m['threads']} torch threads; fp32 matmul "
-        f"{m['matmul_gflops']:.0f} GFLOP/s, copy {m['copy_gbps']:.1f} GB/s (measured in this run).",
+        f"{m['matmul_gflops']:.0f} GFLOP/s, copy {m['copy_gbps']:.1f} GB/s (measured in this run); "
+        f"load average {m['load_average_before'][0]:.1f} before, "
+        f"{m.get('load_average_after', [float('nan')])[0]:.1f} after.",
         "",
         "| params | step | rule | time (ms) | × Adam | GFLOP/s | GB/s | × floor | state B/param "
         "| transient MiB |",
@@ -305,11 +307,13 @@ def main() -> None:
         python=platform.python_version(),
         matmul_gflops=matmul_rate() / 1e9,
         copy_gbps=copy_bandwidth() / 1e9,
+        load_average_before=os.getloadavg(),
     )
     print(machine, flush=True)
     result = dict(machine=machine, steps=bench_sizes(args.sizes, args.reps))
     if not args.no_e2e:
         result["end_to_end"] = end_to_end(args.reps * 4)
+    machine["load_average_after"] = os.getloadavg()
     table = markdown(result)
     print(table)
     out = Path(args.out)

@@ -126,6 +126,21 @@ def local_state(state: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> di
     return {**state, **{key: state[key].to_local().view(-1, *shapes[key]) for key in sharded}}
 
 
+#: Elements checked for NaN/inf at once: bounds the check's transient memory (1 byte each).
+FINITE_CHECK_CHUNK = 1 << 22
+
+
+def _all_finite(t: Tensor) -> Tensor:
+    """0-dim bool: every element finite, without allocating a mask of ``t``'s size."""
+    if not t.is_contiguous() or t.numel() <= FINITE_CHECK_CHUNK:
+        return torch.isfinite(t).all()
+    flat = t.view(-1)
+    ok = torch.ones((), dtype=torch.bool, device=t.device)
+    for start in range(0, flat.numel(), FINITE_CHECK_CHUNK):
+        ok &= torch.isfinite(flat[start : start + FINITE_CHECK_CHUNK]).all()
+    return ok
+
+
 def finite_flags(params: Sequence[Tensor]) -> list[bool]:
     """Whether each parameter's gradient is all finite, agreed on by all ranks for DTensors.
 
@@ -137,7 +152,7 @@ def finite_flags(params: Sequence[Tensor]) -> list[bool]:
     for p in params:
         grad = local_grad(p)
         grad = torch.view_as_real(grad) if grad.is_complex() else grad
-        flags.append(torch.isfinite(grad).all())
+        flags.append(_all_finite(grad))
     if not flags:
         return []
     meshes: dict[Any, list[int]] = {}

@@ -385,3 +385,17 @@ def test_torch_compile_of_a_training_step(backend: str) -> None:
         return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
     assert torch.equal(run(True), run(False))
+
+
+def test_nan_check_of_a_large_gradient_is_chunked_and_complete() -> None:
+    """The NaN/inf check runs in bounded chunks (no mask of the parameter's size) and still
+    sees the last element."""
+    from flatl2o.distributed import FINITE_CHECK_CHUNK
+
+    p = torch.nn.Parameter(torch.zeros(2 * FINITE_CHECK_CHUNK + 3))
+    p.grad = torch.ones_like(p)
+    p.grad[-1] = float("nan")
+    opt = L2O([p], _rule("l2o-dm"), nonfinite="raise")
+    with pytest.raises(FloatingPointError, match="NaN or inf"):
+        opt.step()
+    assert not p.any() and not opt.state[p]
