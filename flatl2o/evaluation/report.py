@@ -354,7 +354,7 @@ def _q1(data: dict[str, Any], agg: dict) -> list[str]:
     summary = []
     lines[2:2] = _stall_lines(data, agg)
     for reg, sib in pairs:
-        wins = losses = ties = hollow = fits_less = gap_larger = 0
+        wins = losses = ties = hollow = fits_less = gap_larger = fits_more = gap_smaller = 0
         for task in data["config"]["tasks"]:
             for h in horizons_of(data):
                 if (task, reg, h) not in agg or (task, sib, h) not in agg:
@@ -377,6 +377,9 @@ def _q1(data: dict[str, Any], agg: dict) -> list[str]:
                 if _stalled(data, agg, task, reg, h):
                     verdict += f" (`{reg}` does not train)"
                 wins += verdict.startswith("higher")
+                if verdict.startswith("higher"):
+                    fits_more += dtr.significant and dtr.mean < 0
+                    gap_smaller += dgap.significant and dgap.mean < 0
                 if verdict.startswith("lower"):
                     losses += 1
                     fits_less += dtr.significant and dtr.mean > 0
@@ -405,6 +408,11 @@ def _q1(data: dict[str, Any], agg: dict) -> list[str]:
             wins -= hollow
         if wins == total:
             text += "The claim (regularized beats unregularized) is supported for this pair."
+        elif wins == 1 and losses == 0 and total >= 4:
+            text += (
+                f"**The claim is not supported overall:** one cell of {total}, each a test at 95%, "
+                f"is about what chance alone gives ({0.05 * total:.1f} expected)."
+            )
         elif wins > 0 and losses == 0:
             text += (
                 "The claim is only partly supported: where it is not, the difference is within "
@@ -412,11 +420,29 @@ def _q1(data: dict[str, Any], agg: dict) -> list[str]:
             )
         else:
             text += "**The claim is not supported for this pair.**"
+        if wins + hollow:
+            text += (
+                f" In the {wins + hollow} cell(s) where it is higher, it also fits the train "
+                f"split better (lower train loss, beyond seed noise) in {fits_more} and its "
+                f"generalization gap is smaller (beyond seed noise) in {gap_smaller}"
+                + (
+                    ": a gain that comes with a better fit is (also) an optimization effect, "
+                    "not only flatness."
+                    if fits_more
+                    else "."
+                )
+            )
         if losses:
             text += (
                 f" In the {losses} cell(s) where it is lower, it fits the train split less "
                 f"(higher train loss, beyond seed noise) in {fits_less} and its generalization "
                 f"gap is larger (beyond seed noise) in {gap_larger}."
+            )
+        better, worse, _ = _vs_best_baseline(data, agg, sib)
+        if better + worse + _:
+            text += (
+                f" For context, `{sib}` itself is worse than the best tuned baseline beyond seed "
+                f"noise in {worse} of {better + worse + _} cells (better in {better})."
             )
         summary.append(text)
     lines += ["", "Summary:", "", *summary, ""]
@@ -427,6 +453,30 @@ def _q1(data: dict[str, Any], agg: dict) -> list[str]:
     )
     lines.append("")
     return lines
+
+
+def _best_baseline(data: dict[str, Any], agg: dict, task: str, h: int) -> str | None:
+    """The tuned reference baseline with the highest mean test accuracy at (task, h)."""
+    present = [b for b in TUNED_REFERENCE if (task, b, h) in agg and b in data["optimizers"]]
+    if not present:
+        return None
+    return max(present, key=lambda b: agg[(task, b, h)]["test_accuracy"].mean)
+
+
+def _vs_best_baseline(data: dict[str, Any], agg: dict, opt: str) -> tuple[int, int, int]:
+    """(better, worse, within noise) cell counts of ``opt`` against the best tuned baseline."""
+    counts = [0, 0, 0]
+    for task in data["config"]["tasks"]:
+        for h in horizons_of(data):
+            best = _best_baseline(data, agg, task, h)
+            if best is None or (task, opt, h) not in agg:
+                continue
+            v = paired(
+                per_seed(data, task, opt, h, "test_accuracy"),
+                per_seed(data, task, best, h, "test_accuracy"),
+            ).verdict("better", "worse")
+            counts[0 if v.startswith("better") else 1 if v.startswith("worse") else 2] += 1
+    return counts[0], counts[1], counts[2]
 
 
 def _q2(data: dict[str, Any], agg: dict) -> list[str]:
@@ -446,10 +496,9 @@ def _q2(data: dict[str, Any], agg: dict) -> list[str]:
     counts = {n: [0, 0, 0] for n in learned}
     for task in data["config"]["tasks"]:
         for h in horizons_of(data):
-            present = [b for b in refs if (task, b, h) in agg]
-            if not present:
+            best = _best_baseline(data, agg, task, h)
+            if best is None:
                 continue
-            best = max(present, key=lambda b: agg[(task, b, h)]["test_accuracy"].mean)
             cells = []
             for n in learned:
                 if (task, n, h) not in agg:
