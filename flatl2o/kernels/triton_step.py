@@ -26,9 +26,10 @@ except ImportError:  # optional dependency
     triton = None
     tl = None
 
-#: Coordinates per program and warps per program (measured on an H200, see docs/performance.md).
-BLOCK = 64
-NUM_WARPS = 4
+#: Coordinates per program and warps per program: the fastest of blocks {32, 64} x warps
+#: {2, 4, 8} measured on an H200 (benchmarks/results/gpu_check_h200.log; 64 was 6x slower).
+BLOCK = 32
+NUM_WARPS = 2
 #: ``tl.dot`` precision for the gate products: ``"ieee"`` is plain fp32 FMA; ``"tf32x3"``
 #: uses tensor cores with fp32-level accuracy. Overridable with ``FLATL2O_TRITON_PRECISION``.
 PRECISION = os.environ.get("FLATL2O_TRITON_PRECISION", "ieee")
