@@ -212,7 +212,7 @@ def validate(recipe: Recipe, *, source: str = "recipe") -> None:
     if reg.name != "none" and reg.alpha == 0:  # the public code's silent no-op (spec §3)
         fail(
             f"[regularizer].name is {reg.name!r} but alpha is 0, which would silently train "
-            "without it; set alpha > 0, or name = \"none\" for plain meta-training"
+            'without it; set alpha > 0, or name = "none" for plain meta-training'
         )
     t = recipe.train
     if t.meta_loss not in ("mean", "log"):
