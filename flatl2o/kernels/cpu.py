@@ -29,6 +29,7 @@ from torch import Tensor
 
 from flatl2o.kernels.errors import KernelUnavailable
 from flatl2o.kernels.program import PREP_DM, RuleProgram, dm_exp_k
+from flatl2o.kernels.reference import apply_step
 
 SOURCE = Path(__file__).with_name("cpu_step.c")
 TILE = 16
@@ -303,9 +304,7 @@ class CPUKernel:
             else:
                 d = delta[: stop - start]
                 self._run(base, rows, g, None, d, first, stop - start)
-                target = param[start:stop]
-                work = target.to(torch.promote_types(target.dtype, torch.float32))
-                target.copy_(work.add_(d.to(work.dtype), alpha=-lr))
+                apply_step(param[start:stop], d, lr)
             if not fp32_state:
                 for k in names:
                     state[k][start:stop].copy_(rows[k])

@@ -20,6 +20,16 @@ from flatl2o.rules import UpdateRule
 ROW_TILE = 64
 
 
+def apply_step(target: Tensor, delta: Tensor, lr: float) -> None:
+    """``target -= lr * delta`` in place; fp16/bf16/fp64 targets get (at least) fp32
+    arithmetic and are stored back in their own dtype."""
+    if target.dtype == torch.float32:
+        target.add_(delta, alpha=-lr)
+    else:
+        work = target.to(torch.promote_types(target.dtype, torch.float32))
+        target.copy_(work.add_(delta.to(work.dtype), alpha=-lr))
+
+
 class ReferenceKernel:
     """Runs the rule module chunk by chunk (transient memory bounded by ``chunk_size``)."""
 
@@ -61,9 +71,4 @@ class ReferenceKernel:
             for k, v in views.items():
                 v.copy_(new_state[k][: stop - start])
             delta = delta[: stop - start]
-            target = param[start:stop]
-            if target.dtype == torch.float32:
-                target.add_(delta, alpha=-lr)
-            else:  # fp16/bf16/fp64: do the arithmetic in (at least) fp32, then store
-                work = target.to(torch.promote_types(target.dtype, torch.float32))
-                target.copy_(work.add_(delta.to(work.dtype), alpha=-lr))
+            apply_step(param[start:stop], delta, lr)
