@@ -59,6 +59,26 @@ if triton is not None:
         return tl.load(w_ptr + (row0 + j) * ldw + col0 + k, mask=(k < K) & (j < H), other=0.0)
 
     @triton.jit
+    def _gate(
+        x,
+        h,
+        w_ptr,
+        b_ptr,
+        q,
+        K: tl.constexpr,
+        KP: tl.constexpr,
+        H: tl.constexpr,
+        HP: tl.constexpr,
+        PREC: tl.constexpr,
+    ):
+        """Pre-activation of gate ``q`` (0..3 = i, f, g, o): x W_ih[q]^T + h W_hh[q]^T + b[q]."""
+        ldw = K + H
+        j = tl.arange(0, HP)
+        z = tl.dot(x, _wtile(w_ptr, ldw, q * H, 0, K, KP, H, HP), input_precision=PREC)
+        z += tl.dot(h, _wtile(w_ptr, ldw, q * H, K, H, HP, H, HP), input_precision=PREC)
+        return z + tl.load(b_ptr + q * H + j, mask=j < H, other=0.0)[None, :]
+
+    @triton.jit
     def _lstm_layer(
         x,
         h,
@@ -72,21 +92,10 @@ if triton is not None:
         PREC: tl.constexpr,
     ):
         """One LSTM cell on a block: x (B, KP), h and c (B, HP) -> new h, new c."""
-        ldw = K + H
-        j = tl.arange(0, HP)
-        jm = j < H
-        zi = tl.dot(x, _wtile(w_ptr, ldw, 0 * H, 0, K, KP, H, HP), input_precision=PREC)
-        zi += tl.dot(h, _wtile(w_ptr, ldw, 0 * H, K, H, HP, H, HP), input_precision=PREC)
-        zi += tl.load(b_ptr + 0 * H + j, mask=jm, other=0.0)[None, :]
-        zf = tl.dot(x, _wtile(w_ptr, ldw, 1 * H, 0, K, KP, H, HP), input_precision=PREC)
-        zf += tl.dot(h, _wtile(w_ptr, ldw, 1 * H, K, H, HP, H, HP), input_precision=PREC)
-        zf += tl.load(b_ptr + 1 * H + j, mask=jm, other=0.0)[None, :]
-        zg = tl.dot(x, _wtile(w_ptr, ldw, 2 * H, 0, K, KP, H, HP), input_precision=PREC)
-        zg += tl.dot(h, _wtile(w_ptr, ldw, 2 * H, K, H, HP, H, HP), input_precision=PREC)
-        zg += tl.load(b_ptr + 2 * H + j, mask=jm, other=0.0)[None, :]
-        zo = tl.dot(x, _wtile(w_ptr, ldw, 3 * H, 0, K, KP, H, HP), input_precision=PREC)
-        zo += tl.dot(h, _wtile(w_ptr, ldw, 3 * H, K, H, HP, H, HP), input_precision=PREC)
-        zo += tl.load(b_ptr + 3 * H + j, mask=jm, other=0.0)[None, :]
+        zi = _gate(x, h, w_ptr, b_ptr, 0, K, KP, H, HP, PREC)
+        zf = _gate(x, h, w_ptr, b_ptr, 1, K, KP, H, HP, PREC)
+        zg = _gate(x, h, w_ptr, b_ptr, 2, K, KP, H, HP, PREC)
+        zo = _gate(x, h, w_ptr, b_ptr, 3, K, KP, H, HP, PREC)
         c_new = _sigmoid(zf) * c + _sigmoid(zi) * _tanh(zg)
         h_new = _sigmoid(zo) * _tanh(c_new)
         return h_new, c_new
