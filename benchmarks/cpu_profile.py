@@ -61,8 +61,7 @@ def main() -> None:
         rule = make_rule(name)
         full = None
         for label, defines in VARIANTS.items():
-            kernel = cpu.CPUKernel(rule_program(rule))
-            kernel.lib = cpu._build(defines) if defines else kernel.lib
+            kernel = cpu.CPUKernel(rule_program(rule), lib=cpu._build(defines))
             state = rule.init_state(N)
             g = torch.randn(N)
             w = torch.randn(N)

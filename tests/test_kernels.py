@@ -82,6 +82,26 @@ def test_cpu_kernel_other_sizes_and_maximize(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", RULE_NAMES)
+@pytest.mark.parametrize("hidden", [1, 4, 7, 16, 20, 33, 64])
+def test_cpu_kernel_every_packed_layout(name: str, hidden: int) -> None:
+    """Hidden sizes covering the AVX-512 layout's cases: tail quads only (partial or not),
+    full 16-unit blocks only, both, and 16 gate vectors split into register blocks."""
+    rule = _rule(name, hidden_size=hidden, num_layers=2)
+    _assert_matches_reference(cpu.CPUKernel(rule_program(rule)), rule, 37, steps=2)
+
+
+@pytest.mark.parametrize("name", RULE_NAMES)
+def test_portable_c_build_matches_reference(name: str) -> None:
+    """The plain-C build used where AVX-512 is absent (forced here with -DFLATL2O_PORTABLE)."""
+    lib = cpu._build(("FLATL2O_PORTABLE",))
+    assert lib.flatl2o_layout() == 0
+    for hidden, layers in ((20, 2), (7, 3)):
+        rule = _rule(name, hidden_size=hidden, num_layers=layers)
+        kernel = cpu.CPUKernel(rule_program(rule), lib=lib)
+        _assert_matches_reference(kernel, rule, 333, maximize=True)
+
+
+@pytest.mark.parametrize("name", RULE_NAMES)
 def test_cpu_kernel_untrained_scale(name: str) -> None:
     """At init scale (small weights) too, not only with saturated gates."""
     rule = _rule(name, scale=1.0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -160,6 +161,8 @@ def _build(defines: tuple[str, ...] = ()) -> ctypes.CDLL:
         lib = ctypes.CDLL(str(target))
         lib.flatl2o_step.argtypes = [ctypes.POINTER(_Args), ctypes.c_int64]
         lib.flatl2o_step.restype = ctypes.c_int
+        lib.flatl2o_layout.argtypes = []
+        lib.flatl2o_layout.restype = ctypes.c_int
         return lib
     raise KernelUnavailable("compiling the CPU kernel failed:\n" + "\n".join(errors))
 
@@ -204,6 +207,55 @@ def _executor(size: int) -> ThreadPoolExecutor:
         return _pool
 
 
+#: ``flatl2o_layout()`` of a library built with the AVX-512 path (see cpu_step.c).
+LAYOUT_PACKED = 1
+#: Gate pre-activations are pre-multiplied so every gate is ``1 / (1 + 2^t)``:
+#: sigmoid(x) = 1 / (1 + 2^(-x log2 e)), tanh(x) = 2 / (1 + 2^(-2x log2 e)) - 1.
+_GATE_SCALE = (-math.log2(math.e), -math.log2(math.e), -2 * math.log2(math.e), -math.log2(math.e))
+
+
+def pack_program(program: RuleProgram) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """Layer weights, biases and read-out weights in the AVX-512 kernel's packed layout.
+
+    With ``A = H // 16`` full blocks and ``Q = ceil((H % 16) / 4)`` tail quads, a
+    coordinate's gates are ``NV = 4A + Q`` vectors of 16: vector ``4b + g`` is gate ``g`` of
+    units ``16b .. 16b+15``; vector ``4A + s`` holds gate ``g`` of unit ``16A + 4s + u`` in
+    lane ``4g + u``. Weights become ``(k + H, NV, 16)`` (each input's column vectors
+    together), scaled per gate by ``_GATE_SCALE`` (computed in float64, rounded once).
+    """
+    h = program.hidden
+    full, tail = h // 16, -(-(h % 16) // 4)
+    nv = 4 * full + tail
+    # slot[r] = flat index (vector * 16 + lane) of gate row r = g * H + unit
+    slot = torch.empty(4 * h, dtype=torch.long)
+    for g in range(4):
+        for unit in range(h):
+            b, u = divmod(unit, 16)
+            if b < full:
+                slot[g * h + unit] = (4 * b + g) * 16 + u
+            else:
+                s, u = divmod(unit - 16 * full, 4)
+                slot[g * h + unit] = (4 * full + s) * 16 + 4 * g + u
+    scale = torch.tensor(_GATE_SCALE, dtype=torch.float64).repeat_interleave(h)
+    weights, biases = [], []
+    for w, b in zip(program.layer_weights, program.layer_biases):
+        cols = w.shape[1]
+        wp = torch.zeros(nv * 16, cols, dtype=torch.float64)
+        wp[slot] = w.double() * scale[:, None]
+        weights.append(wp.t().contiguous().float())  # (k + H, NV * 16)
+        bp = torch.zeros(nv * 16, dtype=torch.float64)
+        bp[slot] = b.double() * scale
+        biases.append(bp.float())
+    w_out = torch.zeros(16 * (full + tail), dtype=torch.float32)
+    w_out[: 16 * full] = program.w_out[: 16 * full]
+    for s in range(tail):
+        quad = torch.zeros(4, dtype=torch.float32)
+        units = program.w_out[16 * full + 4 * s : 16 * full + 4 * s + 4]
+        quad[: units.numel()] = units
+        w_out[16 * (full + s) : 16 * (full + s + 1)] = quad.repeat(4)
+    return weights, biases, w_out
+
+
 def supports(program: RuleProgram) -> bool:
     """Whether the compiled kernel handles this rule's sizes."""
     widest = max([*program.layer_inputs, program.w_in.shape[0] if program.w_in is not None else 0])
@@ -220,14 +272,24 @@ class CPUKernel:
 
     name = "cpu"
 
-    def __init__(self, program: RuleProgram) -> None:
+    def __init__(self, program: RuleProgram, lib: ctypes.CDLL | None = None) -> None:
+        """``lib``: a specific build of the kernel (tests and profiling); default the cached one."""
         if not supports(program):
             raise KernelUnavailable(
                 f"the CPU kernel supports at most {MAX_LAYERS} layers, hidden size "
                 f"{MAX_HIDDEN} and input width {MAX_INPUT}; this rule runs on the reference path"
             )
-        self.lib = library()
+        self.lib = library() if lib is None else lib
         self.program = program.to(torch.device("cpu"))
+        self._set_layout()
+
+    def _set_layout(self) -> None:
+        """The weights in the layout the loaded library expects (kept alive on ``self``)."""
+        p = self.program
+        if self.lib.flatl2o_layout() == LAYOUT_PACKED:
+            self.weights, self.biases, self.w_out = pack_program(p)
+        else:
+            self.weights, self.biases, self.w_out = p.layer_weights, p.layer_biases, p.w_out
 
     def _args(self, step: int, lr: float, maximize: bool) -> _Args:
         p = self.program
@@ -235,11 +297,11 @@ class CPUKernel:
         a.lr, a.negate, a.prep = lr, int(maximize), p.prep
         a.layers, a.hidden = p.layers, p.hidden
         for i in range(p.layers):
-            a.w[i] = p.layer_weights[i].data_ptr()
-            a.b[i] = p.layer_biases[i].data_ptr()
+            a.w[i] = self.weights[i].data_ptr()
+            a.b[i] = self.biases[i].data_ptr()
             a.k[i] = p.layer_inputs[i]
         a.w_out, a.b_out, a.out_tanh, a.scale = (
-            p.w_out.data_ptr(),
+            self.w_out.data_ptr(),
             p.b_out,
             int(p.out_tanh),
             p.scale,

@@ -2,11 +2,20 @@
  *
  * Computes exactly the function of flatl2o.rules (L2O-DM and RNNprop: preprocessing,
  * stacked LSTM cells, read-out) for each coordinate, but keeps every intermediate of a tile
- * in registers/L1: the gradient and the recurrent state are read once and written once, the
- * gate pre-activations are a register-blocked matrix-vector product per tile, and the
- * nonlinearities use vectorizable polynomial exp/log (Cephes, about 1 ulp), so the loop
- * auto-vectorizes without libm's vector ABI. No allocation, no threads: the Python side
- * splits coordinates across threads (ctypes releases the GIL).
+ * in registers/L1: the gradient and the recurrent state are read once and written once.
+ * No allocation, no threads: the Python side splits coordinates across threads (ctypes
+ * releases the GIL).
+ *
+ * Two implementations of the LSTM stack, chosen at compile time:
+ *  - AVX-512 (x86 with AVX-512F, the machines this project benchmarks on): the weights are
+ *    re-packed by cpu.py (flatl2o_layout() == 1) so that one coordinate's gate
+ *    pre-activations are whole vectors; gate products are a register-blocked 4-coordinate x
+ *    5-vector FMA tile that reads the recurrent state in place (no transposes), and sigmoid /
+ *    tanh are 1 / (1 + 2^t) with a degree-5 polynomial 2^f, vscalef and rcp14 plus one Newton
+ *    step (no division). See the layout comment above flatl2o_step below.
+ *  - portable C (everything else, or -DFLATL2O_PORTABLE): a 16-coordinate tile in column
+ *    layout with an 8-row register-blocked matrix-vector product that compilers
+ *    auto-vectorize; the nonlinearities use polynomial exp (Cephes, about 1 ulp).
  *
  * Built at first use by flatl2o/kernels/cpu.py with the system C compiler; the reference
  * torch path is used when no compiler is available.
@@ -36,11 +45,13 @@ typedef struct {
 
     int32_t layers, hidden;
     float *h[MAX_LAYERS], *c[MAX_LAYERS];  /* (n, hidden) row-major */
-    const float *w[MAX_LAYERS];  /* (4*hidden, k_l + hidden): [W_ih | W_hh], gate order i,f,g,o */
-    const float *b[MAX_LAYERS];  /* (4*hidden): b_ih + b_hh */
+    /* layer weights: portable layout (4*hidden, k_l + hidden) = [W_ih | W_hh], gate order
+     * i,f,g,o, or the packed layout of flatl2o_layout() == 1 (see below) */
+    const float *w[MAX_LAYERS];
+    const float *b[MAX_LAYERS];  /* (4*hidden): b_ih + b_hh, or packed */
     int32_t k[MAX_LAYERS];       /* input width of layer l */
 
-    const float *w_out;  /* (hidden) */
+    const float *w_out;  /* (hidden), or packed */
     float b_out;
     int32_t out_tanh;
     float scale;
@@ -92,6 +103,342 @@ static inline float tanh_poly(float x) { return 0.5f * x; }
 static inline float sigmoid_poly(float x) { return 1.0f / (1.0f + exp_poly(-x)); }
 static inline float tanh_poly(float x) { return 1.0f - 2.0f / (1.0f + exp_poly(2.0f * x)); }
 #endif
+
+
+/* The rule's network input for the TILE coordinates from i0 (n of them real, the rest zero),
+ * in column layout in[j][t]; RNNprop's moving averages are updated in place. Returns the
+ * input width. */
+static inline int prepare_inputs(const flatl2o_args *a, int64_t i0, int n, float in[][TILE]) {
+    float g[TILE];
+    for (int t = 0; t < TILE; ++t) g[t] = t < n ? a->grad[i0 + t] : 0.0f;
+    if (a->negate)
+        for (int t = 0; t < TILE; ++t) g[t] = -g[t];
+    if (a->prep == 0) { /* L2O-DM: [clamp(log(|g|+eps)/k, min=-1), clamp(g*e^k, -1, 1)] */
+        for (int t = 0; t < TILE; ++t) {
+            float l = log_poly((g[t] < 0 ? -g[t] : g[t]) + a->dm_eps) * a->dm_inv_k;
+            in[0][t] = l < -1.0f ? -1.0f : l;
+            float s = g[t] * a->dm_exp_k;
+            s = s < -1.0f ? -1.0f : s;
+            in[1][t] = s > 1.0f ? 1.0f : s;
+        }
+        return 2;
+    }
+    /* RNNprop: m, v EMAs; [m_hat, g] / (sqrt(v_hat) + eps); ELU(linear) */
+    float mt[TILE], vt[TILE], x0[TILE], x1[TILE];
+    for (int t = 0; t < TILE; ++t) {
+        mt[t] = t < n ? a->m[i0 + t] : 0.0f;
+        vt[t] = t < n ? a->v[i0 + t] : 0.0f;
+    }
+    for (int t = 0; t < TILE; ++t) {
+        mt[t] = a->beta1 * mt[t] + (1.0f - a->beta1) * g[t];
+        vt[t] = a->beta2 * vt[t] + (1.0f - a->beta2) * g[t] * g[t];
+        float d = __builtin_sqrtf(vt[t] * a->inv_bc2) + a->rp_eps;
+        x0[t] = mt[t] * a->inv_bc1 / d;
+        x1[t] = g[t] / d;
+    }
+    for (int t = 0; t < n; ++t) {
+        a->m[i0 + t] = mt[t];
+        a->v[i0 + t] = vt[t];
+    }
+    const int I = a->in_size;
+    for (int r = 0; r < I; ++r) {
+        const float wa = a->w_in[2 * r], wb = a->w_in[2 * r + 1], bb = a->b_in[r];
+        for (int t = 0; t < TILE; ++t) {
+            const float z = bb + wa * x0[t] + wb * x1[t];
+            const float e = exp_poly(z) - 1.0f; /* computed always: no branch */
+            in[r][t] = z > 0.0f ? z : e;
+        }
+    }
+    return I;
+}
+
+/* Finish the rule from the read-out pre-activations out[t] and apply the step. */
+static inline void write_step(const flatl2o_args *a, int64_t i0, int n, float out[TILE]) {
+    if (a->out_tanh)
+        for (int t = 0; t < TILE; ++t) out[t] = tanh_poly(out[t]);
+    for (int t = 0; t < TILE; ++t) out[t] *= a->scale;
+    if (a->param) {
+        for (int t = 0; t < n; ++t) a->param[i0 + t] -= a->lr * out[t];
+    } else {
+        for (int t = 0; t < n; ++t) a->delta[i0 + t] = out[t];
+    }
+}
+
+static inline int unsupported(const flatl2o_args *a) {
+    if (a->hidden > MAX_HIDDEN || a->layers > MAX_LAYERS || a->in_size > MAX_INPUT) return 1;
+    for (int l = 0; l < a->layers; ++l)
+        if (a->k[l] > MAX_INPUT) return 1;
+    return 0;
+}
+
+#if defined(__AVX512F__) && !defined(FLATL2O_PORTABLE)
+#include <immintrin.h>
+
+/* Packed layout (built by flatl2o/kernels/cpu.py: pack_program). With H hidden units,
+ * A = H / 16 full blocks and Q = ceil((H % 16) / 4) tail quads, one coordinate's 4H gate
+ * pre-activations are NV = 4A + Q vectors of 16:
+ *   vector 4b + g (g = i, f, g, o): gate g of units 16b .. 16b+15;
+ *   vector 4A + s: lanes 4g + u hold gate g of unit 16A + 4s + u (zero past H).
+ * Full blocks then need no shuffles; the tail quads of 4 coordinates are transposed into
+ * whole vectors. Weights w[l] are (k_l + H, NV, 16): for each input j, its NV column
+ * vectors; b[l] is (NV, 16). Rows are pre-multiplied by -log2(e) (sigmoid gates) or
+ * -2 log2(e) (the tanh gate), so every gate is 1 / (1 + 2^t) of its packed pre-activation.
+ * w_out is (16A + 16Q): the full blocks' read-out weights, then each tail quad's four
+ * weights repeated four times (one copy per coordinate of a 4-coordinate block). */
+#define CB 4   /* coordinates per register block of the gate products */
+#define NVG 5  /* gate vectors per register block: CB * NVG = 20 accumulators */
+#define MAX_NV (MAX_HIDDEN / 4)
+
+#define LOG2E 1.44269504088896341f
+
+/* 1 / (1 + 2^t), to a few float32 ulp: 2^t = 2^round(t) * p(t - round(t)) with a degree-5
+ * minimax polynomial (relative error 7.5e-8 on [-1/2, 1/2]; degree 6 measured 4% slower
+ * for no visible change), and the reciprocal by rcp14 + one Newton step (a division costs
+ * more). t is clamped at 100 (results under 2^-100 round to that). */
+static inline __m512 sig2(__m512 t) {
+#ifdef FLATL2O_PROFILE_CHEAP_NONLINEAR /* benchmarks/cpu_profile.py only: wrong numbers */
+    return _mm512_fmadd_ps(t, _mm512_set1_ps(-0.25f), _mm512_set1_ps(0.5f));
+#else
+    const __m512 one = _mm512_set1_ps(1.0f);
+    t = _mm512_min_ps(t, _mm512_set1_ps(100.0f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.3276472454890609e-3f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.675541892647743e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550713092088699e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022120237350464e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469440460205e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
+    const __m512 d = _mm512_add_ps(_mm512_scalef_ps(p, n), one);
+    const __m512 r = _mm512_rcp14_ps(d);
+    return _mm512_fmadd_ps(r, _mm512_fnmadd_ps(d, r, one), r);
+#endif
+}
+
+/* tanh(c) = 2 / (1 + e^(-2c)) - 1 */
+static inline __m512 tanh2(__m512 c) {
+    const __m512 s = sig2(_mm512_mul_ps(c, _mm512_set1_ps(-2.0f * LOG2E)));
+    return _mm512_fmsub_ps(_mm512_set1_ps(2.0f), s, _mm512_set1_ps(1.0f));
+}
+
+/* G[t][V0 + v] = b + sum_j W[j][V0 + v] * [x_t ; h_t][j] for CB coordinates t and NV_
+ * vectors v: CB * NV_ accumulators stay in registers; each weight vector load feeds CB FMAs
+ * and each input is one broadcast load straight from the state (or input) row. */
+static inline __attribute__((always_inline)) void gate_tile(
+    const float *restrict W, const float *restrict bias, int nv, int V0, const int NV_, int K,
+    int H, const float *const x[CB], int xs, const float *const h[CB], float *restrict G) {
+    __m512 acc[CB][NVG];
+    for (int v = 0; v < NV_; ++v) {
+        const __m512 b = _mm512_loadu_ps(bias + (V0 + v) * 16);
+        for (int t = 0; t < CB; ++t) acc[t][v] = b;
+    }
+#ifndef FLATL2O_PROFILE_SKIP_MATVEC
+    const float *w = W + V0 * 16;
+    const int stride = nv * 16;
+    for (int j = 0; j < K; ++j, w += stride) {
+        __m512 xb[CB];
+        for (int t = 0; t < CB; ++t) xb[t] = _mm512_set1_ps(x[t][j * xs]);
+        for (int v = 0; v < NV_; ++v) {
+            const __m512 wv = _mm512_loadu_ps(w + v * 16);
+            for (int t = 0; t < CB; ++t) acc[t][v] = _mm512_fmadd_ps(wv, xb[t], acc[t][v]);
+        }
+    }
+    for (int j = 0; j < H; ++j, w += stride) {
+        __m512 hb[CB];
+        for (int t = 0; t < CB; ++t) hb[t] = _mm512_set1_ps(h[t][j]);
+        for (int v = 0; v < NV_; ++v) {
+            const __m512 wv = _mm512_loadu_ps(w + v * 16);
+            for (int t = 0; t < CB; ++t) acc[t][v] = _mm512_fmadd_ps(wv, hb[t], acc[t][v]);
+        }
+    }
+#else /* benchmarks/cpu_profile.py only: time the step without the gate products */
+    (void)W, (void)K, (void)H, (void)xs;
+    for (int t = 0; t < CB; ++t)
+        for (int v = 0; v < NV_; ++v)
+            acc[t][v] = _mm512_add_ps(acc[t][v], _mm512_set1_ps(x[t][0] + h[t][v % H]));
+#endif
+    for (int t = 0; t < CB; ++t)
+        for (int v = 0; v < NV_; ++v) _mm512_storeu_ps(G + (t * nv + V0 + v) * 16, acc[t][v]);
+}
+
+/* All NV gate vectors of CB coordinates, in register blocks of at most NVG vectors. */
+static void gate_products(const float *W, const float *bias, int nv, int K, int H,
+                          const float *const x[CB], int xs, const float *const h[CB],
+                          float *G) {
+    const int groups = (nv + NVG - 1) / NVG;
+    for (int g = 0; g < groups; ++g) {
+        const int v0 = g * nv / groups, v1 = (g + 1) * nv / groups;
+        switch (v1 - v0) {
+        case 5: gate_tile(W, bias, nv, v0, 5, K, H, x, xs, h, G); break;
+        case 4: gate_tile(W, bias, nv, v0, 4, K, H, x, xs, h, G); break;
+        case 3: gate_tile(W, bias, nv, v0, 3, K, H, x, xs, h, G); break;
+        case 2: gate_tile(W, bias, nv, v0, 2, K, H, x, xs, h, G); break;
+        default: gate_tile(W, bias, nv, v0, 1, K, H, x, xs, h, G); break;
+        }
+    }
+}
+
+/* One LSTM layer for CB coordinates: gates, cell and hidden state written in place, and
+ * (last layer) the read-out pre-activations out[0 .. CB) without the bias. */
+static void lstm_block(const flatl2o_args *a, int l, int K, const float *const x[CB], int xs,
+                       float *const h[CB], float *const c[CB], float *out) {
+    const int H = a->hidden, A = H / 16, Q = (H % 16 + 3) / 4, nv = 4 * A + Q;
+    float G[CB * MAX_NV * 16] __attribute__((aligned(64)));
+    gate_products(a->w[l], a->b[l], nv, K, H, x, xs, (const float *const *)h, G);
+    const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f);
+    const float *wo = a->w_out;
+    __m512 ro[CB];
+    for (int t = 0; t < CB; ++t) ro[t] = _mm512_setzero_ps();
+    for (int b = 0; b < A; ++b) {
+        /* the CB coordinates side by side: 4 CB independent gate sigmoids, then CB
+         * independent tanh(c) chains, so the long exp/reciprocal latencies overlap */
+        __m512 cn[CB], og[CB];
+        for (int t = 0; t < CB; ++t) {
+            const float *gt = G + (t * nv + 4 * b) * 16;
+            const __m512 ig = sig2(_mm512_load_ps(gt));
+            const __m512 fg = sig2(_mm512_load_ps(gt + 16));
+            const __m512 gg = _mm512_fmsub_ps(two, sig2(_mm512_load_ps(gt + 32)), one);
+            og[t] = sig2(_mm512_load_ps(gt + 48));
+            cn[t] = _mm512_fmadd_ps(fg, _mm512_loadu_ps(c[t] + 16 * b), _mm512_mul_ps(ig, gg));
+            _mm512_storeu_ps(c[t] + 16 * b, cn[t]);
+        }
+        for (int t = 0; t < CB; ++t) {
+            const __m512 hn = _mm512_mul_ps(og[t], tanh2(cn[t]));
+            _mm512_storeu_ps(h[t] + 16 * b, hn);
+            if (out) ro[t] = _mm512_fmadd_ps(_mm512_loadu_ps(wo + 16 * b), hn, ro[t]);
+        }
+    }
+    __m512 tail_ro = _mm512_setzero_ps();
+    if (Q) {
+        /* lanes 8..11 of a tail vector are the tanh gate: 2 s - 1 there, s elsewhere */
+        static const float mul[16] __attribute__((aligned(64))) = {1, 1, 1, 1, 1, 1, 1, 1,
+                                                                   2, 2, 2, 2, 1, 1, 1, 1};
+        static const float add[16] __attribute__((aligned(64))) = {0, 0, 0, 0,  0,  0,  0,  0,
+                                                                   -1, -1, -1, -1, 0, 0, 0, 0};
+        const __m512 am = _mm512_load_ps(mul), aa = _mm512_load_ps(add);
+        for (int s = 0; s < Q; ++s) {
+            const int u0 = 16 * A + 4 * s;
+            const __mmask8 m = (__mmask8)((1u << (H - u0 < 4 ? H - u0 : 4)) - 1u);
+            __m512 q[CB];
+            for (int t = 0; t < CB; ++t)
+                q[t] = _mm512_fmadd_ps(sig2(_mm512_load_ps(G + (t * nv + 4 * A + s) * 16)), am,
+                                       aa);
+            /* 4x4 transpose of 128-bit quarters: quarter t of I/F/Gg/O is coordinate t */
+            const __m512 t0 = _mm512_shuffle_f32x4(q[0], q[1], 0x44); /* i0 f0 i1 f1 */
+            const __m512 t1 = _mm512_shuffle_f32x4(q[0], q[1], 0xEE); /* g0 o0 g1 o1 */
+            const __m512 t2 = _mm512_shuffle_f32x4(q[2], q[3], 0x44);
+            const __m512 t3 = _mm512_shuffle_f32x4(q[2], q[3], 0xEE);
+            const __m512 ig = _mm512_shuffle_f32x4(t0, t2, 0x88);
+            const __m512 fg = _mm512_shuffle_f32x4(t0, t2, 0xDD);
+            const __m512 gg = _mm512_shuffle_f32x4(t1, t3, 0x88);
+            const __m512 og = _mm512_shuffle_f32x4(t1, t3, 0xDD);
+            __m512 co = _mm512_castps128_ps512(_mm_maskz_loadu_ps(m, c[0] + u0));
+            co = _mm512_insertf32x4(co, _mm_maskz_loadu_ps(m, c[1] + u0), 1);
+            co = _mm512_insertf32x4(co, _mm_maskz_loadu_ps(m, c[2] + u0), 2);
+            co = _mm512_insertf32x4(co, _mm_maskz_loadu_ps(m, c[3] + u0), 3);
+            const __m512 cn = _mm512_fmadd_ps(fg, co, _mm512_mul_ps(ig, gg));
+            const __m512 hn = _mm512_mul_ps(og, tanh2(cn));
+            _mm_mask_storeu_ps(c[0] + u0, m, _mm512_castps512_ps128(cn));
+            _mm_mask_storeu_ps(c[1] + u0, m, _mm512_extractf32x4_ps(cn, 1));
+            _mm_mask_storeu_ps(c[2] + u0, m, _mm512_extractf32x4_ps(cn, 2));
+            _mm_mask_storeu_ps(c[3] + u0, m, _mm512_extractf32x4_ps(cn, 3));
+            _mm_mask_storeu_ps(h[0] + u0, m, _mm512_castps512_ps128(hn));
+            _mm_mask_storeu_ps(h[1] + u0, m, _mm512_extractf32x4_ps(hn, 1));
+            _mm_mask_storeu_ps(h[2] + u0, m, _mm512_extractf32x4_ps(hn, 2));
+            _mm_mask_storeu_ps(h[3] + u0, m, _mm512_extractf32x4_ps(hn, 3));
+            if (out) tail_ro = _mm512_fmadd_ps(_mm512_loadu_ps(wo + 16 * (A + s)), hn, tail_ro);
+        }
+    }
+    if (out) {
+        /* four horizontal sums at once: fold quarters, then lanes within each quarter */
+        const __m512 p01 = _mm512_add_ps(_mm512_shuffle_f32x4(ro[0], ro[1], 0x44),
+                                         _mm512_shuffle_f32x4(ro[0], ro[1], 0xEE));
+        const __m512 p23 = _mm512_add_ps(_mm512_shuffle_f32x4(ro[2], ro[3], 0x44),
+                                         _mm512_shuffle_f32x4(ro[2], ro[3], 0xEE));
+        __m512 z = _mm512_add_ps(_mm512_shuffle_f32x4(p01, p23, 0x88),
+                                 _mm512_shuffle_f32x4(p01, p23, 0xDD));
+        z = _mm512_add_ps(z, tail_ro);
+        z = _mm512_add_ps(z, _mm512_permute_ps(z, 0x4E));
+        z = _mm512_add_ps(z, _mm512_permute_ps(z, 0xB1));
+        const __m512i idx = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 12, 8, 4, 0);
+        _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_permutexvar_ps(idx, z)));
+    }
+}
+
+/* The whole step for the TILE coordinates from i0 (all of them real). */
+static void full_tile(const flatl2o_args *a, int64_t i0) {
+    const int H = a->hidden, L = a->layers;
+    float in[MAX_INPUT][TILE] __attribute__((aligned(64)));
+    float out[TILE] __attribute__((aligned(64)));
+    const int k0 = prepare_inputs(a, i0, TILE, in);
+    for (int t0 = 0; t0 < TILE; t0 += CB) {
+        for (int l = 0; l < L; ++l) {
+            const float *x[CB];
+            float *h[CB], *c[CB];
+            for (int t = 0; t < CB; ++t) {
+                const int64_t row = (i0 + t0 + t) * H;
+                x[t] = l == 0 ? &in[0][t0 + t] : a->h[l - 1] + row;
+                h[t] = a->h[l] + row;
+                c[t] = a->c[l] + row;
+            }
+            lstm_block(a, l, l == 0 ? k0 : H, x, l == 0 ? TILE : 1, h, c,
+                       l == L - 1 ? out + t0 : NULL);
+        }
+    }
+    for (int t = 0; t < TILE; ++t) out[t] += a->b_out;
+    write_step(a, i0, TILE, out);
+}
+
+/* One rule step for `count` coordinates. Returns 0, or -1 for an unsupported shape. */
+int flatl2o_step(const flatl2o_args *a, int64_t count) {
+    if (unsupported(a)) return -1;
+    const int64_t full = count / TILE * TILE;
+    for (int64_t i0 = 0; i0 < full; i0 += TILE) full_tile(a, i0);
+    const int n = (int)(count - full);
+    if (n == 0) return 0;
+    /* the last partial tile runs on zero-padded copies of its rows */
+    const int H = a->hidden, L = a->layers;
+    float grad[TILE] = {0}, param[TILE] = {0}, m[TILE] = {0}, v[TILE] = {0};
+    float hs[MAX_LAYERS][TILE * MAX_HIDDEN], cs[MAX_LAYERS][TILE * MAX_HIDDEN];
+    flatl2o_args s = *a;
+    memcpy(grad, a->grad + full, n * sizeof(float));
+    s.grad = grad;
+    if (a->param) {
+        memcpy(param, a->param + full, n * sizeof(float));
+        s.param = param;
+    } else {
+        s.delta = param;
+    }
+    if (a->prep != 0) {
+        memcpy(m, a->m + full, n * sizeof(float));
+        memcpy(v, a->v + full, n * sizeof(float));
+        s.m = m;
+        s.v = v;
+    }
+    for (int l = 0; l < L; ++l) {
+        memset(hs[l], 0, sizeof(hs[l]));
+        memset(cs[l], 0, sizeof(cs[l]));
+        memcpy(hs[l], a->h[l] + full * H, (size_t)n * H * sizeof(float));
+        memcpy(cs[l], a->c[l] + full * H, (size_t)n * H * sizeof(float));
+        s.h[l] = hs[l];
+        s.c[l] = cs[l];
+    }
+    full_tile(&s, 0);
+    memcpy(a->param ? a->param + full : a->delta + full, param, n * sizeof(float));
+    if (a->prep != 0) {
+        memcpy(a->m + full, m, n * sizeof(float));
+        memcpy(a->v + full, v, n * sizeof(float));
+    }
+    for (int l = 0; l < L; ++l) {
+        memcpy(a->h[l] + full * H, hs[l], (size_t)n * H * sizeof(float));
+        memcpy(a->c[l] + full * H, cs[l], (size_t)n * H * sizeof(float));
+    }
+    return 0;
+}
+
+int flatl2o_layout(void) { return 1; }
+
+#else /* portable C */
 
 /* out[r][t] = bias[r] + sum_j W[r][j] * in[j][t]. Rows are blocked by 8 (a last block of
  * 4: R = 4H is a multiple of 4): 8 independent accumulator vectors hide the FMA latency, and
@@ -170,60 +517,16 @@ static inline void matvec_tile(const float *W, const float *bias, int R, int K,
 /* One rule step for `count` coordinates. Returns 0, or -1 for an unsupported shape. */
 int flatl2o_step(const flatl2o_args *a, int64_t count) {
     const int H = a->hidden, L = a->layers;
-    if (H > MAX_HIDDEN || L > MAX_LAYERS || a->in_size > MAX_INPUT) return -1;
-    for (int l = 0; l < L; ++l)
-        if (a->k[l] > MAX_INPUT) return -1;
+    if (unsupported(a)) return -1;
 
     float in[MAX_INPUT + MAX_HIDDEN][TILE]; /* [x ; h] of the current layer */
     float gates[4 * MAX_HIDDEN][TILE];
     float cell[MAX_HIDDEN][TILE];
-    float g[TILE], x0[TILE], x1[TILE], out[TILE];
+    float out[TILE];
 
     for (int64_t i0 = 0; i0 < count; i0 += TILE) {
         const int n = count - i0 < TILE ? (int)(count - i0) : TILE;
-        for (int t = 0; t < TILE; ++t) g[t] = t < n ? a->grad[i0 + t] : 0.0f;
-        if (a->negate)
-            for (int t = 0; t < TILE; ++t) g[t] = -g[t];
-
-        /* ---- preprocessing: the network input of layer 0 in in[0 .. k0) ---- */
-        int k0;
-        if (a->prep == 0) { /* L2O-DM: [clamp(log(|g|+eps)/k, min=-1), clamp(g*e^k, -1, 1)] */
-            for (int t = 0; t < TILE; ++t) {
-                float l = log_poly((g[t] < 0 ? -g[t] : g[t]) + a->dm_eps) * a->dm_inv_k;
-                in[0][t] = l < -1.0f ? -1.0f : l;
-                float s = g[t] * a->dm_exp_k;
-                s = s < -1.0f ? -1.0f : s;
-                in[1][t] = s > 1.0f ? 1.0f : s;
-            }
-            k0 = 2;
-        } else { /* RNNprop: m, v EMAs; [m_hat, g] / (sqrt(v_hat) + eps); ELU(linear) */
-            float mt[TILE], vt[TILE];
-            for (int t = 0; t < TILE; ++t) {
-                mt[t] = t < n ? a->m[i0 + t] : 0.0f;
-                vt[t] = t < n ? a->v[i0 + t] : 0.0f;
-            }
-            for (int t = 0; t < TILE; ++t) {
-                mt[t] = a->beta1 * mt[t] + (1.0f - a->beta1) * g[t];
-                vt[t] = a->beta2 * vt[t] + (1.0f - a->beta2) * g[t] * g[t];
-                float d = __builtin_sqrtf(vt[t] * a->inv_bc2) + a->rp_eps;
-                x0[t] = mt[t] * a->inv_bc1 / d;
-                x1[t] = g[t] / d;
-            }
-            for (int t = 0; t < n; ++t) {
-                a->m[i0 + t] = mt[t];
-                a->v[i0 + t] = vt[t];
-            }
-            const int I = a->in_size;
-            for (int r = 0; r < I; ++r) {
-                const float wa = a->w_in[2 * r], wb = a->w_in[2 * r + 1], bb = a->b_in[r];
-                for (int t = 0; t < TILE; ++t) {
-                    const float z = bb + wa * x0[t] + wb * x1[t];
-                    const float e = exp_poly(z) - 1.0f; /* computed always: no branch */
-                    in[r][t] = z > 0.0f ? z : e;
-                }
-            }
-            k0 = I;
-        }
+        const int k0 = prepare_inputs(a, i0, n, in);
 
         /* ---- LSTM stack ---- */
         for (int l = 0; l < L; ++l) {
@@ -290,15 +593,10 @@ int flatl2o_step(const flatl2o_args *a, int64_t count) {
             const float wj = a->w_out[j];
             for (int t = 0; t < TILE; ++t) out[t] += wj * in[j][t];
         }
-        if (a->out_tanh)
-            for (int t = 0; t < TILE; ++t) out[t] = tanh_poly(out[t]);
-        for (int t = 0; t < TILE; ++t) out[t] *= a->scale;
-
-        if (a->param) {
-            for (int t = 0; t < n; ++t) a->param[i0 + t] -= a->lr * out[t];
-        } else {
-            for (int t = 0; t < n; ++t) a->delta[i0 + t] = out[t];
-        }
+        write_step(a, i0, n, out);
     }
     return 0;
 }
+
+int flatl2o_layout(void) { return 0; }
+#endif
