@@ -238,7 +238,7 @@ def pack_program(program: RuleProgram) -> tuple[list[Tensor], list[Tensor], Tens
                 slot[g * h + unit] = (4 * full + s) * 16 + 4 * g + u
     scale = torch.tensor(_GATE_SCALE, dtype=torch.float64).repeat_interleave(h)
     weights, biases = [], []
-    for w, b in zip(program.layer_weights, program.layer_biases):
+    for w, b in zip(program.layer_weights, program.layer_biases, strict=True):
         cols = w.shape[1]
         wp = torch.zeros(nv * 16, cols, dtype=torch.float64)
         wp[slot] = w.double() * scale[:, None]
