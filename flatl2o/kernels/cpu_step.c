@@ -194,13 +194,12 @@ static inline int unsupported(const flatl2o_args *a) {
 /* 1 / (1 + 2^t), to a few float32 ulp: 2^t = 2^round(t) * p(t - round(t)) with a degree-5
  * minimax polynomial (relative error 7.5e-8 on [-1/2, 1/2]; degree 6 measured 4% slower
  * for no visible change), and the reciprocal by rcp14 + one Newton step (a division costs
- * more). t is clamped at 100 (results under 2^-100 round to that). */
+ * more). 2^round(t) is clamped at 2^100 (results under 2^-100 round to that). */
 static inline __m512 sig2(__m512 t) {
 #ifdef FLATL2O_PROFILE_CHEAP_NONLINEAR /* benchmarks/cpu_profile.py only: wrong numbers */
     return _mm512_fmadd_ps(t, _mm512_set1_ps(-0.25f), _mm512_set1_ps(0.5f));
 #else
     const __m512 one = _mm512_set1_ps(1.0f);
-    t = _mm512_min_ps(t, _mm512_set1_ps(100.0f));
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(t, n);
     __m512 p = _mm512_set1_ps(1.3276472454890609e-3f);
@@ -209,7 +208,9 @@ static inline __m512 sig2(__m512 t) {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022120237350464e-1f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469440460205e-1f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
-    const __m512 d = _mm512_add_ps(_mm512_scalef_ps(p, n), one);
+    /* the clamp (so 2^n stays finite) is off the polynomial's critical path */
+    const __m512 d =
+        _mm512_add_ps(_mm512_scalef_ps(p, _mm512_min_ps(n, _mm512_set1_ps(100.0f))), one);
     const __m512 r = _mm512_rcp14_ps(d);
     return _mm512_fmadd_ps(r, _mm512_fnmadd_ps(d, r, one), r);
 #endif
@@ -255,7 +256,7 @@ static inline __attribute__((always_inline)) void gate_tile(
     (void)W, (void)K, (void)H, (void)xs;
     for (int t = 0; t < CB; ++t)
         for (int v = 0; v < NV_; ++v)
-            acc[t][v] = _mm512_add_ps(acc[t][v], _mm512_set1_ps(x[t][0] + h[t][v % H]));
+            acc[t][v] = _mm512_add_ps(acc[t][v], _mm512_set1_ps(x[t][0] + h[t][V0 + v]));
 #endif
     for (int t = 0; t < CB; ++t)
         for (int v = 0; v < NV_; ++v) _mm512_storeu_ps(G + (t * nv + V0 + v) * 16, acc[t][v]);
@@ -371,8 +372,10 @@ static void full_tile(const flatl2o_args *a, int64_t i0) {
     float in[MAX_INPUT][TILE] __attribute__((aligned(64)));
     float out[TILE] __attribute__((aligned(64)));
     const int k0 = prepare_inputs(a, i0, TILE, in);
-    for (int t0 = 0; t0 < TILE; t0 += CB) {
-        for (int l = 0; l < L; ++l) {
+    /* layer by layer: a block's cell updates (long exp/reciprocal chains) are then followed
+     * by the next block's independent gate products, which fill the FMA ports meanwhile */
+    for (int l = 0; l < L; ++l) {
+        for (int t0 = 0; t0 < TILE; t0 += CB) {
             const float *x[CB];
             float *h[CB], *c[CB];
             for (int t = 0; t < CB; ++t) {
