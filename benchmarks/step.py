@@ -5,8 +5,9 @@
 
 Everything is measured in this run, on this machine: the machine's fp32 matmul rate and
 copy bandwidth, Adam (foreach) on the same parameters, then each rule on each backend:
-median step time, the ratio to Adam, achieved GFLOP/s and GB/s, the arithmetic floor
-(the step's matmul FLOPs at the measured matmul rate) and the ratio to it, optimizer state
+best-of-N step time (interference on a shared machine only adds time), the ratio to
+Adam, achieved GFLOP/s and GB/s, the arithmetic floor (the step's matmul FLOPs at the
+measured matmul rate) and the ratio to it, optimizer state
 bytes per parameter, and the peak transient memory of a step (resident-set high-water mark
 above the memory held before the step, measured in a child process whose large allocations
 are mmapped, ``MALLOC_MMAP_THRESHOLD_``, so freed memory leaves the resident set; timing is
@@ -20,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -34,28 +34,29 @@ from flatl2o import L2O, make_rule
 from flatl2o.rules import UpdateRule
 
 
-def median_time(fn, reps: int, warmup: int = 1) -> float:
+def best_time(fn, reps: int, warmup: int = 1) -> float:
+    """Best of ``reps`` timed runs: on a shared machine interference only adds time."""
     for _ in range(warmup):
         fn()
-    times = []
+    best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 def matmul_rate() -> float:
     """FLOP/s of a large fp32 matmul with all of torch's threads."""
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    return 2 * 2048**3 / median_time(lambda: a @ b, 5, 2)
+    return 2 * 2048**3 / best_time(lambda: a @ b, 5, 2)
 
 
 def copy_bandwidth() -> float:
     """Bytes read + written per second by a 256 MiB tensor copy."""
     a = torch.randn(64 << 20)
     b = torch.empty_like(a)
-    return 2 * a.numel() * 4 / median_time(lambda: b.copy_(a), 5, 2)
+    return 2 * a.numel() * 4 / best_time(lambda: b.copy_(a), 5, 2)
 
 
 def step_flops(rule: UpdateRule) -> int:
@@ -134,7 +135,7 @@ def bench_sizes(sizes: list[int], reps: int) -> list[dict]:
     for n in sizes:
         params = _params(n)
         adam = _make_optimizer("adam-foreach", None, params)
-        t_adam = median_time(adam.step, reps * 3, 2)
+        t_adam = best_time(adam.step, reps * 3, 2)
         adam_transient = child_transient(n, "adam-foreach", None)
         rows.append(
             dict(
@@ -155,7 +156,7 @@ def bench_sizes(sizes: list[int], reps: int) -> list[dict]:
                     continue  # minutes per step; the 1e6 row shows its ratio
                 opt = _make_optimizer(f"flatl2o-{backend}", name, params)
                 opt.step()  # creates the state
-                t = median_time(opt.step, reps if n >= 10**7 else reps * 2, 1)
+                t = best_time(opt.step, reps if n >= 10**7 else reps * 2, 1)
                 transient = child_transient(n, f"flatl2o-{backend}", name)
                 rows.append(
                     dict(
@@ -233,7 +234,7 @@ def end_to_end(reps: int) -> list[dict]:
                 nn.functional.cross_entropy(out, y).backward()
                 opt.step()
 
-            times[opt_name] = median_time(step, reps, 2)
+            times[opt_name] = best_time(step, reps, 2)
         n = sum(p.numel() for p in build().parameters())
         for opt_name, t in times.items():
             rows.append(

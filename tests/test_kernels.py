@@ -455,10 +455,30 @@ def test_nan_check_of_a_large_gradient_is_chunked_and_complete() -> None:
     sees the last element."""
     from flatl2o.distributed import FINITE_CHECK_CHUNK
 
-    p = torch.nn.Parameter(torch.zeros(2 * FINITE_CHECK_CHUNK + 3))
+    # bf16: the torch path (an fp32 CPU gradient is checked in C, test below)
+    p = torch.nn.Parameter(torch.zeros(2 * FINITE_CHECK_CHUNK + 3, dtype=torch.bfloat16))
     p.grad = torch.ones_like(p)
     p.grad[-1] = float("nan")
     opt = L2O([p], _rule("l2o-dm"), nonfinite="raise")
     with pytest.raises(FloatingPointError, match="NaN or inf"):
         opt.step()
     assert not p.any() and not opt.state[p]
+
+
+def test_compiled_finite_check_finds_every_nonfinite_value() -> None:
+    """The C NaN/inf check (fp32 CPU gradients) against torch.isfinite, at every position
+    kind; it declines what it does not handle, so the torch check runs instead."""
+    cpu.library()
+    x = torch.randn(1000)
+    assert cpu.all_finite(x) is True
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for pos in (0, 517, 999):
+            y = x.clone()
+            y[pos] = bad
+            assert cpu.all_finite(y) is False
+    f = torch.finfo(torch.float32)
+    edge = torch.tensor([f.max, -f.max, f.tiny, 1e-45, 0.0, -0.0])
+    assert cpu.all_finite(edge) is True
+    assert cpu.all_finite(x.double()) is None
+    assert cpu.all_finite(x[::2]) is None
+    assert cpu.all_finite(torch.empty(0)) is True

@@ -161,6 +161,8 @@ def _build(defines: tuple[str, ...] = ()) -> ctypes.CDLL:
         lib = ctypes.CDLL(str(target))
         lib.flatl2o_step.argtypes = [ctypes.POINTER(_Args), ctypes.c_int64]
         lib.flatl2o_step.restype = ctypes.c_int
+        lib.flatl2o_all_finite_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+        lib.flatl2o_all_finite_f32.restype = ctypes.c_int
         lib.flatl2o_layout.argtypes = []
         lib.flatl2o_layout.restype = ctypes.c_int
         return lib
@@ -191,6 +193,21 @@ def library() -> ctypes.CDLL:
                 _library_error = str(e)
                 raise KernelUnavailable(_library_error) from None
         return _library
+
+
+def all_finite(t: Tensor) -> bool | None:
+    """Whether a contiguous fp32 CPU tensor is all finite, checked by the compiled kernel.
+
+    ``None`` when it does not apply (another dtype, device or layout) or the kernel has not
+    been loaded in this process (the check never triggers a compile). A torch op here would
+    wake torch's OpenMP workers, which then spin on the core the kernel's threads need.
+    """
+    lib = _library
+    if lib is None or t.device.type != "cpu" or t.dtype != torch.float32:
+        return None
+    if not t.is_contiguous():
+        return None
+    return bool(lib.flatl2o_all_finite_f32(t.data_ptr(), t.numel()))
 
 
 def _threads(count: int) -> int:

@@ -164,6 +164,16 @@ static inline void write_step(const flatl2o_args *a, int64_t i0, int n, float ou
     }
 }
 
+/* 1 if every float32 of x[0 .. n) is finite. An integer test of the exponent bits: this file
+ * is compiled with -ffinite-math-only, under which isfinite() may be folded to 1. Called by
+ * the optimizer's NaN/inf check instead of a torch op, which would wake torch's OpenMP
+ * workers and leave one spinning on the core the kernel's second thread needs. */
+int flatl2o_all_finite_f32(const uint32_t *x, int64_t n) {
+    uint32_t bad = 0;
+    for (int64_t i = 0; i < n; ++i) bad |= (x[i] & 0x7f800000u) == 0x7f800000u;
+    return !bad;
+}
+
 static inline int unsupported(const flatl2o_args *a) {
     if (a->hidden > MAX_HIDDEN || a->layers > MAX_LAYERS || a->in_size > MAX_INPUT) return 1;
     for (int l = 0; l < a->layers; ++l)
