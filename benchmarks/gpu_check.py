@@ -1,12 +1,15 @@
 """Check and time the Triton step on a GPU in one short run (for a lent device machine).
 
-    python benchmarks/gpu_check.py            # on a CUDA machine, ~3 minutes
+    python benchmarks/gpu_check.py            # on a CUDA machine, ~5 minutes
     TRITON_INTERPRET=1 python benchmarks/gpu_check.py --quick   # the same code paths on CPU
 
 Prints (and writes to --out as JSON): correctness of the Triton kernel against the reference
-rule module (fp32 and bf16 state), the card's measured copy bandwidth, and for a
-100M-parameter step: time, achieved bandwidth and its fraction of the copy bandwidth, next
-to torch.optim.Adam (foreach and fused) and the reference step measured in the same run.
+rule module (every variant with fp32 state; the default with bf16 state and tf32x3), the
+card's measured copy bandwidth, and for a 100M-parameter step: time, registers and spills of
+the compiled kernel, achieved bandwidth and its fraction of the copy bandwidth, for each
+configuration of SWEEP (variant, precision, block, warps) until --sweep-budget seconds are
+spent, then the fastest for RNNprop and bf16 state, next to torch.optim.Adam (foreach and
+fused) and the reference step measured in the same run.
 """
 
 from __future__ import annotations
@@ -72,43 +75,49 @@ def state_bytes(rule, dtype: torch.dtype) -> int:
 def check(device: torch.device, n: int, precisions: list[str]) -> list[dict]:
     """Triton vs the reference module over 3 steps, random state, spread-out gradients."""
     out = []
+    default = (ts.VARIANT, ts.PRECISION)
+    # every variant with fp32 state; the default one also with bf16 state and other precisions
+    cases = [(v, torch.float32, "ieee") for v in ts.VARIANTS]
+    cases += [(default[0], torch.bfloat16, "ieee")]
+    cases += [(default[0], torch.float32, p) for p in precisions if p != "ieee"]
     for name in RULES:
         rule = rule_for(name, device)
-        for sdt in (torch.float32, torch.bfloat16):
-            for prec in precisions:
-                ts.PRECISION = prec
-                gen = torch.Generator(device="cpu").manual_seed(1)
-                g = (torch.randn(n, generator=gen) * torch.logspace(-8, 1, n)).to(device)
-                init = {
-                    k: (torch.rand if k == "v" else torch.randn)(v.shape, generator=gen)
-                    for k, v in rule.init_state(n).items()
-                }
-                st = {k: v.to(device, sdt, copy=True) for k, v in init.items()}
-                st_ref = {k: v.to(device, sdt).float().clone() for k, v in init.items()}
-                p = torch.randn(n, generator=gen).to(device)
-                p_ref = p.clone()
-                kern = ts.TritonKernel(rule_program(rule), device)
-                ref = ReferenceKernel(rule)
-                worst_p = worst_s = 0.0
-                for step in range(1, 4):
-                    kern.update(p, g, st, step, 0.5, False, 1 << 16)
-                    ref.update(p_ref, g, st_ref, step, 0.5, False, 1 << 16)
-                    if sdt == torch.bfloat16:  # the reference keeps fp32: round like storage
-                        st_ref = {k: v.to(sdt).float() for k, v in st_ref.items()}
-                    worst_p = max(worst_p, (p - p_ref).abs().max().item())
-                    worst_s = max(
-                        worst_s, max((st[k].float() - st_ref[k]).abs().max().item() for k in st)
-                    )
-                row = dict(
-                    rule=name,
-                    state=str(sdt),
-                    precision=prec,
-                    n=n,
-                    max_abs_param_diff=worst_p,
-                    max_abs_state_diff=worst_s,
+        for variant, sdt, prec in cases:
+            ts.VARIANT, ts.PRECISION = variant, prec
+            gen = torch.Generator(device="cpu").manual_seed(1)
+            g = (torch.randn(n, generator=gen) * torch.logspace(-8, 1, n)).to(device)
+            init = {
+                k: (torch.rand if k == "v" else torch.randn)(v.shape, generator=gen)
+                for k, v in rule.init_state(n).items()
+            }
+            st = {k: v.to(device, sdt, copy=True) for k, v in init.items()}
+            st_ref = {k: v.to(device, sdt).float().clone() for k, v in init.items()}
+            p = torch.randn(n, generator=gen).to(device)
+            p_ref = p.clone()
+            kern = ts.TritonKernel(rule_program(rule), device)
+            ref = ReferenceKernel(rule)
+            worst_p = worst_s = 0.0
+            for step in range(1, 4):
+                kern.update(p, g, st, step, 0.5, False, 1 << 16)
+                ref.update(p_ref, g, st_ref, step, 0.5, False, 1 << 16)
+                if sdt == torch.bfloat16:  # the reference keeps fp32: round like storage
+                    st_ref = {k: v.to(sdt).float() for k, v in st_ref.items()}
+                worst_p = max(worst_p, (p - p_ref).abs().max().item())
+                worst_s = max(
+                    worst_s, max((st[k].float() - st_ref[k]).abs().max().item() for k in st)
                 )
-                print("check", row, flush=True)
-                out.append(row)
+            row = dict(
+                rule=name,
+                variant=variant,
+                state=str(sdt),
+                precision=prec,
+                n=n,
+                max_abs_param_diff=worst_p,
+                max_abs_state_diff=worst_s,
+            )
+            print("check", row, flush=True)
+            out.append(row)
+    ts.VARIANT, ts.PRECISION = default
     return out
 
 
@@ -120,7 +129,29 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     return 2 * nbytes / t
 
 
-def bench(device: torch.device, n: int, reps: int, sweep: bool) -> list[dict]:
+#: (variant, tl.dot precision, block, warps) timed on l2o-dm with fp32 state, in this order:
+#: the configuration timed on the H200 before (strided 32x2), then the ones
+#: benchmarks/triton_resources.py reports without register spills on sm_90, then the
+#: current default. The fastest is then used for rnnprop and bf16 state.
+SWEEP = [
+    ("strided", "ieee", 32, 2),
+    ("packed", "ieee", 32, 8),
+    ("packed", "ieee", 16, 4),
+    ("packed", "tf32x3", 64, 8),
+    ("packed", "tf32x3", 32, 4),
+    ("persistent", "ieee", 32, 8),
+    ("persistent", "tf32x3", 32, 8),
+    ("packed", "ieee", 16, 8),
+    ("packed", "ieee", 32, 2),
+]
+
+
+def _configure(variant: str, prec: str, block: int, warps: int) -> None:
+    ts.VARIANT, ts.PRECISION, ts.BLOCK, ts.NUM_WARPS = variant, prec, block, warps
+
+
+def bench(device: torch.device, n: int, reps: int, sweep: bool, budget: float) -> list[dict]:
+    """Adam, then the Triton step on ``n`` coordinates; the sweep stops after ``budget`` s."""
     rows = []
     grad = torch.randn(n, device=device)
     param = torch.randn(n, device=device)
@@ -136,75 +167,52 @@ def bench(device: torch.device, n: int, reps: int, sweep: bool) -> list[dict]:
         del opt
     adam = rows[0]["seconds"]
     del pa
-    # the first H200 run: 32x2 fastest, 64 six times slower (benchmarks/results/gpu_check_h200.log)
-    configs = [(16, 1), (16, 2), (32, 1), (32, 2)] if sweep else [(ts.BLOCK, ts.NUM_WARPS)]
-    for name in RULES:
+    default = (ts.VARIANT, ts.PRECISION, ts.BLOCK, ts.NUM_WARPS)
+
+    def run(name: str, sdt: torch.dtype, config: tuple) -> dict:
+        _configure(*config)
         rule = rule_for(name, device)
         kern = ts.TritonKernel(rule_program(rule), device)
-        for sdt in (torch.float32, torch.bfloat16):
-            st = {k: v.to(sdt) for k, v in rule.init_state(n, device=device).items()}
-            moved = n * (4 + 8 + 2 * state_bytes(rule, sdt))  # grad r, param r+w, state r+w
-            for prec in ("ieee", "tf32x3"):
-                ts.PRECISION = prec
-                for block, warps in (
-                    configs
-                    if (sdt == torch.float32 and prec == "ieee")
-                    else [(ts.BLOCK, ts.NUM_WARPS)]
-                ):
-                    ts.BLOCK, ts.NUM_WARPS = block, warps
-                    step = iter(range(1, 10**6))
-                    try:
-                        t = timed(
-                            lambda k=kern, s=st, i=step: k.update(
-                                param, grad, s, next(i), 1e-9, False, 0
-                            ),
-                            device,
-                            reps,
-                        )
-                    except Exception as e:  # a config that does not compile: record, go on
-                        rows.append(
-                            dict(
-                                what="flatl2o-triton",
-                                rule=name,
-                                block=block,
-                                warps=warps,
-                                precision=prec,
-                                error=repr(e)[:300],
-                            )
-                        )
-                        print("bench", rows[-1], flush=True)
-                        continue
-                    rows.append(
-                        dict(
-                            what="flatl2o-triton",
-                            rule=name,
-                            state=str(sdt),
-                            precision=prec,
-                            block=block,
-                            warps=warps,
-                            n=n,
-                            seconds=t,
-                            bytes=moved,
-                            gbps=moved / t / 1e9,
-                            vs_adam=t / adam,
-                        )
-                    )
-                    print("bench", rows[-1], flush=True)
-                if sdt == torch.float32 and prec == "ieee" and sweep:
-                    best = min(
-                        (
-                            r
-                            for r in rows
-                            if r.get("rule") == name
-                            and r.get("precision") == "ieee"
-                            and r.get("state") == str(sdt)
-                            and "seconds" in r
-                        ),
-                        key=lambda r: r["seconds"],
-                    )
-                    ts.BLOCK, ts.NUM_WARPS = best["block"], best["warps"]
-                    print("best config", name, best["block"], best["warps"], flush=True)
-            del st
+        st = {k: v.to(sdt) for k, v in rule.init_state(n, device=device).items()}
+        moved = n * (4 + 8 + 2 * state_bytes(rule, sdt))  # grad r, param r+w, state r+w
+        row = dict(what="flatl2o-triton", rule=name, state=str(sdt), n=n)
+        row.update(zip(("variant", "precision", "block", "warps"), config, strict=True))
+        step = iter(range(1, 10**6))
+        try:
+            t = timed(
+                lambda: kern.update(param, grad, st, next(step), 1e-9, False, 0), device, reps
+            )
+        except Exception as e:  # a config that does not compile: record, go on
+            row["error"] = repr(e)[:300]
+            print("bench", row, flush=True)
+            return row
+        compiled = kern.last_compiled
+        row.update(
+            seconds=t,
+            bytes=moved,
+            gbps=moved / t / 1e9,
+            vs_adam=t / adam,
+            registers=getattr(compiled, "n_regs", None),
+            spills=getattr(compiled, "n_spills", None),
+        )
+        print("bench", row, flush=True)
+        return row
+
+    start = time.perf_counter()
+    configs = SWEEP if sweep else [default]
+    for config in configs:
+        if time.perf_counter() - start > budget:
+            print(f"sweep budget of {budget:.0f} s spent; skipping the rest", flush=True)
+            break
+        rows.append(run("l2o-dm", torch.float32, config))
+    timed_rows = [r for r in rows if r.get("rule") == "l2o-dm" and "seconds" in r]
+    best = min(timed_rows, key=lambda r: r["seconds"]) if timed_rows else None
+    config = (best["variant"], best["precision"], best["block"], best["warps"]) if best else default
+    print("best config", config, flush=True)
+    rows.append(run("rnnprop", torch.float32, config))
+    rows.append(run("l2o-dm", torch.bfloat16, config))
+    rows.append(run("rnnprop", torch.bfloat16, config))
+    _configure(*default)
     return rows
 
 
@@ -256,6 +264,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny sizes (for TRITON_INTERPRET=1)")
     ap.add_argument("--out", default="gpu_check.json")
+    ap.add_argument(
+        "--sweep-budget", type=float, default=240.0, help="seconds of kernel sweep at most"
+    )
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = dict(
@@ -273,7 +284,9 @@ def main() -> None:
     result["end_to_end"] = end_to_end(device)
     result["copy_bytes_per_s"] = copy_bandwidth(device, 1 << (16 if args.quick else 31))
     print("copy bandwidth GB/s", result["copy_bytes_per_s"] / 1e9, flush=True)
-    result["bench"] = bench(device, big, 2 if args.quick else 5, sweep=not args.quick)
+    result["bench"] = bench(
+        device, big, 2 if args.quick else 3, sweep=not args.quick, budget=args.sweep_budget
+    )
     result["reference"] = reference_time(
         device, 1000 if args.quick else 10_000_000, 1 if args.quick else 3
     )

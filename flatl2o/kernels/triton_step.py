@@ -30,6 +30,20 @@ except ImportError:  # optional dependency
 #: {2, 4, 8} measured on an H200 (benchmarks/results/gpu_check_h200.log; 64 was 6x slower).
 BLOCK = 32
 NUM_WARPS = 2
+#: How a program gets the LSTM weights (benchmarks/gpu_check.py times all three):
+#: ``"strided"`` - each block loads its gate tiles from the ``[W_ih | W_hh]`` rows, transposed
+#: with strided loads (the layout timed on the H200: 491 ms per 100M coordinates);
+#: ``"packed"`` - from tiles pre-packed on the host as ``(gate, k, j)``, zero-padded, so every
+#: load is contiguous; ``"persistent"`` - packed tiles, with a grid of PROGRAMS_PER_SM
+#: programs per multiprocessor, each looping over blocks. Only "strided" has been timed on a
+#: GPU (in its earlier four-gates-at-once form); "packed" is the default because, compiled for
+#: sm_90 in the same block/warps, it spills less (7.7 vs 9.7 KB of local memory per thread;
+#: shared memory 16 vs 12 KB per program) and its loads are contiguous
+#: (benchmarks/triton_resources.py).
+#: benchmarks/gpu.sh times all three. Overridable with FLATL2O_TRITON_VARIANT.
+VARIANTS = ("strided", "packed", "persistent")
+VARIANT = os.environ.get("FLATL2O_TRITON_VARIANT", "packed")
+PROGRAMS_PER_SM = 4
 #: ``tl.dot`` precision for the gate products: ``"ieee"`` is plain fp32 FMA; ``"tf32x3"``
 #: uses tensor cores with fp32-level accuracy. Overridable with ``FLATL2O_TRITON_PRECISION``.
 PRECISION = os.environ.get("FLATL2O_TRITON_PRECISION", "ieee")
@@ -50,7 +64,7 @@ if triton is not None:
         return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
 
     @triton.jit
-    def _wtile(
+    def _strided_tile(
         w_ptr, ldw, row0, col0, K: tl.constexpr, KP: tl.constexpr, H: tl.constexpr, HP: tl.constexpr
     ):
         """W[row0 : row0 + H, col0 : col0 + K] transposed into a zero-padded (KP, HP) tile."""
@@ -59,24 +73,42 @@ if triton is not None:
         return tl.load(w_ptr + (row0 + j) * ldw + col0 + k, mask=(k < K) & (j < H), other=0.0)
 
     @triton.jit
+    def _packed_tile(t_ptr, q, KP: tl.constexpr, HP: tl.constexpr):
+        """Tile ``q`` of a packed (tiles, KP, HP) tensor: one contiguous, unmasked load."""
+        k = tl.arange(0, KP)[:, None]
+        j = tl.arange(0, HP)[None, :]
+        return tl.load(t_ptr + q * KP * HP + k * HP + j)
+
+    @triton.jit
     def _gate(
         x,
         h,
+        q,
         w_ptr,
         b_ptr,
-        q,
+        wx_ptr,
+        wh_ptr,
+        bp_ptr,
         K: tl.constexpr,
         KP: tl.constexpr,
         H: tl.constexpr,
         HP: tl.constexpr,
+        PACKED: tl.constexpr,
         PREC: tl.constexpr,
     ):
-        """Pre-activation of gate ``q`` (0..3 = i, f, g, o): x W_ih[q]^T + h W_hh[q]^T + b[q]."""
-        ldw = K + H
+        """Pre-activation of gate ``q`` (0..3 = i, f, g, o): x W_ih[q]^T + h W_hh[q]^T + b[q],
+        its two weight tiles loaded just before use (from L1/L2: a layer's are a few KB)."""
         j = tl.arange(0, HP)
-        z = tl.dot(x, _wtile(w_ptr, ldw, q * H, 0, K, KP, H, HP), input_precision=PREC)
-        z += tl.dot(h, _wtile(w_ptr, ldw, q * H, K, H, HP, H, HP), input_precision=PREC)
-        return z + tl.load(b_ptr + q * H + j, mask=j < H, other=0.0)[None, :]
+        if PACKED:
+            tx = _packed_tile(wx_ptr, q, KP, HP)
+            th = _packed_tile(wh_ptr, q, HP, HP)
+            b = tl.load(bp_ptr + q * HP + j)
+        else:
+            tx = _strided_tile(w_ptr, K + H, q * H, 0, K, KP, H, HP)
+            th = _strided_tile(w_ptr, K + H, q * H, K, H, HP, H, HP)
+            b = tl.load(b_ptr + q * H + j, mask=j < H, other=0.0)
+        z = tl.dot(x, tx, input_precision=PREC) + b[None, :]
+        return tl.dot(h, th, acc=z, input_precision=PREC)
 
     @triton.jit
     def _lstm_layer(
@@ -85,23 +117,31 @@ if triton is not None:
         c,
         w_ptr,
         b_ptr,
+        wx_ptr,
+        wh_ptr,
+        bp_ptr,
         K: tl.constexpr,
         KP: tl.constexpr,
         H: tl.constexpr,
         HP: tl.constexpr,
+        PACKED: tl.constexpr,
         PREC: tl.constexpr,
     ):
-        """One LSTM cell on a block: x (B, KP), h and c (B, HP) -> new h, new c."""
-        zi = _gate(x, h, w_ptr, b_ptr, 0, K, KP, H, HP, PREC)
-        zf = _gate(x, h, w_ptr, b_ptr, 1, K, KP, H, HP, PREC)
-        zg = _gate(x, h, w_ptr, b_ptr, 2, K, KP, H, HP, PREC)
-        zo = _gate(x, h, w_ptr, b_ptr, 3, K, KP, H, HP, PREC)
-        c_new = _sigmoid(zf) * c + _sigmoid(zi) * _tanh(zg)
-        h_new = _sigmoid(zo) * _tanh(c_new)
-        return h_new, c_new
+        """One LSTM cell on a block: x (B, KP), h and c (B, HP) -> new h, new c. The gates are
+        computed one at a time (f, i, g, o), each folded into c or h at once, so only one
+        gate pre-activation is live: the four-at-once form spilled registers (ptxas)."""
+        zf = _gate(x, h, 1, w_ptr, b_ptr, wx_ptr, wh_ptr, bp_ptr, K, KP, H, HP, PACKED, PREC)
+        c = _sigmoid(zf) * c
+        zi = _gate(x, h, 0, w_ptr, b_ptr, wx_ptr, wh_ptr, bp_ptr, K, KP, H, HP, PACKED, PREC)
+        ig = _sigmoid(zi)
+        zg = _gate(x, h, 2, w_ptr, b_ptr, wx_ptr, wh_ptr, bp_ptr, K, KP, H, HP, PACKED, PREC)
+        c += ig * _tanh(zg)
+        zo = _gate(x, h, 3, w_ptr, b_ptr, wx_ptr, wh_ptr, bp_ptr, K, KP, H, HP, PACKED, PREC)
+        return _sigmoid(zo) * _tanh(c), c
 
     @triton.jit
-    def _step_kernel(
+    def _block(
+        blk,
         grad_ptr,
         param_ptr,
         n,
@@ -113,10 +153,6 @@ if triton is not None:
         c0_ptr,
         h1_ptr,
         c1_ptr,
-        w0_ptr,
-        b0_ptr,
-        w1_ptr,
-        b1_ptr,
         win_ptr,
         bin_ptr,
         wout_ptr,
@@ -130,6 +166,16 @@ if triton is not None:
         inv_bc1,
         inv_bc2,
         rp_eps,
+        w0_ptr,
+        b0_ptr,
+        w1_ptr,
+        b1_ptr,
+        wx0_ptr,
+        wh0_ptr,
+        bp0_ptr,
+        wx1_ptr,
+        wh1_ptr,
+        bp1_ptr,
         PREP: tl.constexpr,
         LAYERS: tl.constexpr,
         H: tl.constexpr,
@@ -139,9 +185,10 @@ if triton is not None:
         OUT_TANH: tl.constexpr,
         BLOCK: tl.constexpr,
         PREC: tl.constexpr,
+        PACKED: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        rows = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        """The whole step for block ``blk`` of BLOCK coordinates."""
+        rows = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         rm = rows < n
         j = tl.arange(0, HP)
         sm = rm[:, None] & (j < H)[None, :]
@@ -177,13 +224,17 @@ if triton is not None:
         # ---- LSTM stack ----
         h = tl.load(h0_ptr + soff, mask=sm, other=0.0).to(tl.float32)
         c = tl.load(c0_ptr + soff, mask=sm, other=0.0).to(tl.float32)
-        h, c = _lstm_layer(x, h, c, w0_ptr, b0_ptr, I, IP, H, HP, PREC)
+        h, c = _lstm_layer(
+            x, h, c, w0_ptr, b0_ptr, wx0_ptr, wh0_ptr, bp0_ptr, I, IP, H, HP, PACKED, PREC
+        )
         tl.store(h0_ptr + soff, h.to(h0_ptr.dtype.element_ty), mask=sm)
         tl.store(c0_ptr + soff, c.to(c0_ptr.dtype.element_ty), mask=sm)
         if LAYERS == 2:
             h2 = tl.load(h1_ptr + soff, mask=sm, other=0.0).to(tl.float32)
             c2 = tl.load(c1_ptr + soff, mask=sm, other=0.0).to(tl.float32)
-            h, c = _lstm_layer(h, h2, c2, w1_ptr, b1_ptr, H, HP, H, HP, PREC)
+            h, c = _lstm_layer(
+                h, h2, c2, w1_ptr, b1_ptr, wx1_ptr, wh1_ptr, bp1_ptr, H, HP, H, HP, PACKED, PREC
+            )
             tl.store(h1_ptr + soff, h.to(h1_ptr.dtype.element_ty), mask=sm)
             tl.store(c1_ptr + soff, c.to(c1_ptr.dtype.element_ty), mask=sm)
 
@@ -195,6 +246,98 @@ if triton is not None:
         out = out * scale
         p = tl.load(param_ptr + rows, mask=rm, other=0.0).to(tl.float32)
         tl.store(param_ptr + rows, (p - lr * out).to(param_ptr.dtype.element_ty), mask=rm)
+
+    @triton.jit
+    def _step_kernel(
+        grad_ptr,
+        param_ptr,
+        n,
+        lr,
+        negate,
+        m_ptr,
+        v_ptr,
+        h0_ptr,
+        c0_ptr,
+        h1_ptr,
+        c1_ptr,
+        w0_ptr,
+        b0_ptr,
+        w1_ptr,
+        b1_ptr,
+        wx0_ptr,
+        wh0_ptr,
+        bp0_ptr,
+        wx1_ptr,
+        wh1_ptr,
+        bp1_ptr,
+        win_ptr,
+        bin_ptr,
+        wout_ptr,
+        b_out,
+        scale,
+        dm_inv_k,
+        dm_eps,
+        dm_exp_k,
+        beta1,
+        beta2,
+        inv_bc1,
+        inv_bc2,
+        rp_eps,
+        iters,
+        nprog,
+        PREP: tl.constexpr,
+        LAYERS: tl.constexpr,
+        H: tl.constexpr,
+        HP: tl.constexpr,
+        I: tl.constexpr,  # noqa: E741
+        IP: tl.constexpr,
+        OUT_TANH: tl.constexpr,
+        BLOCK: tl.constexpr,
+        PREC: tl.constexpr,
+        PACKED: tl.constexpr,
+        PERSISTENT: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        if PERSISTENT:  # every nprog-th block; a while loop, which Triton's interpreter runs
+            it = 0
+            while it < iters:  # blocks past the end are fully masked
+                _block(
+                    pid + it * nprog, grad_ptr, param_ptr, n, lr, negate, m_ptr, v_ptr, h0_ptr,
+                    c0_ptr, h1_ptr, c1_ptr, win_ptr, bin_ptr, wout_ptr, b_out, scale, dm_inv_k,
+                    dm_eps, dm_exp_k, beta1, beta2, inv_bc1, inv_bc2, rp_eps, w0_ptr, b0_ptr,
+                    w1_ptr, b1_ptr, wx0_ptr, wh0_ptr, bp0_ptr, wx1_ptr, wh1_ptr, bp1_ptr, PREP,
+                    LAYERS, H, HP, I, IP, OUT_TANH, BLOCK, PREC, PACKED,
+                )  # fmt: skip
+                it += 1
+        else:
+            _block(
+                pid, grad_ptr, param_ptr, n, lr, negate, m_ptr, v_ptr, h0_ptr, c0_ptr, h1_ptr,
+                c1_ptr, win_ptr, bin_ptr, wout_ptr, b_out, scale, dm_inv_k, dm_eps, dm_exp_k,
+                beta1, beta2, inv_bc1, inv_bc2, rp_eps, w0_ptr, b0_ptr, w1_ptr, b1_ptr,
+                wx0_ptr, wh0_ptr, bp0_ptr, wx1_ptr, wh1_ptr, bp1_ptr, PREP, LAYERS, H, HP, I,
+                IP, OUT_TANH, BLOCK, PREC, PACKED,
+            )  # fmt: skip
+
+
+def pack_tiles(program: RuleProgram) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Per layer: input tiles (4, KP, HP), recurrent tiles (4, HP, HP) and biases (4, HP),
+    gate order i, f, g, o, transposed (``tile[q][k][j] = W[q*H + j][k]``) and zero-padded,
+    so the kernel loads each tile contiguously."""
+    h, hp = program.hidden, _pow2(program.hidden)
+    out = []
+    for w, b, k in zip(
+        program.layer_weights, program.layer_biases, program.layer_inputs, strict=True
+    ):
+        kp = _pow2(k)
+        gates = w.reshape(4, h, k + h)
+        wx = w.new_zeros(4, kp, hp)
+        wx[:, :k, :h] = gates[:, :, :k].transpose(1, 2)
+        wh = w.new_zeros(4, hp, hp)
+        wh[:, :h, :h] = gates[:, :, k:].transpose(1, 2)
+        bp = b.new_zeros(4, hp)
+        bp[:, :h] = b.reshape(4, h)
+        out.append((wx.contiguous(), wh.contiguous(), bp.contiguous()))
+    return out
 
 
 def available() -> str | None:
@@ -223,6 +366,8 @@ class TritonKernel:
             raise KernelUnavailable("the Triton kernel supports hidden sizes up to 128")
         self.program = program.to(device)
         self.device = device
+        self.tiles = pack_tiles(self.program)
+        self.last_compiled = None  # the compiled kernel of the last launch (registers, spills)
 
     def update(
         self,
@@ -256,8 +401,14 @@ class TritonKernel:
         w1 = p.layer_weights[1] if p.layers == 2 else p.layer_weights[0]
         b1 = p.layer_biases[1] if p.layers == 2 else p.layer_biases[0]
         dummy = p.w_out
-        grid = (triton.cdiv(n, BLOCK),)
-        _step_kernel[grid](
+        if VARIANT not in VARIANTS:
+            raise ValueError(f"FLATL2O_TRITON_VARIANT must be one of {VARIANTS}, got {VARIANT!r}")
+        blocks = triton.cdiv(n, BLOCK)
+        persistent = VARIANT == "persistent"
+        grid = (min(blocks, self._programs()) if persistent else blocks,)
+        tiles0 = self.tiles[0]
+        tiles1 = self.tiles[1] if p.layers == 2 else self.tiles[0]
+        self.last_compiled = _step_kernel[grid](
             grad,
             param,
             n,
@@ -273,6 +424,8 @@ class TritonKernel:
             p.layer_biases[0],
             w1,
             b1,
+            *tiles0,
+            *tiles1,
             dummy if dm else p.w_in,
             dummy if dm else p.b_in,
             p.w_out,
@@ -286,6 +439,8 @@ class TritonKernel:
             1.0 if dm else 1.0 / (1.0 - p.beta1**step),
             1.0 if dm else 1.0 / (1.0 - p.beta2**step),
             p.rp_eps,
+            triton.cdiv(blocks, grid[0]),
+            grid[0],
             PREP=p.prep,
             LAYERS=p.layers,
             H=p.hidden,
@@ -295,5 +450,15 @@ class TritonKernel:
             OUT_TANH=p.out_tanh,
             BLOCK=BLOCK,
             PREC=PRECISION,
+            PACKED=VARIANT != "strided",
+            PERSISTENT=persistent,
             num_warps=NUM_WARPS,
         )
+
+    def _programs(self) -> int:
+        """Programs of the persistent grid: PROGRAMS_PER_SM per multiprocessor (2 without a
+        GPU, so Triton's interpreter still runs the loop)."""
+        if self.device.type != "cuda":
+            return 2
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        return PROGRAMS_PER_SM * sms
