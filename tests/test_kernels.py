@@ -151,6 +151,33 @@ def test_cpu_kernel_error_is_of_fp32_order(name: str) -> None:
     assert pk <= 8 * pr + 1e-9 and sk <= 8 * sr + 1e-8, (pk, pr, sk, sr)
 
 
+@pytest.mark.parametrize("name", RULE_NAMES)
+def test_cpu_kernel_saturates_like_the_reference(name: str) -> None:
+    """Extreme values (cell states up to 3e38, where tanh(c)'s argument overflows to inf;
+    gradients from 1e-30 to 1e15):
+    tanh/sigmoid saturate to the reference's values, never NaN, and the state stays close."""
+    rule = _rule(name)
+    n = 64
+    gen = torch.Generator().manual_seed(3)
+    state = rule.init_state(n)
+    big = torch.tensor([0.0, 50.0, -50.0, 1e6, -1e6, 1e30, -1e30, 3e38, -3e38, 88.0, 1e-40])
+    for k in state:
+        if k.startswith("c"):
+            state[k] = big[torch.randint(len(big), state[k].shape, generator=gen)]
+        elif k.startswith("h"):
+            state[k] = torch.rand(state[k].shape, generator=gen) * 2 - 1
+    g = torch.logspace(-30, 15, n) * torch.tensor([1.0, -1.0]).repeat(n // 2)  # g^2 finite
+    ref = {k: v.clone() for k, v in state.items()}
+    p, p_ref = torch.zeros(n), torch.zeros(n)
+    for t in (1, 2):
+        cpu.CPUKernel(rule_program(rule)).update(p, g, state, t, 1.0, False, 1 << 14)
+        ReferenceKernel(rule).update(p_ref, g, ref, t, 1.0, False, 1 << 14)
+    assert torch.isfinite(p_ref).all() and all(torch.isfinite(v).all() for v in ref.values())
+    torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-5)
+    for k in state:
+        torch.testing.assert_close(state[k], ref[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
 def test_cpu_kernel_does_not_depend_on_thread_split(monkeypatch: pytest.MonkeyPatch) -> None:
     rule = _rule("rnnprop")
     kernel = cpu.CPUKernel(rule_program(rule))

@@ -7,7 +7,7 @@
  * releases the GIL).
  *
  * Two implementations of the LSTM stack, chosen at compile time:
- *  - AVX-512 (x86 with AVX-512F, the machines this project benchmarks on): the weights are
+ *  - AVX-512 (x86 with AVX-512F and DQ, the machines this project benchmarks on): weights are
  *    re-packed by cpu.py (flatl2o_layout() == 1) so that one coordinate's gate
  *    pre-activations are whole vectors; gate products are a register-blocked 4-coordinate x
  *    5-vector FMA tile that reads the recurrent state in place (no transposes), and sigmoid /
@@ -181,7 +181,7 @@ static inline int unsupported(const flatl2o_args *a) {
     return 0;
 }
 
-#if defined(__AVX512F__) && !defined(FLATL2O_PORTABLE)
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && !defined(FLATL2O_PORTABLE)
 #include <immintrin.h>
 
 /* Packed layout (built by flatl2o/kernels/cpu.py: pack_program). With H hidden units,
@@ -201,8 +201,8 @@ static inline int unsupported(const flatl2o_args *a) {
 
 #define LOG2E 1.44269504088896341f
 
-/* 1 / (1 + 2^t), to a few float32 ulp: 2^t = 2^round(t) * p(t - round(t)) with a degree-5
- * minimax polynomial (relative error 7.5e-8 on [-1/2, 1/2]; degree 6 measured 4% slower
+/* 1 / (1 + 2^t), to a few float32 ulp, for any t (+-inf included): 2^t = 2^round(t) *
+ * p(t - round(t)) with a degree-5 minimax polynomial (relative error 7.5e-8 on [-1/2, 1/2]; degree 6 measured 4% slower
  * for no visible change), and the reciprocal by rcp14 + one Newton step (a division costs
  * more). 2^round(t) is clamped at 2^100 (results under 2^-100 round to that). */
 static inline __m512 sig2(__m512 t) {
@@ -210,8 +210,10 @@ static inline __m512 sig2(__m512 t) {
     return _mm512_fmadd_ps(t, _mm512_set1_ps(-0.25f), _mm512_set1_ps(0.5f));
 #else
     const __m512 one = _mm512_set1_ps(1.0f);
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
+    /* f = t - round(t) in one instruction (vreduceps, exact; 0 for t = +-inf, so a saturated
+     * gate or an absurd state value gives 0 or 1, not NaN), and round(t) = t - f exactly */
+    const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 n = _mm512_sub_ps(t, f);
     __m512 p = _mm512_set1_ps(1.3276472454890609e-3f);
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.675541892647743e-3f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550713092088699e-2f));
