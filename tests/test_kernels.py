@@ -113,41 +113,14 @@ def test_cpu_kernel_error_is_of_fp32_order(name: str) -> None:
     """Against the rule in float64, a shipped checkpoint's kernel step drifts no more than a
     small multiple of torch's own float32 path (benchmarks/kernel_accuracy.py: 2-3x)."""
     from flatl2o.hub import load_rule
+    from flatl2o.kernels.accuracy import drift_from_float64
 
     rule = load_rule(name)
-    exact = load_rule(name).double()
     n = 5000
     g = torch.randn(n, generator=torch.Generator().manual_seed(1)) * torch.logspace(-6, 0, n)
-    init = rule.init_state(n)
-    out = {}
-    for label, kernel in (
-        ("cpu", cpu.CPUKernel(rule_program(rule))),
-        ("fp32", ReferenceKernel(rule)),
-        ("fp64", None),
-    ):
-        dtype = torch.float64 if kernel is None else torch.float32
-        p = torch.zeros(n, dtype=dtype)
-        state = {k: v.clone().to(dtype) for k, v in init.items()}
-        for t in range(1, 11):
-            gt = (g * (1 + 0.05 * t) * (-1) ** t).to(dtype)
-            if kernel is None:
-                with torch.no_grad():
-                    delta, new = exact(gt, state, t)
-                p -= delta
-                state.update(new)
-            else:
-                kernel.update(p, gt, state, t, 1.0, False, 1 << 16)
-        out[label] = (p, state)
-    p64, s64 = out["fp64"]
-
-    def error(label: str) -> tuple[float, float]:
-        p, state = out[label]
-        return (
-            (p.double() - p64).abs().max().item(),
-            max((state[k].double() - s64[k]).abs().max().item() for k in state),
-        )
-
-    (pk, sk), (pr, sr) = error("cpu"), error("fp32")
+    kernels = {"cpu": cpu.CPUKernel(rule_program(rule)), "fp32": ReferenceKernel(rule)}
+    drift, _ = drift_from_float64(rule, kernels, g, steps=10)
+    (pk, sk), (pr, sr) = drift["cpu"], drift["fp32"]
     assert pk <= 8 * pr + 1e-9 and sk <= 8 * sr + 1e-8, (pk, pr, sk, sr)
 
 
