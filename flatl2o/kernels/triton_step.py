@@ -37,7 +37,7 @@ NUM_WARPS = 2
 #: load is contiguous; ``"persistent"`` - packed tiles, with a grid of PROGRAMS_PER_SM
 #: programs per multiprocessor, each looping over blocks. Only "strided" has been timed on a
 #: GPU (in its earlier four-gates-at-once form); "packed" is the default because, compiled for
-#: sm_90 in the same block/warps, it spills less (7.7 vs 9.7 KB of local memory per thread;
+#: sm_90 in the same block/warps, it spills less (2.4 vs 9.7 KB of local memory per thread;
 #: shared memory 16 vs 12 KB per program) and its loads are contiguous
 #: (benchmarks/triton_resources.py).
 #: benchmarks/gpu.sh times all three. Overridable with FLATL2O_TRITON_VARIANT.
@@ -295,28 +295,20 @@ if triton is not None:
         BLOCK: tl.constexpr,
         PREC: tl.constexpr,
         PACKED: tl.constexpr,
-        PERSISTENT: tl.constexpr,
     ):
+        # block pid, then (persistent grid) every nprog-th block after it; a while loop,
+        # which Triton's interpreter runs too; blocks past the end are fully masked
         pid = tl.program_id(0)
-        if PERSISTENT:  # every nprog-th block; a while loop, which Triton's interpreter runs
-            it = 0
-            while it < iters:  # blocks past the end are fully masked
-                _block(
-                    pid + it * nprog, grad_ptr, param_ptr, n, lr, negate, m_ptr, v_ptr, h0_ptr,
-                    c0_ptr, h1_ptr, c1_ptr, win_ptr, bin_ptr, wout_ptr, b_out, scale, dm_inv_k,
-                    dm_eps, dm_exp_k, beta1, beta2, inv_bc1, inv_bc2, rp_eps, w0_ptr, b0_ptr,
-                    w1_ptr, b1_ptr, wx0_ptr, wh0_ptr, bp0_ptr, wx1_ptr, wh1_ptr, bp1_ptr, PREP,
-                    LAYERS, H, HP, I, IP, OUT_TANH, BLOCK, PREC, PACKED,
-                )  # fmt: skip
-                it += 1
-        else:
+        it = 0
+        while it < iters:
             _block(
-                pid, grad_ptr, param_ptr, n, lr, negate, m_ptr, v_ptr, h0_ptr, c0_ptr, h1_ptr,
-                c1_ptr, win_ptr, bin_ptr, wout_ptr, b_out, scale, dm_inv_k, dm_eps, dm_exp_k,
-                beta1, beta2, inv_bc1, inv_bc2, rp_eps, w0_ptr, b0_ptr, w1_ptr, b1_ptr,
-                wx0_ptr, wh0_ptr, bp0_ptr, wx1_ptr, wh1_ptr, bp1_ptr, PREP, LAYERS, H, HP, I,
-                IP, OUT_TANH, BLOCK, PREC, PACKED,
+                pid + it * nprog, grad_ptr, param_ptr, n, lr, negate, m_ptr, v_ptr, h0_ptr,
+                c0_ptr, h1_ptr, c1_ptr, win_ptr, bin_ptr, wout_ptr, b_out, scale, dm_inv_k,
+                dm_eps, dm_exp_k, beta1, beta2, inv_bc1, inv_bc2, rp_eps, w0_ptr, b0_ptr,
+                w1_ptr, b1_ptr, wx0_ptr, wh0_ptr, bp0_ptr, wx1_ptr, wh1_ptr, bp1_ptr, PREP,
+                LAYERS, H, HP, I, IP, OUT_TANH, BLOCK, PREC, PACKED,
             )  # fmt: skip
+            it += 1
 
 
 def pack_tiles(program: RuleProgram) -> list[tuple[Tensor, Tensor, Tensor]]:
@@ -439,8 +431,8 @@ class TritonKernel:
             1.0 if dm else 1.0 / (1.0 - p.beta1**step),
             1.0 if dm else 1.0 / (1.0 - p.beta2**step),
             p.rp_eps,
-            triton.cdiv(blocks, grid[0]),
-            grid[0],
+            triton.cdiv(blocks, grid[0]) if persistent else 1,  # iters
+            grid[0],  # nprog
             PREP=p.prep,
             LAYERS=p.layers,
             H=p.hidden,
@@ -451,7 +443,6 @@ class TritonKernel:
             BLOCK=BLOCK,
             PREC=PRECISION,
             PACKED=VARIANT != "strided",
-            PERSISTENT=persistent,
             num_warps=NUM_WARPS,
         )
 
