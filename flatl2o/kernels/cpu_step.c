@@ -202,9 +202,10 @@ static inline int unsupported(const flatl2o_args *a) {
 #define LOG2E 1.44269504088896341f
 
 /* 1 / (1 + 2^t), to a few float32 ulp, for any t (+-inf included): 2^t = 2^round(t) *
- * p(t - round(t)) with a degree-5 minimax polynomial (relative error 7.5e-8 on [-1/2, 1/2]; degree 6 measured 4% slower
- * for no visible change), and the reciprocal by rcp14 + one Newton step (a division costs
- * more). 2^round(t) is clamped at 2^100 (results under 2^-100 round to that). */
+ * p(t - round(t)) with a degree-5 minimax polynomial (relative error 7.5e-8 on [-1/2, 1/2];
+ * degree 6 measured 4% slower for no visible change), and the reciprocal by rcp14 + one
+ * Newton step (a division costs more). 2^round(t) is clamped at 2^100 (results under 2^-100
+ * round to that). */
 static inline __m512 sig2(__m512 t) {
 #ifdef FLATL2O_PROFILE_CHEAP_NONLINEAR /* benchmarks/cpu_profile.py only: wrong numbers */
     return _mm512_fmadd_ps(t, _mm512_set1_ps(-0.25f), _mm512_set1_ps(0.5f));
