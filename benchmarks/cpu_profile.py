@@ -1,6 +1,8 @@
 """Where the CPU kernel's time goes: the same step with parts of it cheapened, one thread.
 
     python benchmarks/cpu_profile.py            # ~1 minute
+    MKL_ENABLE_INSTRUCTIONS=AVX2 python benchmarks/cpu_profile.py --no-avx512
+        # the AVX2 path, against the matmul rate of an AVX2-only machine
 
 Builds profiling variants of flatl2o/kernels/cpu_step.c (``-DFLATL2O_PROFILE_...``: the
 gate products replaced by a copy, or the exp/reciprocal-based sigmoid/tanh replaced by
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -49,8 +52,19 @@ def gate_flops(rule) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--out", default="benchmarks/results/cpu_profile.json")
+    ap.add_argument("--out", default=None, help="JSON results (default benchmarks/results/)")
+    ap.add_argument(
+        "--no-avx512",
+        action="store_true",
+        help="build the kernel's AVX2 path (-DFLATL2O_NO_AVX512); run with "
+        "MKL_ENABLE_INSTRUCTIONS=AVX2 so the matmul floor is an AVX2 machine's too",
+    )
     args = ap.parse_args()
+    extra = ("FLATL2O_NO_AVX512",) if args.no_avx512 else ()
+    if args.no_avx512 and os.environ.get("MKL_ENABLE_INSTRUCTIONS") != "AVX2":
+        print("note: MKL_ENABLE_INSTRUCTIONS=AVX2 is not set, the floor uses AVX-512 matmuls")
+    out_name = "cpu_profile_avx2.json" if args.no_avx512 else "cpu_profile.json"
+    args.out = args.out or f"benchmarks/results/{out_name}"
     torch.set_num_threads(1)
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     p = torch.nn.Parameter(torch.randn(N))
@@ -60,7 +74,7 @@ def main() -> None:
     for name in ("l2o-dm", "rnnprop"):
         rule = make_rule(name)
         for label, defines in VARIANTS.items():
-            kernel = cpu.CPUKernel(rule_program(rule), lib=cpu._build(defines))
+            kernel = cpu.CPUKernel(rule_program(rule), lib=cpu._build(defines + extra))
             state, g, w = rule.init_state(N), torch.randn(N), torch.randn(N)
             steps = iter(range(1, 10**6))
             cases[(name, label)] = lambda k=kernel, s=state, i=steps, w=w, g=g: k.update(
@@ -76,7 +90,8 @@ def main() -> None:
             best[key] = min(best[key], time.perf_counter() - t)
     gemm = 2 * 1024**3 / best["matmul"]
     print(
-        f"one thread, best of {args.reps} interleaved runs: fp32 matmul {gemm / 1e9:.0f} GFLOP/s; "
+        f"{'AVX2 path, ' if args.no_avx512 else ''}one thread, best of {args.reps} interleaved "
+        f"runs: fp32 matmul {gemm / 1e9:.0f} GFLOP/s; "
         f"Adam (foreach) {best['adam'] * 1e9 / N:.1f} ns/param"
     )
     print("| rule | variant | ns / coordinate | share of full step | × floor |")
@@ -98,7 +113,11 @@ def main() -> None:
     out.write_text(
         json.dumps(
             dict(
-                gemm_flops=gemm, adam_seconds_per_param=best["adam"] / N, reps=args.reps, rows=rows
+                gemm_flops=gemm,
+                adam_seconds_per_param=best["adam"] / N,
+                reps=args.reps,
+                avx2_path=args.no_avx512,
+                rows=rows,
             ),
             indent=1,
         )

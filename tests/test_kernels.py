@@ -90,6 +90,52 @@ def test_cpu_kernel_every_packed_layout(name: str, hidden: int) -> None:
     _assert_matches_reference(cpu.CPUKernel(rule_program(rule)), rule, 37, steps=2)
 
 
+def _avx2_build():
+    """The AVX2 path (x86 without AVX-512), forced with -DFLATL2O_NO_AVX512; None where the
+    compiler or the CPU has no AVX2."""
+    try:
+        flags = next(
+            line.split()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        )
+    except (OSError, StopIteration):
+        return None
+    if "avx2" not in flags or "fma" not in flags:
+        return None
+    lib = cpu._build(("FLATL2O_NO_AVX512",))
+    return lib if lib.flatl2o_layout() == 1 else None
+
+
+def _build(which: str):
+    """The default build, or the AVX2 / portable C builds (skipping where unavailable)."""
+    if which == "default":
+        return cpu.library()
+    if which == "portable":
+        return cpu._build(("FLATL2O_PORTABLE",))
+    lib = _avx2_build()
+    if lib is None:
+        pytest.skip("needs an x86 CPU with AVX2 and FMA")
+    return lib
+
+
+BUILDS = ["default", "avx2", "portable"]
+
+
+@pytest.mark.parametrize("name", RULE_NAMES)
+@pytest.mark.parametrize("hidden", [1, 4, 7, 16, 20, 33, 64])
+def test_avx2_build_matches_reference(name: str, hidden: int) -> None:
+    """The AVX2 path on the same packed layout, every layout case, plus maximize."""
+    lib = _avx2_build()
+    if lib is None:
+        pytest.skip("needs an x86 CPU with AVX2 and FMA")
+    rule = _rule(name, hidden_size=hidden, num_layers=2)
+    kernel = cpu.CPUKernel(rule_program(rule), lib=lib)
+    _assert_matches_reference(kernel, rule, 37, steps=2, maximize=hidden == 20)
+    if hidden == 20:
+        _assert_matches_reference(kernel, rule, 1000)
+
+
 @pytest.mark.parametrize("name", RULE_NAMES)
 def test_portable_c_build_matches_reference(name: str) -> None:
     """The plain-C build used where AVX-512 is absent (forced here with -DFLATL2O_PORTABLE)."""
@@ -108,8 +154,9 @@ def test_cpu_kernel_untrained_scale(name: str) -> None:
     _assert_matches_reference(cpu.CPUKernel(rule_program(rule)), rule, 2049)
 
 
+@pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize("name", ["dm", "rnnprop-entropy"])
-def test_cpu_kernel_error_is_of_fp32_order(name: str) -> None:
+def test_cpu_kernel_error_is_of_fp32_order(name: str, build: str) -> None:
     """Against the rule in float64, a shipped checkpoint's kernel step drifts no more than a
     small multiple of torch's own float32 path (benchmarks/kernel_accuracy.py: 2-3x)."""
     from flatl2o.hub import load_rule
@@ -118,14 +165,18 @@ def test_cpu_kernel_error_is_of_fp32_order(name: str) -> None:
     rule = load_rule(name)
     n = 5000
     g = torch.randn(n, generator=torch.Generator().manual_seed(1)) * torch.logspace(-6, 0, n)
-    kernels = {"cpu": cpu.CPUKernel(rule_program(rule)), "fp32": ReferenceKernel(rule)}
+    kernels = {
+        "cpu": cpu.CPUKernel(rule_program(rule), lib=_build(build)),
+        "fp32": ReferenceKernel(rule),
+    }
     drift, _ = drift_from_float64(rule, kernels, g, steps=10)
     (pk, sk), (pr, sr) = drift["cpu"], drift["fp32"]
     assert pk <= 8 * pr + 1e-9 and sk <= 8 * sr + 1e-8, (pk, pr, sk, sr)
 
 
+@pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize("name", RULE_NAMES)
-def test_cpu_kernel_saturates_like_the_reference(name: str) -> None:
+def test_cpu_kernel_saturates_like_the_reference(name: str, build: str) -> None:
     """Extreme values (cell states up to 3e38, where tanh(c)'s argument overflows to inf;
     gradients from 1e-30 to 1e15):
     tanh/sigmoid saturate to the reference's values, never NaN, and the state stays close."""
@@ -142,8 +193,9 @@ def test_cpu_kernel_saturates_like_the_reference(name: str) -> None:
     g = torch.logspace(-30, 15, n) * torch.tensor([1.0, -1.0]).repeat(n // 2)  # g^2 finite
     ref = {k: v.clone() for k, v in state.items()}
     p, p_ref = torch.zeros(n), torch.zeros(n)
+    kernel = cpu.CPUKernel(rule_program(rule), lib=_build(build))
     for t in (1, 2):
-        cpu.CPUKernel(rule_program(rule)).update(p, g, state, t, 1.0, False, 1 << 14)
+        kernel.update(p, g, state, t, 1.0, False, 1 << 14)
         ReferenceKernel(rule).update(p_ref, g, ref, t, 1.0, False, 1 << 14)
     assert torch.isfinite(p_ref).all() and all(torch.isfinite(v).all() for v in ref.values())
     torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-5)

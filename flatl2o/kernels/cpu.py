@@ -224,7 +224,7 @@ def _executor(size: int) -> ThreadPoolExecutor:
         return _pool
 
 
-#: ``flatl2o_layout()`` of a library built with the AVX-512 path (see cpu_step.c).
+#: ``flatl2o_layout()`` of a library built with the AVX-512 or AVX2 path (see cpu_step.c).
 LAYOUT_PACKED = 1
 #: Gate pre-activations are pre-multiplied so every gate is ``1 / (1 + 2^t)``:
 #: sigmoid(x) = 1 / (1 + 2^(-x log2 e)), tanh(x) = 2 / (1 + 2^(-2x log2 e)) - 1.
@@ -232,7 +232,7 @@ _GATE_SCALE = (-math.log2(math.e), -math.log2(math.e), -2 * math.log2(math.e), -
 
 
 def pack_program(program: RuleProgram) -> tuple[list[Tensor], list[Tensor], Tensor]:
-    """Layer weights, biases and read-out weights in the AVX-512 kernel's packed layout.
+    """Layer weights, biases and read-out weights in the AVX-512/AVX2 kernels' packed layout.
 
     With ``A = H // 16`` full blocks and ``Q = ceil((H % 16) / 4)`` tail quads, a
     coordinate's gates are ``NV = 4A + Q`` vectors of 16: vector ``4b + g`` is gate ``g`` of

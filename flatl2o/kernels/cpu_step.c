@@ -6,13 +6,15 @@
  * No allocation, no threads: the Python side splits coordinates across threads (ctypes
  * releases the GIL).
  *
- * Two implementations of the LSTM stack, chosen at compile time:
+ * Three implementations of the LSTM stack, chosen at compile time:
  *  - AVX-512 (x86 with AVX-512F and DQ, the machines this project benchmarks on): weights are
  *    re-packed by cpu.py (flatl2o_layout() == 1) so that one coordinate's gate
  *    pre-activations are whole vectors; gate products are a register-blocked 4-coordinate x
  *    5-vector FMA tile that reads the recurrent state in place (no transposes), and sigmoid /
  *    tanh are 1 / (1 + 2^t) with a degree-5 polynomial 2^f, vscalef and rcp14 plus one Newton
- *    step (no division). See the layout comment above flatl2o_step below.
+ *    step (no division). See the layout comment above sig2 below.
+ *  - AVX2 + FMA (x86 without AVX-512, or -DFLATL2O_NO_AVX512): the same packed layout in
+ *    8-float halves, a 1-coordinate register tile (16 ymm registers), the same math.
  *  - portable C (everything else, or -DFLATL2O_PORTABLE): a 16-coordinate tile in column
  *    layout with an 8-row register-blocked matrix-vector product that compilers
  *    auto-vectorize; the nonlinearities use polynomial exp (Cephes, about 1 ulp).
@@ -181,7 +183,9 @@ static inline int unsupported(const flatl2o_args *a) {
     return 0;
 }
 
-#if defined(__AVX512F__) && defined(__AVX512DQ__) && !defined(FLATL2O_PORTABLE)
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && !defined(FLATL2O_PORTABLE) && \
+    !defined(FLATL2O_NO_AVX512)
+#define FLATL2O_PACKED_PATH 1
 #include <immintrin.h>
 
 /* Packed layout (built by flatl2o/kernels/cpu.py: pack_program). With H hidden units,
@@ -379,6 +383,176 @@ static void lstm_block(const flatl2o_args *a, int l, int K, const float *const x
     }
 }
 
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(FLATL2O_PORTABLE)
+#define FLATL2O_PACKED_PATH 1
+#include <immintrin.h>
+
+/* AVX2 + FMA (x86 without AVX-512): the same packed layout as the AVX-512 path, each
+ * 16-float vector handled as two 8-float halves ("ymm" below): gate vector v of the layout
+ * is ymm 2v (lanes 0-7) and 2v + 1 (lanes 8-15), so a tail quad is [i i i i f f f f] and
+ * [g g g g o o o o], transposed two coordinates at a time. Only 16 ymm registers: the gate
+ * products are a 1-coordinate x up-to-12-ymm register tile (each weight load feeds one FMA,
+ * within the two or three loads per cycle these cores have). */
+#define CB 2    /* coordinates per elementwise block (the tail transposes pair them) */
+#define NYG 12  /* ymm accumulators per register block */
+#define MAX_NY (2 * MAX_HIDDEN / 4)
+
+#define LOG2E 1.44269504088896341f
+
+/* 1 / (1 + 2^t), to a few float32 ulp: t clamped to [-126, 126] (NaN kept), 2^t =
+ * 2^round(t) * p(t - round(t)) with the AVX-512 path's degree-5 polynomial and the power
+ * of two built in the exponent bits, then the reciprocal by rcp (12 bits) + one Newton step. */
+static inline __m256 sig2(__m256 t) {
+#ifdef FLATL2O_PROFILE_CHEAP_NONLINEAR /* benchmarks/cpu_profile.py only: wrong numbers */
+    return _mm256_fmadd_ps(t, _mm256_set1_ps(-0.25f), _mm256_set1_ps(0.5f));
+#else
+    const __m256 one = _mm256_set1_ps(1.0f);
+    t = _mm256_min_ps(_mm256_set1_ps(126.0f), t); /* NaN is the second operand: kept */
+    t = _mm256_max_ps(_mm256_set1_ps(-126.0f), t);
+    const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_sub_ps(t, n);
+    __m256 p = _mm256_set1_ps(1.3276472454890609e-3f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.675541892647743e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550713092088699e-2f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022120237350464e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931469440460205e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0000001192092896f));
+    const __m256i e = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23); /* 2^n */
+    const __m256 d = _mm256_fmadd_ps(p, _mm256_castsi256_ps(e), one);
+    const __m256 r = _mm256_rcp_ps(d);
+    return _mm256_fmadd_ps(r, _mm256_fnmadd_ps(d, r, one), r);
+#endif
+}
+
+static inline __m256 tanh2(__m256 c) {
+    const __m256 s = sig2(_mm256_mul_ps(c, _mm256_set1_ps(-2.0f * LOG2E)));
+    return _mm256_fmsub_ps(_mm256_set1_ps(2.0f), s, _mm256_set1_ps(1.0f));
+}
+
+/* G[Y0 + v] = b + sum_j W[j][Y0 + v] * [x ; h][j] for one coordinate, NY_ ymm at once. */
+static inline __attribute__((always_inline)) void gate_tile(
+    const float *restrict W, const float *restrict bias, int ny, int Y0, const int NY_, int K,
+    int H, const float *x, int xs, const float *h, __m256 G[MAX_NY]) {
+    __m256 acc[NYG];
+    for (int v = 0; v < NY_; ++v) acc[v] = _mm256_loadu_ps(bias + (Y0 + v) * 8);
+#ifndef FLATL2O_PROFILE_SKIP_MATVEC
+    const float *w = W + Y0 * 8;
+    const int stride = ny * 8;
+    for (int j = 0; j < K; ++j, w += stride) {
+        const __m256 xb = _mm256_set1_ps(x[j * xs]);
+        for (int v = 0; v < NY_; ++v)
+            acc[v] = _mm256_fmadd_ps(_mm256_loadu_ps(w + v * 8), xb, acc[v]);
+    }
+    for (int j = 0; j < H; ++j, w += stride) {
+        const __m256 hb = _mm256_set1_ps(h[j]);
+        for (int v = 0; v < NY_; ++v)
+            acc[v] = _mm256_fmadd_ps(_mm256_loadu_ps(w + v * 8), hb, acc[v]);
+    }
+#else /* benchmarks/cpu_profile.py only: time the step without the gate products */
+    (void)W, (void)K, (void)H, (void)xs;
+    for (int v = 0; v < NY_; ++v)
+        acc[v] = _mm256_add_ps(acc[v], _mm256_set1_ps(x[0] + h[(Y0 + v) % H]));
+#endif
+    for (int v = 0; v < NY_; ++v) G[Y0 + v] = acc[v];
+}
+
+/* All 2 NV gate halves of one coordinate, in register blocks of at most NYG. */
+static void gate_products(const float *W, const float *bias, int ny, int K, int H,
+                          const float *x, int xs, const float *h, __m256 G[MAX_NY]) {
+    const int groups = (ny + NYG - 1) / NYG;
+    for (int g = 0; g < groups; ++g) {
+        const int v0 = g * ny / groups, v1 = (g + 1) * ny / groups;
+        switch (v1 - v0) {
+        case 12: gate_tile(W, bias, ny, v0, 12, K, H, x, xs, h, G); break;
+        case 11: gate_tile(W, bias, ny, v0, 11, K, H, x, xs, h, G); break;
+        case 10: gate_tile(W, bias, ny, v0, 10, K, H, x, xs, h, G); break;
+        case 9: gate_tile(W, bias, ny, v0, 9, K, H, x, xs, h, G); break;
+        case 8: gate_tile(W, bias, ny, v0, 8, K, H, x, xs, h, G); break;
+        case 7: gate_tile(W, bias, ny, v0, 7, K, H, x, xs, h, G); break;
+        case 6: gate_tile(W, bias, ny, v0, 6, K, H, x, xs, h, G); break;
+        case 5: gate_tile(W, bias, ny, v0, 5, K, H, x, xs, h, G); break;
+        case 4: gate_tile(W, bias, ny, v0, 4, K, H, x, xs, h, G); break;
+        case 3: gate_tile(W, bias, ny, v0, 3, K, H, x, xs, h, G); break;
+        default: gate_tile(W, bias, ny, v0, 2, K, H, x, xs, h, G); break; /* ny is even */
+        }
+    }
+}
+
+static inline float hsum4(__m128 v) {
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    v = _mm_add_ss(v, _mm_movehdup_ps(v));
+    return _mm_cvtss_f32(v);
+}
+
+/* One LSTM layer for CB coordinates (see the AVX-512 lstm_block). */
+static void lstm_block(const flatl2o_args *a, int l, int K, const float *const x[CB], int xs,
+                       float *const h[CB], float *const c[CB], float *out) {
+    const int H = a->hidden, A = H / 16, Q = (H % 16 + 3) / 4, ny = 2 * (4 * A + Q);
+    __m256 G[CB][MAX_NY];
+    for (int t = 0; t < CB; ++t) gate_products(a->w[l], a->b[l], ny, K, H, x[t], xs, h[t], G[t]);
+    const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f);
+    const float *wo = a->w_out;
+    __m256 ro[CB];
+    for (int t = 0; t < CB; ++t) ro[t] = _mm256_setzero_ps();
+    for (int b = 0; b < A; ++b) {
+        for (int half = 0; half < 2; ++half) {
+            const int u = 16 * b + 8 * half, y = 8 * b + half; /* ymm of gate i; +2 per gate */
+            __m256 cn[CB], og[CB];
+            for (int t = 0; t < CB; ++t) {
+                const __m256 ig = sig2(G[t][y]);
+                const __m256 fg = sig2(G[t][y + 2]);
+                const __m256 gg = _mm256_fmsub_ps(two, sig2(G[t][y + 4]), one);
+                og[t] = sig2(G[t][y + 6]);
+                cn[t] = _mm256_fmadd_ps(fg, _mm256_loadu_ps(c[t] + u), _mm256_mul_ps(ig, gg));
+                _mm256_storeu_ps(c[t] + u, cn[t]);
+            }
+            for (int t = 0; t < CB; ++t) {
+                const __m256 hn = _mm256_mul_ps(og[t], tanh2(cn[t]));
+                _mm256_storeu_ps(h[t] + u, hn);
+                if (out) ro[t] = _mm256_fmadd_ps(_mm256_loadu_ps(wo + u), hn, ro[t]);
+            }
+        }
+    }
+    __m256 tail_ro = _mm256_setzero_ps();
+    if (Q) {
+        /* lanes 0..3 of a tail quad's upper half are the tanh gate: 2 s - 1 there */
+        const __m256 am = _mm256_setr_ps(2, 2, 2, 2, 1, 1, 1, 1);
+        const __m256 aa = _mm256_setr_ps(-1, -1, -1, -1, 0, 0, 0, 0);
+        for (int s = 0; s < Q; ++s) {
+            const int u0 = 16 * A + 4 * s, y = 8 * A + 2 * s;
+            const int valid = H - u0 < 4 ? H - u0 : 4;
+            const __m128i m = _mm_cmpgt_epi32(_mm_set1_epi32(valid), _mm_setr_epi32(0, 1, 2, 3));
+            const __m256 lo0 = sig2(G[0][y]), lo1 = sig2(G[1][y]); /* [i i i i f f f f] */
+            const __m256 hi0 = _mm256_fmadd_ps(sig2(G[0][y + 1]), am, aa); /* [g.. o..] */
+            const __m256 hi1 = _mm256_fmadd_ps(sig2(G[1][y + 1]), am, aa);
+            const __m256 ig = _mm256_permute2f128_ps(lo0, lo1, 0x20); /* coordinate 0 | 1 */
+            const __m256 fg = _mm256_permute2f128_ps(lo0, lo1, 0x31);
+            const __m256 gg = _mm256_permute2f128_ps(hi0, hi1, 0x20);
+            const __m256 og = _mm256_permute2f128_ps(hi0, hi1, 0x31);
+            const __m256 co = _mm256_insertf128_ps(
+                _mm256_castps128_ps256(_mm_maskload_ps(c[0] + u0, m)),
+                _mm_maskload_ps(c[1] + u0, m), 1);
+            const __m256 cn = _mm256_fmadd_ps(fg, co, _mm256_mul_ps(ig, gg));
+            const __m256 hn = _mm256_mul_ps(og, tanh2(cn));
+            _mm_maskstore_ps(c[0] + u0, m, _mm256_castps256_ps128(cn));
+            _mm_maskstore_ps(c[1] + u0, m, _mm256_extractf128_ps(cn, 1));
+            _mm_maskstore_ps(h[0] + u0, m, _mm256_castps256_ps128(hn));
+            _mm_maskstore_ps(h[1] + u0, m, _mm256_extractf128_ps(hn, 1));
+            if (out) tail_ro = _mm256_fmadd_ps(_mm256_loadu_ps(wo + 16 * (A + s)), hn, tail_ro);
+        }
+    }
+    if (out) {
+        const __m128 tail[CB] = {_mm256_castps256_ps128(tail_ro), _mm256_extractf128_ps(tail_ro, 1)};
+        for (int t = 0; t < CB; ++t) {
+            const __m128 r = _mm_add_ps(_mm256_castps256_ps128(ro[t]), _mm256_extractf128_ps(ro[t], 1));
+            out[t] = hsum4(_mm_add_ps(r, tail[t]));
+        }
+    }
+}
+#endif
+
+#ifdef FLATL2O_PACKED_PATH
 /* The whole step for the TILE coordinates from i0 (all of them real). */
 static void full_tile(const flatl2o_args *a, int64_t i0) {
     const int H = a->hidden, L = a->layers;
