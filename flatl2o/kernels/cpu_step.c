@@ -183,6 +183,16 @@ static inline int unsupported(const flatl2o_args *a) {
     return 0;
 }
 
+/* 2^f on [-1/2, 1/2]: degree-5 minimax polynomial (relative error 7.5e-8), shared by the
+ * AVX-512 and AVX2 paths (Horner from the highest coefficient) */
+#define EXP2_C5 1.3276472454890609e-3f
+#define EXP2_C4 9.675541892647743e-3f
+#define EXP2_C3 5.550713092088699e-2f
+#define EXP2_C2 2.4022120237350464e-1f
+#define EXP2_C1 6.931469440460205e-1f
+#define EXP2_C0 1.0000001192092896f
+#define LOG2E 1.44269504088896341f
+
 #if defined(__AVX512F__) && defined(__AVX512DQ__) && !defined(FLATL2O_PORTABLE) && \
     !defined(FLATL2O_NO_AVX512)
 #define FLATL2O_PACKED_PATH 1
@@ -203,8 +213,6 @@ static inline int unsupported(const flatl2o_args *a) {
 #define NVG 5  /* gate vectors per register block: CB * NVG = 20 accumulators */
 #define MAX_NV (MAX_HIDDEN / 4)
 
-#define LOG2E 1.44269504088896341f
-
 /* 1 / (1 + 2^t), to a few float32 ulp, for any t (+-inf included): 2^t = 2^round(t) *
  * p(t - round(t)) with a degree-5 minimax polynomial (relative error 7.5e-8 on [-1/2, 1/2];
  * degree 6 measured 4% slower for no visible change), and the reciprocal by rcp14 + one
@@ -219,12 +227,12 @@ static inline __m512 sig2(__m512 t) {
      * gate or an absurd state value gives 0 or 1, not NaN), and round(t) = t - f exactly */
     const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 n = _mm512_sub_ps(t, f);
-    __m512 p = _mm512_set1_ps(1.3276472454890609e-3f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.675541892647743e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550713092088699e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022120237350464e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469440460205e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
+    __m512 p = _mm512_set1_ps(EXP2_C5);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C4));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C3));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C2));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C1));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C0));
     /* the clamp (so 2^n stays finite) is off the polynomial's critical path */
     const __m512 d =
         _mm512_add_ps(_mm512_scalef_ps(p, _mm512_min_ps(n, _mm512_set1_ps(100.0f))), one);
@@ -397,8 +405,6 @@ static void lstm_block(const flatl2o_args *a, int l, int K, const float *const x
 #define NYG 12  /* ymm accumulators per register block */
 #define MAX_NY (2 * MAX_HIDDEN / 4)
 
-#define LOG2E 1.44269504088896341f
-
 /* 1 / (1 + 2^t), to a few float32 ulp: t clamped to [-126, 126] (NaN kept), 2^t =
  * 2^round(t) * p(t - round(t)) with the AVX-512 path's degree-5 polynomial and the power
  * of two built in the exponent bits, then the reciprocal by rcp (12 bits) + one Newton step. */
@@ -411,12 +417,12 @@ static inline __m256 sig2(__m256 t) {
     t = _mm256_max_ps(_mm256_set1_ps(-126.0f), t);
     const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m256 f = _mm256_sub_ps(t, n);
-    __m256 p = _mm256_set1_ps(1.3276472454890609e-3f);
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.675541892647743e-3f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550713092088699e-2f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022120237350464e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931469440460205e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0000001192092896f));
+    __m256 p = _mm256_set1_ps(EXP2_C5);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP2_C4));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP2_C3));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP2_C2));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP2_C1));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP2_C0));
     const __m256i e = _mm256_slli_epi32(
         _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23); /* 2^n */
     const __m256 d = _mm256_fmadd_ps(p, _mm256_castsi256_ps(e), one);
