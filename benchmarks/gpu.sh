@@ -1,7 +1,7 @@
 #!/bin/bash
 # Check and time the Triton step on a CUDA machine in one short run (about 5-6 minutes on an
-# H200: correctness of every kernel variant, then a sweep of variants/precisions/blocks/warps
-# capped at 200 s, then the fastest for RNNprop and bf16 state). Results go to
+# H200: correctness of every kernel variant, then a sweep of variants/precisions/blocks/warps/
+# register caps capped at 200 s, then the fastest for RNNprop and bf16 state). Results go to
 # ${OUT:-.}/gpu_check.json and gpu_check.log; run it with a 9-minute limit.
 set -o pipefail
 cd "$(dirname "$0")/.."

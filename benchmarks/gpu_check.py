@@ -129,25 +129,29 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     return 2 * nbytes / t
 
 
-#: (variant, tl.dot precision, block, warps) timed on l2o-dm with fp32 state, in this order:
-#: the configuration timed on the H200 before (strided 32x2), then the ones
-#: benchmarks/triton_resources.py reports without register spills on sm_90, then the
-#: current default. The fastest is then used for rnnprop and bf16 state.
+#: (variant, tl.dot precision, block, warps, ptxas register cap; 0 = ptxas's choice) timed
+#: on l2o-dm with fp32 state, in this order: the configuration timed on the H200 before
+#: (strided 32x2), the new default with and without the register cap, then ones
+#: benchmarks/triton_resources.py reports with few or no spills on sm_90. The fastest is
+#: then used for rnnprop and bf16 state.
 SWEEP = [
-    ("strided", "ieee", 32, 2),
-    ("packed", "ieee", 32, 8),
-    ("packed", "ieee", 16, 4),
-    ("packed", "tf32x3", 32, 8),
-    ("packed", "tf32x3", 64, 8),
-    ("persistent", "ieee", 32, 8),
-    ("persistent", "tf32x3", 32, 8),
-    ("packed", "ieee", 16, 8),
-    ("packed", "ieee", 32, 2),
+    ("strided", "ieee", 32, 2, 0),
+    ("packed", "ieee", 32, 2, 255),
+    ("packed", "ieee", 32, 2, 0),
+    ("packed", "ieee", 32, 4, 255),
+    ("packed", "ieee", 32, 8, 255),
+    ("packed", "tf32x3", 32, 8, 255),
+    ("packed", "tf32x3", 64, 8, 255),
+    ("packed", "ieee", 16, 8, 255),
+    ("persistent", "ieee", 32, 4, 255),
+    ("persistent", "tf32x3", 32, 8, 255),
 ]
+CONFIG_FIELDS = ("variant", "precision", "block", "warps", "maxnreg")
 
 
-def _configure(variant: str, prec: str, block: int, warps: int) -> None:
+def _configure(variant: str, prec: str, block: int, warps: int, maxnreg: int) -> None:
     ts.VARIANT, ts.PRECISION, ts.BLOCK, ts.NUM_WARPS = variant, prec, block, warps
+    ts.MAXNREG = maxnreg
 
 
 def bench(device: torch.device, n: int, reps: int, sweep: bool, budget: float) -> list[dict]:
@@ -167,7 +171,7 @@ def bench(device: torch.device, n: int, reps: int, sweep: bool, budget: float) -
         del opt
     adam = rows[0]["seconds"]
     del pa
-    default = (ts.VARIANT, ts.PRECISION, ts.BLOCK, ts.NUM_WARPS)
+    default = (ts.VARIANT, ts.PRECISION, ts.BLOCK, ts.NUM_WARPS, ts.MAXNREG)
 
     def run(name: str, sdt: torch.dtype, config: tuple) -> dict:
         _configure(*config)
@@ -176,7 +180,7 @@ def bench(device: torch.device, n: int, reps: int, sweep: bool, budget: float) -
         st = {k: v.to(sdt) for k, v in rule.init_state(n, device=device).items()}
         moved = n * (4 + 8 + 2 * state_bytes(rule, sdt))  # grad r, param r+w, state r+w
         row = dict(what="flatl2o-triton", rule=name, state=str(sdt), n=n)
-        row.update(zip(("variant", "precision", "block", "warps"), config, strict=True))
+        row.update(zip(CONFIG_FIELDS, config, strict=True))
         step = iter(range(1, 10**6))
         try:
             t = timed(
@@ -207,7 +211,7 @@ def bench(device: torch.device, n: int, reps: int, sweep: bool, budget: float) -
         rows.append(run("l2o-dm", torch.float32, config))
     timed_rows = [r for r in rows if r.get("rule") == "l2o-dm" and "seconds" in r]
     best = min(timed_rows, key=lambda r: r["seconds"]) if timed_rows else None
-    config = (best["variant"], best["precision"], best["block"], best["warps"]) if best else default
+    config = tuple(best[k] for k in CONFIG_FIELDS) if best else default
     print("best config", config, flush=True)
     rows.append(run("rnnprop", torch.float32, config))
     rows.append(run("l2o-dm", torch.bfloat16, config))

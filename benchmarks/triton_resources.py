@@ -5,10 +5,10 @@
 
 Compiles ``flatl2o/kernels/triton_step.py``'s kernel ahead of time for an NVIDIA target
 (default sm_90, the H100/H200) with Triton's bundled ptxas, for each (variant, tl.dot
-precision, block, warps) below, and reads the cubin's resource usage with cuobjdump:
-registers per thread, the per-thread stack (register spills to local memory) and shared
-memory per program. No timing: this is what the compiler decided, which shows which
-configurations spill before a GPU is available to time them (benchmarks/gpu.sh).
+precision, block, warps, ptxas register cap) below, and reads the cubin's resource usage
+with cuobjdump: registers per thread, the per-thread stack (register spills to local
+memory) and shared memory per program. No timing: this is what the compiler decided, which
+shows which configurations spill before a GPU is available to time them (benchmarks/gpu.sh).
 """
 
 from __future__ import annotations
@@ -29,16 +29,21 @@ from triton.compiler import ASTSource
 
 from flatl2o.kernels import triton_step as ts
 
-CONFIGS = [  # (variant, precision, block, warps)
-    *[("strided", "ieee", 32, w) for w in (2, 8)],
-    *[("packed", "ieee", b, w) for b in (16, 32, 64) for w in (2, 4, 8)],
-    *[("packed", "tf32x3", b, w) for b in (32, 64) for w in (2, 4, 8)],
+CONFIGS = [  # (variant, precision, block, warps, maxnreg: 0 = ptxas's own choice)
+    ("strided", "ieee", 32, 2, 0),
+    ("packed", "ieee", 32, 2, 0),
+    ("packed", "ieee", 32, 4, 0),
+    *[("strided", "ieee", 32, w, 255) for w in (2, 8)],
+    *[("packed", "ieee", b, w, 255) for b in (16, 32, 64) for w in (2, 4, 8)],
+    *[("packed", "tf32x3", b, w, 255) for b in (32, 64) for w in (2, 4, 8)],
 ]  # "persistent" compiles to the same kernel as "packed" (only the grid differs)
 POINTERS_IN_STATE_DTYPE = ("h0_ptr", "c0_ptr", "h1_ptr", "c1_ptr", "m_ptr", "v_ptr")
 INTS = {"n": "i64", "negate": "i32", "iters": "i32", "nprog": "i32"}
 
 
-def resources(rule: str, variant: str, prec: str, block: int, warps: int, arch: int) -> dict:
+def resources(
+    rule: str, variant: str, prec: str, block: int, warps: int, maxnreg: int, arch: int
+) -> dict:
     fn = ts._step_kernel
     names = fn.arg_names
     constexpr = {n for n, p in zip(names, fn.params, strict=True) if p.is_constexpr}
@@ -68,7 +73,8 @@ def resources(rule: str, variant: str, prec: str, block: int, warps: int, arch: 
     src = ASTSource(
         fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in consts.items()}
     )
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    options = {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})}
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
@@ -87,6 +93,7 @@ def resources(rule: str, variant: str, prec: str, block: int, warps: int, arch: 
         precision=prec,
         block=block,
         warps=warps,
+        maxnreg=maxnreg,
         registers=int(fields["REG"]),
         stack_bytes=int(fields["STACK"]),
         shared_bytes=int(kernel.metadata.shared),
@@ -102,17 +109,17 @@ def main() -> None:
     os.environ.pop("TRITON_INTERPRET", None)
     print(f"Triton {triton.__version__}, sm_{args.arch}, rule {args.rule} (hidden 20 -> 32)")
     print(
-        "| variant | tl.dot precision | block | warps | registers | stack (spills) B/thread "
-        "| shared B/program |"
+        "| variant | tl.dot precision | block | warps | maxnreg | registers "
+        "| stack (spills) B/thread | shared B/program |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     rows = []
-    for variant, prec, block, warps in CONFIGS:
-        r = resources(args.rule, variant, prec, block, warps, args.arch)
+    for variant, prec, block, warps, maxnreg in CONFIGS:
+        r = resources(args.rule, variant, prec, block, warps, maxnreg, args.arch)
         rows.append(r)
         print(
-            f"| {variant} | {prec} | {block} | {warps} | {r['registers']} "
-            f"| {r['stack_bytes']} | {r['shared_bytes']} |",
+            f"| {variant} | {prec} | {block} | {warps} | {maxnreg or 'ptxas'} "
+            f"| {r['registers']} | {r['stack_bytes']} | {r['shared_bytes']} |",
             flush=True,
         )
     out = Path(args.out)

@@ -36,17 +36,34 @@ NUM_WARPS = 2
 #: ``"packed"`` - from tiles pre-packed on the host as ``(gate, k, j)``, zero-padded, so every
 #: load is contiguous; ``"persistent"`` - packed tiles, with a grid of PROGRAMS_PER_SM
 #: programs per multiprocessor, each looping over blocks. Only "strided" has been timed on a
-#: GPU (in its earlier four-gates-at-once form); "packed" is the default because, compiled for
-#: sm_90 in the same block/warps, it spills less (2.4 vs 9.7 KB of local memory per thread;
-#: shared memory 16 vs 12 KB per program) and its loads are contiguous
+#: GPU (in its earlier four-gates-at-once form); "packed" is the default because its loads
+#: are contiguous and, compiled for sm_90 in the same block/warps with MAXNREG, it spills
+#: 2.1 KB of local memory per thread against 9.7 KB for the timed kernel
 #: (benchmarks/triton_resources.py).
 #: benchmarks/gpu.sh times all three. Overridable with FLATL2O_TRITON_VARIANT.
 VARIANTS = ("strided", "packed", "persistent")
 VARIANT = os.environ.get("FLATL2O_TRITON_VARIANT", "packed")
 PROGRAMS_PER_SM = 4
+#: Register cap passed to ptxas (``maxnreg``). Left to itself ptxas often settles on 32
+#: registers for this kernel and spills 7-9 KB per thread to local memory; with a cap of 255
+#: it spills ~2 KB or less (benchmarks/triton_resources.py). 0 leaves it to ptxas.
+#: Overridable with FLATL2O_TRITON_MAXNREG; not yet timed on a GPU (benchmarks/gpu.sh).
+MAXNREG = int(os.environ.get("FLATL2O_TRITON_MAXNREG", "255"))
 #: ``tl.dot`` precision for the gate products: ``"ieee"`` is plain fp32 FMA; ``"tf32x3"``
 #: uses tensor cores with fp32-level accuracy. Overridable with ``FLATL2O_TRITON_PRECISION``.
 PRECISION = os.environ.get("FLATL2O_TRITON_PRECISION", "ieee")
+
+
+def _has_maxnreg() -> bool:
+    """Whether this Triton's CUDA backend takes a ``maxnreg`` option (Triton >= 3.1)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "maxnreg" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+_HAS_MAXNREG = triton is not None and _has_maxnreg()
 
 
 def _pow2(x: int, floor: int = 16) -> int:
@@ -95,19 +112,36 @@ if triton is not None:
         HP: tl.constexpr,
         PACKED: tl.constexpr,
         PREC: tl.constexpr,
+        RANK1: tl.constexpr,
     ):
         """Pre-activation of gate ``q`` (0..3 = i, f, g, o): x W_ih[q]^T + h W_hh[q]^T + b[q],
-        its two weight tiles loaded just before use (from L1/L2: a layer's are a few KB)."""
+        its weights loaded just before use (from L1/L2: a layer's are a few KB). With RANK1,
+        ``x`` is L2O-DM's two input columns ``(x0, x1)``, added as two outer products instead
+        of a dot over 16 zero-padded columns."""
         j = tl.arange(0, HP)
         if PACKED:
-            tx = _packed_tile(wx_ptr, q, KP, HP)
-            th = _packed_tile(wh_ptr, q, HP, HP)
             b = tl.load(bp_ptr + q * HP + j)
         else:
-            tx = _strided_tile(w_ptr, K + H, q * H, 0, K, KP, H, HP)
-            th = _strided_tile(w_ptr, K + H, q * H, K, H, HP, H, HP)
             b = tl.load(b_ptr + q * H + j, mask=j < H, other=0.0)
-        z = tl.dot(x, tx, input_precision=PREC) + b[None, :]
+        if RANK1:
+            x0, x1 = x
+            if PACKED:
+                w0 = tl.load(wx_ptr + q * KP * HP + j)
+                w1 = tl.load(wx_ptr + q * KP * HP + HP + j)
+            else:
+                w0 = tl.load(w_ptr + (q * H + j) * (K + H), mask=j < H, other=0.0)
+                w1 = tl.load(w_ptr + (q * H + j) * (K + H) + 1, mask=j < H, other=0.0)
+            z = b[None, :] + x0[:, None] * w0[None, :] + x1[:, None] * w1[None, :]
+        else:
+            if PACKED:
+                tx = _packed_tile(wx_ptr, q, KP, HP)
+            else:
+                tx = _strided_tile(w_ptr, K + H, q * H, 0, K, KP, H, HP)
+            z = tl.dot(x, tx, input_precision=PREC) + b[None, :]
+        if PACKED:
+            th = _packed_tile(wh_ptr, q, HP, HP)
+        else:
+            th = _strided_tile(w_ptr, K + H, q * H, K, H, HP, H, HP)
         return tl.dot(h, th, acc=z, input_precision=PREC)
 
     @triton.jit
@@ -126,17 +160,19 @@ if triton is not None:
         HP: tl.constexpr,
         PACKED: tl.constexpr,
         PREC: tl.constexpr,
+        RANK1: tl.constexpr,
     ):
-        """One LSTM cell on a block: x (B, KP), h and c (B, HP) -> new h, new c. The gates are
-        computed one at a time (f, i, g, o), each folded into c or h at once, so only one
-        gate pre-activation is live: the four-at-once form spilled registers (ptxas)."""
-        zf = _gate(x, h, 1, w_ptr, b_ptr, wx_ptr, wh_ptr, bp_ptr, K, KP, H, HP, PACKED, PREC)
+        """One LSTM cell on a block: x (B, KP) (or L2O-DM's (x0, x1) with RANK1), h and c
+        (B, HP) -> new h, new c. The gates are computed one at a time (f, i, g, o), each
+        folded into c or h at once, so only one gate pre-activation is live: the
+        four-at-once form spilled registers (ptxas)."""
+        zf = _gate(x, h, 1, w_ptr, b_ptr, wx_ptr, wh_ptr, bp_ptr, K, KP, H, HP, PACKED, PREC, RANK1)
         c = _sigmoid(zf) * c
-        zi = _gate(x, h, 0, w_ptr, b_ptr, wx_ptr, wh_ptr, bp_ptr, K, KP, H, HP, PACKED, PREC)
+        zi = _gate(x, h, 0, w_ptr, b_ptr, wx_ptr, wh_ptr, bp_ptr, K, KP, H, HP, PACKED, PREC, RANK1)
         ig = _sigmoid(zi)
-        zg = _gate(x, h, 2, w_ptr, b_ptr, wx_ptr, wh_ptr, bp_ptr, K, KP, H, HP, PACKED, PREC)
+        zg = _gate(x, h, 2, w_ptr, b_ptr, wx_ptr, wh_ptr, bp_ptr, K, KP, H, HP, PACKED, PREC, RANK1)
         c += ig * _tanh(zg)
-        zo = _gate(x, h, 3, w_ptr, b_ptr, wx_ptr, wh_ptr, bp_ptr, K, KP, H, HP, PACKED, PREC)
+        zo = _gate(x, h, 3, w_ptr, b_ptr, wx_ptr, wh_ptr, bp_ptr, K, KP, H, HP, PACKED, PREC, RANK1)
         return _sigmoid(zo) * _tanh(c), c
 
     @triton.jit
@@ -201,8 +237,7 @@ if triton is not None:
         if PREP == 0:  # L2O-DM: [clamp(log(|g|+eps)/k, min=-1), clamp(g*e^k, -1, 1)]
             x0 = tl.maximum(tl.log(tl.abs(g) + dm_eps) * dm_inv_k, -1.0)
             x1 = tl.minimum(tl.maximum(g * dm_exp_k, -1.0), 1.0)
-            col = tl.arange(0, IP)[None, :]
-            x = tl.where(col == 0, x0[:, None], tl.where(col == 1, x1[:, None], 0.0))
+            x = (x0, x1)  # two columns: outer products, not a dot (see _gate)
         else:  # RNNprop: moving averages, normalized inputs, ELU input layer
             m = tl.load(m_ptr + rows, mask=rm, other=0.0).to(tl.float32)
             v = tl.load(v_ptr + rows, mask=rm, other=0.0).to(tl.float32)
@@ -225,16 +260,18 @@ if triton is not None:
         h = tl.load(h0_ptr + soff, mask=sm, other=0.0).to(tl.float32)
         c = tl.load(c0_ptr + soff, mask=sm, other=0.0).to(tl.float32)
         h, c = _lstm_layer(
-            x, h, c, w0_ptr, b0_ptr, wx0_ptr, wh0_ptr, bp0_ptr, I, IP, H, HP, PACKED, PREC
-        )
+            x, h, c, w0_ptr, b0_ptr, wx0_ptr, wh0_ptr, bp0_ptr, I, IP, H, HP, PACKED, PREC,
+            PREP == 0,
+        )  # fmt: skip
         tl.store(h0_ptr + soff, h.to(h0_ptr.dtype.element_ty), mask=sm)
         tl.store(c0_ptr + soff, c.to(c0_ptr.dtype.element_ty), mask=sm)
         if LAYERS == 2:
             h2 = tl.load(h1_ptr + soff, mask=sm, other=0.0).to(tl.float32)
             c2 = tl.load(c1_ptr + soff, mask=sm, other=0.0).to(tl.float32)
             h, c = _lstm_layer(
-                h, h2, c2, w1_ptr, b1_ptr, wx1_ptr, wh1_ptr, bp1_ptr, H, HP, H, HP, PACKED, PREC
-            )
+                h, h2, c2, w1_ptr, b1_ptr, wx1_ptr, wh1_ptr, bp1_ptr, H, HP, H, HP, PACKED, PREC,
+                False,
+            )  # fmt: skip
             tl.store(h1_ptr + soff, h.to(h1_ptr.dtype.element_ty), mask=sm)
             tl.store(c1_ptr + soff, c.to(c1_ptr.dtype.element_ty), mask=sm)
 
@@ -444,6 +481,7 @@ class TritonKernel:
             PREC=PRECISION,
             PACKED=VARIANT != "strided",
             num_warps=NUM_WARPS,
+            **({"maxnreg": MAXNREG} if MAXNREG and _HAS_MAXNREG else {}),
         )
 
     def _programs(self) -> int:
