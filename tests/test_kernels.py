@@ -136,6 +136,29 @@ def test_avx2_build_matches_reference(name: str, hidden: int) -> None:
         _assert_matches_reference(kernel, rule, 1000)
 
 
+@pytest.mark.parametrize("build", ["default", "avx2"])
+@pytest.mark.parametrize("name", RULE_NAMES)
+def test_bf16_state_in_the_kernel_equals_fp32_steps_rounded_by_torch(name: str, build: str) -> None:
+    """bf16 rows widened and rounded inside the kernel give exactly the fp32 step followed by
+    torch's rounding of the state to bf16 (the chunked path's semantics), bit for bit."""
+    lib = _build(build)
+    if lib.flatl2o_layout() != 1:
+        pytest.skip("the portable build converts bf16 in fp32 chunks")
+    rule = _rule(name)
+    kernel = cpu.CPUKernel(rule_program(rule), lib=lib)
+    for n in (37, 1000):
+        g, state, p = _inputs(rule, n)
+        bf = {k: v.to(torch.bfloat16) for k, v in state.items()}
+        fp = {k: v.to(torch.bfloat16).float() for k, v in state.items()}
+        p2 = p.clone()
+        for t in (1, 2, 3):
+            kernel.update(p, g * t, bf, t, 0.5, False, 1 << 14)
+            kernel.update(p2, g * t, fp, t, 0.5, False, 1 << 14)
+            fp = {k: v.to(torch.bfloat16).float() for k, v in fp.items()}
+        assert torch.equal(p, p2)
+        assert all(torch.equal(bf[k].float(), fp[k]) for k in bf)
+
+
 @pytest.mark.parametrize("name", RULE_NAMES)
 def test_portable_c_build_matches_reference(name: str) -> None:
     """The plain-C build used where AVX-512 is absent (forced here with -DFLATL2O_PORTABLE)."""

@@ -73,6 +73,7 @@ class _Args(ctypes.Structure):
         ("b_out", ctypes.c_float),
         ("out_tanh", ctypes.c_int32),
         ("scale", ctypes.c_float),
+        ("state_bf16", ctypes.c_int32),
     ]
 
 
@@ -346,7 +347,8 @@ class CPUKernel:
         """``param -= lr * rule(grad)`` in place, with ``state`` (rows of coordinates) updated.
 
         ``param`` and ``grad`` are 1-D; ``state`` values are ``(n, ...)`` CPU tensors (fp32 and
-        contiguous run in place; bf16 or strided ones go through fp32 chunks).
+        contiguous run in place, and so does contiguous bf16 state on the AVX-512/AVX2 builds;
+        other dtypes or strided ones go through fp32 chunks).
         """
         n = param.numel()
         if n == 0:
@@ -362,8 +364,18 @@ class CPUKernel:
         fp32_state = all(
             state[k].dtype == torch.float32 and state[k].is_contiguous() for k in names
         )
+        # the packed (AVX-512/AVX2) library widens and rounds bf16 rows itself, per tile
+        bf16_state = self.lib.flatl2o_layout() == LAYOUT_PACKED and all(
+            state[k].dtype == torch.bfloat16 and state[k].is_contiguous() for k in names
+        )
         direct = param.dtype == torch.float32 and param.is_contiguous()
-        if fp32_state and direct and grad.dtype == torch.float32 and grad.is_contiguous():
+        if (
+            (fp32_state or bf16_state)
+            and direct
+            and grad.dtype == torch.float32
+            and grad.is_contiguous()
+        ):
+            base.state_bf16 = int(bf16_state)
             self._run(base, state, grad, param, None, 0, n)
             return
         # another dtype or layout (bf16 state or params, a strided shard): convert bounded
@@ -413,12 +425,13 @@ class CPUKernel:
             else:
                 a.delta = delta.data_ptr() + 4 * lo
             row = first + lo
+            size = 2 if base.state_bf16 else 4  # bytes per state value
             if p.prep != PREP_DM:
-                a.m = state["m"].data_ptr() + 4 * row
-                a.v = state["v"].data_ptr() + 4 * row
+                a.m = state["m"].data_ptr() + size * row
+                a.v = state["v"].data_ptr() + size * row
             for i in range(p.layers):
-                a.h[i] = state[f"h{i}"].data_ptr() + 4 * row * p.hidden
-                a.c[i] = state[f"c{i}"].data_ptr() + 4 * row * p.hidden
+                a.h[i] = state[f"h{i}"].data_ptr() + size * row * p.hidden
+                a.c[i] = state[f"c{i}"].data_ptr() + size * row * p.hidden
             jobs.append((a, hi - lo))
         if len(jobs) == 1:
             codes = [self.lib.flatl2o_step(ctypes.byref(jobs[0][0]), jobs[0][1])]

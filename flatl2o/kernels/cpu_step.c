@@ -57,6 +57,10 @@ typedef struct {
     float b_out;
     int32_t out_tanh;
     float scale;
+    /* 1: m, v, h[l], c[l] hold bfloat16 (uint16) instead of float (packed paths only): rows
+     * are widened to fp32 per tile, computed as fp32, and rounded (to nearest even) when
+     * stored, exactly as torch converts them */
+    int32_t state_bf16;
 } flatl2o_args;
 
 typedef union { float f; int32_t i; } fbits;
@@ -585,50 +589,91 @@ static void full_tile(const flatl2o_args *a, int64_t i0) {
     write_step(a, i0, TILE, out);
 }
 
-/* One rule step for `count` coordinates. Returns 0, or -1 for an unsupported shape. */
-int flatl2o_step(const flatl2o_args *a, int64_t count) {
-    if (unsupported(a)) return -1;
-    const int64_t full = count / TILE * TILE;
-    for (int64_t i0 = 0; i0 < full; i0 += TILE) full_tile(a, i0);
-    const int n = (int)(count - full);
-    if (n == 0) return 0;
-    /* the last partial tile runs on zero-padded copies of its rows */
+static inline float bf16_to_f32(uint16_t x) {
+    fbits u;
+    u.i = (int32_t)((uint32_t)x << 16);
+    return u.f;
+}
+
+/* float -> bfloat16, rounding to nearest even like torch (NaN stays a quiet NaN) */
+static inline uint16_t f32_to_bf16(float f) {
+    fbits u;
+    u.f = f;
+    const uint32_t b = (uint32_t)u.i;
+    const uint32_t rounded = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+    const uint32_t nan = (b >> 16) | 0x40u;
+    return (uint16_t)((b & 0x7fffffffu) > 0x7f800000u ? nan : rounded); /* a select: vectorizes */
+}
+
+/* n rows of `width` state values from i0, widened to fp32 (zero past n) */
+static void load_rows(const flatl2o_args *a, const void *src, int64_t i0, int n, int width,
+                      float *dst) {
+    memset(dst, 0, (size_t)TILE * width * sizeof(float));
+    if (a->state_bf16) {
+        const uint16_t *p = (const uint16_t *)src + i0 * width;
+        for (int64_t k = 0; k < (int64_t)n * width; ++k) dst[k] = bf16_to_f32(p[k]);
+    } else {
+        memcpy(dst, (const float *)src + i0 * width, (size_t)n * width * sizeof(float));
+    }
+}
+
+static void store_rows(const flatl2o_args *a, void *dst, int64_t i0, int n, int width,
+                       const float *src) {
+    if (a->state_bf16) {
+        uint16_t *p = (uint16_t *)dst + i0 * width;
+        for (int64_t k = 0; k < (int64_t)n * width; ++k) p[k] = f32_to_bf16(src[k]);
+    } else {
+        memcpy((float *)dst + i0 * width, src, (size_t)n * width * sizeof(float));
+    }
+}
+
+/* The step for the n <= TILE coordinates from i0 on fp32 copies of their rows: the last
+ * partial tile (zero-padded), and every tile of a bf16 state. */
+static void scratch_tile(const flatl2o_args *a, int64_t i0, int n) {
     const int H = a->hidden, L = a->layers;
-    float grad[TILE] = {0}, param[TILE] = {0}, m[TILE] = {0}, v[TILE] = {0};
+    float grad[TILE] = {0}, param[TILE] = {0}, m[TILE], v[TILE];
     float hs[MAX_LAYERS][TILE * MAX_HIDDEN], cs[MAX_LAYERS][TILE * MAX_HIDDEN];
     flatl2o_args s = *a;
-    memcpy(grad, a->grad + full, n * sizeof(float));
+    memcpy(grad, a->grad + i0, n * sizeof(float));
     s.grad = grad;
     if (a->param) {
-        memcpy(param, a->param + full, n * sizeof(float));
+        memcpy(param, a->param + i0, n * sizeof(float));
         s.param = param;
     } else {
         s.delta = param;
     }
     if (a->prep != 0) {
-        memcpy(m, a->m + full, n * sizeof(float));
-        memcpy(v, a->v + full, n * sizeof(float));
+        load_rows(a, a->m, i0, n, 1, m);
+        load_rows(a, a->v, i0, n, 1, v);
         s.m = m;
         s.v = v;
     }
     for (int l = 0; l < L; ++l) {
-        memset(hs[l], 0, sizeof(hs[l]));
-        memset(cs[l], 0, sizeof(cs[l]));
-        memcpy(hs[l], a->h[l] + full * H, (size_t)n * H * sizeof(float));
-        memcpy(cs[l], a->c[l] + full * H, (size_t)n * H * sizeof(float));
+        load_rows(a, a->h[l], i0, n, H, hs[l]);
+        load_rows(a, a->c[l], i0, n, H, cs[l]);
         s.h[l] = hs[l];
         s.c[l] = cs[l];
     }
+    s.state_bf16 = 0;
     full_tile(&s, 0);
-    memcpy(a->param ? a->param + full : a->delta + full, param, n * sizeof(float));
+    memcpy(a->param ? a->param + i0 : a->delta + i0, param, n * sizeof(float));
     if (a->prep != 0) {
-        memcpy(a->m + full, m, n * sizeof(float));
-        memcpy(a->v + full, v, n * sizeof(float));
+        store_rows(a, a->m, i0, n, 1, m);
+        store_rows(a, a->v, i0, n, 1, v);
     }
     for (int l = 0; l < L; ++l) {
-        memcpy(a->h[l] + full * H, hs[l], (size_t)n * H * sizeof(float));
-        memcpy(a->c[l] + full * H, cs[l], (size_t)n * H * sizeof(float));
+        store_rows(a, a->h[l], i0, n, H, hs[l]);
+        store_rows(a, a->c[l], i0, n, H, cs[l]);
     }
+}
+
+/* One rule step for `count` coordinates. Returns 0, or -1 for an unsupported shape. */
+int flatl2o_step(const flatl2o_args *a, int64_t count) {
+    if (unsupported(a)) return -1;
+    const int64_t full = a->state_bf16 ? 0 : count / TILE * TILE;
+    for (int64_t i0 = 0; i0 < full; i0 += TILE) full_tile(a, i0);
+    for (int64_t i0 = full; i0 < count; i0 += TILE)
+        scratch_tile(a, i0, count - i0 < TILE ? (int)(count - i0) : TILE);
     return 0;
 }
 
@@ -713,7 +758,7 @@ static inline void matvec_tile(const float *W, const float *bias, int R, int K,
 /* One rule step for `count` coordinates. Returns 0, or -1 for an unsupported shape. */
 int flatl2o_step(const flatl2o_args *a, int64_t count) {
     const int H = a->hidden, L = a->layers;
-    if (unsupported(a)) return -1;
+    if (unsupported(a) || a->state_bf16) return -1; /* bf16 rows: converted by the caller */
 
     float in[MAX_INPUT + MAX_HIDDEN][TILE]; /* [x ; h] of the current layer */
     float gates[4 * MAX_HIDDEN][TILE];
