@@ -347,8 +347,7 @@ class CPUKernel:
         """``param -= lr * rule(grad)`` in place, with ``state`` (rows of coordinates) updated.
 
         ``param`` and ``grad`` are 1-D; ``state`` values are ``(n, ...)`` CPU tensors (fp32 and
-        contiguous run in place, and so does contiguous bf16 state on the AVX-512/AVX2 builds;
-        other dtypes or strided ones go through fp32 chunks).
+        or bf16 and contiguous run in place; other dtypes or strided ones go through fp32 chunks).
         """
         n = param.numel()
         if n == 0:
@@ -364,8 +363,8 @@ class CPUKernel:
         fp32_state = all(
             state[k].dtype == torch.float32 and state[k].is_contiguous() for k in names
         )
-        # the packed (AVX-512/AVX2) library widens and rounds bf16 rows itself, per tile
-        bf16_state = self.lib.flatl2o_layout() == LAYOUT_PACKED and all(
+        # the library widens and rounds bf16 rows itself, per 16-coordinate tile
+        bf16_state = all(
             state[k].dtype == torch.bfloat16 and state[k].is_contiguous() for k in names
         )
         direct = param.dtype == torch.float32 and param.is_contiguous()

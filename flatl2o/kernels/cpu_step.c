@@ -187,6 +187,86 @@ static inline int unsupported(const flatl2o_args *a) {
     return 0;
 }
 
+static inline float bf16_to_f32(uint16_t x) {
+    fbits u;
+    u.i = (int32_t)((uint32_t)x << 16);
+    return u.f;
+}
+
+/* float -> bfloat16, rounding to nearest even like torch (NaN stays a quiet NaN) */
+static inline uint16_t f32_to_bf16(float f) {
+    fbits u;
+    u.f = f;
+    const uint32_t b = (uint32_t)u.i;
+    const uint32_t rounded = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+    const uint32_t nan = (b >> 16) | 0x40u;
+    return (uint16_t)((b & 0x7fffffffu) > 0x7f800000u ? nan : rounded); /* a select: vectorizes */
+}
+
+/* n rows of `width` state values from i0, widened to fp32 (zero past n) */
+static void load_rows(const flatl2o_args *a, const void *src, int64_t i0, int n, int width,
+                      float *dst) {
+    memset(dst, 0, (size_t)TILE * width * sizeof(float));
+    if (a->state_bf16) {
+        const uint16_t *p = (const uint16_t *)src + i0 * width;
+        for (int64_t k = 0; k < (int64_t)n * width; ++k) dst[k] = bf16_to_f32(p[k]);
+    } else {
+        memcpy(dst, (const float *)src + i0 * width, (size_t)n * width * sizeof(float));
+    }
+}
+
+static void store_rows(const flatl2o_args *a, void *dst, int64_t i0, int n, int width,
+                       const float *src) {
+    if (a->state_bf16) {
+        uint16_t *p = (uint16_t *)dst + i0 * width;
+        for (int64_t k = 0; k < (int64_t)n * width; ++k) p[k] = f32_to_bf16(src[k]);
+    } else {
+        memcpy((float *)dst + i0 * width, src, (size_t)n * width * sizeof(float));
+    }
+}
+
+/* The step for the n <= TILE coordinates from i0 on fp32 copies of their rows (zero past n),
+ * computed by core(copy, n): the last partial tile of the packed paths, and every tile of a
+ * bf16 state. */
+static void scratch_tile(const flatl2o_args *a, int64_t i0, int n,
+                         void (*core)(const flatl2o_args *, int)) {
+    const int H = a->hidden, L = a->layers;
+    float grad[TILE] = {0}, param[TILE] = {0}, m[TILE], v[TILE];
+    float hs[MAX_LAYERS][TILE * MAX_HIDDEN], cs[MAX_LAYERS][TILE * MAX_HIDDEN];
+    flatl2o_args s = *a;
+    memcpy(grad, a->grad + i0, n * sizeof(float));
+    s.grad = grad;
+    if (a->param) {
+        memcpy(param, a->param + i0, n * sizeof(float));
+        s.param = param;
+    } else {
+        s.delta = param;
+    }
+    if (a->prep != 0) {
+        load_rows(a, a->m, i0, n, 1, m);
+        load_rows(a, a->v, i0, n, 1, v);
+        s.m = m;
+        s.v = v;
+    }
+    for (int l = 0; l < L; ++l) {
+        load_rows(a, a->h[l], i0, n, H, hs[l]);
+        load_rows(a, a->c[l], i0, n, H, cs[l]);
+        s.h[l] = hs[l];
+        s.c[l] = cs[l];
+    }
+    s.state_bf16 = 0;
+    core(&s, n);
+    memcpy(a->param ? a->param + i0 : a->delta + i0, param, n * sizeof(float));
+    if (a->prep != 0) {
+        store_rows(a, a->m, i0, n, 1, m);
+        store_rows(a, a->v, i0, n, 1, v);
+    }
+    for (int l = 0; l < L; ++l) {
+        store_rows(a, a->h[l], i0, n, H, hs[l]);
+        store_rows(a, a->c[l], i0, n, H, cs[l]);
+    }
+}
+
 /* 2^f on [-1/2, 1/2]: degree-5 minimax polynomial (relative error 7.5e-8), shared by the
  * AVX-512 and AVX2 paths (Horner from the highest coefficient) */
 #define EXP2_C5 1.3276472454890609e-3f
@@ -589,82 +669,9 @@ static void full_tile(const flatl2o_args *a, int64_t i0) {
     write_step(a, i0, TILE, out);
 }
 
-static inline float bf16_to_f32(uint16_t x) {
-    fbits u;
-    u.i = (int32_t)((uint32_t)x << 16);
-    return u.f;
-}
-
-/* float -> bfloat16, rounding to nearest even like torch (NaN stays a quiet NaN) */
-static inline uint16_t f32_to_bf16(float f) {
-    fbits u;
-    u.f = f;
-    const uint32_t b = (uint32_t)u.i;
-    const uint32_t rounded = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
-    const uint32_t nan = (b >> 16) | 0x40u;
-    return (uint16_t)((b & 0x7fffffffu) > 0x7f800000u ? nan : rounded); /* a select: vectorizes */
-}
-
-/* n rows of `width` state values from i0, widened to fp32 (zero past n) */
-static void load_rows(const flatl2o_args *a, const void *src, int64_t i0, int n, int width,
-                      float *dst) {
-    memset(dst, 0, (size_t)TILE * width * sizeof(float));
-    if (a->state_bf16) {
-        const uint16_t *p = (const uint16_t *)src + i0 * width;
-        for (int64_t k = 0; k < (int64_t)n * width; ++k) dst[k] = bf16_to_f32(p[k]);
-    } else {
-        memcpy(dst, (const float *)src + i0 * width, (size_t)n * width * sizeof(float));
-    }
-}
-
-static void store_rows(const flatl2o_args *a, void *dst, int64_t i0, int n, int width,
-                       const float *src) {
-    if (a->state_bf16) {
-        uint16_t *p = (uint16_t *)dst + i0 * width;
-        for (int64_t k = 0; k < (int64_t)n * width; ++k) p[k] = f32_to_bf16(src[k]);
-    } else {
-        memcpy((float *)dst + i0 * width, src, (size_t)n * width * sizeof(float));
-    }
-}
-
-/* The step for the n <= TILE coordinates from i0 on fp32 copies of their rows: the last
- * partial tile (zero-padded), and every tile of a bf16 state. */
-static void scratch_tile(const flatl2o_args *a, int64_t i0, int n) {
-    const int H = a->hidden, L = a->layers;
-    float grad[TILE] = {0}, param[TILE] = {0}, m[TILE], v[TILE];
-    float hs[MAX_LAYERS][TILE * MAX_HIDDEN], cs[MAX_LAYERS][TILE * MAX_HIDDEN];
-    flatl2o_args s = *a;
-    memcpy(grad, a->grad + i0, n * sizeof(float));
-    s.grad = grad;
-    if (a->param) {
-        memcpy(param, a->param + i0, n * sizeof(float));
-        s.param = param;
-    } else {
-        s.delta = param;
-    }
-    if (a->prep != 0) {
-        load_rows(a, a->m, i0, n, 1, m);
-        load_rows(a, a->v, i0, n, 1, v);
-        s.m = m;
-        s.v = v;
-    }
-    for (int l = 0; l < L; ++l) {
-        load_rows(a, a->h[l], i0, n, H, hs[l]);
-        load_rows(a, a->c[l], i0, n, H, cs[l]);
-        s.h[l] = hs[l];
-        s.c[l] = cs[l];
-    }
-    s.state_bf16 = 0;
-    full_tile(&s, 0);
-    memcpy(a->param ? a->param + i0 : a->delta + i0, param, n * sizeof(float));
-    if (a->prep != 0) {
-        store_rows(a, a->m, i0, n, 1, m);
-        store_rows(a, a->v, i0, n, 1, v);
-    }
-    for (int l = 0; l < L; ++l) {
-        store_rows(a, a->h[l], i0, n, H, hs[l]);
-        store_rows(a, a->c[l], i0, n, H, cs[l]);
-    }
+static void packed_core(const flatl2o_args *s, int n) {
+    (void)n; /* the rows past n are zero */
+    full_tile(s, 0);
 }
 
 /* One rule step for `count` coordinates. Returns 0, or -1 for an unsupported shape. */
@@ -673,7 +680,7 @@ int flatl2o_step(const flatl2o_args *a, int64_t count) {
     const int64_t full = a->state_bf16 ? 0 : count / TILE * TILE;
     for (int64_t i0 = 0; i0 < full; i0 += TILE) full_tile(a, i0);
     for (int64_t i0 = full; i0 < count; i0 += TILE)
-        scratch_tile(a, i0, count - i0 < TILE ? (int)(count - i0) : TILE);
+        scratch_tile(a, i0, count - i0 < TILE ? (int)(count - i0) : TILE, packed_core);
     return 0;
 }
 
@@ -755,10 +762,9 @@ static inline void matvec_tile(const float *W, const float *bias, int R, int K,
     }
 }
 
-/* One rule step for `count` coordinates. Returns 0, or -1 for an unsupported shape. */
-int flatl2o_step(const flatl2o_args *a, int64_t count) {
+/* The fp32 step for `count` coordinates, tile by tile (partial tiles handled in place). */
+static void portable_rows(const flatl2o_args *a, int64_t count) {
     const int H = a->hidden, L = a->layers;
-    if (unsupported(a) || a->state_bf16) return -1; /* bf16 rows: converted by the caller */
 
     float in[MAX_INPUT + MAX_HIDDEN][TILE]; /* [x ; h] of the current layer */
     float gates[4 * MAX_HIDDEN][TILE];
@@ -836,6 +842,19 @@ int flatl2o_step(const flatl2o_args *a, int64_t count) {
         }
         write_step(a, i0, n, out);
     }
+}
+
+static void portable_core(const flatl2o_args *s, int n) { portable_rows(s, n); }
+
+/* One rule step for `count` coordinates. Returns 0, or -1 for an unsupported shape. */
+int flatl2o_step(const flatl2o_args *a, int64_t count) {
+    if (unsupported(a)) return -1;
+    if (!a->state_bf16) {
+        portable_rows(a, count);
+        return 0;
+    }
+    for (int64_t i0 = 0; i0 < count; i0 += TILE)
+        scratch_tile(a, i0, count - i0 < TILE ? (int)(count - i0) : TILE, portable_core);
     return 0;
 }
 
