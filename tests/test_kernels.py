@@ -160,7 +160,7 @@ def test_bf16_state_in_the_kernel_equals_fp32_steps_rounded_by_torch(name: str, 
 @pytest.mark.parametrize("name", RULE_NAMES)
 def test_portable_c_build_matches_reference(name: str) -> None:
     """The plain-C build used where AVX-512 is absent (forced here with -DFLATL2O_PORTABLE)."""
-    lib = cpu._build(("FLATL2O_PORTABLE",))
+    lib = _build("portable")
     assert lib.flatl2o_layout() == 0
     for hidden, layers in ((20, 2), (7, 3)):
         rule = _rule(name, hidden_size=hidden, num_layers=layers)

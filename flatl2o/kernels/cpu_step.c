@@ -206,7 +206,7 @@ static inline uint16_t f32_to_bf16(float f) {
 /* n rows of `width` state values from i0, widened to fp32 (zero past n) */
 static void load_rows(const flatl2o_args *a, const void *src, int64_t i0, int n, int width,
                       float *dst) {
-    memset(dst, 0, (size_t)TILE * width * sizeof(float));
+    memset(dst + (size_t)n * width, 0, (size_t)(TILE - n) * width * sizeof(float));
     if (a->state_bf16) {
         const uint16_t *p = (const uint16_t *)src + i0 * width;
         for (int64_t k = 0; k < (int64_t)n * width; ++k) dst[k] = bf16_to_f32(p[k]);
