@@ -11,6 +11,7 @@ Triton is optional: without it (or without CUDA) ``backend="auto"`` uses the ref
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -71,14 +72,40 @@ def _pow2(x: int, floor: int = 16) -> int:
 
 
 if triton is not None:
-
-    @triton.jit
-    def _sigmoid(x):
-        return 1.0 / (1.0 + tl.exp(-x))
+    LOG2E = tl.constexpr(1.4426950408889634)
+    #: Caps on a gate's exponent t (sigmoid = 1 / (1 + 2^t)). i, g, o and tanh(c) enter as
+    #: products of two ``1 + 2^t`` < 2^127: capped at 63, where the gate is below 2^-63 and
+    #: multiplies at most 1. The forget gate multiplies c alone: capped at 126, so 2^-126 (the
+    #: smallest normal float) times |c| stays under c's fp32 rounding for |c| < 2^103 (|c|
+    #: grows by at most 1 per step).
+    T_MAX = tl.constexpr(63.0)
+    T_MAX_F = tl.constexpr(126.0)
 
     @triton.jit
     def _tanh(x):
         return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+
+    @triton.jit
+    def _ex2(x, FAST: tl.constexpr):
+        """2^x: on a GPU one ``ex2.approx.ftz`` instruction (plain ``exp2`` adds range fix-ups
+        for results below 2^-126, which only ever feed ``1 + 2^x`` here)."""
+        if FAST:
+            return tl.inline_asm_elementwise(
+                "ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+            )
+        else:
+            return tl.exp2(x)
+
+    @triton.jit
+    def _rcp(x, FAST: tl.constexpr):
+        """1/x for x >= 1: on a GPU one ``rcp.approx.ftz`` instruction (1 ulp; ``1.0 / x``
+        compiles to a division with range checks and scaling)."""
+        if FAST:
+            return tl.inline_asm_elementwise(
+                "rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+            )
+        else:
+            return 1.0 / x
 
     @triton.jit
     def _strided_tile(
@@ -100,7 +127,7 @@ if triton is not None:
     def _gate(
         x,
         h,
-        q,
+        q: tl.constexpr,
         w_ptr,
         b_ptr,
         wx_ptr,
@@ -114,10 +141,13 @@ if triton is not None:
         PREC: tl.constexpr,
         RANK1: tl.constexpr,
     ):
-        """Pre-activation of gate ``q`` (0..3 = i, f, g, o): x W_ih[q]^T + h W_hh[q]^T + b[q],
-        its weights loaded just before use (from L1/L2: a layer's are a few KB). With RANK1,
-        ``x`` is L2O-DM's two input columns ``(x0, x1)``, added as two outer products instead
-        of a dot over 16 zero-padded columns."""
+        """Gate ``q`` (0..3 = i, f, g, o) as the exponent ``t`` of ``sigmoid = 1 / (1 + 2^t)``
+        (``tanh = (1 - 2^t) / (1 + 2^t)`` for g): ``z = x W_ih[q]^T + h W_hh[q]^T + b[q]``
+        times -log2(e) (-2 log2(e) for g), capped (T_MAX, T_MAX_F) so that ``1 + 2^t`` and
+        the products of two stay finite. Packed tiles come pre-scaled (pack_tiles); strided
+        ones are scaled here. Weights are loaded just before use (from L1/L2: a layer's are a
+        few KB). With RANK1, ``x`` is L2O-DM's two input columns ``(x0, x1)``, added as two
+        outer products instead of a dot over 16 zero-padded columns."""
         j = tl.arange(0, HP)
         if PACKED:
             b = tl.load(bp_ptr + q * HP + j)
@@ -142,7 +172,10 @@ if triton is not None:
             th = _packed_tile(wh_ptr, q, HP, HP)
         else:
             th = _strided_tile(w_ptr, K + H, q * H, K, H, HP, H, HP)
-        return tl.dot(h, th, acc=z, input_precision=PREC)
+        t = tl.dot(h, th, acc=z, input_precision=PREC)
+        if not PACKED:
+            t = t * (-2.0 * LOG2E if q == 2 else -LOG2E)
+        return tl.minimum(t, T_MAX_F if q == 1 else T_MAX)
 
     @triton.jit
     def _lstm_layer(
@@ -161,19 +194,27 @@ if triton is not None:
         PACKED: tl.constexpr,
         PREC: tl.constexpr,
         RANK1: tl.constexpr,
+        FAST: tl.constexpr,
     ):
         """One LSTM cell on a block: x (B, KP) (or L2O-DM's (x0, x1) with RANK1), h and c
         (B, HP) -> new h, new c. The gates are computed one at a time (f, i, g, o), each
-        folded into c or h at once, so only one gate pre-activation is live: the
-        four-at-once form spilled registers (ptxas)."""
+        folded into c or h at once, so only one gate pre-activation is live (the
+        four-at-once form spilled registers). With e = 2^t per gate, sigmoid(i) * tanh(g) is
+        (1 - e_g) / ((1 + e_i)(1 + e_g)) and sigmoid(o) * tanh(c) likewise: one reciprocal
+        each, three per unit instead of five divisions (the exp/rcp unit bounds the kernel
+        next to instruction issue: benchmarks/triton_resources.py). Padding units stay 0."""
         zf = _gate(x, h, 1, w_ptr, b_ptr, wx_ptr, wh_ptr, bp_ptr, K, KP, H, HP, PACKED, PREC, RANK1)
-        c = _sigmoid(zf) * c
+        ef = _ex2(zf, FAST)
+        c = c * _rcp(1.0 + ef, FAST)
         zi = _gate(x, h, 0, w_ptr, b_ptr, wx_ptr, wh_ptr, bp_ptr, K, KP, H, HP, PACKED, PREC, RANK1)
-        ig = _sigmoid(zi)
+        ei = _ex2(zi, FAST)
         zg = _gate(x, h, 2, w_ptr, b_ptr, wx_ptr, wh_ptr, bp_ptr, K, KP, H, HP, PACKED, PREC, RANK1)
-        c += ig * _tanh(zg)
+        eg = _ex2(zg, FAST)
+        c += (1.0 - eg) * _rcp((1.0 + ei) * (1.0 + eg), FAST)
         zo = _gate(x, h, 3, w_ptr, b_ptr, wx_ptr, wh_ptr, bp_ptr, K, KP, H, HP, PACKED, PREC, RANK1)
-        return _sigmoid(zo) * _tanh(c), c
+        eo = _ex2(zo, FAST)
+        ec = _ex2(tl.minimum(c * (-2.0 * LOG2E), T_MAX), FAST)
+        return (1.0 - ec) * _rcp((1.0 + eo) * (1.0 + ec), FAST), c
 
     @triton.jit
     def _block(
@@ -222,6 +263,7 @@ if triton is not None:
         BLOCK: tl.constexpr,
         PREC: tl.constexpr,
         PACKED: tl.constexpr,
+        FAST: tl.constexpr,
     ):
         """The whole step for block ``blk`` of BLOCK coordinates."""
         rows = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -261,7 +303,7 @@ if triton is not None:
         c = tl.load(c0_ptr + soff, mask=sm, other=0.0).to(tl.float32)
         h, c = _lstm_layer(
             x, h, c, w0_ptr, b0_ptr, wx0_ptr, wh0_ptr, bp0_ptr, I, IP, H, HP, PACKED, PREC,
-            PREP == 0,
+            PREP == 0, FAST,
         )  # fmt: skip
         tl.store(h0_ptr + soff, h.to(h0_ptr.dtype.element_ty), mask=sm)
         tl.store(c0_ptr + soff, c.to(c0_ptr.dtype.element_ty), mask=sm)
@@ -270,7 +312,7 @@ if triton is not None:
             c2 = tl.load(c1_ptr + soff, mask=sm, other=0.0).to(tl.float32)
             h, c = _lstm_layer(
                 h, h2, c2, w1_ptr, b1_ptr, wx1_ptr, wh1_ptr, bp1_ptr, H, HP, H, HP, PACKED, PREC,
-                False,
+                False, FAST,
             )  # fmt: skip
             tl.store(h1_ptr + soff, h.to(h1_ptr.dtype.element_ty), mask=sm)
             tl.store(c1_ptr + soff, c.to(c1_ptr.dtype.element_ty), mask=sm)
@@ -332,6 +374,7 @@ if triton is not None:
         BLOCK: tl.constexpr,
         PREC: tl.constexpr,
         PACKED: tl.constexpr,
+        FAST: tl.constexpr,
     ):
         # block pid, then (persistent grid) every nprog-th block after it; a while loop,
         # which Triton's interpreter runs too; blocks past the end are fully masked
@@ -343,30 +386,57 @@ if triton is not None:
                 c0_ptr, h1_ptr, c1_ptr, win_ptr, bin_ptr, wout_ptr, b_out, scale, dm_inv_k,
                 dm_eps, dm_exp_k, beta1, beta2, inv_bc1, inv_bc2, rp_eps, w0_ptr, b0_ptr,
                 w1_ptr, b1_ptr, wx0_ptr, wh0_ptr, bp0_ptr, wx1_ptr, wh1_ptr, bp1_ptr, PREP,
-                LAYERS, H, HP, I, IP, OUT_TANH, BLOCK, PREC, PACKED,
+                LAYERS, H, HP, I, IP, OUT_TANH, BLOCK, PREC, PACKED, FAST,
             )  # fmt: skip
             it += 1
 
 
+#: What pack_tiles multiplies gates i, f, g, o by: the kernel evaluates sigmoid(z) as
+#: 1 / (1 + 2^t) and tanh(z) as (1 - 2^t) / (1 + 2^t) with t = -log2(e) z (-2 log2(e) z for g).
+GATE_SCALES = (-math.log2(math.e), -math.log2(math.e), -2 * math.log2(math.e), -math.log2(math.e))
+
+
 def pack_tiles(program: RuleProgram) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Per layer: input tiles (4, KP, HP), recurrent tiles (4, HP, HP) and biases (4, HP),
-    gate order i, f, g, o, transposed (``tile[q][k][j] = W[q*H + j][k]``) and zero-padded,
-    so the kernel loads each tile contiguously."""
+    gate order i, f, g, o, transposed (``tile[q][k][j] = W[q*H + j][k]``), zero-padded (so
+    the kernel loads each tile contiguously) and multiplied by GATE_SCALES[q] (so the kernel
+    does not scale each pre-activation)."""
     h, hp = program.hidden, _pow2(program.hidden)
     out = []
     for w, b, k in zip(
         program.layer_weights, program.layer_biases, program.layer_inputs, strict=True
     ):
         kp = _pow2(k)
-        gates = w.reshape(4, h, k + h)
+        scales = torch.tensor(GATE_SCALES, dtype=w.dtype, device=w.device)
+        gates = w.reshape(4, h, k + h) * scales[:, None, None]
         wx = w.new_zeros(4, kp, hp)
         wx[:, :k, :h] = gates[:, :, :k].transpose(1, 2)
         wh = w.new_zeros(4, hp, hp)
         wh[:, :h, :h] = gates[:, :, k:].transpose(1, 2)
         bp = b.new_zeros(4, hp)
-        bp[:, :h] = b.reshape(4, h)
+        bp[:, :h] = b.reshape(4, h) * scales[:, None]
         out.append((wx.contiguous(), wh.contiguous(), bp.contiguous()))
     return out
+
+
+def launch_constexprs(program: RuleProgram, interpret: bool) -> dict:
+    """The kernel's compile-time arguments for ``program`` under the current module settings
+    (BLOCK, PRECISION, VARIANT); ``interpret``: Triton's CPU interpreter, which has no inline
+    PTX, gets the plain exp2 / division instead of the one-instruction forms."""
+    inputs = 2 if program.prep == PREP_DM else program.w_in.shape[0]
+    return dict(
+        PREP=program.prep,
+        LAYERS=program.layers,
+        H=program.hidden,
+        HP=_pow2(program.hidden),
+        I=inputs,
+        IP=_pow2(inputs),
+        OUT_TANH=program.out_tanh,
+        BLOCK=BLOCK,
+        PREC=PRECISION,
+        PACKED=VARIANT != "strided",
+        FAST=not interpret,
+    )
 
 
 def available() -> str | None:
@@ -424,7 +494,6 @@ class TritonKernel:
         if n == 0:
             return
         dm = p.prep == PREP_DM
-        inputs = 2 if dm else p.w_in.shape[0]
         h1 = state["h1"] if p.layers == 2 else state["h0"]
         c1 = state["c1"] if p.layers == 2 else state["c0"]
         w1 = p.layer_weights[1] if p.layers == 2 else p.layer_weights[0]
@@ -470,16 +539,7 @@ class TritonKernel:
             p.rp_eps,
             triton.cdiv(blocks, grid[0]) if persistent else 1,  # iters
             grid[0],  # nprog
-            PREP=p.prep,
-            LAYERS=p.layers,
-            H=p.hidden,
-            HP=_pow2(p.hidden),
-            I=inputs,
-            IP=_pow2(inputs),
-            OUT_TANH=p.out_tanh,
-            BLOCK=BLOCK,
-            PREC=PRECISION,
-            PACKED=VARIANT != "strided",
+            **launch_constexprs(p, os.environ.get("TRITON_INTERPRET") == "1"),
             num_warps=NUM_WARPS,
             **({"maxnreg": MAXNREG} if MAXNREG and _HAS_MAXNREG else {}),
         )
