@@ -4,12 +4,13 @@
     TRITON_INTERPRET=1 python benchmarks/gpu_check.py --quick   # the same code paths on CPU
 
 Prints (and writes to --out as JSON): correctness of the Triton kernel against the reference
-rule module (every variant with fp32 state; the default with bf16 state and tf32x3), the
-card's measured copy bandwidth, and for a 100M-parameter step: time, registers and spills of
-the compiled kernel, achieved bandwidth and its fraction of the copy bandwidth, for each
-configuration of SWEEP (variant, precision, block, warps) until --sweep-budget seconds are
-spent, then the fastest for RNNprop and bf16 state, next to torch.optim.Adam (foreach and
-fused) and the reference step measured in the same run.
+rule module (every variant with fp32 state; the device's default configuration with bf16
+state; every precision), the card's measured copy bandwidth, and for a 100M-parameter step:
+time, registers and spills of the compiled kernel, achieved bandwidth and its fraction of the
+copy bandwidth, for the device's default configuration and then each of SWEEP (variant,
+precision, block, warps, register cap) until --sweep-budget seconds are spent, then the
+fastest for RNNprop and bf16 state, next to torch.optim.Adam (foreach and fused) and the
+reference step measured in the same run.
 """
 
 from __future__ import annotations
@@ -76,10 +77,12 @@ def check(device: torch.device, n: int, precisions: list[str]) -> list[dict]:
     """Triton vs the reference module over 3 steps, random state, spread-out gradients."""
     out = []
     default = (ts.VARIANT, ts.PRECISION)
-    # every variant with fp32 state; the default one also with bf16 state and other precisions
+    config = ts.default_config(device)
+    # every variant with fp32 state; the device's default one also with bf16 state and every
+    # precision
     cases = [(v, torch.float32, "ieee") for v in ts.VARIANTS]
-    cases += [(default[0], torch.bfloat16, "ieee")]
-    cases += [(default[0], torch.float32, p) for p in precisions if p != "ieee"]
+    cases += [(config.variant, torch.bfloat16, config.precision)]
+    cases += [(config.variant, torch.float32, p) for p in precisions if p != "ieee"]
     for name in RULES:
         rule = rule_for(name, device)
         for variant, sdt, prec in cases:
@@ -129,22 +132,24 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     return 2 * nbytes / t
 
 
-#: (variant, tl.dot precision, block, warps, ptxas register cap; 0 = ptxas's choice) timed
-#: on l2o-dm with fp32 state, in this order: the configuration timed on the H200 before
-#: (strided 32x2), the new default with and without the register cap, then ones
-#: benchmarks/triton_resources.py reports with few or no spills on sm_90. The fastest is
-#: then used for rnnprop and bf16 state.
+#: (variant, precision, block, warps, ptxas register cap; 0 = ptxas's choice) timed on l2o-dm
+#: with fp32 state after the device's default (ts.default_config), in this order: the
+#: configurations benchmarks/triton_resources.py bounds lowest on sm_90 (3xtf32 with
+#: register caps trading occupancy for spills: 255 -> 213 registers, 8 warps/SM; 168 -> 12;
+#: 128 -> 16), Triton's own tf32x3, then fp32 FMA (the default without TF32 tensor cores;
+#: the layout timed on the H200 before), then the persistent grid. The fastest is then used
+#: for rnnprop and bf16 state.
 SWEEP = [
-    ("strided", "ieee", 32, 2, 0),
+    ("packed", "3xtf32", 64, 4, 168),
+    ("packed", "3xtf32", 64, 4, 255),
+    ("packed", "3xtf32", 64, 4, 128),
+    ("packed", "3xtf32", 128, 4, 168),
+    ("packed", "3xtf32", 128, 8, 168),
+    ("packed", "tf32x3", 64, 4, 255),
     ("packed", "ieee", 32, 2, 255),
-    ("packed", "ieee", 32, 2, 0),
-    ("packed", "ieee", 32, 4, 255),
-    ("packed", "ieee", 32, 8, 255),
-    ("packed", "tf32x3", 32, 8, 255),
-    ("packed", "tf32x3", 64, 8, 255),
-    ("packed", "ieee", 16, 8, 255),
-    ("persistent", "ieee", 32, 4, 255),
-    ("persistent", "tf32x3", 32, 8, 255),
+    ("strided", "ieee", 32, 2, 0),
+    ("persistent", "3xtf32", 64, 4, 168),
+    ("persistent", "ieee", 32, 2, 255),
 ]
 CONFIG_FIELDS = ("variant", "precision", "block", "warps", "maxnreg")
 
@@ -171,7 +176,9 @@ def bench(device: torch.device, n: int, reps: int, sweep: bool, budget: float) -
         del opt
     adam = rows[0]["seconds"]
     del pa
-    default = (ts.VARIANT, ts.PRECISION, ts.BLOCK, ts.NUM_WARPS, ts.MAXNREG)
+    settings = (ts.VARIANT, ts.PRECISION, ts.BLOCK, ts.NUM_WARPS, ts.MAXNREG)
+    c = ts.default_config(device)
+    default = (c.variant, c.precision, c.block, c.warps, c.maxnreg)
 
     def run(name: str, sdt: torch.dtype, config: tuple) -> dict:
         _configure(*config)
@@ -203,7 +210,7 @@ def bench(device: torch.device, n: int, reps: int, sweep: bool, budget: float) -
         return row
 
     start = time.perf_counter()
-    configs = SWEEP if sweep else [default]
+    configs = [default] + [c for c in SWEEP if c != default] if sweep else [default]
     for config in configs:
         if time.perf_counter() - start > budget:
             print(f"sweep budget of {budget:.0f} s spent; skipping the rest", flush=True)
@@ -216,7 +223,7 @@ def bench(device: torch.device, n: int, reps: int, sweep: bool, budget: float) -
     rows.append(run("rnnprop", torch.float32, config))
     rows.append(run("l2o-dm", torch.bfloat16, config))
     rows.append(run("rnnprop", torch.bfloat16, config))
-    _configure(*default)
+    _configure(*settings)
     return rows
 
 
@@ -283,7 +290,9 @@ def main() -> None:
     big = 1000 if args.quick else 100_000_000
     result = dict(info=info)
     result["check"] = check(
-        device, 333 if args.quick else 1_000_003, ["ieee"] if args.quick else ["ieee", "tf32x3"]
+        device,
+        333 if args.quick else 1_000_003,
+        ["ieee", "3xtf32"] if args.quick else ["ieee", "tf32x3", "3xtf32"],
     )
     result["end_to_end"] = end_to_end(device)
     result["copy_bytes_per_s"] = copy_bandwidth(device, 1 << (16 if args.quick else 31))

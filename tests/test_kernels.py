@@ -362,13 +362,13 @@ def test_optimizer_follows_rule_weight_changes(monkeypatch: pytest.MonkeyPatch) 
 _TRITON_SCRIPT = """
 import torch, sys
 sys.path.insert(0, {root!r})
-from flatl2o.kernels import ReferenceKernel, rule_program
+from flatl2o.kernels import KernelUnavailable, ReferenceKernel, rule_program
 from flatl2o.kernels import triton_step
 from flatl2o import make_rule
 
 
-def check(name, opts, variant, sdt, c_scale=1.0):
-    triton_step.VARIANT = variant
+def check(name, opts, variant, sdt, c_scale=1.0, precision="ieee"):
+    triton_step.VARIANT, triton_step.PRECISION = variant, precision
     torch.manual_seed(0)
     rule = make_rule(name, **opts)
     with torch.no_grad():
@@ -409,6 +409,26 @@ for name, opts in cases:
         for sdt in (torch.float32, torch.bfloat16):
             check(name, opts, variant, sdt)
     check(name, opts, "packed", torch.float32, c_scale=1e30)
+    # the interpreter multiplies TF32 parts exactly: this checks the split (a wrong one
+    # is off by ~2^-11), not the tensor cores
+    check(name, opts, "persistent", torch.float32, precision="3xtf32")
+
+# the one-time check make_kernel runs on a GPU: passes as is, catches 0.1% off weights
+triton_step.VARIANT, triton_step.PRECISION = "packed", "ieee"
+rule = make_rule("rnnprop")
+good = triton_step.TritonKernel(rule_program(rule), torch.device("cpu"))
+good.verify(rule, n=300)
+assert len(triton_step._VERIFIED) == 1
+triton_step._VERIFIED.clear()
+bad = triton_step.TritonKernel(rule_program(rule), torch.device("cpu"))
+for t in bad.tiles[1][:2]:
+    t.mul_(1.001)
+try:
+    bad.verify(rule, n=300)
+except KernelUnavailable as e:
+    assert "disagrees with the reference rule" in str(e) and "h1 off by" in str(e), e
+else:
+    raise AssertionError("verify missed weights 0.1% off")
 print("TRITON-OK")
 """
 
@@ -426,26 +446,58 @@ def test_triton_kernel_matches_reference_in_interpreter() -> None:
     assert proc.returncode == 0 and "TRITON-OK" in proc.stdout, proc.stderr[-3000:]
 
 
+def test_triton_launch_config_per_device_and_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TF32 tensor cores (compute capability 8.0+) get 3xTF32 on 64 x 4 (168-register cap),
+    others fp32 FMA on 32 x 2 (255); module settings (or FLATL2O_TRITON_* at import)
+    override; bad ones are refused."""
+    from flatl2o.kernels import triton_step as ts
+
+    cuda = torch.device("cuda")
+    assert ts.default_config(torch.device("cpu")) == ts.LaunchConfig("packed", "ieee", 32, 2, 255)
+    for capability, expected in [((9, 0), ("3xtf32", 64, 4, 168)), ((7, 5), ("ieee", 32, 2, 255))]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=capability: c)
+        config = ts.default_config(cuda)
+        assert (config.precision, config.block, config.warps, config.maxnreg) == expected
+    monkeypatch.setattr(ts, "PRECISION", "tf32x3")
+    monkeypatch.setattr(ts, "MAXNREG", 0)
+    assert ts.default_config(cuda) == ts.LaunchConfig("packed", "tf32x3", 64, 4, 0)
+    monkeypatch.setattr(ts, "VARIANT", "strided")
+    monkeypatch.setattr(ts, "PRECISION", "3xtf32")
+    with pytest.raises(ValueError, match="'3xtf32' with the packed or persistent variant"):
+        ts.default_config(cuda)
+    monkeypatch.setattr(ts, "VARIANT", "packed")
+    monkeypatch.setattr(ts, "BLOCK", 48)
+    with pytest.raises(ValueError, match="FLATL2O_TRITON_BLOCK must be a power of two"):
+        ts.default_config(cuda)
+
+
+@pytest.mark.parametrize("precision", ["ieee", "3xtf32"])  # defaults without/with TF32 cores
 @pytest.mark.parametrize("name", ["l2o-dm", "rnnprop"])
-def test_triton_kernel_compiles_for_h200_with_one_instruction_gate_math(name: str) -> None:
-    """The GPU-only code path (inline PTX, register cap), which the interpreter cannot run,
-    compiles for sm_90 with Triton's bundled ptxas, and each LSTM unit costs 5 ``ex2`` and 3
-    ``rcp`` single instructions (4 gates + tanh(c); three reciprocals), no division."""
+def test_triton_kernel_compiles_for_h200_with_one_instruction_gate_math(
+    name: str, precision: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GPU-only code path (inline PTX, register cap, TF32 splitting), which the
+    interpreter cannot run, compiles for sm_90 with Triton's bundled ptxas, and each LSTM unit
+    costs 5 ``ex2`` and 3 ``rcp`` single instructions (4 gates + tanh(c); three
+    reciprocals), no division."""
     pytest.importorskip("triton", reason="Triton is optional: pip install triton")
     from flatl2o.kernels import triton_step
-    from flatl2o.kernels.triton_aot import compile_kernel
+    from flatl2o.kernels.triton_aot import compile_kernel, launch_ints
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("ahead-of-time compilation needs Triton's compiler, not its interpreter")
-    consts = triton_step.launch_constexprs(rule_program(make_rule(name)), interpret=False)
-    k = compile_kernel(
-        triton_step._step_kernel, consts, triton_step.NUM_WARPS, triton_step.MAXNREG, arch=90
-    )
+    monkeypatch.setattr(triton_step, "PRECISION", precision)
+    config = triton_step.default_config(torch.device("cpu"))
+    consts = triton_step.launch_constexprs(rule_program(make_rule(name)), config, False)
+    ints = launch_ints(100_000, config.block)
+    k = compile_kernel(triton_step._step_kernel, consts, config.warps, config.maxnreg, 90, ints)
     ex2 = k.ptx.count("ex2.approx.ftz.f32")
     rcp = k.ptx.count("rcp.approx.ftz.f32")
     assert ex2 > 0 and 3 * ex2 == 5 * rcp, (ex2, rcp)
     if name == "l2o-dm":  # RNNprop's input normalization and read-out divide, per coordinate
         assert "div." not in k.ptx and "ex2.approx.f32" not in k.ptx
+    if precision == "3xtf32":  # TF32 tensor-core products only, no fp32 FMA dot
+        assert ".tf32" in k.ptx
     assert k.registers <= 255
 
 

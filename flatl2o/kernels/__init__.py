@@ -67,7 +67,9 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def _fast_kernel(kind: str, program: RuleProgram, device: torch.device) -> StepKernel:
+def _fast_kernel(
+    kind: str, rule: UpdateRule, program: RuleProgram, device: torch.device
+) -> StepKernel:
     if kind == "cpu":
         from flatl2o.kernels import cpu
 
@@ -76,7 +78,9 @@ def _fast_kernel(kind: str, program: RuleProgram, device: torch.device) -> StepK
         return cpu.CPUKernel(program)
     from flatl2o.kernels import triton_step
 
-    return triton_step.TritonKernel(program, device)
+    kernel = triton_step.TritonKernel(program, device)
+    kernel.verify(rule)  # once per device and configuration: CI cannot run it on a GPU
+    return kernel
 
 
 def make_kernel(rule: UpdateRule, device: torch.device, backend: str = "auto") -> StepKernel:
@@ -95,12 +99,12 @@ def make_kernel(rule: UpdateRule, device: torch.device, backend: str = "auto") -
                 f"backend={backend!r} implements the built-in rules only, not "
                 f"{type(rule).__name__}; use backend='reference'"
             )
-        return _fast_kernel(backend, program, device)
+        return _fast_kernel(backend, rule, program, device)
     kind = "triton" if device.type == "cuda" else "cpu" if device.type == "cpu" else None
     if program is None or kind is None:
         return ReferenceKernel(rule)
     try:
-        return _fast_kernel(kind, program, device)
+        return _fast_kernel(kind, rule, program, device)
     except KernelUnavailable as e:
         if kind not in _warned:
             _warned.add(kind)

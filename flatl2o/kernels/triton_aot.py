@@ -15,8 +15,16 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-#: Kernel arguments that are integers; other non-pointer arguments are fp32 scalars.
+#: Kernel arguments that are integers (their type when not given a launch value); other
+#: non-pointer arguments are fp32 scalars.
 INTS = {"n": "i64", "negate": "i32", "iters": "i32", "nprog": "i32"}
+
+
+def launch_ints(n: int, block: int) -> dict[str, int]:
+    """The step kernel's integer arguments for ``n`` coordinates on the non-persistent grid."""
+    return {"n": n, "negate": 0, "iters": 1, "nprog": -(-n // block)}
+
+
 _SASS = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
 _MMA = re.compile(r"(?:wgmma\.mma_async|mma)\.sync\.aligned\.m(\d+)n(\d+)k(\d+)")
 
@@ -33,25 +41,48 @@ class CompiledKernel:
     tensor_macs: int  # multiply-adds of the tensor-core instructions, per program
 
 
-def compile_kernel(fn, constexprs: dict, warps: int, maxnreg: int = 0, arch: int = 90):
-    """Compile Triton kernel ``fn`` for sm_``arch`` with ``constexprs`` (only those ``fn``
-    declares are passed; pointers are fp32) and read the cubin back with cuobjdump."""
+def compile_kernel(
+    fn,
+    constexprs: dict,
+    warps: int,
+    maxnreg: int = 0,
+    arch: int = 90,
+    ints: dict[str, int] | None = None,
+) -> CompiledKernel:
+    """Compile Triton kernel ``fn`` for sm_``arch`` as a launch would and read the cubin back
+    with cuobjdump. ``constexprs``: only those ``fn`` declares are passed. Like a launch's
+    specialization, pointers (fp32) are taken as 16-byte aligned (torch's allocator) and the
+    integer arguments in ``ints`` are specialized on their values (1 becomes a constant,
+    multiples of 16 are marked so); without that, loads are not vectorized and the counts
+    would not be the launched kernel's."""
     import triton
-    from triton.backends.compiler import GPUTarget
+    from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.compiler import ASTSource
+    from triton.runtime.jit import native_specialize_impl
 
     names = fn.arg_names
-    constexpr = {n for n, p in zip(names, fn.params, strict=True) if p.is_constexpr}
-    signature = {}
-    for name in names:
-        if name in constexpr:
+    declared = {n for n, p in zip(names, fn.params, strict=True) if p.is_constexpr}
+    given = {k: v for k, v in constexprs.items() if k in declared}
+    signature, attrs = {}, {}
+    for i, name in enumerate(names):
+        if name in declared:
             signature[name] = "constexpr"
+        elif ints and name in ints:
+            kind, spec = native_specialize_impl(BaseBackend, ints[name], False, True, True)
+            signature[name] = kind
+            if kind == "constexpr":
+                given[name] = spec
+            elif spec == "D":
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in INTS:
             signature[name] = INTS[name]
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            signature[name] = "*fp32" if name.endswith("_ptr") else "fp32"
-    given = {(names.index(k),): v for k, v in constexprs.items() if k in constexpr}
-    src = ASTSource(fn=fn, signature=signature, constexprs=given)
+            signature[name] = "fp32"
+    constants = {(names.index(k),): v for k, v in given.items()}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
     options = {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})}
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from flatl2o.kernels.errors import KernelUnavailable
 from flatl2o.kernels.program import PREP_DM, RuleProgram, dm_exp_k
+from flatl2o.rules import UpdateRule
 
 try:
     import triton
@@ -27,32 +29,83 @@ except ImportError:  # optional dependency
     triton = None
     tl = None
 
-#: Coordinates per program and warps per program: the fastest of blocks {32, 64} x warps
-#: {2, 4, 8} measured on an H200 (benchmarks/results/gpu_check_h200.log; 64 was 6x slower).
-BLOCK = 32
-NUM_WARPS = 2
-#: How a program gets the LSTM weights (benchmarks/gpu_check.py times all three):
-#: ``"strided"`` - each block loads its gate tiles from the ``[W_ih | W_hh]`` rows, transposed
-#: with strided loads (the layout timed on the H200: 491 ms per 100M coordinates);
-#: ``"packed"`` - from tiles pre-packed on the host as ``(gate, k, j)``, zero-padded, so every
-#: load is contiguous; ``"persistent"`` - packed tiles, with a grid of PROGRAMS_PER_SM
-#: programs per multiprocessor, each looping over blocks. Only "strided" has been timed on a
-#: GPU (in its earlier four-gates-at-once form); "packed" is the default because its loads
-#: are contiguous and, compiled for sm_90 in the same block/warps with MAXNREG, it spills
-#: 2.1 KB of local memory per thread against 9.7 KB for the timed kernel
-#: (benchmarks/triton_resources.py).
-#: benchmarks/gpu.sh times all three. Overridable with FLATL2O_TRITON_VARIANT.
+#: Launch configuration. Each setting left ``None`` is chosen per device when a kernel is
+#: built (default_config); a value here, or in the environment variable named, applies to
+#: every kernel built after it is set (benchmarks/gpu_check.py sweeps them this way).
+#:
+#: VARIANT - how a program gets the LSTM weights: ``"strided"`` loads its gate tiles from the
+#: ``[W_ih | W_hh]`` rows with strided loads (the layout last timed on an H200);
+#: ``"packed"`` from tiles pre-packed on the host (pack_tiles), every load contiguous;
+#: ``"persistent"`` packed, on a grid of PROGRAMS_PER_SM programs per multiprocessor, each
+#: looping over blocks. FLATL2O_TRITON_VARIANT.
 VARIANTS = ("strided", "packed", "persistent")
-VARIANT = os.environ.get("FLATL2O_TRITON_VARIANT", "packed")
+VARIANT = os.environ.get("FLATL2O_TRITON_VARIANT")
 PROGRAMS_PER_SM = 4
-#: Register cap passed to ptxas (``maxnreg``). Left to itself ptxas often settles on 32
-#: registers for this kernel and spills 7-9 KB per thread to local memory; with a cap of 255
-#: it spills ~2 KB or less (benchmarks/triton_resources.py). 0 leaves it to ptxas.
-#: Overridable with FLATL2O_TRITON_MAXNREG; not yet timed on a GPU (benchmarks/gpu.sh).
-MAXNREG = int(os.environ.get("FLATL2O_TRITON_MAXNREG", "255"))
-#: ``tl.dot`` precision for the gate products: ``"ieee"`` is plain fp32 FMA; ``"tf32x3"``
-#: uses tensor cores with fp32-level accuracy. Overridable with ``FLATL2O_TRITON_PRECISION``.
-PRECISION = os.environ.get("FLATL2O_TRITON_PRECISION", "ieee")
+#: PRECISION - of the gate products: ``"ieee"`` plain fp32 FMA; ``"tf32x3"`` Triton's
+#: fp32-accurate use of tensor cores (both operands split into TF32 parts inside every
+#: ``tl.dot``); ``"3xtf32"`` the same arithmetic with the weights split once on the host and
+#: each layer's inputs once per block (packed variants only); ``"tf32"`` one TF32 pass
+#: (10-bit mantissa products: NOT fp32-accurate). FLATL2O_TRITON_PRECISION.
+PRECISIONS = ("ieee", "tf32x3", "3xtf32", "tf32")
+PRECISION = os.environ.get("FLATL2O_TRITON_PRECISION")
+#: BLOCK, NUM_WARPS - coordinates and warps per program. FLATL2O_TRITON_BLOCK / _WARPS.
+BLOCK = int(os.environ["FLATL2O_TRITON_BLOCK"]) if "FLATL2O_TRITON_BLOCK" in os.environ else None
+NUM_WARPS = (
+    int(os.environ["FLATL2O_TRITON_WARPS"]) if "FLATL2O_TRITON_WARPS" in os.environ else None
+)
+#: MAXNREG - register cap passed to ptxas; 0 leaves it to ptxas, which often settles on 32
+#: registers for this kernel and spills 5-9 KB per thread (benchmarks/triton_resources.py).
+#: FLATL2O_TRITON_MAXNREG.
+MAXNREG = (
+    int(os.environ["FLATL2O_TRITON_MAXNREG"]) if "FLATL2O_TRITON_MAXNREG" in os.environ else None
+)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How the kernel is compiled and launched on one device (see the settings above)."""
+
+    variant: str
+    precision: str
+    block: int
+    warps: int
+    maxnreg: int
+
+
+def default_config(device: torch.device) -> LaunchConfig:
+    """The configuration for ``device``, module settings (or their environment variables)
+    first. Defaults chosen WITHOUT timing them on a GPU, from the kernel compiled for sm_90
+    (benchmarks/triton_resources.py): GPUs with TF32 tensor cores (compute capability 8.0+)
+    get "3xtf32" on 64 coordinates x 4 warps with a 168-register cap (about 5,400
+    instructions per coordinate, 112 B of spills, 12 resident warps per SM: the no-stall
+    bound is the H200's bandwidth floor; without the cap, 213 registers and 8 warps per SM,
+    the occupancy at which the previous kernel ran 6-10x its bound); older GPUs fp32 FMA on
+    32 x 2 with a 255 cap (about 19,300 instructions: at most 27% of copy bandwidth).
+    benchmarks/gpu.sh times these against the alternatives."""
+    tensor_cores = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    precision = PRECISION or ("3xtf32" if tensor_cores else "ieee")
+    fp32_fma = precision == "ieee"
+    config = LaunchConfig(
+        variant=VARIANT or "packed",
+        precision=precision,
+        block=BLOCK or (32 if fp32_fma else 64),
+        warps=NUM_WARPS or (2 if fp32_fma else 4),
+        maxnreg=(255 if fp32_fma else 168) if MAXNREG is None else MAXNREG,
+    )
+    if config.variant not in VARIANTS:
+        raise ValueError(
+            f"FLATL2O_TRITON_VARIANT must be one of {VARIANTS}, got {config.variant!r}"
+        )
+    if config.precision not in PRECISIONS or (
+        config.precision == "3xtf32" and config.variant == "strided"
+    ):
+        raise ValueError(
+            f"FLATL2O_TRITON_PRECISION must be one of {PRECISIONS} ('3xtf32' with the packed "
+            f"or persistent variant), got {config.precision!r} with {config.variant!r}"
+        )
+    if config.block < 16 or config.block & (config.block - 1):
+        raise ValueError(f"FLATL2O_TRITON_BLOCK must be a power of two >= 16, got {config.block}")
+    return config
 
 
 def _has_maxnreg() -> bool:
@@ -124,6 +177,32 @@ if triton is not None:
         return tl.load(t_ptr + q * KP * HP + k * HP + j)
 
     @triton.jit
+    def _tf32_split(x):
+        """``(big, small)`` with ``big + small == x`` exactly and both rounded to TF32's 10
+        mantissa bits: a tensor core multiplies them as given, so three TF32 products
+        (big*big + big*small + small*big) are as accurate as fp32 (3xTF32)."""
+        big = ((x.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+        small = x - big
+        small = ((small.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+        return big, small
+
+    @triton.jit
+    def _dot_tiles(
+        a, t_ptr, q: tl.constexpr, acc, KP: tl.constexpr, HP: tl.constexpr, PREC: tl.constexpr
+    ):
+        """``acc + a @ tile q`` of a packed tensor (pack_tiles). "3xtf32": ``a`` is its
+        _tf32_split, multiplied with the weights' TF32 parts (tiles q + 4 and q + 8)."""
+        if PREC == "3xtf32":
+            a_big, a_small = a
+            w_big = _packed_tile(t_ptr, q + 4, KP, HP)
+            w_small = _packed_tile(t_ptr, q + 8, KP, HP)
+            acc = tl.dot(a_big, w_small, acc=acc, input_precision="tf32")
+            acc = tl.dot(a_small, w_big, acc=acc, input_precision="tf32")
+            return tl.dot(a_big, w_big, acc=acc, input_precision="tf32")
+        else:
+            return tl.dot(a, _packed_tile(t_ptr, q, KP, HP), acc=acc, input_precision=PREC)
+
+    @triton.jit
     def _gate(
         x,
         h,
@@ -162,17 +241,16 @@ if triton is not None:
                 w0 = tl.load(w_ptr + (q * H + j) * (K + H), mask=j < H, other=0.0)
                 w1 = tl.load(w_ptr + (q * H + j) * (K + H) + 1, mask=j < H, other=0.0)
             z = b[None, :] + x0[:, None] * w0[None, :] + x1[:, None] * w1[None, :]
+        elif PACKED:
+            z = _dot_tiles(x, wx_ptr, q, None, KP, HP, PREC) + b[None, :]
         else:
-            if PACKED:
-                tx = _packed_tile(wx_ptr, q, KP, HP)
-            else:
-                tx = _strided_tile(w_ptr, K + H, q * H, 0, K, KP, H, HP)
+            tx = _strided_tile(w_ptr, K + H, q * H, 0, K, KP, H, HP)
             z = tl.dot(x, tx, input_precision=PREC) + b[None, :]
         if PACKED:
-            th = _packed_tile(wh_ptr, q, HP, HP)
+            t = _dot_tiles(h, wh_ptr, q, z, HP, HP, PREC)
         else:
             th = _strided_tile(w_ptr, K + H, q * H, K, H, HP, H, HP)
-        t = tl.dot(h, th, acc=z, input_precision=PREC)
+            t = tl.dot(h, th, acc=z, input_precision=PREC)
         if not PACKED:
             t = t * (-2.0 * LOG2E if q == 2 else -LOG2E)
         return tl.minimum(t, T_MAX_F if q == 1 else T_MAX)
@@ -202,7 +280,12 @@ if triton is not None:
         four-at-once form spilled registers). With e = 2^t per gate, sigmoid(i) * tanh(g) is
         (1 - e_g) / ((1 + e_i)(1 + e_g)) and sigmoid(o) * tanh(c) likewise: one reciprocal
         each, three per unit instead of five divisions (the exp/rcp unit bounds the kernel
-        next to instruction issue: benchmarks/triton_resources.py). Padding units stay 0."""
+        next to instruction issue: benchmarks/triton_resources.py). Padding units stay 0.
+        With "3xtf32" the inputs are split into TF32 parts once here, not once per gate."""
+        if PREC == "3xtf32":
+            h = _tf32_split(h)
+            if not RANK1:
+                x = _tf32_split(x)
         zf = _gate(x, h, 1, w_ptr, b_ptr, wx_ptr, wh_ptr, bp_ptr, K, KP, H, HP, PACKED, PREC, RANK1)
         ef = _ex2(zf, FAST)
         c = c * _rcp(1.0 + ef, FAST)
@@ -396,11 +479,19 @@ if triton is not None:
 GATE_SCALES = (-math.log2(math.e), -math.log2(math.e), -2 * math.log2(math.e), -math.log2(math.e))
 
 
+def tf32_round(x: Tensor) -> Tensor:
+    """fp32 ``x`` rounded to TF32 (10 mantissa bits), to nearest, ties to even."""
+    bits = x.float().view(torch.int32)
+    bits = (bits + 0xFFF + ((bits >> 13) & 1)) & -8192
+    return bits.view(torch.float32)
+
+
 def pack_tiles(program: RuleProgram) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """Per layer: input tiles (4, KP, HP), recurrent tiles (4, HP, HP) and biases (4, HP),
+    """Per layer: input tiles (12, KP, HP), recurrent tiles (12, HP, HP) and biases (4, HP),
     gate order i, f, g, o, transposed (``tile[q][k][j] = W[q*H + j][k]``), zero-padded (so
     the kernel loads each tile contiguously) and multiplied by GATE_SCALES[q] (so the kernel
-    does not scale each pre-activation)."""
+    does not scale each pre-activation). Tiles 0-3 are these weights; "3xtf32" reads their
+    TF32-rounded parts from tiles 4-7 and the rounded rest from tiles 8-11."""
     h, hp = program.hidden, _pow2(program.hidden)
     out = []
     for w, b, k in zip(
@@ -409,20 +500,35 @@ def pack_tiles(program: RuleProgram) -> list[tuple[Tensor, Tensor, Tensor]]:
         kp = _pow2(k)
         scales = torch.tensor(GATE_SCALES, dtype=w.dtype, device=w.device)
         gates = w.reshape(4, h, k + h) * scales[:, None, None]
-        wx = w.new_zeros(4, kp, hp)
-        wx[:, :k, :h] = gates[:, :, :k].transpose(1, 2)
-        wh = w.new_zeros(4, hp, hp)
-        wh[:, :h, :h] = gates[:, :, k:].transpose(1, 2)
+        wx = w.new_zeros(12, kp, hp)
+        wx[:4, :k, :h] = gates[:, :, :k].transpose(1, 2)
+        wh = w.new_zeros(12, hp, hp)
+        wh[:4, :h, :h] = gates[:, :, k:].transpose(1, 2)
+        for t in (wx, wh):
+            t[4:8] = tf32_round(t[:4])
+            t[8:] = tf32_round(t[:4] - t[4:8])
         bp = b.new_zeros(4, hp)
         bp[:, :h] = b.reshape(4, h) * scales[:, None]
         out.append((wx.contiguous(), wh.contiguous(), bp.contiguous()))
     return out
 
 
-def launch_constexprs(program: RuleProgram, interpret: bool) -> dict:
-    """The kernel's compile-time arguments for ``program`` under the current module settings
-    (BLOCK, PRECISION, VARIANT); ``interpret``: Triton's CPU interpreter, which has no inline
-    PTX, gets the plain exp2 / division instead of the one-instruction forms."""
+#: Coordinates of TritonKernel.verify's check (not a multiple of any block size).
+VERIFY_COORDS = 4099
+_VERIFIED: set[tuple] = set()
+
+
+def _excess(x: Tensor, ref: Tensor, tol: float) -> float:
+    """The largest ``|x - ref| / (tol * (1 + |ref|))``: above 1 means out of tolerance
+    (NaN counts as out)."""
+    err = (x.float() - ref.float()).abs() / (tol * (1 + ref.float().abs()))
+    return float(torch.nan_to_num(err, nan=float("inf")).max())
+
+
+def launch_constexprs(program: RuleProgram, config: LaunchConfig, interpret: bool) -> dict:
+    """The kernel's compile-time arguments for ``program`` under ``config``; ``interpret``:
+    Triton's CPU interpreter, which has no inline PTX, gets the plain exp2 / division instead
+    of the one-instruction forms."""
     inputs = 2 if program.prep == PREP_DM else program.w_in.shape[0]
     return dict(
         PREP=program.prep,
@@ -432,9 +538,9 @@ def launch_constexprs(program: RuleProgram, interpret: bool) -> dict:
         I=inputs,
         IP=_pow2(inputs),
         OUT_TANH=program.out_tanh,
-        BLOCK=BLOCK,
-        PREC=PRECISION,
-        PACKED=VARIANT != "strided",
+        BLOCK=config.block,
+        PREC=config.precision,
+        PACKED=config.variant != "strided",
         FAST=not interpret,
     )
 
@@ -465,6 +571,7 @@ class TritonKernel:
             raise KernelUnavailable("the Triton kernel supports hidden sizes up to 128")
         self.program = program.to(device)
         self.device = device
+        self.config = default_config(device)
         self.tiles = pack_tiles(self.program)
         self.last_compiled = None  # the compiled kernel of the last launch (registers, spills)
 
@@ -499,10 +606,9 @@ class TritonKernel:
         w1 = p.layer_weights[1] if p.layers == 2 else p.layer_weights[0]
         b1 = p.layer_biases[1] if p.layers == 2 else p.layer_biases[0]
         dummy = p.w_out
-        if VARIANT not in VARIANTS:
-            raise ValueError(f"FLATL2O_TRITON_VARIANT must be one of {VARIANTS}, got {VARIANT!r}")
-        blocks = triton.cdiv(n, BLOCK)
-        persistent = VARIANT == "persistent"
+        cfg = self.config
+        blocks = triton.cdiv(n, cfg.block)
+        persistent = cfg.variant == "persistent"
         grid = (min(blocks, self._programs()) if persistent else blocks,)
         tiles0 = self.tiles[0]
         tiles1 = self.tiles[1] if p.layers == 2 else self.tiles[0]
@@ -539,10 +645,50 @@ class TritonKernel:
             p.rp_eps,
             triton.cdiv(blocks, grid[0]) if persistent else 1,  # iters
             grid[0],  # nprog
-            **launch_constexprs(p, os.environ.get("TRITON_INTERPRET") == "1"),
-            num_warps=NUM_WARPS,
-            **({"maxnreg": MAXNREG} if MAXNREG and _HAS_MAXNREG else {}),
+            **launch_constexprs(p, cfg, os.environ.get("TRITON_INTERPRET") == "1"),
+            num_warps=cfg.warps,
+            **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and _HAS_MAXNREG else {}),
         )
+
+    def verify(self, rule: UpdateRule, n: int = VERIFY_COORDS) -> None:
+        """Check this kernel against the reference rule module once per device,
+        configuration and kernel shape: two steps on ``n`` coordinates (a partial last
+        block) from a random state, with gradients spread over 9 decades. Raises
+        :class:`KernelUnavailable` with the worst differences when they exceed fp32-level
+        tolerances (TF32's when ``precision="tf32"``): CI runs this GPU code only in
+        Triton's interpreter, so a GPU it has never run on gets checked before use."""
+        from flatl2o.kernels.reference import ReferenceKernel
+
+        interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        consts = launch_constexprs(self.program, self.config, interpret)
+        key = (str(self.device), self.config, tuple(sorted(consts.items())))
+        if key in _VERIFIED:
+            return
+        gen = torch.Generator().manual_seed(0)
+        grad = (torch.randn(n, generator=gen) * torch.logspace(-8, 1, n)).to(self.device)
+        state = {
+            k: (torch.rand if k == "v" else torch.randn)(v.shape, generator=gen).to(self.device)
+            for k, v in rule.init_state(n).items()
+        }
+        ref_state = {k: v.clone() for k, v in state.items()}
+        param = torch.randn(n, generator=gen).to(self.device)
+        ref_param = param.clone()
+        ref = ReferenceKernel(rule)
+        for step in (1, 2):
+            self.update(param, grad, state, step, 0.5, step == 2, 0)
+            ref.update(ref_param, grad, ref_state, step, 0.5, step == 2, 1 << 16)
+        tol = 1e-2 if self.config.precision == "tf32" else 1e-4
+        worst = {"param": _excess(param, ref_param, tol / 10)}
+        worst.update((k, _excess(state[k], ref_state[k], tol)) for k in state)
+        bad = {k: v for k, v in worst.items() if v > 1}
+        if bad:
+            what = ", ".join(f"{k} off by {v:.3g}x the tolerance" for k, v in bad.items())
+            raise KernelUnavailable(
+                f"the Triton kernel ({self.config}) disagrees with the reference rule on "
+                f"{self.device}: {what} - please report this with your GPU model; "
+                "backend='reference' is correct"
+            )
+        _VERIFIED.add(key)
 
     def _programs(self) -> int:
         """Programs of the persistent grid: PROGRAMS_PER_SM per multiprocessor (2 without a
