@@ -40,18 +40,21 @@ import triton
 
 from flatl2o.kernels import rule_program
 from flatl2o.kernels import triton_step as ts
-from flatl2o.kernels.triton_aot import compile_kernel
+from flatl2o.kernels.triton_aot import compile_kernel, launch_ints
 from flatl2o.rules import make_rule
 
 CONFIGS = [  # (variant, precision, block, warps, maxnreg: 0 = ptxas's own choice)
-    ("strided", "ieee", 32, 2, 0),
+    ("strided", "ieee", 32, 2, 0),  # the layout timed on the H200
     ("packed", "ieee", 32, 2, 0),
     ("packed", "ieee", 32, 4, 0),
-    *[("strided", "ieee", 32, w, 255) for w in (2, 8)],
-    *[("packed", "ieee", b, w, 255) for b in (16, 32, 64) for w in (2, 4, 8)],
-    *[("packed", "tf32x3", b, w, 255) for b in (32, 64) for w in (2, 4, 8)],
-    *[("packed", "tf32x3", 64, 4, r) for r in (0, 168, 128)],
-    ("packed", "tf32", 64, 4, 0),  # one TF32 pass: not fp32-accurate, shown for the bound
+    ("packed", "ieee", 32, 2, 255),  # the default without TF32 tensor cores
+    *[("packed", "ieee", b, w, 255) for b, w in ((16, 8), (32, 8), (64, 4))],
+    *[("packed", "tf32x3", b, w, 255) for b, w in ((32, 2), (32, 4), (64, 4))],
+    ("packed", "3xtf32", 64, 4, 168),  # the default with TF32 tensor cores (sm_80+)
+    *[("packed", "3xtf32", 64, 4, r) for r in (0, 255, 128)],
+    *[("packed", "3xtf32", b, w, 255) for b, w in ((32, 2), (64, 2), (64, 8), (128, 4))],
+    *[("packed", "3xtf32", 128, w, 168) for w in (4, 8)],
+    ("packed", "tf32", 64, 4, 255),  # one TF32 pass: not fp32-accurate, shown for the bound
 ]  # "persistent" compiles to the same kernel as "packed" (only the grid differs)
 #: H200 SXM figures the bound uses: SMs, boost clock, per-SM per-clock issue (4 schedulers x
 #: 1 warp instruction), special-function lanes (16: one warp exp/rcp per 2 clocks per SM),
@@ -69,15 +72,15 @@ MEMORY_OPS = ("LDG", "STG", "LDS", "STS", "LDL", "STL", "LDSM", "STSM", "ATOMS",
 
 def rule_consts(rule: str, prec: str, block: int, variant: str = "packed") -> dict:
     """The constexpr arguments a GPU launch passes for ``rule`` (default size: hidden 20)."""
-    consts = ts.launch_constexprs(rule_program(make_rule(rule)), interpret=False)
-    return {**consts, "BLOCK": block, "PREC": prec, "PACKED": variant != "strided"}
+    config = ts.LaunchConfig(variant, prec, block, warps=0, maxnreg=0)  # warps: not constexpr
+    return ts.launch_constexprs(rule_program(make_rule(rule)), config, interpret=False)
 
 
 def resources(
     rule: str, variant: str, prec: str, block: int, warps: int, maxnreg: int, arch: int
 ) -> dict:
     consts = rule_consts(rule, prec, block, variant)
-    k = compile_kernel(ts._step_kernel, consts, warps, maxnreg, arch)
+    k = compile_kernel(ts._step_kernel, consts, warps, maxnreg, arch, launch_ints(10**8, block))
     return dict(
         rule=rule,
         variant=variant,
@@ -192,7 +195,8 @@ def calibrate(arch: int) -> list[dict]:
             if t["rule"] != "l2o-dm" or t["n"] != 10**8 or "float32" not in t["state"]:
                 continue
             consts = rule_consts("l2o-dm", t["precision"], t["block"])
-            k = compile_kernel(mod._step_kernel, consts, t["warps"], 0, arch)
+            ints = launch_ints(t["n"], t["block"])
+            k = compile_kernel(mod._step_kernel, consts, t["warps"], 0, arch, ints)
             b = bound("l2o-dm", t["block"], t["warps"], k.opcodes, k.tensor_macs)
             ms = t["seconds"] * 1e3
             row = dict(
