@@ -73,7 +73,7 @@ MEMORY_OPS = ("LDG", "STG", "LDS", "STS", "LDL", "STL", "LDSM", "STSM", "ATOMS",
 def rule_consts(rule: str, prec: str, block: int, variant: str = "packed") -> dict:
     """The constexpr arguments a GPU launch passes for ``rule`` (default size: hidden 20)."""
     config = ts.LaunchConfig(variant, prec, block, warps=0, maxnreg=0)  # warps: not constexpr
-    return ts.launch_constexprs(rule_program(make_rule(rule)), config, interpret=False)
+    return ts.launch_constexprs(rule_program(make_rule(rule)), config, plain=False)
 
 
 def resources(

@@ -458,6 +458,9 @@ def test_triton_launch_config_per_device_and_overrides(monkeypatch: pytest.Monke
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=capability: c)
         config = ts.default_config(cuda)
         assert (config.precision, config.block, config.warps, config.maxnreg) == expected
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # AMD: no PTX, no TF32 default
+    assert ts.default_config(cuda).precision == "ieee" and ts.plain_math()
+    monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(ts, "PRECISION", "tf32x3")
     monkeypatch.setattr(ts, "MAXNREG", 0)
     assert ts.default_config(cuda) == ts.LaunchConfig("packed", "tf32x3", 64, 4, 0)
@@ -469,6 +472,28 @@ def test_triton_launch_config_per_device_and_overrides(monkeypatch: pytest.Monke
     monkeypatch.setattr(ts, "BLOCK", 48)
     with pytest.raises(ValueError, match="FLATL2O_TRITON_BLOCK must be a power of two"):
         ts.default_config(cuda)
+
+
+def test_triton_verify_turns_a_kernel_that_cannot_run_into_a_fallback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A GPU or Triton version the kernel does not compile or run on is reported as
+    KernelUnavailable (so backend="auto" falls back to the reference step), naming why."""
+    pytest.importorskip("triton", reason="Triton is optional: pip install triton")
+    from flatl2o.kernels import triton_step as ts
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    rule = make_rule("l2o-dm")
+    kern = ts.TritonKernel(rule_program(rule), torch.device("cpu"))
+
+    def ptxas_fails(*args, **kwargs):
+        raise RuntimeError("PTXAS error: Internal Triton PTX codegen error")
+
+    monkeypatch.setattr(kern, "update", ptxas_fails)
+    verified = set(ts._VERIFIED)
+    with pytest.raises(KernelUnavailable, match=r"failed to compile or run on cpu.*PTXAS error"):
+        kern.verify(rule, n=64)
+    assert ts._VERIFIED == verified  # not cached as good
 
 
 @pytest.mark.parametrize("precision", ["ieee", "3xtf32"])  # defaults without/with TF32 cores

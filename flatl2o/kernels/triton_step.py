@@ -82,7 +82,11 @@ def default_config(device: torch.device) -> LaunchConfig:
     the occupancy at which the previous kernel ran 6-10x its bound); older GPUs fp32 FMA on
     32 x 2 with a 255 cap (about 19,300 instructions: at most 27% of copy bandwidth).
     benchmarks/gpu.sh times these against the alternatives."""
-    tensor_cores = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    tensor_cores = (  # TF32 on NVIDIA; AMD GPUs (also device type "cuda") take fp32 FMA
+        device.type == "cuda"
+        and torch.version.hip is None
+        and torch.cuda.get_device_capability(device) >= (8, 0)
+    )
     precision = PRECISION or ("3xtf32" if tensor_cores else "ieee")
     fp32_fma = precision == "ieee"
     config = LaunchConfig(
@@ -525,10 +529,15 @@ def _excess(x: Tensor, ref: Tensor, tol: float) -> float:
     return float(torch.nan_to_num(err, nan=float("inf")).max())
 
 
-def launch_constexprs(program: RuleProgram, config: LaunchConfig, interpret: bool) -> dict:
-    """The kernel's compile-time arguments for ``program`` under ``config``; ``interpret``:
-    Triton's CPU interpreter, which has no inline PTX, gets the plain exp2 / division instead
-    of the one-instruction forms."""
+def plain_math() -> bool:
+    """Whether launches here use plain exp2 / division instead of the one-instruction PTX
+    forms: in Triton's CPU interpreter (no inline assembly) and on AMD GPUs (no PTX)."""
+    return os.environ.get("TRITON_INTERPRET") == "1" or torch.version.hip is not None
+
+
+def launch_constexprs(program: RuleProgram, config: LaunchConfig, plain: bool) -> dict:
+    """The kernel's compile-time arguments for ``program`` under ``config``; ``plain``: see
+    plain_math."""
     inputs = 2 if program.prep == PREP_DM else program.w_in.shape[0]
     return dict(
         PREP=program.prep,
@@ -541,7 +550,7 @@ def launch_constexprs(program: RuleProgram, config: LaunchConfig, interpret: boo
         BLOCK=config.block,
         PREC=config.precision,
         PACKED=config.variant != "strided",
-        FAST=not interpret,
+        FAST=not plain,
     )
 
 
@@ -645,7 +654,7 @@ class TritonKernel:
             p.rp_eps,
             triton.cdiv(blocks, grid[0]) if persistent else 1,  # iters
             grid[0],  # nprog
-            **launch_constexprs(p, cfg, os.environ.get("TRITON_INTERPRET") == "1"),
+            **launch_constexprs(p, cfg, plain_math()),
             num_warps=cfg.warps,
             **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and _HAS_MAXNREG else {}),
         )
@@ -659,8 +668,7 @@ class TritonKernel:
         Triton's interpreter, so a GPU it has never run on gets checked before use."""
         from flatl2o.kernels.reference import ReferenceKernel
 
-        interpret = os.environ.get("TRITON_INTERPRET") == "1"
-        consts = launch_constexprs(self.program, self.config, interpret)
+        consts = launch_constexprs(self.program, self.config, plain_math())
         key = (str(self.device), self.config, tuple(sorted(consts.items())))
         if key in _VERIFIED:
             return
@@ -675,7 +683,15 @@ class TritonKernel:
         ref_param = param.clone()
         ref = ReferenceKernel(rule)
         for step in (1, 2):
-            self.update(param, grad, state, step, 0.5, step == 2, 0)
+            try:
+                self.update(param, grad, state, step, 0.5, step == 2, 0)
+            except KernelUnavailable:
+                raise
+            except Exception as e:  # compiler or driver: this GPU / Triton cannot run it
+                raise KernelUnavailable(
+                    f"the Triton kernel ({self.config}) failed to compile or run on "
+                    f"{self.device}: {type(e).__name__}: {str(e)[:500]}"
+                ) from e
             ref.update(ref_param, grad, ref_state, step, 0.5, step == 2, 1 << 16)
         tol = 1e-2 if self.config.precision == "tf32" else 1e-4
         worst = {"param": _excess(param, ref_param, tol / 10)}
