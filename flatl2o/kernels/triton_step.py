@@ -122,6 +122,7 @@ def _has_maxnreg() -> bool:
 
 
 _HAS_MAXNREG = triton is not None and _has_maxnreg()
+_HIP = torch.version.hip is not None  # ptxas options (maxnreg) are NVIDIA-only
 
 
 def _pow2(x: int, floor: int = 16) -> int:
@@ -656,7 +657,7 @@ class TritonKernel:
             grid[0],  # nprog
             **launch_constexprs(p, cfg, plain_math()),
             num_warps=cfg.warps,
-            **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and _HAS_MAXNREG else {}),
+            **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and _HAS_MAXNREG and not _HIP else {}),
         )
 
     def verify(self, rule: UpdateRule, n: int = VERIFY_COORDS) -> None:
