@@ -131,13 +131,11 @@ def _pow2(x: int, floor: int = 16) -> int:
 
 if triton is not None:
     LOG2E = tl.constexpr(1.4426950408889634)
-    #: Caps on a gate's exponent t (sigmoid = 1 / (1 + 2^t)). i, g, o and tanh(c) enter as
-    #: products of two ``1 + 2^t`` < 2^127: capped at 63, where the gate is below 2^-63 and
-    #: multiplies at most 1. The forget gate multiplies c alone: capped at 126, so 2^-126 (the
-    #: smallest normal float) times |c| stays under c's fp32 rounding for |c| < 2^103 (|c|
-    #: grows by at most 1 per step).
+    #: Cap on the exponents t of tanh's ``(1 - 2^t) / (1 + 2^t)`` (gate g, and c for h): it
+    #: keeps ``1 - 2^t`` finite, and a product ``(1 + 2^t_i)(1 + 2^t_g)`` (likewise o, c)
+    #: can then overflow only when the sigmoid factor is below 2^-65, so its reciprocal's 0
+    #: is right to fp32 precision. Sigmoid-only exponents need no cap: 2^t = inf gives 0.
     T_MAX = tl.constexpr(63.0)
-    T_MAX_F = tl.constexpr(126.0)
 
     @triton.jit
     def _tanh(x):
@@ -227,11 +225,11 @@ if triton is not None:
     ):
         """Gate ``q`` (0..3 = i, f, g, o) as the exponent ``t`` of ``sigmoid = 1 / (1 + 2^t)``
         (``tanh = (1 - 2^t) / (1 + 2^t)`` for g): ``z = x W_ih[q]^T + h W_hh[q]^T + b[q]``
-        times -log2(e) (-2 log2(e) for g), capped (T_MAX, T_MAX_F) so that ``1 + 2^t`` and
-        the products of two stay finite. Packed tiles come pre-scaled (pack_tiles); strided
-        ones are scaled here. Weights are loaded just before use (from L1/L2: a layer's are a
-        few KB). With RANK1, ``x`` is L2O-DM's two input columns ``(x0, x1)``, added as two
-        outer products instead of a dot over 16 zero-padded columns."""
+        times -log2(e) (-2 log2(e) for g; capped at T_MAX). Packed tiles come pre-scaled
+        (pack_tiles); strided ones are scaled here. Weights are loaded just before use (from
+        L1/L2: a layer's are a few KB). With RANK1, ``x`` is L2O-DM's two input columns
+        ``(x0, x1)``, added as two outer products instead of a dot over 16 zero-padded
+        columns."""
         j = tl.arange(0, HP)
         if PACKED:
             b = tl.load(bp_ptr + q * HP + j)
@@ -258,7 +256,9 @@ if triton is not None:
             t = tl.dot(h, th, acc=z, input_precision=PREC)
         if not PACKED:
             t = t * (-2.0 * LOG2E if q == 2 else -LOG2E)
-        return tl.minimum(t, T_MAX_F if q == 1 else T_MAX)
+        if q == 2:
+            t = tl.minimum(t, T_MAX)
+        return t
 
     @triton.jit
     def _lstm_layer(
