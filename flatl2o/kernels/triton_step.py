@@ -76,11 +76,11 @@ def default_config(device: torch.device) -> LaunchConfig:
     """The configuration for ``device``, module settings (or their environment variables)
     first. Defaults chosen WITHOUT timing them on a GPU, from the kernel compiled for sm_90
     (benchmarks/triton_resources.py): GPUs with TF32 tensor cores (compute capability 8.0+)
-    get "3xtf32" on 64 coordinates x 4 warps with a 168-register cap (about 5,400
-    instructions per coordinate, 112 B of spills, 12 resident warps per SM: the no-stall
+    get "3xtf32" on 64 coordinates x 4 warps with a 168-register cap (about 5,200
+    instructions per coordinate, 136 B of spills, 12 resident warps per SM: the no-stall
     bound is the H200's bandwidth floor; without the cap, 213 registers and 8 warps per SM,
     the occupancy at which the previous kernel ran 6-10x its bound); older GPUs fp32 FMA on
-    32 x 2 with a 255 cap (about 19,300 instructions: at most 27% of copy bandwidth).
+    32 x 2 with a 255 cap (about 19,100 instructions: at most 27% of copy bandwidth).
     benchmarks/gpu.sh times these against the alternatives."""
     tensor_cores = (  # TF32 on NVIDIA; AMD GPUs (also device type "cuda") take fp32 FMA
         device.type == "cuda"
