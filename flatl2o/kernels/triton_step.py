@@ -82,10 +82,8 @@ def default_config(device: torch.device) -> LaunchConfig:
     the occupancy at which the previous kernel ran 6-10x its bound); older GPUs fp32 FMA on
     32 x 2 with a 255 cap (about 19,100 instructions: at most 27% of copy bandwidth).
     benchmarks/gpu.sh times these against the alternatives."""
-    tensor_cores = (  # TF32 on NVIDIA; AMD GPUs (also device type "cuda") take fp32 FMA
-        device.type == "cuda"
-        and torch.version.hip is None
-        and torch.cuda.get_device_capability(device) >= (8, 0)
+    tensor_cores = (  # TF32 on NVIDIA; AMD GPUs take fp32 FMA
+        device.type == "cuda" and not _amd() and torch.cuda.get_device_capability(device) >= (8, 0)
     )
     precision = PRECISION or ("3xtf32" if tensor_cores else "ieee")
     fp32_fma = precision == "ieee"
@@ -122,7 +120,12 @@ def _has_maxnreg() -> bool:
 
 
 _HAS_MAXNREG = triton is not None and _has_maxnreg()
-_HIP = torch.version.hip is not None  # ptxas options (maxnreg) are NVIDIA-only
+
+
+def _amd() -> bool:
+    """A ROCm build of torch: its GPUs are device type "cuda" but take no PTX and no ptxas
+    options."""
+    return torch.version.hip is not None
 
 
 def _pow2(x: int, floor: int = 16) -> int:
@@ -533,7 +536,7 @@ def _excess(x: Tensor, ref: Tensor, tol: float) -> float:
 def plain_math() -> bool:
     """Whether launches here use plain exp2 / division instead of the one-instruction PTX
     forms: in Triton's CPU interpreter (no inline assembly) and on AMD GPUs (no PTX)."""
-    return os.environ.get("TRITON_INTERPRET") == "1" or torch.version.hip is not None
+    return os.environ.get("TRITON_INTERPRET") == "1" or _amd()
 
 
 def launch_constexprs(program: RuleProgram, config: LaunchConfig, plain: bool) -> dict:
@@ -582,6 +585,7 @@ class TritonKernel:
         self.program = program.to(device)
         self.device = device
         self.config = default_config(device)
+        self.constexprs = launch_constexprs(self.program, self.config, plain_math())
         self.tiles = pack_tiles(self.program)
         self.last_compiled = None  # the compiled kernel of the last launch (registers, spills)
 
@@ -655,9 +659,9 @@ class TritonKernel:
             p.rp_eps,
             triton.cdiv(blocks, grid[0]) if persistent else 1,  # iters
             grid[0],  # nprog
-            **launch_constexprs(p, cfg, plain_math()),
+            **self.constexprs,
             num_warps=cfg.warps,
-            **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and _HAS_MAXNREG and not _HIP else {}),
+            **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and _HAS_MAXNREG and not _amd() else {}),
         )
 
     def verify(self, rule: UpdateRule, n: int = VERIFY_COORDS) -> None:
@@ -669,8 +673,7 @@ class TritonKernel:
         Triton's interpreter, so a GPU it has never run on gets checked before use."""
         from flatl2o.kernels.reference import ReferenceKernel
 
-        consts = launch_constexprs(self.program, self.config, plain_math())
-        key = (str(self.device), self.config, tuple(sorted(consts.items())))
+        key = (str(self.device), self.config, tuple(sorted(self.constexprs.items())))
         if key in _VERIFIED:
             return
         gen = torch.Generator().manual_seed(0)
