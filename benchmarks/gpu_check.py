@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flatl2o import L2O
 from flatl2o.kernels import ReferenceKernel, rule_program
 from flatl2o.kernels import triton_step as ts
+from flatl2o.kernels.accuracy import check_inputs
 from flatl2o.rules import make_rule
 
 RULES = ["l2o-dm", "rnnprop"]
@@ -87,15 +88,10 @@ def check(device: torch.device, n: int, precisions: list[str]) -> list[dict]:
         rule = rule_for(name, device)
         for variant, sdt, prec in cases:
             ts.VARIANT, ts.PRECISION = variant, prec
-            gen = torch.Generator(device="cpu").manual_seed(1)
-            g = (torch.randn(n, generator=gen) * torch.logspace(-8, 1, n)).to(device)
-            init = {
-                k: (torch.rand if k == "v" else torch.randn)(v.shape, generator=gen)
-                for k, v in rule.init_state(n).items()
-            }
+            g, init, p = check_inputs(rule, n, seed=1)
+            g, p = g.to(device), p.to(device)
             st = {k: v.to(device, sdt, copy=True) for k, v in init.items()}
             st_ref = {k: v.to(device, sdt).float().clone() for k, v in init.items()}
-            p = torch.randn(n, generator=gen).to(device)
             p_ref = p.clone()
             kern = ts.TritonKernel(rule_program(rule), device)
             ref = ReferenceKernel(rule)

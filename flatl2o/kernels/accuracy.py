@@ -1,8 +1,9 @@
-"""How far a step kernel drifts from exact arithmetic: the rule module run in float64.
+"""How far a step kernel drifts from exact arithmetic (the rule module run in float64), and
+the inputs a kernel is checked against the reference rule on.
 
-Used by ``benchmarks/kernel_accuracy.py`` (the table in docs/performance.md) and by
+Used by ``benchmarks/kernel_accuracy.py`` (the table in docs/performance.md), by
 ``tests/test_kernels.py`` (which bounds the fast kernels' error by a multiple of torch's own
-float32 error).
+float32 error), and by the Triton kernel's first-use check and ``benchmarks/gpu_check.py``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,18 @@ import torch
 from torch import Tensor
 
 from flatl2o.rules import UpdateRule
+
+
+def check_inputs(rule: UpdateRule, n: int, seed: int) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """CPU ``(grad, state, param)`` for ``n`` coordinates: gradients spread over 9 decades
+    (1e-8..10, both signs), a random state (``v`` positive) and random parameters."""
+    gen = torch.Generator().manual_seed(seed)
+    grad = torch.randn(n, generator=gen) * torch.logspace(-8, 1, n)
+    state = {
+        k: (torch.rand if k == "v" else torch.randn)(v.shape, generator=gen)
+        for k, v in rule.init_state(n).items()
+    }
+    return grad, state, torch.randn(n, generator=gen)
 
 
 def drift_from_float64(

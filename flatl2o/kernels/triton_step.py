@@ -671,19 +671,16 @@ class TritonKernel:
         :class:`KernelUnavailable` with the worst differences when they exceed fp32-level
         tolerances (TF32's when ``precision="tf32"``): CI runs this GPU code only in
         Triton's interpreter, so a GPU it has never run on gets checked before use."""
+        from flatl2o.kernels.accuracy import check_inputs
         from flatl2o.kernels.reference import ReferenceKernel
 
         key = (str(self.device), self.config, tuple(sorted(self.constexprs.items())))
         if key in _VERIFIED:
             return
-        gen = torch.Generator().manual_seed(0)
-        grad = (torch.randn(n, generator=gen) * torch.logspace(-8, 1, n)).to(self.device)
-        state = {
-            k: (torch.rand if k == "v" else torch.randn)(v.shape, generator=gen).to(self.device)
-            for k, v in rule.init_state(n).items()
-        }
+        grad, state, param = check_inputs(rule, n, seed=0)
+        grad, param = grad.to(self.device), param.to(self.device)
+        state = {k: v.to(self.device) for k, v in state.items()}
         ref_state = {k: v.clone() for k, v in state.items()}
-        param = torch.randn(n, generator=gen).to(self.device)
         ref_param = param.clone()
         ref = ReferenceKernel(rule)
         for step in (1, 2):
