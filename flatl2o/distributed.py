@@ -133,17 +133,27 @@ FINITE_CHECK_CHUNK = 1 << 22
 
 
 def _all_finite(t: Tensor) -> Tensor:
-    """0-dim bool: every element finite, without allocating a mask of ``t``'s size."""
+    """0-dim bool: every element finite, without allocating a mask of ``t``'s size.
+
+    A float64 element beyond float32's range counts as non-finite: the rule computes in
+    float32, where it would be inf and poison the recurrent state.
+    """
     fast = cpu_all_finite(t)  # an fp32 CPU gradient: one pass in C, no torch op
     if fast is not None:
         return torch.tensor(fast)
     if not t.is_contiguous() or t.numel() <= FINITE_CHECK_CHUNK:
-        return torch.isfinite(t).all()
+        return _finite(t)
     flat = t.view(-1)
     ok = torch.ones((), dtype=torch.bool, device=t.device)
     for start in range(0, flat.numel(), FINITE_CHECK_CHUNK):
-        ok &= torch.isfinite(flat[start : start + FINITE_CHECK_CHUNK]).all()
+        ok &= _finite(flat[start : start + FINITE_CHECK_CHUNK])
     return ok
+
+
+def _finite(t: Tensor) -> Tensor:
+    if t.dtype == torch.float64:  # NaN compares False, so it fails too
+        return (t.abs() <= torch.finfo(torch.float32).max).all()
+    return torch.isfinite(t).all()
 
 
 def finite_flags(params: Sequence[Tensor]) -> list[bool]:

@@ -8,12 +8,15 @@ step, so every ``torch.optim.lr_scheduler`` composes with it unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import numbers
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -39,6 +42,11 @@ from flatl2o.kernels import (
 from flatl2o.rules import UpdateRule
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
+#: What a gradient that fails the finiteness check holds (index: a float64 parameter).
+_NONFINITE = (
+    "NaN or inf",
+    "NaN, inf or values beyond float32's range (the rule computes in float32)",
+)
 NONFINITE_POLICIES = ("skip", "raise")
 #: Storage dtypes of the recurrent state; the arithmetic is fp32 either way. bf16 halves the
 #: optimizer's memory (see docs/performance.md for its measured effect on training).
@@ -47,6 +55,9 @@ STATE_DTYPES = (torch.float32, torch.bfloat16)
 #: Coordinates processed at once; bounds the step's transient memory (about 1.5 KB per
 #: coordinate for a 2x20 LSTM rule) independently of the model size.
 DEFAULT_CHUNK_SIZE = 16384
+
+#: Keyword arguments of :func:`flatl2o.load_rule` that ``L2O(params, "name", ...)`` forwards.
+LOAD_OPTIONS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "device")
 
 
 class L2O(Optimizer):
@@ -70,7 +81,8 @@ class L2O(Optimizer):
         state_dtype: storage dtype of the recurrent state, ``torch.float32`` (default) or
             ``torch.bfloat16`` (half the memory; the step's arithmetic stays fp32).
         **load_options: ``revision``, ``cache_dir``, ``token``, ``local_files_only``,
-            ``force_download``, passed to :func:`flatl2o.load_rule` when ``rule`` is a name.
+            ``force_download``, ``device``, passed to :func:`flatl2o.load_rule` when ``rule``
+            is a name or path.
     """
 
     def __init__(
@@ -94,6 +106,13 @@ class L2O(Optimizer):
                 f"{', '.join(str(d) for d in STATE_DTYPES)}"
             )
         self.state_dtype = state_dtype
+        unknown = [k for k in load_options if k not in LOAD_OPTIONS]
+        if unknown:
+            raise TypeError(
+                f"L2O.__init__() got an unexpected keyword argument {unknown[0]!r}; its options "
+                "are lr, maximize, chunk_size, nonfinite, backend, state_dtype and, for a rule "
+                f"given by name or path, {', '.join(LOAD_OPTIONS)}"
+            )
         if not isinstance(rule, UpdateRule):
             rule = load_rule(default_pretrained_name() if rule is None else rule, **load_options)
         elif load_options:
@@ -117,18 +136,24 @@ class L2O(Optimizer):
         token: str | bool | None = None,
         local_files_only: bool = False,
         force_download: bool = False,
+        device: torch.device | str | None = None,
         **options: Any,
     ) -> L2O:
-        """An optimizer whose rule is loaded from a folder, shipped name or Hub repo id."""
-        rule = load_rule(
+        """An optimizer whose rule is loaded from a folder, shipped name or Hub repo id;
+        ``options`` are the constructor's (``lr``, ``maximize``, ``backend``, ...)."""
+        if isinstance(name_or_path, UpdateRule):  # already loaded: nothing to resolve
+            return cls(params, name_or_path, **options)
+        return cls(
+            params,
             name_or_path,
             revision=revision,
             cache_dir=cache_dir,
             token=token,
             local_files_only=local_files_only,
             force_download=force_download,
+            device=device,
+            **options,
         )
-        return cls(params, rule, **options)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Validate a group (dtypes, duplicates, options) before torch registers it."""
@@ -240,6 +265,7 @@ class L2O(Optimizer):
                         "L2O does not support sparse gradients; use a dense embedding "
                         "(sparse=False) or convert the gradient with grad.to_dense()"
                     )
+                self._check_state_fits(p)
                 candidates.append((p, group))
         # one answer per parameter, the same on every rank for a sharded (DTensor) parameter
         finite = finite_flags([p for p, _ in candidates])
@@ -249,15 +275,18 @@ class L2O(Optimizer):
             elif group["nonfinite"] == "raise":
                 raise FloatingPointError(
                     f"L2O: the gradient of a parameter of shape {tuple(p.shape)} contains "
-                    "NaN or inf; nothing was updated. Fix the loss, clip gradients, or use "
-                    "nonfinite='skip' to skip such parameters"
+                    f"{_NONFINITE[p.dtype == torch.float64]}; nothing was updated. Fix the "
+                    "loss, clip gradients, or use nonfinite='skip' to skip such parameters"
                 )
             else:
                 skipped.append(p)
+        for device in {p.device for p, _ in todo}:
+            self._kernel_on(device)  # an explicit backend that cannot run raises here
         for p in skipped:
             warnings.warn(
-                f"L2O: the gradient of a parameter of shape {tuple(p.shape)} contains NaN or "
-                "inf; its update was skipped and its recurrent state kept (nonfinite='skip')",
+                f"L2O: the gradient of a parameter of shape {tuple(p.shape)} contains "
+                f"{_NONFINITE[p.dtype == torch.float64]}; its update was skipped and its "
+                "recurrent state kept (nonfinite='skip')",
                 RuntimeWarning,
                 stacklevel=_user_stacklevel(),
             )
@@ -265,52 +294,91 @@ class L2O(Optimizer):
             self._update(p, group)
         return loss
 
+    def _check_state_fits(self, p: Tensor) -> None:
+        """Refuse a state that no longer fits its parameter (resized after its first step),
+        which the kernels would otherwise read and write out of bounds."""
+        state = self.state.get(p)
+        if not state:
+            return
+        lead = state_coords_shape(p)
+        for key, shape in self.rule.state_shapes().items():
+            t = state.get(key)
+            got = tuple(t.shape) if isinstance(t, Tensor) else t
+            if got != (*lead, *shape):
+                raise RuntimeError(
+                    f"L2O: the state of a parameter of shape {tuple(p.shape)} does not fit it: "
+                    f"state {key!r} has shape {got}, expected {(*lead, *shape)} (was the "
+                    "parameter resized after its first step?); nothing was updated. Drop its "
+                    "state with `del optimizer.state[param]` to restart its recurrent state, "
+                    "or rebuild the optimizer"
+                )
+
     def _update(self, p: Tensor, group: dict[str, Any]) -> None:
         local, local_g = local_shard(p), local_grad(p)  # a DTensor's (FSDP2) local shard
         param = torch.view_as_real(local) if local.is_complex() else local
         grad = torch.view_as_real(local_g) if local_g.is_complex() else local_g
-        state = self.state[p] or self._init_state(p)
-        state["step"] += 1
-        step = state["step"].item()
-        state = local_state(state, self.rule.state_shapes())  # the shard's rows, as views
-        if local.numel() == 0:  # an empty FSDP2 shard (fewer rows than ranks): nothing to do
-            return
-        names = list(self.rule.state_shapes())
-        flat_grad = grad.reshape(-1)
-        flat_param = param.view(-1) if param.is_contiguous() else param.reshape(-1)
-        args = (
-            flat_param,
-            flat_grad,
-            {k: state[k] for k in names},
-            int(step),
-            float(group["lr"]),
-            bool(group["maximize"]),
-            group["chunk_size"],
-        )
-        try:
-            self._kernel_on(p.device).update(*args)
-        except KernelUnavailable:  # a state layout the kernel refuses (checked before writing)
-            ReferenceKernel(self._rule_on(p.device)).update(*args)
-        if not param.is_contiguous():
-            param.copy_(flat_param.view_as(param))
+        kernel = self._kernel_on(p.device)
+        full_state = self.state[p] or self._init_state(p)
+        step = int(full_state["step"].item()) + 1  # counted once the update has been made
+        state = local_state(full_state, self.rule.state_shapes())  # the shard's rows (views)
+        if local.numel() > 0:  # an empty FSDP2 shard (fewer rows than ranks): nothing to do
+            names = list(self.rule.state_shapes())
+            flat_grad = grad.reshape(-1)
+            flat_param = param.view(-1) if param.is_contiguous() else param.reshape(-1)
+            args = (
+                flat_param,
+                flat_grad,
+                {k: state[k] for k in names},
+                step,
+                float(group["lr"]),
+                bool(group["maximize"]),
+                group["chunk_size"],
+            )
+            try:
+                kernel.update(*args)
+            except KernelUnavailable:  # a layout this kernel refuses (checked before writing)
+                ReferenceKernel(self._rule_on(p.device)).update(*args)
+            if not param.is_contiguous():
+                param.copy_(flat_param.view_as(param))
+        full_state["step"] += 1
 
     # --------------------------------------------------------------- state dicts
     def state_dict(self) -> dict[str, Any]:
-        """torch's optimizer state dict plus a ``"rule"`` entry identifying the rule."""
-        sd = super().state_dict()
+        """torch's optimizer state dict plus a ``"rule"`` entry identifying the rule (which
+        the state-dict post-hooks see, like every other entry)."""
+        with _hooks_held(self, "_optimizer_state_dict_post_hooks") as (post_hooks,):
+            sd = super().state_dict()
         sd["rule"] = {
             "architecture": self.rule.architecture,
             "fingerprint": self.rule.fingerprint(),
             "config": self.rule.config.to_dict(),
         }
+        for hook in post_hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore exactly: the recurrent state stays fp32 even for bf16/fp16 parameters.
 
-        The loaded tensors are copied, so the optimizer that saved the state dict and the
-        one that loaded it can keep stepping independently.
+        The loaded tensors are copied once, straight to the state's device and dtype, so the
+        optimizer that saved the state dict and the one that loaded it can keep stepping
+        independently. Load pre-hooks run first and see the whole dict (``"rule"`` included);
+        post-hooks run last, on the loaded state, as in torch.
         """
+        hooks = ("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
+        with _hooks_held(self, *hooks) as (pre_hooks, post_hooks):
+            self._load_state_dict(state_dict, pre_hooks)
+        for hook in post_hooks.values():
+            hook(self)
+
+    def _load_state_dict(self, state_dict: dict[str, Any], pre_hooks: OrderedDict) -> None:
+        state_dict = state_dict.copy()
+        for hook in pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         state_dict = dict(state_dict)
         info = state_dict.pop("rule", None)
         if not isinstance(info, dict) or "fingerprint" not in info:
@@ -341,7 +409,12 @@ class L2O(Optimizer):
         if same_layout:  # otherwise torch's own check below raises
             for index, (saved_id, p) in enumerate(pairs):
                 self._check_loaded_state(index, p, saved_state.get(saved_id, {}))
-        super().load_state_dict(state_dict)
+        # torch's load checks the groups (in its wording) and restores them; the parameters'
+        # state is converted here instead, once (torch would first cast it to each
+        # parameter's dtype: a second full copy of the state)
+        paired = {saved_id for saved_id, _ in pairs}
+        unpaired = {k: v for k, v in saved_state.items() if k not in paired}
+        super().load_state_dict({**state_dict, "state": unpaired})
         for saved_id, p in pairs:
             saved = saved_state.get(saved_id)
             if saved:
@@ -369,6 +442,20 @@ class L2O(Optimizer):
             )
 
 
+@contextlib.contextmanager
+def _hooks_held(opt: Optimizer, *names: str) -> Iterator[tuple[OrderedDict, ...]]:
+    """Hold back ``opt``'s hook dicts ``names`` while torch's method runs, so that L2O can run
+    them itself at torch's point in the sequence (after its own additions); yields them."""
+    held = tuple(getattr(opt, name) for name in names)
+    for name in names:
+        setattr(opt, name, OrderedDict())
+    try:
+        yield held
+    finally:
+        for name, hooks in zip(names, held, strict=True):
+            setattr(opt, name, hooks)
+
+
 def _user_stacklevel() -> int:
     """``stacklevel`` that points a warning raised in :meth:`L2O.step` at the user's call,
     past torch's wrappers (step hooks, ``no_grad``, LR schedulers' step counters)."""
@@ -392,9 +479,10 @@ def _check_options(**options: Any) -> None:
         lr = options["lr"]
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
-        if not (isinstance(lr, (int, float, Tensor)) and not isinstance(lr, bool)):
+        if not (isinstance(lr, (numbers.Real, Tensor)) and not isinstance(lr, bool)):
             raise TypeError(f"lr must be a float or a 1-element Tensor, got {type(lr).__name__}")
-        if not 0.0 <= float(lr) or not math.isfinite(float(lr)):
+        value = float(lr.detach()) if isinstance(lr, Tensor) else float(lr)
+        if not 0.0 <= value or not math.isfinite(value):
             raise ValueError(f"Invalid learning rate: {lr}")
     if "chunk_size" in options:
         c = options["chunk_size"]

@@ -15,13 +15,14 @@ import pickle
 import warnings
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from numerics import BLAS_ROWS_BATCH_INVARIANT
 from torch import Tensor, nn
 
 from flatl2o import L2O, make_rule
-from flatl2o.kernels import ROW_TILE
+from flatl2o.kernels import ROW_TILE, KernelUnavailable
 from flatl2o.rules import UpdateRule
 
 RULE_NAMES = ["l2o-dm", "rnnprop"]
@@ -622,6 +623,112 @@ def test_load_state_dict_of_another_model(rule: UpdateRule) -> None:
         L2O(_model().parameters(), rule).load_state_dict(bad_options)
     with pytest.raises(ValueError, match="different number of parameter groups"):
         L2O([{"params": shapes[:2]}, {"params": shapes[2:]}], rule).load_state_dict(sd)
+
+
+@pytest.mark.parametrize("new_size", [40, 3])
+def test_resized_parameter_is_refused_before_any_update(rule: UpdateRule, new_size: int) -> None:
+    """A parameter resized after its first step (pruning, a grown embedding) must not hand
+    the kernels a state of the old size (out-of-bounds on the C kernel); nothing moves."""
+    a, b = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(10))
+    opt = L2O([a, b], rule)
+    a.grad, b.grad = torch.randn(5), torch.randn(10)
+    opt.step()
+    b.data = torch.randn(new_size)
+    a.grad, b.grad = torch.randn(5), torch.randn(new_size)
+    before, state = [a.detach().clone(), b.detach().clone()], _snapshot(opt)
+    with pytest.raises(
+        RuntimeError, match=rf"state '\w+' has shape \(10,.*\), expected \({new_size},"
+    ):
+        opt.step()
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1])
+    _assert_snapshots_equal(_snapshot(opt), state)
+    del opt.state[b]  # the documented way out: b's recurrent state restarts
+    opt.step()
+    assert opt.state[b]["h0"].shape[0] == new_size and opt.state[b]["step"].item() == 1
+    assert opt.state[a]["step"].item() == 2
+
+
+def test_explicit_backend_that_cannot_run_raises_before_any_update(
+    rule: UpdateRule, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """backend="triton" on CPU tensors raises (it never silently runs the reference step),
+    before any parameter or step counter moves."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    p = _p()
+    opt = L2O([p], rule, backend="triton")
+    p.grad = torch.randn(3)
+    before = p.detach().clone()
+    with pytest.raises(KernelUnavailable):
+        opt.step()
+    assert torch.equal(p, before) and len(opt.state) == 0
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "raise"])
+def test_float64_gradient_beyond_float32_range_is_nonfinite(
+    rule: UpdateRule, nonfinite: str
+) -> None:
+    """A float64 gradient of 1e39 is finite, but inf in the rule's float32 arithmetic: it is
+    treated like inf, so it cannot poison the recurrent state."""
+    p = nn.Parameter(torch.ones(4, dtype=torch.float64))
+    opt = L2O([p], rule, nonfinite=nonfinite)
+    p.grad = torch.tensor([1e-3, 1e39, -2e-3, 0.0], dtype=torch.float64)
+    match = r"contains NaN, inf or values beyond float32's range"
+    if nonfinite == "raise":
+        with pytest.raises(FloatingPointError, match=match):
+            opt.step()
+    else:
+        with pytest.warns(RuntimeWarning, match=match):
+            opt.step()
+    assert torch.equal(p, torch.ones(4, dtype=torch.float64)) and len(opt.state) == 0
+    p.grad = torch.tensor([1e-3, 1e15, -2e-3, 0.0], dtype=torch.float64)  # within range
+    opt.step()
+    assert all(torch.isfinite(v).all() for v in opt.state[p].values())
+
+
+def test_state_dict_hooks_run_where_torch_runs_them(rule: UpdateRule) -> None:
+    """Load pre-hooks see the whole dict and what they return is what is loaded (here: the
+    two same-shape parameters swapped); post-hooks see the final state; state-dict
+    post-hooks see the "rule" entry."""
+    a, b = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
+    opt = L2O([a, b], rule)
+    a.grad, b.grad = torch.randn(4), torch.randn(4) * 10
+    opt.step()
+    seen: dict[str, object] = {}
+
+    def record_saved(o: torch.optim.Optimizer, sd: dict) -> None:
+        seen["saved"] = sorted(sd)
+
+    opt.register_state_dict_post_hook(record_saved)
+    sd = opt.state_dict()
+    assert seen["saved"] == ["param_groups", "rule", "state"]
+
+    def swap(o: torch.optim.Optimizer, sd: dict) -> dict:
+        seen["loaded"] = sorted(sd)
+        return {**sd, "state": {0: sd["state"][1], 1: sd["state"][0]}}
+
+    def check_final(o: torch.optim.Optimizer) -> None:
+        seen["final_dtype"] = o.state[a2]["h0"].dtype
+
+    a2 = nn.Parameter(torch.randn(4, dtype=torch.bfloat16))
+    b2 = nn.Parameter(torch.randn(4, dtype=torch.bfloat16))
+    target = L2O([a2, b2], rule)
+    target.register_load_state_dict_pre_hook(swap)
+    target.register_load_state_dict_post_hook(check_final)
+    target.load_state_dict(sd)
+    assert seen["loaded"] == ["param_groups", "rule", "state"]
+    assert seen["final_dtype"] == torch.float32  # the state stays fp32 for bf16 parameters
+    for mine, theirs in [(a2, b), (b2, a)]:
+        for key, value in opt.state[theirs].items():
+            assert torch.equal(target.state[mine][key], value)
+
+
+def test_unknown_options_and_from_pretrained_device(rule: UpdateRule) -> None:
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'weight_decay'"):
+        L2O.from_pretrained([_p()], "rnnprop", weight_decay=1e-4)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'betas'"):
+        L2O([_p()], rule, betas=(0.9, 0.99))
+    opt = L2O.from_pretrained([_p()], "rnnprop", device="cpu", lr=np.float32(0.5))
+    assert opt.rule.architecture == "rnnprop" and opt.param_groups[0]["lr"] == 0.5
 
 
 # ---------------------------------------------------------------- non-finite gradients
