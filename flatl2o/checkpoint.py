@@ -7,15 +7,22 @@ present with the right shape, dtype float32 and finite values, nothing unexpecte
 with a known ``format_version``, architecture and keys; every error names the file and the
 tensor or key, and says how to fix it. Each file is written atomically (temporary file in the
 same folder, fsync, ``os.replace``), so a killed process never leaves a half-written file
-behind: a reader sees either the previous file or the new one.
+behind: a reader sees either the previous file or the new one. A save killed between two
+files is detected on load: ``model.safetensors`` records a hash of the config it was saved
+with. The weights header (names, shapes, dtypes) is checked against the config before the
+rule is built, so a wrong config cannot make the loader allocate more than the file holds.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import socket
 import struct
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,6 +45,27 @@ class CheckpointError(ValueError):
 #: Files that hold pickled tensors: never loaded (unpickling can run arbitrary code).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
+#: The ``model.safetensors`` metadata entry holding :func:`config_digest` of the config it was
+#: saved with; files without it (older saves, the shipped checkpoints) skip that check.
+CONFIG_DIGEST_KEY = "config_sha256"
+
+#: How errors about a damaged file end; :func:`flatl2o.load_rule` replaces it for a file in
+#: the Hugging Face cache, where deleting the file does not help.
+REDOWNLOAD_ADVICE = "Delete it and download or re-save the checkpoint."
+
+#: Temporary files of :func:`atomic_write` are ``.<name>.<host>-<pid>-<random>.tmp``; one whose
+#: process is gone (killed mid-write) is removed by the next atomic write of the same file.
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+_TEMP_TAIL = re.compile(r"(?:(?P<host>[A-Za-z0-9]+)-(?P<pid>[0-9]+)-)?[a-z0-9_]{8}")
+#: A temporary file named by an older flatl2o (no host and pid) counts as stale after this.
+_LEGACY_TEMP_AGE_S = 3600.0
+
+
+def config_digest(config: RuleConfig) -> str:
+    """SHA-256 of the canonical JSON of a config: what ``model.safetensors`` records."""
+    text = json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
     """Call ``write(tmp_path)`` then move the temporary file onto ``path`` in one step.
@@ -45,15 +73,19 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     The temporary file lives in the same folder (so ``os.replace`` is atomic), is fsynced
     before the move, and is removed if ``write`` fails; ``path`` then keeps its previous
     content. The new file keeps the permissions of the file it replaces (0644 if new), not
-    the 0600 of ``mkstemp``.
+    the 0600 of ``mkstemp``. Temporary files of ``path`` left by a killed writer are removed
+    first (:func:`remove_stale_temporary_files`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporary_files(path)
     try:
         mode = path.stat().st_mode & 0o777
     except FileNotFoundError:
         mode = 0o644
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.{_HOST}-{os.getpid()}-", suffix=".tmp", dir=path.parent
+    )
     os.close(fd)
     try:
         write(Path(tmp))
@@ -65,6 +97,51 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def remove_stale_temporary_files(path: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files of ``path`` whose writer was killed; return them.
+
+    Only files named as :func:`atomic_write` names them are touched, and only when their
+    writer is certainly gone: its process id (on this host) no longer runs, or, for files
+    named by older flatl2o versions (no host and process id), it is over an hour old. A
+    write in progress, here or on another host sharing the folder, is never disturbed.
+    """
+    path = Path(path)
+    prefix = f".{path.name}."
+    removed: list[Path] = []
+    try:
+        entries = [e for e in path.parent.iterdir() if e.name.startswith(prefix)]
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMP_TAIL.fullmatch(entry.name[len(prefix) :].removesuffix(".tmp"))
+        if match is None or not entry.name.endswith(".tmp"):
+            continue
+        try:
+            if match["pid"] is None:
+                stale = time.time() - entry.lstat().st_mtime > _LEGACY_TEMP_AGE_S
+            else:
+                stale = match["host"] == _HOST and not _process_exists(int(match["pid"]))
+            if stale and entry.is_file():
+                entry.unlink()
+                removed.append(entry)
+        except OSError:  # removed meanwhile, or not ours to remove: leave it
+            continue
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (``True`` when that cannot be told)."""
+    if pid == os.getpid() or os.name == "nt":  # os.kill(pid, 0) would kill it on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # PermissionError: it runs, as another user
+        return True
+    return True
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -94,21 +171,17 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 def save_rule(
     rule: UpdateRule, directory: str | os.PathLike[str], *, model_card: str | None = None
 ) -> Path:
-    """Save a rule as a Hub-ready folder; returns the folder path.
+    """Save a rule as a Hub-ready folder (``~`` expanded); returns the folder path.
 
     Everything is serialized in memory first, then each file is replaced atomically (weights,
     then config, then model card): a failure leaves every file either old or new, never
-    half-written, and leaves no temporary file behind.
+    half-written, and leaves no temporary file behind. The weights record a hash of the
+    config (:data:`CONFIG_DIGEST_KEY`), so a save killed between the two files is refused on
+    load instead of pairing new weights with the old config.
     """
     from flatl2o import __version__
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        k: v.detach().to("cpu", torch.float32).contiguous() for k, v in rule.state_dict().items()
-    }
-    metadata = {"format": "pt", "architecture": rule.architecture, "flatl2o_version": __version__}
-    weights = _canonical_safetensors(safetensors_bytes(tensors, metadata=metadata))
+    directory = Path(directory).expanduser()
     config = {**rule.config.to_dict(), "flatl2o_version": __version__}
     try:
         config_text = json.dumps(config, indent=2, allow_nan=False) + "\n"
@@ -117,6 +190,28 @@ def save_rule(
             f"{directory / CONFIG_NAME}: the rule config has a NaN or infinite value "
             f"({rule.config}); JSON cannot store it and the checkpoint could not be loaded"
         ) from None
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(
+            f"{directory}: is a file, not a folder; a checkpoint is a folder of files. Pass the "
+            "path of a new or existing folder (or move the file away)"
+        )
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise CheckpointError(
+            f"{directory}: cannot create the folder, part of the path is a file (or a broken "
+            "link); pass a path whose parent folders are folders"
+        ) from None
+    tensors = {
+        k: v.detach().to("cpu", torch.float32).contiguous() for k, v in rule.state_dict().items()
+    }
+    metadata = {
+        "format": "pt",
+        "architecture": rule.architecture,
+        "flatl2o_version": __version__,
+        CONFIG_DIGEST_KEY: config_digest(rule.config),
+    }
+    weights = _canonical_safetensors(safetensors_bytes(tensors, metadata=metadata))
     atomic_write_bytes(directory / WEIGHTS_NAME, weights)
     atomic_write_text(directory / CONFIG_NAME, config_text)
     if model_card is not None:
@@ -158,15 +253,13 @@ def read_config(path: str | os.PathLike[str]) -> RuleConfig:
         raise CheckpointError(f"{path}: is a folder, expected the JSON rule config") from None
     except UnicodeDecodeError as e:
         raise CheckpointError(
-            f"{path}: not valid UTF-8 JSON ({e}); the file is corrupted. "
-            "Re-download or re-save the checkpoint."
+            f"{path}: not valid UTF-8 JSON ({e}); the file is corrupted. {REDOWNLOAD_ADVICE}"
         ) from None
     try:
         data = json.loads(text, parse_constant=_reject_constant)
     except (json.JSONDecodeError, ValueError) as e:
         raise CheckpointError(
-            f"{path}: not valid JSON ({e}); the file is corrupted. "
-            "Re-download or re-save the checkpoint."
+            f"{path}: not valid JSON ({e}); the file is corrupted. {REDOWNLOAD_ADVICE}"
         ) from None
     if not isinstance(data, dict):
         raise CheckpointError(
@@ -202,47 +295,97 @@ def _pickle_hint(directory: Path) -> str:
     )
 
 
-def load_weights_strict(rule: UpdateRule, path: str | os.PathLike[str]) -> None:
-    """Load ``model.safetensors`` into ``rule``: all tensors present, right shapes and dtypes."""
+#: safetensors dtype names -> torch's, for error messages.
+_DTYPE_NAMES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _unreadable(path: Path, error: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: cannot be read as safetensors ({error}); the file is truncated or corrupted. "
+        f"{REDOWNLOAD_ADVICE}"
+    )
+
+
+def check_weights_header(
+    path: str | os.PathLike[str], expected: dict[str, tuple[int, ...]], architecture: str
+) -> dict[str, str]:
+    """Check the tensor names, shapes and dtypes in a safetensors header; return its metadata.
+
+    Only the header is read (no tensor data), so a config asking for huge tensors is refused
+    before anything the size of those tensors is allocated.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
             f"{path}: missing; a flatl2o checkpoint folder needs {WEIGHTS_NAME} next to "
             f"{CONFIG_NAME}{_pickle_hint(path.parent)}"
         )
-    expected = rule.state_dict()
-    loaded: dict[str, torch.Tensor] = {}
+    found: dict[str, tuple[tuple[int, ...], str]] = {}
     try:
         with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
             names = set(f.keys())
             for name in names & set(expected):
-                loaded[name] = f.get_tensor(name)
+                tensor = f.get_slice(name)
+                found[name] = (tuple(tensor.get_shape()), tensor.get_dtype())
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(
-            f"{path}: cannot be read as safetensors ({e}); the file is truncated or corrupted. "
-            "Delete it and download or re-save the checkpoint."
-        ) from None
+        raise _unreadable(path, e) from None
     missing = sorted(set(expected) - names)
     unexpected = sorted(names - set(expected))
     if missing or unexpected:
         raise CheckpointError(
-            f"{path}: tensors do not match architecture {rule.architecture!r} and the config "
+            f"{path}: tensors do not match architecture {architecture!r} and the config "
             f"in {CONFIG_NAME}"
             + (f"; missing: {missing}" if missing else "")
             + (f"; unexpected: {unexpected}" if unexpected else "")
             + ". The weights and the config come from different checkpoints; re-save both."
         )
-    for name, tensor in loaded.items():
-        want = expected[name]
-        if tensor.shape != want.shape:
+    for name in sorted(found):
+        shape, dtype = found[name]
+        if shape != tuple(expected[name]):
             raise CheckpointError(
-                f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, expected "
-                f"{tuple(want.shape)} for the config in {CONFIG_NAME}"
+                f"{path}: tensor {name!r} has shape {shape}, expected "
+                f"{tuple(expected[name])} for the config in {CONFIG_NAME}"
             )
-        if tensor.dtype != torch.float32:
+        if dtype != "F32":
             raise CheckpointError(
-                f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected torch.float32; "
-                "re-save the checkpoint with flatl2o (it always writes float32)"
+                f"{path}: tensor {name!r} has dtype {_DTYPE_NAMES.get(dtype, dtype)}, expected "
+                "torch.float32; re-save the checkpoint with flatl2o (it always writes float32)"
+            )
+    return metadata
+
+
+def load_weights_strict(rule: UpdateRule, path: str | os.PathLike[str]) -> None:
+    """Load ``model.safetensors`` into ``rule``: all tensors present, right shapes and dtypes.
+
+    The header is checked first (:func:`check_weights_header`); ``rule`` is only changed
+    when every tensor passed, finite values included.
+    """
+    path = Path(path)
+    expected = {k: tuple(v.shape) for k, v in rule.state_dict().items()}
+    check_weights_header(path, expected, rule.architecture)
+    loaded: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in sorted(expected):
+                loaded[name] = f.get_tensor(name)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _unreadable(path, e) from None
+    for name, tensor in loaded.items():
+        if tensor.shape != expected[name] or tensor.dtype != torch.float32:
+            raise CheckpointError(  # the file changed since its header was checked
+                f"{path}: changed while it was being read; load it again"
             )
         if not torch.isfinite(tensor).all():
             raise CheckpointError(
@@ -255,17 +398,35 @@ def load_weights_strict(rule: UpdateRule, path: str | os.PathLike[str]) -> None:
 def load_rule_from_dir(directory: str | os.PathLike[str]) -> UpdateRule:
     """Load a rule (on the CPU) from a checkpoint folder (strict; see :func:`load_weights_strict`).
 
-    Building the module runs the random initialization of its layers before the weights
-    are loaded; that happens on a forked CPU generator on the CPU device, so loading a
-    checkpoint leaves the global RNG state (and hence the caller's reproducibility) untouched,
-    whatever ``torch.set_default_device`` says.
+    The config is checked first, then the weights header against the tensor shapes that
+    config implies (computed on the ``meta`` device, which allocates nothing), then the config
+    hash the weights recorded (a torn save is refused); only then is the rule built. Building
+    runs the random initialization of its layers before the weights are loaded; that happens
+    on a forked CPU generator on the CPU device, so loading a checkpoint leaves the global
+    RNG state (and hence the caller's reproducibility) untouched, whatever
+    ``torch.set_default_device`` says.
     """
     directory = Path(directory)
     config = read_config(directory / CONFIG_NAME)
-    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
         try:
-            rule = build_rule(config)
+            skeleton = build_rule(config)
         except ConfigError as e:
             raise CheckpointError(f"{directory / CONFIG_NAME}: {e}") from None
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    metadata = check_weights_header(directory / WEIGHTS_NAME, expected, config.architecture)
+    recorded = metadata.get(CONFIG_DIGEST_KEY)
+    if recorded is not None and recorded != config_digest(config):
+        raise CheckpointError(
+            f"{directory}: {WEIGHTS_NAME} was saved with another {CONFIG_NAME} (the config hash "
+            f"in its metadata, {recorded[:12]}..., differs from this {CONFIG_NAME}'s, "
+            f"{config_digest(config)[:12]}...): the folder holds a torn save (a save killed "
+            f"between writing {WEIGHTS_NAME} and {CONFIG_NAME}) or a hand-edited "
+            f"{CONFIG_NAME}. Save the rule into this folder again, or restore both files from "
+            "the same save; to change a config on purpose, build the rule with make_rule(...), "
+            "load the weights with flatl2o.checkpoint.load_weights_strict and save_pretrained it."
+        )
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        rule = build_rule(config)
     load_weights_strict(rule, directory / WEIGHTS_NAME)
     return rule.eval()

@@ -16,6 +16,7 @@ from safetensors.torch import save as safetensors_bytes
 
 import flatl2o
 from flatl2o.checkpoint import (
+    CONFIG_DIGEST_KEY,
     CONFIG_NAME,
     MODEL_CARD_NAME,
     WEIGHTS_NAME,
@@ -23,12 +24,14 @@ from flatl2o.checkpoint import (
     atomic_write,
     atomic_write_bytes,
     atomic_write_text,
+    config_digest,
     load_rule_from_dir,
     load_weights_strict,
     read_config,
     save_rule,
 )
-from flatl2o.rules import FORMAT_VERSION
+from flatl2o.rules import FORMAT_VERSION, ConfigError
+from flatl2o.rules.base import MAX_LAYERS, MAX_WIDTH
 
 ARCHS = {"l2o-dm": {"hidden_size": 6}, "rnnprop": {"hidden_size": 6, "input_size": 5}}
 
@@ -205,7 +208,8 @@ def test_failing_write_keeps_the_previous_file(tmp_path, exc):
 def test_failing_save_keeps_the_previous_checkpoint(saved, arch):
     rule, folder = saved
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    bad = _rule(arch, output_scale=float("nan"))  # JSON cannot store it
+    bad = _rule(arch)
+    bad.config.output_scale = float("nan")  # set after the config checks; JSON cannot store it
     with pytest.raises(CheckpointError, match=r"config\.json.*NaN or infinite"):
         save_rule(bad, folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
@@ -350,6 +354,155 @@ def test_invalid_config_content(saved, changes, expected):
     # read_config alone reports the same problem
     with pytest.raises(CheckpointError, match=r"config\.json"):
         read_config(folder / CONFIG_NAME)
+
+
+def _replace_in_config(folder: Path, old: str, new: str) -> None:
+    """Edit ``config.json`` as text (JSON writers cannot produce e.g. ``1e400``)."""
+    path = folder / CONFIG_NAME
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("1e400", "must be a finite number, got inf"),  # JSON overflow: float("inf")
+        ("-1e400", "must be a finite number, got -inf"),
+        ("1" + "0" * 400, "(too large for a float)"),  # float(int) would raise OverflowError
+    ],
+    ids=["1e400", "-1e400", "400-digit-int"],
+)
+def test_config_floats_must_be_finite(saved, value, expected):
+    _, folder = saved
+    _replace_in_config(folder, '"output_scale": 0.01', f'"output_scale": {value}')
+    msg = _load_error(folder)
+    assert str(folder / CONFIG_NAME) in msg and "'output_scale'" in msg and expected in msg
+    assert len(msg) < 400  # the 400-digit number is cut short
+
+
+@pytest.mark.parametrize(
+    "value",
+    [float("inf"), -float("inf"), float("nan"), 10**400],
+    ids=["inf", "-inf", "nan", "400-digit-int"],
+)
+def test_make_rule_and_configs_refuse_non_finite_floats(arch, value):
+    with pytest.raises(ConfigError, match="'output_scale' must be a finite number"):
+        flatl2o.make_rule(arch, output_scale=value)
+    config_class = flatl2o.RULES[arch].config_class
+    if not isinstance(value, int):  # the dataclass itself checks what from_dict did not see
+        with pytest.raises(ConfigError, match="'eps' must be a finite number"):
+            config_class(eps=value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("format_version", True, "unsupported format_version True; it must be the integer 1"),
+        ("format_version", 1.0, "unsupported format_version 1.0; it must be the integer 1"),
+        ("architecture", ["rnnprop"], "key 'architecture' must be a string"),
+        ("architecture", 1, "key 'architecture' must be a string"),
+    ],
+)
+def test_config_types_are_strict(saved, key, value, expected):
+    _, folder = saved
+    _edit_config(folder, **{key: value})
+    msg = _load_error(folder)
+    assert str(folder / CONFIG_NAME) in msg and expected in msg
+
+
+@pytest.mark.parametrize(("key", "limit"), [("hidden_size", MAX_WIDTH), ("num_layers", MAX_LAYERS)])
+def test_config_sizes_have_upper_bounds(arch, key, limit):
+    flatl2o.make_rule(arch, **{key: 1})
+    with pytest.raises(ConfigError, match=rf"'{key}' must be <= {limit}, got {limit + 1}"):
+        flatl2o.make_rule(arch, **{key: limit + 1})
+    if arch == "rnnprop":
+        with pytest.raises(ConfigError, match=rf"'input_size' must be <= {MAX_WIDTH}"):
+            flatl2o.make_rule(arch, input_size=MAX_WIDTH + 1)
+
+
+@pytest.fixture
+def built_devices(monkeypatch) -> list[str]:
+    """The device of every rule the loader builds (meta: shapes only, nothing allocated)."""
+    import flatl2o.checkpoint as checkpoint
+
+    devices: list[str] = []
+    real = checkpoint.build_rule
+
+    def spy(config):
+        rule = real(config)
+        devices.append(next(rule.parameters()).device.type)
+        return rule
+
+    monkeypatch.setattr(checkpoint, "build_rule", spy)
+    return devices
+
+
+def test_weights_header_is_checked_before_the_rule_is_built(saved, built_devices):
+    rule, folder = saved
+    assert load_rule_from_dir(folder).fingerprint() == rule.fingerprint()
+    assert built_devices == ["meta", "cpu"]
+    built_devices.clear()
+    _edit_config(folder, hidden_size=4000)  # a 6-wide file: 4000 would allocate ~0.5 GB
+    msg = _load_error(folder)
+    assert str(folder / WEIGHTS_NAME) in msg and "has shape" in msg and "(16000," in msg
+    assert built_devices == ["meta"]  # refused before anything was built for real
+
+
+def test_absurd_config_sizes_are_refused_with_the_key(saved, built_devices):
+    _, folder = saved
+    _edit_config(folder, hidden_size=10**12)  # was a raw allocator error
+    msg = _load_error(folder)
+    assert str(folder / CONFIG_NAME) in msg and f"'hidden_size' must be <= {MAX_WIDTH}" in msg
+    assert built_devices == []
+
+
+def test_torn_save_is_refused(saved, arch, monkeypatch):
+    """A save killed between model.safetensors and config.json: new weights, old config."""
+    import flatl2o.checkpoint as checkpoint
+
+    _, folder = saved
+    new = _rule(arch, seed=2, output_scale=0.5)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "atomic_write_text", killed)
+        with pytest.raises(KeyboardInterrupt):
+            new.save_pretrained(str(folder))
+    msg = _load_error(folder)
+    assert str(folder) in msg and "torn save" in msg and "Save the rule into this folder" in msg
+    with pytest.raises(CheckpointError, match="torn save"):
+        flatl2o.load_rule(folder)
+    new.save_pretrained(str(folder))  # the fix the message gives
+    assert load_rule_from_dir(folder).fingerprint() == new.fingerprint()
+
+
+def test_weights_record_the_config_hash(saved):
+    rule, folder = saved
+    with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
+        assert f.metadata()[CONFIG_DIGEST_KEY] == config_digest(rule.config)
+    # reformatting config.json or editing only flatl2o_version keeps the same config
+    _edit_config(folder, flatl2o_version="0.0.1")
+    assert load_rule_from_dir(folder).fingerprint() == rule.fingerprint()
+
+
+def test_weights_without_the_config_hash_still_load(saved):
+    rule, folder = saved
+    _write_tensors(folder, _tensors(folder))  # metadata {"format": "pt"} only: an older save
+    assert load_rule_from_dir(folder).fingerprint() == rule.fingerprint()
+
+
+@pytest.mark.parametrize("name", flatl2o.list_pretrained())
+def test_shipped_checkpoints_load_as_they_are(name):
+    folder = flatl2o.hub._shipped_dir(name)
+    with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
+        assert CONFIG_DIGEST_KEY not in (f.metadata() or {})  # saved before the hash existed
+    assert (
+        flatl2o.load_rule(name).architecture
+        == json.loads((folder / CONFIG_NAME).read_text())["architecture"]
+    )
 
 
 def test_missing_files(saved):

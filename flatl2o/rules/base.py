@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import sys
 from typing import Any, ClassVar
 
 import torch
@@ -28,6 +30,32 @@ class ConfigError(ValueError):
     """A rule config that cannot be understood (unknown architecture, key, or version)."""
 
 
+#: Upper bounds of the size keys: far above any useful coordinatewise rule (the defaults are
+#: 20 units, 2 layers; every coordinate of an optimized model carries ``2 * layers * width``
+#: floats of state), low enough that a mistyped or hostile config cannot ask for terabytes.
+MAX_WIDTH = 4096
+MAX_LAYERS = 32
+
+
+def check_upper_bound(config: RuleConfig, key: str, limit: int) -> None:
+    """Refuse a size key above ``limit`` (it would allocate unbounded memory)."""
+    value = getattr(config, key)
+    if value > limit:
+        raise ConfigError(
+            f"{type(config).__name__}: key {key!r} must be <= {limit}, got {_short(value)}; "
+            "a config this large is a typo or a corrupted file"
+        )
+
+
+def _short(value: object) -> str:
+    """``repr(value)`` cut to 40 characters (a config may hold a 400-digit integer)."""
+    try:
+        text = repr(value)
+    except ValueError:  # int too large for str() (sys.set_int_max_str_digits)
+        return f"an integer of more than {sys.get_int_max_str_digits()} digits"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 @dataclasses.dataclass
 class RuleConfig:
     """Hyper-parameters of a rule's architecture; subclasses add their own fields."""
@@ -38,11 +66,20 @@ class RuleConfig:
     output_scale: float = 0.01
 
     def __post_init__(self) -> None:
+        name = type(self).__name__
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(
+                    f"{name}: key {field.name!r} must be a finite number, got {value!r}"
+                )
         if self.hidden_size < 1 or self.num_layers < 1:
             raise ConfigError(
-                f"{type(self).__name__}: hidden_size and num_layers must be >= 1, got "
+                f"{name}: hidden_size and num_layers must be >= 1, got "
                 f"hidden_size={self.hidden_size}, num_layers={self.num_layers}"
             )
+        for key, limit in (("hidden_size", MAX_WIDTH), ("num_layers", MAX_LAYERS)):
+            check_upper_bound(self, key, limit)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready form written to ``config.json``."""
@@ -61,12 +98,23 @@ class RuleConfig:
             raise ConfigError(f"{source}: a rule config must be a JSON object, got {data!r}")
         data = dict(data)
         version = data.pop("format_version", None)
+        if type(version) is not int:  # true and 1.0 compare equal to 1 but are not versions
+            raise ConfigError(
+                f"{source}: unsupported format_version {_short(version)}; it must be the "
+                f"integer {FORMAT_VERSION} (this flatl2o reads format_version {FORMAT_VERSION}). "
+                "Re-save the checkpoint with flatl2o."
+            )
         if version != FORMAT_VERSION:
             raise ConfigError(
                 f"{source}: unsupported format_version {version!r}; this flatl2o reads "
                 f"format_version {FORMAT_VERSION}. Upgrade flatl2o or re-export the checkpoint."
             )
         arch = data.pop("architecture", None)
+        if arch is not None and not isinstance(arch, str):  # None: missing, reported below
+            raise ConfigError(
+                f"{source}: key 'architecture' must be a string, one of "
+                f"{', '.join(sorted(RULES))}; got {_short(arch)}"
+            )
         if arch not in RULES:
             raise ConfigError(
                 f"{source}: unknown architecture {arch!r}; known architectures: "
@@ -87,12 +135,18 @@ class RuleConfig:
             ok = isinstance(value, expected) or (expected is float and isinstance(value, int))
             if not ok or isinstance(value, bool) != (expected is bool):
                 raise ConfigError(
-                    f"{source}: key {name!r} must be {expected.__name__}, got {value!r}"
+                    f"{source}: key {name!r} must be {expected.__name__}, got {_short(value)}"
                 )
             if expected is float:
                 # 5 and 5.0 are the same config: store floats so that to_dict() and the
                 # fingerprint do not depend on how a number was spelled.
-                data[name] = float(value)
+                try:
+                    data[name] = float(value)
+                except OverflowError:
+                    raise ConfigError(
+                        f"{source}: key {name!r} must be a finite number, got {_short(value)} "
+                        "(too large for a float)"
+                    ) from None
         return cls(**data)
 
 

@@ -8,7 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flatl2o.rules.base import ConfigError, LSTMStack, RuleConfig, State, UpdateRule
+from flatl2o.rules.base import (
+    MAX_WIDTH,
+    ConfigError,
+    LSTMStack,
+    RuleConfig,
+    State,
+    UpdateRule,
+    check_upper_bound,
+)
 
 
 @dataclasses.dataclass
@@ -31,6 +39,7 @@ class RNNpropConfig(RuleConfig):
             raise ConfigError(f"RNNpropConfig: eps must be > 0, got {self.eps!r}")
         if self.input_size < 1:
             raise ConfigError(f"RNNpropConfig: input_size must be >= 1, got {self.input_size}")
+        check_upper_bound(self, "input_size", MAX_WIDTH)
 
 
 class RNNprop(UpdateRule):
