@@ -82,11 +82,12 @@ def _procs_per_node() -> str:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 
     from flatl2o.hub import push_folder_to_hub
 
-    if not Path(args.folder).is_dir():
+    if not Path(args.folder).expanduser().is_dir():
         raise UsageError(f"{args.folder} is not a folder; pass a checkpoint folder")
     try:
         url = push_folder_to_hub(
@@ -98,10 +99,45 @@ def _cmd_push(args: argparse.Namespace) -> int:
             revision=args.revision or None,
         )
     except (HfHubHTTPError, HFValidationError) as e:  # bad token, no access, bad repo id
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"the Hub refused the upload to {args.repo_id!r}: {first}") from None
+        raise UsageError(
+            f"the Hub refused the upload to {args.repo_id!r}: {_first_line(e)}"
+        ) from None
+    except OfflineModeIsEnabled:
+        raise UsageError(
+            f"cannot upload to {args.repo_id!r}: HF_HUB_OFFLINE is set (offline mode); unset it "
+            "to push (the folder was checked and loads)"
+        ) from None
+    except _network_errors() as e:  # refused, unreachable, timed out (after the retries)
+        raise UsageError(
+            f"cannot reach the Hub at {constants.ENDPOINT} to upload to {args.repo_id!r} "
+            f"({type(e).__name__}: {_first_line(e)}); check the network, proxy and HF_ENDPOINT, "
+            "then run the same command again"
+        ) from None
     print(url)
     return 0
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "the Hub could not be reached", for the HTTP client in use."""
+    import importlib
+
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module in ("httpx2", "httpx", "requests"):  # huggingface_hub's client, by version
+        try:
+            found = importlib.import_module(module)
+        except ImportError:
+            continue
+        for name in ("TransportError", "ConnectionError", "Timeout"):
+            cls = getattr(found, name, None)
+            if isinstance(cls, type) and issubclass(cls, BaseException):
+                errors.append(cls)
+    return tuple(errors)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

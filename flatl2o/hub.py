@@ -13,6 +13,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 from flatl2o.checkpoint import (
     CONFIG_NAME,
     MODEL_CARD_NAME,
+    REDOWNLOAD_ADVICE,
     WEIGHTS_NAME,
     CheckpointError,
     load_rule_from_dir,
@@ -195,9 +197,15 @@ def load_rule(
     ``HF_ENDPOINT``, ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE`` behave as everywhere else in the
     Hugging Face ecosystem). The rule is returned in eval mode, on ``device`` (default CPU).
 
+    ``revision`` and ``force_download`` select Hub content: given for a name that resolves to
+    a local folder or a shipped checkpoint they raise ``ValueError`` (the folder cannot be
+    at that revision, nor be downloaded again); ``cache_dir`` is ignored there with a
+    ``UserWarning``; ``token`` and ``local_files_only`` are simply satisfied.
+
     Raises :class:`CheckpointNotFoundError` listing every place that was tried, with a fix,
     when nothing matches, and :class:`flatl2o.checkpoint.CheckpointError` when a checkpoint
-    was found but a file is missing, corrupted or does not match its config.
+    was found but a file is missing, corrupted or does not match its config (for a damaged
+    file in the Hugging Face cache, the message says to retry with ``force_download=True``).
     """
     from huggingface_hub import constants
     from huggingface_hub.errors import (
@@ -212,8 +220,14 @@ def load_rule(
     def done(rule: UpdateRule) -> UpdateRule:
         return rule.to(device) if device is not None else rule
 
+    def not_hub(source: str) -> None:
+        _check_hub_only_options(
+            text, source, revision=revision, cache_dir=cache_dir, force_download=force_download
+        )
+
     local = Path(text).expanduser()
     if local.is_dir():
+        not_hub(f"the local folder {str(local.resolve())!r}")
         return done(load_rule_from_dir(local))
     if local.exists():
         tried.append(
@@ -224,6 +238,7 @@ def load_rule(
         tried.append(f"local folder {str(local.resolve())!r}: does not exist")
     shipped = _shipped_dir(text) if _SHIPPED_NAME.fullmatch(text) else None
     if shipped is not None:
+        not_hub(f"the checkpoint shipped with flatl2o ({shipped})")
         return done(load_rule_from_dir(shipped))
     tried.append(
         f"shipped checkpoints: no {text!r} (shipped: {', '.join(list_pretrained()) or 'none'})"
@@ -262,7 +277,10 @@ def load_rule(
         )
         tried.append(f"Hugging Face Hub repo {text!r} at {where}: {reason}")
     else:
-        return done(load_rule_from_dir(folder))
+        try:
+            return done(load_rule_from_dir(folder))
+        except CheckpointError as e:
+            raise CheckpointError(_cached_copy_advice(str(e), text, folder, revision)) from None
     raise CheckpointNotFoundError(
         f"Could not find the update rule {text!r}. Tried, in order:\n  - "
         + "\n  - ".join(tried)
@@ -270,6 +288,58 @@ def load_rule(
         "repo id ('owner/name', with revision=... for another branch); for a private repo pass "
         "token=...; for a Hub repo while offline, download it once online (or copy the cache) "
         "and set HF_HUB_CACHE / cache_dir to that cache."
+    )
+
+
+def _check_hub_only_options(
+    name: str,
+    source: str,
+    *,
+    revision: str | None,
+    cache_dir: str | os.PathLike[str] | None,
+    force_download: bool,
+) -> None:
+    """Refuse (or warn about) Hub download options that a local source cannot honor."""
+    selecting = [
+        f"{k}={v!r}" for k, v in (("revision", revision), ("force_download", force_download)) if v
+    ]
+    if selecting:
+        raise ValueError(
+            f"{name!r} resolved to {source}, but {' and '.join(selecting)} "
+            f"{'apply' if len(selecting) > 1 else 'applies'} only to Hugging Face Hub repos "
+            "(a local folder or shipped checkpoint comes first in the lookup). Drop the option "
+            "to load it; to load a Hub repo instead, pass its full 'owner/name' id from a "
+            "folder where no local folder has that name."
+        )
+    if cache_dir is not None:
+        warnings.warn(
+            f"{name!r} resolved to {source}; cache_dir={os.fspath(cache_dir)!r} only applies "
+            "to Hugging Face Hub repos and was ignored",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _cached_copy_advice(message: str, repo_id: str, folder: Path, revision: str | None) -> str:
+    """``message`` about a Hub checkpoint in the local cache, with advice that works there.
+
+    ``hf_hub_download`` re-links a deleted snapshot file to the same (damaged) blob, so
+    "delete it and download" does not help; ``force_download=True`` replaces the blob.
+    """
+    if REDOWNLOAD_ADVICE not in message:
+        return message
+    again = f"flatl2o.load_rule({repo_id!r}"
+    again += f", revision={revision!r}" if revision else ""
+    again += ", force_download=True)"
+    blobs = ""
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if str(folder / name) in message:
+            blob = (folder / name).resolve()
+            blobs = f" (or delete {blob} too: deleting only the snapshot link re-links that blob)"
+    return message.replace(
+        REDOWNLOAD_ADVICE,
+        f"It is the Hugging Face cache's copy of Hub repo {repo_id!r} (commit {folder.name}); "
+        f"download it again with {again}{blobs}.",
     )
 
 
@@ -287,7 +357,7 @@ def push_to_hub(
     repo_id: str,
     *,
     model_card: str | None = None,
-    metrics: dict[str, float] | None = None,
+    metrics: dict[str, float | None] | None = None,
     commit_message: str = "Upload flatl2o update rule",
     private: bool | None = None,
     token: str | bool | None = None,
@@ -325,19 +395,29 @@ def push_folder_to_hub(
 ) -> str:
     """Upload a checkpoint folder (after checking that it loads); return the commit URL.
 
-    Only the checkpoint files are sent (never a run's ``trainer_state/`` or ``best/``), and the
+    The folder itself is checked first, so errors name its files; only the checkpoint files
+    (:data:`FOLDER_FILES`) are sent (never a run's ``trainer_state/`` or ``best/``), and the
     model card's usage snippet is pointed at ``repo_id`` (:func:`retarget_model_card`) in the
     uploaded copy; the folder itself is not changed.
     """
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
+    load_rule_from_dir(folder)  # errors name the user's folder (and its pickle files)
+    files = {
+        name: (folder / name).read_bytes() for name in FOLDER_FILES if (folder / name).is_file()
+    }
+    if MODEL_CARD_NAME in files:
+        try:
+            card = files[MODEL_CARD_NAME].decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CheckpointError(
+                f"{folder / MODEL_CARD_NAME}: not UTF-8 text ({e}); the Hub reads model cards "
+                "as UTF-8 Markdown. Save it as UTF-8 (or delete it: a folder without a model "
+                "card uploads without one)"
+            ) from None
+        files[MODEL_CARD_NAME] = retarget_model_card(card, repo_id).encode("utf-8")
     with tempfile.TemporaryDirectory() as tmp:
-        for name in FOLDER_FILES:
-            src = folder / name
-            if src.is_file():
-                data = src.read_bytes()
-                if name == MODEL_CARD_NAME:
-                    data = retarget_model_card(data.decode("utf-8"), repo_id).encode("utf-8")
-                (Path(tmp) / name).write_bytes(data)
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
         return _upload(
             tmp,
             repo_id,
@@ -369,8 +449,8 @@ def _upload(
     token: str | bool | None,
     revision: str | None,
     create_pr: bool | None = None,
-    allow_patterns: list[str] | None = None,
 ) -> str:
+    """Check that ``folder`` loads, then commit its checkpoint files (nothing else) to the repo."""
     from huggingface_hub import HfApi, constants
 
     load_rule_from_dir(folder)  # refuse to publish something that does not load
@@ -390,7 +470,7 @@ def _upload(
         commit_message=commit_message,
         revision=revision,
         create_pr=create_pr,
-        allow_patterns=allow_patterns,
+        allow_patterns=list(FOLDER_FILES),  # never a leftover .model.safetensors.*.tmp
     )
     return str(getattr(info, "commit_url", info))
 
@@ -420,7 +500,7 @@ def render_model_card(
     rule: UpdateRule,
     *,
     repo_id: str | None = None,
-    metrics: dict[str, float] | None = None,
+    metrics: dict[str, float | None] | None = None,
     body: str | None = None,
     license: str = "apache-2.0",
     title: str | None = None,
@@ -430,7 +510,8 @@ def render_model_card(
 
     The usage snippet loads ``repo_id`` or else ``load_from`` (a folder or shipped name); the
     title is ``title``, else that name. With neither, the title names the architecture and
-    the snippet loads ``"path/to/this/folder"``.
+    the snippet loads ``"path/to/this/folder"``. A metric that is ``None`` (``metrics.json``
+    stores a non-finite value as ``null``) is shown as ``n/a``.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -443,7 +524,9 @@ def render_model_card(
         data.metrics = sorted(metrics)
     name = repo_id or load_from or UNKNOWN_LOCATION
     heading = title or repo_id or load_from or f"flatl2o update rule ({rule.architecture})"
-    metric_lines = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted((metrics or {}).items()))
+    metric_lines = "\n".join(
+        f"| {k} | {_metric_text(v)} |" for k, v in sorted((metrics or {}).items())
+    )
     text = (
         f"---\n{data.to_yaml()}\n---\n\n"
         f"# {heading}\n\nA learned update rule (`{rule.architecture}`) for "
@@ -457,3 +540,12 @@ def render_model_card(
     if body:
         text += "\n" + body.strip() + "\n"
     return str(ModelCard(text).content)
+
+
+def _metric_text(value: object) -> str:
+    """A metric for the model card table: 4 significant digits, ``n/a`` when not recorded."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:.4g}"
+    return str(value)

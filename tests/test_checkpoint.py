@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 import flatl2o
+import flatl2o.checkpoint as checkpoint_module
 from flatl2o.checkpoint import (
     CONFIG_DIGEST_KEY,
     CONFIG_NAME,
@@ -226,6 +227,83 @@ def test_atomic_write_permissions(tmp_path):
     atomic_write_text(kept, '{"a": 1}')
     assert stat.S_IMODE(kept.stat().st_mode) == 0o640
     assert json.loads(kept.read_text()) == {"a": 1}
+
+
+def test_save_expands_the_home_folder(tmp_path, monkeypatch):
+    """``load_rule("~/x")`` reads ``$HOME/x``; saving there must write there too."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    rule = _rule("l2o-dm")
+    rule.save_pretrained("~/ckpt")
+    assert not (tmp_path / "~").exists()
+    assert (tmp_path / "home" / "ckpt" / CONFIG_NAME).is_file()
+    assert flatl2o.load_rule("~/ckpt").fingerprint() == rule.fingerprint()
+
+
+def test_save_onto_a_file_is_a_clear_error(tmp_path):
+    target = tmp_path / "taken"
+    target.write_text("mine")
+    with pytest.raises(CheckpointError, match="is a file, not a folder"):
+        save_rule(_rule("l2o-dm"), target)
+    with pytest.raises(CheckpointError, match="part of the path is a file"):
+        save_rule(_rule("l2o-dm"), target / "below")
+    assert target.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def _killed_writer(path: Path) -> None:
+    """Run an atomic write of ``path`` in another process and SIGKILL it mid-write."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time\n"
+        "from flatl2o.checkpoint import atomic_write\n"
+        "def write(tmp):\n"
+        "    tmp.write_bytes(b'half a file')\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(60)\n"
+        "atomic_write(sys.argv[1], write)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline() == b"writing\n"
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+
+
+def test_temporary_files_of_a_killed_save_are_removed_by_the_next(saved, arch):
+    rule, folder = saved
+    _killed_writer(folder / WEIGHTS_NAME)
+    _killed_writer(folder / CONFIG_NAME)
+    left = _leftovers(folder)
+    assert len(left) == 2 and all(
+        n.startswith((f".{WEIGHTS_NAME}.", f".{CONFIG_NAME}.")) for n in left
+    )
+    # a write in progress (this process) and files that are not ours are left alone
+    live = folder / f".{WEIGHTS_NAME}.{checkpoint_module._HOST}-{os.getpid()}-abcdefgh.tmp"
+    live.write_bytes(b"in progress")
+    (folder / ".notes.txt.tmp").write_text("not ours")
+    save_rule(rule, folder)
+    assert _leftovers(folder) == sorted([live.name, ".notes.txt.tmp"])
+    assert load_rule_from_dir(folder).fingerprint() == rule.fingerprint()
+
+
+def test_old_style_temporary_files_are_removed_when_old(tmp_path):
+    """Files named by flatl2o before the host and pid were recorded: removed after an hour."""
+    target = tmp_path / WEIGHTS_NAME
+    old, recent = (
+        tmp_path / f".{WEIGHTS_NAME}.x7h7u9xz.tmp",
+        tmp_path / f".{WEIGHTS_NAME}.a1b2c3d4.tmp",
+    )
+    old.write_bytes(b"x")
+    recent.write_bytes(b"x")
+    os.utime(old, (1, 1))
+    atomic_write_bytes(target, b"new")
+    assert _leftovers(tmp_path) == [recent.name]
+    assert target.read_bytes() == b"new"
 
 
 # ----------------------------------------------------------------------------- strict loading

@@ -467,3 +467,160 @@ def test_retarget_fixes_cards_with_the_old_placeholder():
     assert new.startswith("# dm-entropy\n")
     assert 'from_pretrained(model.parameters(), "dm-entropy")' in new
     assert retarget_model_card("a custom card\n", "x") == "a custom card\n"
+
+
+# ----------------------------------------------------------------------------- audit fixes
+def test_damaged_cache_copy_advises_force_download(fake_hub: FakeHub, hf_env):
+    """``hf_hub_download`` re-links a deleted snapshot file to the same damaged blob: the
+    advice must be ``force_download=True`` (which replaces the blob), and it must work."""
+    rule = _rule()
+    _push(rule)
+    flatl2o.load_rule(REPO)
+    sha = fake_hub.repos[REPO].branches["main"]
+    snapshot = _repo_cache(hf_env.cache, REPO) / "snapshots" / sha / WEIGHTS_NAME
+    blob = snapshot.resolve()
+    with open(blob, "r+b") as f:
+        f.truncate(100)
+    for _ in range(2):  # the second time after deleting the snapshot link
+        with pytest.raises(CheckpointError) as info:
+            flatl2o.load_rule(REPO)
+        msg = str(info.value)
+        assert "truncated or corrupted" in msg and "Delete it" not in msg
+        assert f"flatl2o.load_rule({REPO!r}, force_download=True)" in msg
+        assert str(blob) in msg
+        snapshot.unlink()
+    assert flatl2o.load_rule(REPO, force_download=True).fingerprint() == rule.fingerprint()
+    assert blob.read_bytes() == fake_hub.file(REPO, WEIGHTS_NAME)
+
+
+def test_damaged_file_in_a_hand_made_cache(hf_env, tmp_path, monkeypatch):
+    """The same advice for a cache in the documented layout, offline, with a revision."""
+    files = _checkpoint_files(_rule(), tmp_path)
+    files[CONFIG_NAME] = b"{not json"
+    _write_hub_cache(hf_env.cache, REPO, files, "d" * 40, "v3")
+    hf_env.set_offline(monkeypatch)
+    with pytest.raises(CheckpointError) as info:
+        flatl2o.load_rule(REPO, revision="v3")
+    msg = str(info.value)
+    assert "not valid JSON" in msg and f"commit {'d' * 40}" in msg
+    assert f"flatl2o.load_rule({REPO!r}, revision='v3', force_download=True)" in msg
+    blob = _repo_cache(hf_env.cache, REPO) / "blobs" / git_blob_oid(b"{not json")
+    assert str(blob) in msg
+
+
+def test_a_broken_hub_checkpoint_keeps_its_own_advice(fake_hub: FakeHub, hf_env, tmp_path):
+    """Files that do not match each other on the Hub: downloading again would not help."""
+    files = _checkpoint_files(_rule(), tmp_path)
+    other = _checkpoint_files(_rule("l2o-dm"), tmp_path)
+    fake_hub.commit_files(
+        "alice/mixed", {CONFIG_NAME: other[CONFIG_NAME], **{WEIGHTS_NAME: files[WEIGHTS_NAME]}}
+    )
+    with pytest.raises(CheckpointError, match="different checkpoints") as info:
+        flatl2o.load_rule("alice/mixed")
+    assert "force_download" not in str(info.value)
+
+
+def test_push_folder_checks_the_source_folder(fake_hub: FakeHub, hf_env, tmp_path):
+    from flatl2o.hub import push_folder_to_hub
+
+    folder = flatl2o.checkpoint.save_rule(_rule(), tmp_path / "mine")
+    (folder / WEIGHTS_NAME).unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"pickled")
+    with pytest.raises(CheckpointError) as info:
+        push_folder_to_hub(folder, REPO, token=TOKEN)
+    msg = str(info.value)
+    assert str(folder / WEIGHTS_NAME) in msg and "Found pytorch_model.bin" in msg
+    assert fake_hub.requests == []
+
+
+def test_push_folder_refuses_a_model_card_that_is_not_utf8(fake_hub: FakeHub, hf_env, tmp_path):
+    from flatl2o.hub import push_folder_to_hub
+
+    folder = flatl2o.checkpoint.save_rule(_rule(), tmp_path / "mine")
+    (folder / MODEL_CARD_NAME).write_bytes(b"\xff\xfe caf\xe9\n")
+    with pytest.raises(CheckpointError, match="not UTF-8 text") as info:
+        push_folder_to_hub(folder, REPO, token=TOKEN)
+    assert str(folder / MODEL_CARD_NAME) in str(info.value)
+    assert fake_hub.requests == []
+
+
+def test_push_folder_expands_the_home_folder(fake_hub: FakeHub, hf_env, tmp_path, monkeypatch):
+    from flatl2o.hub import push_folder_to_hub
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # without expanduser, ./~/ckpt lands here, not in the checkout
+    rule = _rule()
+    rule.save_pretrained("~/ckpt")
+    assert (tmp_path / "ckpt" / CONFIG_NAME).is_file()
+    push_folder_to_hub("~/ckpt", REPO, token=TOKEN)
+    assert flatl2o.load_rule(REPO).fingerprint() == rule.fingerprint()
+
+
+def test_uploads_never_include_temporary_files(fake_hub: FakeHub, hf_env, tmp_path):
+    """An interrupted save's ``.model.safetensors.*.tmp`` (or anything else) is not sent."""
+    from flatl2o.hub import _upload
+
+    folder = flatl2o.checkpoint.save_rule(_rule(), tmp_path / "run")
+    (folder / ".model.safetensors.host-1-abcdefgh.tmp").write_bytes(b"x" * 1000)
+    (folder / "notes.txt").write_text("private")
+    _upload(
+        folder, REPO, commit_message="m", private=None, token=TOKEN, revision=None, create_pr=None
+    )
+    files = set(fake_hub.repos[REPO].commits[fake_hub.repos[REPO].branches["main"]])
+    assert files == {".gitattributes", CONFIG_NAME, WEIGHTS_NAME}
+
+
+@pytest.mark.parametrize("value", [None, float("nan")])
+def test_model_card_with_a_missing_metric(fake_hub: FakeHub, hf_env, value):
+    rule = _rule()
+    metrics = {"test_accuracy@100": 0.9, "test_loss@1000": value}
+    card = render_model_card(rule, metrics=metrics)
+    expected = "n/a" if value is None else "nan"
+    assert f"| test_loss@1000 | {expected} |" in card and "| test_accuracy@100 | 0.9 |" in card
+    _push(rule, metrics=metrics)  # metrics.json stores non-finite values as null
+    assert "| test_loss@1000 |" in fake_hub.file(REPO, MODEL_CARD_NAME).decode()
+
+
+@pytest.mark.parametrize("source", ["shipped", "folder"])
+def test_hub_only_options_for_a_local_source(hf_env, tmp_path, monkeypatch, source):
+    if source == "shipped":
+        name = list_pretrained()[0]
+    else:
+        monkeypatch.chdir(tmp_path)
+        flatl2o.checkpoint.save_rule(_rule(), tmp_path / "alice" / "rule")
+        name = "alice/rule"  # a local folder that shadows a repo id
+    expected = flatl2o.load_rule(name).fingerprint()
+    with pytest.raises(ValueError, match=r"revision='v2' applies only to Hugging Face Hub"):
+        flatl2o.load_rule(name, revision="v2")
+    with pytest.raises(ValueError, match=r"force_download=True applies only"):
+        flatl2o.load_rule(name, force_download=True)
+    with pytest.warns(UserWarning, match="cache_dir=.* only applies to Hugging Face Hub repos"):
+        assert flatl2o.load_rule(name, cache_dir=tmp_path).fingerprint() == expected
+    # options that only restrict or authorize network access are satisfied by a local source
+    loaded = flatl2o.load_rule(name, token="hf_x", local_files_only=True)
+    assert loaded.fingerprint() == expected
+
+
+def _cli_push_error(folder: Path, capsys) -> str:
+    from flatl2o.cli import main as cli_main
+
+    assert cli_main(["push", str(folder), "--repo-id", REPO, "--token", TOKEN]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("flatl2o push: error: ")
+    return err
+
+
+def test_cli_push_offline_unreachable_and_bad_card(
+    hf_env, tmp_path, capsys, monkeypatch, no_retry_wait
+):
+    folder = flatl2o.checkpoint.save_rule(_rule(), tmp_path / "run")
+    # hf_env's endpoint refuses connections: after huggingface_hub's retries
+    err = _cli_push_error(folder, capsys)
+    assert f"cannot reach the Hub at {constants.ENDPOINT}" in err and "HF_ENDPOINT" in err
+    hf_env.set_offline(monkeypatch)
+    err = _cli_push_error(folder, capsys)
+    assert "HF_HUB_OFFLINE is set" in err
+    (folder / MODEL_CARD_NAME).write_bytes(b"\xff\xfe caf\xe9\n")
+    err = _cli_push_error(folder, capsys)
+    assert str(folder / MODEL_CARD_NAME) in err and "not UTF-8" in err
