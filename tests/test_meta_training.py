@@ -102,6 +102,107 @@ def test_regularizer_schedule():
             {"regularizer": {"name": "entropy", "alpha": 1.0, "options": {"gamma": -0.01}}},
             r"option gamma .* > 0, got -0\.01",
         ),
+        # a named regularizer with alpha > 0 that would be computed zero times (spec §3)
+        (
+            {"regularizer": {"name": "hessian-trace", "alpha": 0.1, "every": 21}},
+            r"never be computed in a trajectory of 20 steps .*every = 21",
+        ),
+        (
+            {
+                "regularizer": {"name": "hessian-trace", "alpha": 0.1, "schedule": "posterior"},
+                "train": {"trajectory": 10},
+            },
+            r"never be computed in a trajectory of 10 steps \(1 unroll\(s\) of 10\).*posterior",
+        ),
+        (
+            {
+                "regularizer": {"name": "entropy", "alpha": 1.0, "schedule": "posterior"},
+                "curriculum": {"lengths": [10, 40]},
+            },
+            r"never be computed in a \[curriculum\]\.lengths stage of 10 steps",
+        ),
+        (
+            {
+                "regularizer": {
+                    "name": "hessian-eig",
+                    "alpha": 0.1,
+                    "schedule": "prior",
+                    "every": 30,
+                },
+                "curriculum": {"lengths": [40, 80]},
+            },
+            r"stage of 40 steps",
+        ),
+        (
+            {
+                "regularizer": {"name": "hessian-trace", "alpha": 0.1},
+                "train": {"imitation_prob": 1.0},
+            },
+            r"imitation_prob is 1, so every unroll imitates Adam",
+        ),
+        (
+            {"regularizer": {"name": "hessian-trace", "alpha": float("nan")}},
+            r"alpha must be a finite",
+        ),
+        (
+            {"regularizer": {"name": "hessian-trace", "alpha": float("inf")}},
+            r"alpha must be a finite",
+        ),
+        ({"regularizer": {"every": 0}}, r"\[regularizer\]\.every must be an int >= 1, got 0"),
+        # ranges of every numeric key, named with the valid range
+        (
+            {"curriculum": {"validate_every": 0}},
+            r"\[curriculum\]\.validate_every must be an int >= 1",
+        ),
+        (
+            {"curriculum": {"validation_runs": 0}},
+            r"\[curriculum\]\.validation_runs must be an int >= 1",
+        ),
+        ({"curriculum": {"patience": -1}}, r"\[curriculum\]\.patience must be an int >= 0, got -1"),
+        (
+            {"curriculum": {"lengths": [True]}},
+            r"\[curriculum\]\.lengths must be a list of positive",
+        ),
+        ({"evaluation": {"horizons": []}}, r"\[evaluation\]\.horizons must list at least one"),
+        (
+            {"evaluation": {"horizons": [20, 20]}},
+            r"\[evaluation\]\.horizons has a step count twice",
+        ),
+        ({"evaluation": {"seeds": 0}}, r"\[evaluation\]\.seeds must be an int >= 1, got 0"),
+        ({"task": {"batch_size": 0}}, r"\[task\]\.batch_size must be an int >= 1, got 0"),
+        ({"train": {"meta_lr": float("nan")}}, r"\[train\]\.meta_lr must be a finite number > 0"),
+        ({"train": {"meta_lr": 0.0}}, r"\[train\]\.meta_lr must be a finite number > 0"),
+        ({"train": {"imitation_lr": 0.0}}, r"\[train\]\.imitation_lr must be a finite number > 0"),
+        (
+            {"train": {"imitation_lr": -0.01}},
+            r"\[train\]\.imitation_lr must be a finite number > 0",
+        ),
+        ({"train": {"grad_clip": -1.0}}, r"\[train\]\.grad_clip must be a finite number >= 0"),
+        (
+            {"train": {"grad_clip": float("inf")}},
+            r"\[train\]\.grad_clip must be a finite number >= 0",
+        ),
+        (
+            {"train": {"imitation_prob": float("nan")}},
+            r"\[train\]\.imitation_prob must be in \[0, 1\]",
+        ),
+        ({"train": {"iterations": 0}}, r"\[train\]\.iterations must be an int >= 1"),
+        ({"train": {"checkpoint_every": 0}}, r"\[train\]\.checkpoint_every must be an int >= 1"),
+        (
+            {"rule": {"options": {"output_scale": float("nan")}}},
+            r"\[rule\]\.options: output_scale must be a finite",
+        ),
+        # the seed must not replay an evaluation (10,000 + i) or validation (1,000,000 + i) run
+        (
+            {"train": {"seed": 10_001}},
+            r"\[train\]\.seed 10001 is the seed of one of the 2 runs of \[evaluation\]\.seeds",
+        ),
+        (
+            {"train": {"seed": 1_000_000}},
+            r"\[train\]\.seed 1000000 .* \[curriculum\]\.validation_runs",
+        ),
+        ({"train": {"seed": -1}}, r"\[train\]\.seed must be an int in \[0, 2\*\*32\)"),
+        ({"train": {"seed": 2**32}}, r"\[train\]\.seed must be an int in \[0, 2\*\*32\)"),
     ],
 )
 def test_bad_recipes_fail_before_any_work(patch, message):
@@ -421,3 +522,55 @@ def test_full_recipe_reproduces_the_shipped_checkpoint(tmp_path, name):
     measured = json.loads((out / "metrics.json").read_text())
     stored = json.loads((shipped / "metrics.json").read_text())
     _assert_metrics_match(measured, stored, acc_tol=0.03, loss_rtol=0.05)
+
+
+# ---- recipes: overrides, TOML round trip, shipped recipes ------------------------------------
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.iterations.x=3", r"train\.iterations is a value \(4\), not a table"),
+        ("name.x=1", r"name is a value \('tiny'\), not a table, so it has no key 'x'"),
+        ("regularizer..alpha=1", "empty key"),
+    ],
+)
+def test_an_override_into_a_value_is_a_recipe_error(tmp_path, override, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(_write_recipe(tmp_path), [override])
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'plain ü é "q" \\ back\\slash \n newline \t tab \r \b \f',
+        "trained on MNIST \U0001f600 (emoji)",
+        "math: \U0001d6fc = 1e-3, ∑ and 中文",
+        "controls \x00 \x1f \x7f and a zero-width joiner \u200d",
+    ],
+)
+def test_recipe_toml_round_trips_any_text(tmp_path, text):
+    recipe = recipe_from_dict(
+        tiny(
+            name=text,
+            description=text,
+            regularizer={"name": "entropy", "alpha": 1.0, "options": {"gamma": 1e-3}},
+        )
+    )
+    path = tmp_path / "recipe.toml"
+    path.write_text(recipe.to_toml(), encoding="utf-8")
+    assert load_recipe(path).to_dict() == recipe.to_dict()
+
+
+RECIPE_FILES = sorted((Path(__file__).parents[1] / "recipes").glob("*.toml")) + sorted(
+    (Path(__file__).parents[1] / "pretrained").glob("*/recipe.toml")
+)
+
+
+@pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_recipe_still_loads_and_validates(path):
+    recipe = load_recipe(path)  # validates
+    assert recipe.regularizer.name == "none" or recipe.regularizer.alpha > 0
+    assert recipe_from_dict(recipe.to_dict()).to_dict() == recipe.to_dict()
+
+
+def test_there_are_shipped_recipes_to_check():
+    assert len(RECIPE_FILES) >= 12

@@ -17,6 +17,8 @@ from flatl2o.meta.regularizers import (
     hvp,
     local_entropy,
     make_regularizer,
+    regularized_steps,
+    regularized_unroll,
 )
 
 DT = torch.float64
@@ -258,3 +260,19 @@ def test_every_option_has_a_value_check_and_its_default_passes():
         }
         make_regularizer(name, **defaults)  # KeyError if an option had no check
     make_regularizer("entropy", gamma=1, lr=1, noise=0, average=0)  # ints accepted as floats
+
+
+def test_regularized_steps_counts_the_steps_that_compute_r():
+    """What recipe validation uses to refuse a regularizer that would never run."""
+    # 2 unrolls of 10: all -> steps 1..20; posterior -> 11..20; prior -> 1..10
+    assert regularized_steps("all", 1, 20, 10) == 20
+    assert regularized_steps("posterior", 1, 20, 10) == 10
+    assert regularized_steps("prior", 5, 20, 10) == 2
+    assert regularized_steps("all", 20, 20, 10) == 1
+    assert regularized_steps("all", 21, 20, 10) == 0  # every > trajectory
+    assert regularized_steps("posterior", 1, 10, 10) == 0  # one unroll: u=0 is not "later"
+    assert regularized_steps("prior", 1, 10, 10) == 10
+    # posterior with every = 15 in 4 unrolls of 5: later half is steps 11..20, 15 is in it
+    assert regularized_steps("posterior", 15, 20, 5) == 1
+    assert regularized_steps("prior", 15, 20, 5) == 0  # earlier half 1..10 has no multiple
+    assert [regularized_unroll("posterior", u, 3) for u in range(3)] == [False, False, True]

@@ -7,7 +7,8 @@ unknown tasks, rules or regularizers are errors that name the key and list what 
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -103,19 +104,68 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def to_toml(self) -> str:
-        """Serialize back to TOML (values are JSON-compatible, so JSON literals are valid TOML)."""
-        lines = [f"name = {json.dumps(self.name)}", f"description = {json.dumps(self.description)}"]
+        """Serialize back to TOML that :func:`load_recipe` reads to an equal recipe (UTF-8)."""
+        lines = [f"name = {toml_value(self.name)}", f"description = {toml_value(self.description)}"]
         for section, values in self.to_dict().items():
             if not isinstance(values, dict):
                 continue
             lines.append(f"\n[{section}]")
-            for key, value in values.items():
-                if isinstance(value, dict):
-                    inline = ", ".join(f"{k} = {json.dumps(v)}" for k, v in value.items())
-                    lines.append(f"{key} = {{{inline}}}")
-                else:
-                    lines.append(f"{key} = {json.dumps(value)}")
+            lines.extend(f"{toml_key(key)} = {toml_value(value)}" for key, value in values.items())
         return "\n".join(lines) + "\n"
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def toml_key(key: str) -> str:
+    """A TOML key: bare when TOML allows it, else a quoted basic string."""
+    return key if _BARE_KEY.fullmatch(key) else toml_value(key)
+
+
+def toml_value(value: Any) -> str:
+    """A TOML literal for a recipe value (str, bool, int, float, list, dict).
+
+    Strings are TOML basic strings with every character TOML does not allow raw escaped
+    (``"``, ``\\``, control characters, DEL); all other characters, including those outside
+    the Basic Multilingual Plane, are written as themselves (the file is UTF-8), because
+    JSON's surrogate-pair escapes are not valid TOML.
+    """
+    if isinstance(value, str):
+        out = []
+        for ch in value:
+            if ch in _TOML_ESCAPES:
+                out.append(_TOML_ESCAPES[ch])
+            elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+                out.append(f"\\u{ord(ch):04X}")
+            else:
+                out.append(ch)
+        return '"' + "".join(out) + '"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {value!r} ({type(value).__name__}) as a TOML value")
+
+
+_TOML_ESCAPES = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\f": "\\f",
+    "\r": "\\r",
+}
 
 
 def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
@@ -126,8 +176,12 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
         raise RecipeError(
             f"recipe key [{section}].{key} must be {expected.__name__}, got {value!r}"
         )
-    if expected is list and not all(isinstance(v, int) and v > 0 for v in value):
-        raise RecipeError(f"recipe key [{section}].{key} must be a list of positive ints")
+    if expected is list and not all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
+    ):
+        raise RecipeError(
+            f"recipe key [{section}].{key} must be a list of positive ints, got {value!r}"
+        )
     return value
 
 
@@ -172,57 +226,155 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
             value = tomllib.loads(f"v = {raw.strip()}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw.strip()  # bare strings need no quotes on the command line
-        *sections, leaf = key.strip().split(".")
+        parts = [part.strip() for part in key.strip().split(".")]
+        if not all(parts):
+            raise RecipeError(f"override {item!r}: empty key in {key.strip()!r}")
+        *sections, leaf = parts
         target = data
-        for s in sections:
-            target = target.setdefault(s, {})
+        for depth, part in enumerate(sections):
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                prefix = ".".join(parts[: depth + 1])
+                raise RecipeError(
+                    f"override {item!r}: {prefix} is a value ({target!r}), not a table, so "
+                    f"it has no key {parts[depth + 1]!r}; override {prefix}=... itself"
+                )
         target[leaf] = value
     return recipe_from_dict(data, source=str(path))
 
 
+#: Seeds of the optimizee runs that report a rule (``EVAL_SEED_OFFSET + i``, see
+#: ``flatl2o.meta.rollout``) and that validate it during meta-training (``VAL_SEED_OFFSET + i``).
+EVAL_SEED_OFFSET = 10_000
+VAL_SEED_OFFSET = 1_000_000
+#: Seed spacing of the optimizee slots' generators (``seed + slot * SLOT_SEED_STRIDE``).
+SLOT_SEED_STRIDE = 2**32
+
+
 def validate(recipe: Recipe, *, source: str = "recipe") -> None:
     """Check names and ranges against the registries, before any work starts."""
-    from flatl2o.meta.regularizers import REGULARIZERS, make_regularizer
+    from flatl2o.meta.regularizers import (
+        REGULARIZERS,
+        SCHEDULES,
+        make_regularizer,
+        regularized_steps,
+    )
     from flatl2o.meta.tasks import TASKS
     from flatl2o.rules import RULES, ConfigError, make_rule
 
     def fail(msg: str) -> None:
         raise RecipeError(f"{source}: {msg}")
 
+    def at_least(section: str, key: str, low: int) -> None:
+        value = getattr(getattr(recipe, section), key)
+        if value < low:
+            fail(f"[{section}].{key} must be an int >= {low}, got {value!r}")
+
+    def positive_float(section: str, key: str, *, zero_ok: bool = False, hint: str = "") -> None:
+        value = getattr(getattr(recipe, section), key)
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+            bound = ">= 0" if zero_ok else "> 0"
+            fail(f"[{section}].{key} must be a finite number {bound}, got {value!r}{hint}")
+
+    # [rule]
     if recipe.rule.architecture not in RULES:
         fail(f"unknown rule architecture {recipe.rule.architecture!r}; known: {sorted(RULES)}")
+    _check_finite_options("rule", recipe.rule.options, fail)
     try:
         make_rule(recipe.rule.architecture, **recipe.rule.options)
     except ConfigError as e:
         fail(f"[rule].options: {e}")
+    # [task]
     if recipe.task.name not in TASKS:
         fail(f"unknown task {recipe.task.name!r}; known: {sorted(TASKS)}")
+    at_least("task", "batch_size", 1)
+    # [train]
+    t = recipe.train
+    if not 0 <= t.seed < SLOT_SEED_STRIDE:
+        fail(f"[train].seed must be an int in [0, 2**32), got {t.seed}")
+    for key in ("iterations", "trajectory", "unroll", "checkpoint_every"):
+        at_least("train", key, 1)
+    positive_float("train", "meta_lr")
+    positive_float("train", "grad_clip", zero_ok=True, hint=" (0 disables clipping)")
+    if t.meta_loss not in ("mean", "log"):
+        fail(f"[train].meta_loss must be 'mean' or 'log', got {t.meta_loss!r}")
+    if not 0.0 <= t.imitation_prob <= 1.0:  # also refuses nan
+        fail(f"[train].imitation_prob must be in [0, 1], got {t.imitation_prob!r}")
+    positive_float(
+        "train", "imitation_lr", hint=" (the Adam teacher's learning rate; the default is 0.01)"
+    )
+    if t.trajectory % t.unroll:
+        fail(f"[train].trajectory ({t.trajectory}) must be a multiple of unroll ({t.unroll})")
+    # [curriculum]
+    cur = recipe.curriculum
+    for length in cur.lengths:
+        if length % t.unroll:
+            fail(f"[curriculum].lengths: {length} is not a multiple of unroll ({t.unroll})")
+    at_least("curriculum", "validate_every", 1)
+    at_least("curriculum", "validation_runs", 1)
+    at_least("curriculum", "patience", 0)
+    # [evaluation]
+    ev = recipe.evaluation
+    at_least("evaluation", "seeds", 1)
+    if not ev.horizons:
+        fail("[evaluation].horizons must list at least one step count, e.g. [100, 1000]")
+    if len(set(ev.horizons)) != len(ev.horizons):
+        fail(f"[evaluation].horizons has a step count twice: {ev.horizons}")
+    # seeds: meta-training must never replay an evaluation or validation optimizee run
+    for offset, count, what in (
+        (EVAL_SEED_OFFSET, ev.seeds, "[evaluation].seeds"),
+        (VAL_SEED_OFFSET, cur.validation_runs, "[curriculum].validation_runs"),
+    ):
+        if offset <= t.seed < offset + count:
+            fail(
+                f"[train].seed {t.seed} is the seed of one of the {count} runs of {what} "
+                f"(seeds {offset} .. {offset + count - 1}), so meta-training would train on "
+                f"that run's initialization and batches; choose a seed below {EVAL_SEED_OFFSET}"
+            )
+    # [regularizer]
     reg = recipe.regularizer
-    if reg.name != "none":
-        if reg.name not in REGULARIZERS:
-            fail(f"unknown regularizer {reg.name!r}; known: {['none', *sorted(REGULARIZERS)]}")
-        try:
-            make_regularizer(reg.name, **reg.options)
-        except (TypeError, ValueError) as e:
-            fail(f"[regularizer].options: {e}")
-    if reg.schedule not in ("all", "posterior", "prior"):
+    if reg.name != "none" and reg.name not in REGULARIZERS:
+        fail(f"unknown regularizer {reg.name!r}; known: {['none', *sorted(REGULARIZERS)]}")
+    if reg.schedule not in SCHEDULES:
         fail(f"[regularizer].schedule must be all, posterior or prior, got {reg.schedule!r}")
-    if reg.alpha < 0 or reg.every < 1:
-        fail("[regularizer] needs alpha >= 0 and every >= 1")
-    if reg.name != "none" and reg.alpha == 0:  # the public code's silent no-op (spec §3)
+    positive_float("regularizer", "alpha", zero_ok=True)
+    at_least("regularizer", "every", 1)
+    if reg.name == "none":  # plain meta-training: alpha and options are not used
+        return
+    try:
+        make_regularizer(reg.name, **reg.options)
+    except (TypeError, ValueError) as e:
+        fail(f"[regularizer].options: {e}")
+    if reg.alpha == 0:  # the public code's silent no-op (spec §3)
         fail(
             f"[regularizer].name is {reg.name!r} but alpha is 0, which would silently train "
             'without it; set alpha > 0, or name = "none" for plain meta-training'
         )
-    t = recipe.train
-    if t.meta_loss not in ("mean", "log"):
-        fail(f"[train].meta_loss must be 'mean' or 'log', got {t.meta_loss!r}")
-    if min(t.iterations, t.trajectory, t.unroll, t.checkpoint_every) < 1 or t.meta_lr <= 0:
-        fail("[train] iterations, trajectory, unroll, checkpoint_every and meta_lr must be > 0")
-    if t.trajectory % t.unroll:
-        fail(f"[train].trajectory ({t.trajectory}) must be a multiple of unroll ({t.unroll})")
-    if not 0.0 <= t.imitation_prob <= 1.0:
-        fail("[train].imitation_prob must be in [0, 1]")
-    for length in recipe.curriculum.lengths:
-        if length % t.unroll:
-            fail(f"[curriculum].lengths: {length} is not a multiple of unroll ({t.unroll})")
+    if t.imitation_prob >= 1.0:
+        fail(
+            f"[regularizer].name is {reg.name!r} but [train].imitation_prob is 1, so every "
+            "unroll imitates Adam and the regularizer never runs; lower imitation_prob, or "
+            'set name = "none"'
+        )
+    stages = cur.lengths or [t.trajectory]
+    for length in stages:
+        if regularized_steps(reg.schedule, reg.every, length, t.unroll) == 0:
+            where = (
+                f"[curriculum].lengths stage of {length} steps"
+                if cur.lengths
+                else f"trajectory of {length} steps"
+            )
+            fail(
+                f"[regularizer] {reg.name!r} would never be computed in a {where} "
+                f"({length // t.unroll} unroll(s) of {t.unroll}) with schedule = "
+                f"{reg.schedule!r} and every = {reg.every}, which would silently train "
+                "without it; lower every (to at most the steps of the regularized unrolls), "
+                'use schedule = "all", or make trajectories longer'
+            )
+
+
+def _check_finite_options(section: str, options: dict[str, Any], fail: Any) -> None:
+    """Refuse NaN / infinite numbers in an options table (no range check can catch NaN)."""
+    for key, value in options.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"[{section}].options: {key} must be a finite number, got {value!r}")

@@ -28,6 +28,8 @@ __all__ = [
     "hvp",
     "local_entropy",
     "make_regularizer",
+    "regularized_steps",
+    "regularized_unroll",
 ]
 
 LossFn = Callable[[Tensor], Tensor]
@@ -296,3 +298,31 @@ def make_regularizer(name: str, **options: object) -> Callable[..., Tensor]:
     for key, value in options.items():
         _check_option(name, key, value)
     return functools.partial(fn, **options)
+
+
+#: Which unrolls of a trajectory carry the regularizer (``[regularizer].schedule``).
+SCHEDULES = ("all", "posterior", "prior")
+
+
+def regularized_unroll(schedule: str, unroll_index: int, num_unrolls: int) -> bool:
+    """Whether this unroll of a trajectory carries the regularizer (all/posterior/prior)."""
+    if schedule == "all":
+        return True
+    later_half = unroll_index >= num_unrolls / 2
+    return later_half if schedule == "posterior" else not later_half
+
+
+def regularized_steps(schedule: str, every: int, length: int, unroll: int) -> int:
+    """How many times R is computed in a trajectory of ``length`` steps in unrolls of
+    ``unroll``: the steps ``s`` (1-based) of regularized unrolls with ``s % every == 0``.
+
+    Recipe validation refuses a regularizer that this counts zero times (spec §3's silent no-op).
+    """
+    num_unrolls = length // unroll
+    return sum(
+        1
+        for u in range(num_unrolls)
+        if regularized_unroll(schedule, u, num_unrolls)
+        for s in range(u * unroll + 1, (u + 1) * unroll + 1)
+        if s % every == 0
+    )
