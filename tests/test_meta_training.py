@@ -4,6 +4,7 @@ kill-and-resume is exact, user tasks fine-tune, and the functional and optimizer
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -574,3 +575,23 @@ def test_every_shipped_recipe_still_loads_and_validates(path):
 
 def test_there_are_shipped_recipes_to_check():
     assert len(RECIPE_FILES) >= 12
+
+
+# ---- a diverged run: non-finite metrics, a NaN rule ---------------------------------------------
+def _nan_rule(architecture: str = "l2o-dm"):
+    rule = flatl2o.make_rule(architecture)
+    with torch.no_grad():
+        next(rule.parameters()).fill_(float("nan"))
+    return rule
+
+
+def test_evaluate_rule_reports_non_finite_metrics_instead_of_crashing():
+    from flatl2o.meta.rollout import evaluate_rule, mean_std
+
+    metrics = evaluate_rule(
+        _nan_rule(), make_task("digits-mlp", batch_size=16), horizons=[3], seeds=2
+    )
+    assert math.isnan(metrics["test_loss@3"]) and math.isnan(metrics["test_loss_std@3"])
+    assert mean_std([1.0, math.inf]) == (math.inf, pytest.approx(math.nan, nan_ok=True))
+    assert all(math.isnan(v) for v in mean_std([math.inf, -math.inf]))
+    assert mean_std([1.0, 3.0]) == (2.0, 1.0)

@@ -7,18 +7,21 @@ vector under ``torch.no_grad`` (a test checks this matches :class:`flatl2o.L2O`)
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from flatl2o.meta.recipe import EVAL_SEED_OFFSET as _EVAL_SEED_OFFSET
 from flatl2o.meta.tasks import Task
 from flatl2o.rules import UpdateRule
 
-#: Optimizee runs for reporting use generators seeded ``EVAL_SEED_OFFSET + seed`` so they
-#: never share a random stream with meta-training (which seeds from the recipe's seed).
-EVAL_SEED_OFFSET = 10_000
+#: Optimizee runs for reporting use generators seeded ``EVAL_SEED_OFFSET + seed`` (10,000 +
+#: seed) so they never share a random stream with meta-training: recipe validation refuses a
+#: ``[train].seed`` that is one of them.
+EVAL_SEED_OFFSET = _EVAL_SEED_OFFSET
 
 
 def loss_and_grad(task: Task, theta: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -94,6 +97,17 @@ def evaluate_rule(
         rollout(rule, task, max(horizons), gen, on_step=record)
     summary: dict[str, float] = {}
     for key, values in results.items():
-        summary[key] = statistics.fmean(values)
-        summary[key.replace("@", "_std@")] = statistics.pstdev(values)
+        summary[key], summary[key.replace("@", "_std@")] = mean_std(values)
     return summary
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and population standard deviation; NaN for both when a value is NaN, and an
+    infinite mean with a NaN deviation when one is infinite (a diverged run is reported as such
+    instead of crashing ``statistics.pstdev``)."""
+    values = [float(v) for v in values]
+    if all(math.isfinite(v) for v in values):
+        return statistics.fmean(values), statistics.pstdev(values)
+    if any(math.isnan(v) for v in values) or (math.inf in values and -math.inf in values):
+        return math.nan, math.nan
+    return (math.inf if math.inf in values else -math.inf), math.nan
