@@ -577,6 +577,235 @@ def test_there_are_shipped_recipes_to_check():
     assert len(RECIPE_FILES) >= 12
 
 
+# ---- resume: one atomic checkpoint, damaged checkpoints, folder checks -------------------------
+class _Killed(BaseException):
+    """Stands for a SIGKILL at a chosen instant of an in-process run."""
+
+
+def _kill_when_writing_state_json(monkeypatch, iteration: int) -> None:
+    """Make the trainer die when it writes ``trainer_state/state.json`` for ``iteration``,
+    after that checkpoint's ``state.safetensors`` was written."""
+    import flatl2o.meta.trainer as trainer_module
+
+    real = trainer_module.atomic_write_text
+
+    def write(path, text):
+        if Path(path).name == "state.json" and json.loads(text)["iteration"] == iteration:
+            raise _Killed
+        return real(path, text)
+
+    monkeypatch.setattr(trainer_module, "atomic_write_text", write)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return flatl2o.load_rule(folder).state_dict()
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A complete tiny run (4 trajectories, checkpoints at 2 and 4) to compare and corrupt."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    MetaTrainer(recipe_from_dict(tiny(train={"imitation_prob": 0.3})), out, progress=False).run()
+    return out
+
+
+def test_a_kill_between_the_checkpoint_writes_resumes_exactly(tmp_path, monkeypatch, finished_run):
+    """The tensors of iteration 4 are on disk, state.json still says 2: the resume must
+    continue from 4 (all counters are in the safetensors file), not mix the two."""
+    recipe = recipe_from_dict(tiny(train={"imitation_prob": 0.3}))
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _kill_when_writing_state_json(m, iteration=4)
+        with pytest.raises(_Killed):
+            MetaTrainer(recipe, out, progress=False).run()
+    assert json.loads((out / "trainer_state" / "state.json").read_text())["iteration"] == 2
+    MetaTrainer(recipe, out, resume=True, progress=False).run()
+    _assert_same_weights(finished_run, out)
+    records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4]
+
+
+def _strip_counters(folder: Path) -> None:
+    """Rewrite a checkpoint as flatl2o wrote it before the counters moved into the tensors file."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "trainer_state" / "state.safetensors"
+    save_file(load_file(str(path)), str(path))
+
+
+def test_an_older_checkpoint_pair_resumes_when_it_matches_and_is_refused_when_torn(
+    tmp_path, finished_run
+):
+    import shutil
+
+    recipe = recipe_from_dict(tiny(train={"imitation_prob": 0.3}))
+    # a consistent old-format pair: counters only in state.json -> resumes (and finishes)
+    legacy = tmp_path / "legacy"
+    shutil.copytree(finished_run, legacy)
+    _strip_counters(legacy)
+    trainer = MetaTrainer(recipe, legacy, resume=True, progress=False)
+    assert trainer.iteration == 4
+    # a torn old-format pair: state.json of iteration 2 next to the tensors of iteration 4
+    state = json.loads((legacy / "trainer_state" / "state.json").read_text())
+    state["iteration"] = 2
+    (legacy / "trainer_state" / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ResumeError, match=r"come from different checkpoints"):
+        MetaTrainer(recipe, legacy, resume=True, progress=False)
+
+
+def _corrupt(folder: Path, case: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = folder / "trainer_state"
+    tensors_path = state / "state.safetensors"
+    if case == "truncated tensors":
+        tensors_path.write_bytes(tensors_path.read_bytes()[:1000])
+    elif case == "truncated tensor data":
+        tensors_path.write_bytes(tensors_path.read_bytes()[:-100])
+    elif case == "garbage tensors":
+        tensors_path.write_bytes(b"\xff" * 64)
+    elif case == "empty tensors":
+        tensors_path.write_bytes(b"")
+    elif case == "missing tensors":
+        tensors_path.unlink()
+    elif case in ("missing counter", "missing rng tensor"):
+        from safetensors import safe_open
+
+        with safe_open(str(tensors_path), "pt") as f:
+            metadata = f.metadata()
+        tensors = load_file(str(tensors_path))
+        if case == "missing counter":
+            meta = json.loads(metadata["flatl2o_trainer_state"])
+            del meta["log_lines"]
+            metadata["flatl2o_trainer_state"] = json.dumps(meta)
+        else:
+            del tensors["rng"]
+        save_file(tensors, str(tensors_path), metadata=metadata)
+    elif case.startswith("old format"):
+        _strip_counters(folder)
+        json_path = state / "state.json"
+        if case == "old format, empty state.json":
+            json_path.write_text("")
+        elif case == "old format, truncated state.json":
+            json_path.write_text(json_path.read_text()[:200])
+        elif case == "old format, missing key":
+            meta = json.loads(json_path.read_text())
+            del meta["log_lines"]
+            json_path.write_text(json.dumps(meta))
+        elif case == "old format, missing state.json":
+            json_path.unlink()
+    else:  # pragma: no cover
+        raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "truncated tensors",
+        "truncated tensor data",
+        "garbage tensors",
+        "empty tensors",
+        "missing tensors",
+        "missing counter",
+        "missing rng tensor",
+        "old format, empty state.json",
+        "old format, truncated state.json",
+        "old format, missing key",
+        "old format, missing state.json",
+    ],
+)
+def test_a_damaged_checkpoint_is_a_one_line_resume_error(tmp_path, capsys, finished_run, case):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    _corrupt(out, case)
+    (tmp_path / "recipe.toml").write_text((out / "recipe.toml").read_text())
+    args = ["meta-train", "--recipe", str(tmp_path / "recipe.toml"), "--out", str(out)]
+    assert cli_main([*args, "--resume", "--no-progress"]) == 2
+    err = _one_line_error(capsys)
+    assert "damaged or incomplete" in err and "delete" in err, err
+
+
+def test_state_json_is_only_a_copy_so_damaging_it_does_not_stop_a_resume(tmp_path, finished_run):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    (out / "trainer_state" / "state.json").write_text("")
+    trainer = MetaTrainer(load_recipe(out / "recipe.toml"), out, resume=True, progress=False)
+    assert trainer.iteration == 4
+
+
+@pytest.mark.parametrize(
+    "existing", ["log.jsonl", "model.safetensors", "recipe.toml", "best", "README.md"]
+)
+def test_a_new_run_refuses_a_folder_with_an_earlier_run_or_checkpoint(tmp_path, existing):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / existing).mkdir() if existing == "best" else (out / existing).write_text("{}\n")
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(ResumeError, match=rf"already holds .*{existing}.*delete {out}"):
+        MetaTrainer(recipe_from_dict(tiny()), out, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing written or appended
+
+
+def test_a_new_run_may_use_a_folder_that_holds_other_files(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "train.log").write_text("shell redirection of this run's output\n")
+    MetaTrainer(recipe_from_dict(tiny()), out, progress=False)  # no error
+
+
+def test_a_run_killed_before_its_first_checkpoint_says_to_delete_the_folder(tmp_path):
+    recipe = recipe_from_dict(tiny(train={"checkpoint_every": 4}))
+    out = tmp_path / "run"
+    trainer = MetaTrainer(recipe, out, progress=False)
+    out.mkdir()
+    trainer._log({"iteration": 1, "meta_loss": 1.0})  # what a run killed at iteration 1 left
+    with pytest.raises(ResumeError, match=rf"saved no checkpoint yet\); delete {out}"):
+        MetaTrainer(recipe, out, resume=True, progress=False)
+    with pytest.raises(ResumeError, match=r"already holds files .*log\.jsonl"):
+        MetaTrainer(recipe, out, progress=False)
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1
+
+
+def test_resume_does_not_reload_init_from(tmp_path):
+    import shutil
+
+    start = tmp_path / "start"
+    flatl2o.make_rule("rnnprop", hidden_size=8).save_pretrained(start)
+    recipe = recipe_from_dict(tiny(rule={"init_from": str(start)}, train={"iterations": 2}))
+    out = tmp_path / "run"
+    MetaTrainer(recipe, out, progress=False).run()
+    shutil.rmtree(start)  # a deleted folder (or an offline Hub id) must not stop the resume
+    trainer = MetaTrainer(recipe, out, resume=True, progress=False)
+    assert trainer.rule.config.hidden_size == 8
+    assert trainer.rule.fingerprint() == flatl2o.load_rule(out).fingerprint()
+
+
+def test_resume_names_the_recipe_keys_that_differ(tmp_path):
+    recipe = recipe_from_dict(tiny(train={"iterations": 2}))
+    MetaTrainer(recipe, tmp_path, progress=False).run()
+    other = recipe_from_dict(
+        tiny(train={"iterations": 2, "meta_lr": 0.5}, regularizer={"name": "entropy", "alpha": 1})
+    )
+    with pytest.raises(ResumeError) as info:
+        MetaTrainer(other, tmp_path, resume=True, progress=False)
+    message = str(info.value)
+    assert "train.meta_lr: saved 0.001, now 0.5" in message
+    assert "regularizer.name: saved 'none', now 'entropy'" in message
+    assert "regularizer.alpha: saved 0.0, now 1.0" in message
+    assert "train.iterations" not in message
+
+
 # ---- a diverged run: non-finite metrics, a NaN rule ---------------------------------------------
 def _nan_rule(architecture: str = "l2o-dm"):
     rule = flatl2o.make_rule(architecture)
@@ -595,3 +824,54 @@ def test_evaluate_rule_reports_non_finite_metrics_instead_of_crashing():
     assert mean_std([1.0, math.inf]) == (math.inf, pytest.approx(math.nan, nan_ok=True))
     assert all(math.isnan(v) for v in mean_std([math.inf, -math.inf]))
     assert mean_std([1.0, 3.0]) == (2.0, 1.0)
+
+
+def test_finish_records_non_finite_metrics_as_null(tmp_path, monkeypatch):
+    import flatl2o.meta.trainer as trainer_module
+
+    def diverged(rule, task, *, horizons, seeds):
+        return {"test_accuracy@20": 0.1, "test_accuracy_std@20": 0.0, "test_loss@20": math.inf,
+                "test_loss_std@20": math.nan, "train_loss@20": math.nan,
+                "train_loss_std@20": math.nan}  # fmt: skip
+
+    monkeypatch.setattr(trainer_module, "evaluate_rule", diverged)
+    trainer = MetaTrainer(recipe_from_dict(tiny()), tmp_path / "run", progress=False)
+    out = trainer.finish()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_loss@20"] is None and metrics["train_loss@20"] is None
+    assert (out / "README.md").is_file() and flatl2o.load_rule(out) is not None
+
+
+def test_finish_refuses_a_diverged_rule_with_a_clear_error(tmp_path):
+    from flatl2o.checkpoint import CheckpointError
+
+    trainer = MetaTrainer(recipe_from_dict(tiny()), tmp_path / "run", progress=False)
+    trainer.rule = _nan_rule("rnnprop")
+    with pytest.raises(CheckpointError, match=r"meta-training diverged.*lower \[train\]\.meta_lr"):
+        trainer.finish()
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    # with a validated (finite) best rule, the run ships that one
+    flatl2o.make_rule("rnnprop").save_pretrained(tmp_path / "run" / "best")
+    trainer.finish(evaluate=False)
+    flatl2o.load_rule(tmp_path / "run")
+
+
+# ---- the plot ------------------------------------------------------------------------------------
+def test_plot_uses_a_linear_axis_for_values_that_are_not_all_positive(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    figures = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), real_close(fig)))
+    log = tmp_path / "log.jsonl"
+    log_losses = [0.8, 0.1, -0.2, -0.9]  # meta_loss = "log": mean log f, negative once f < 1
+    log.write_text(
+        "".join(
+            json.dumps({"iteration": i + 1, "meta_loss": v, "val_loss": 2.0 / (i + 1)}) + "\n"
+            for i, v in enumerate(log_losses)
+        )
+    )
+    assert plot_log(log, tmp_path / "plot.png") is not None
+    (fig,) = figures
+    scales = {ax.get_title(): ax.get_yscale() for ax in fig.axes}
+    assert scales == {"meta_loss": "linear", "val_loss": "log"}

@@ -30,20 +30,34 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from flatl2o import distributed
-from flatl2o.checkpoint import atomic_write_bytes, atomic_write_text, save_rule
+from flatl2o.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text, save_rule
 from flatl2o.hub import SHIPPED_DIRS, load_rule, render_model_card, retarget_model_card
-from flatl2o.meta.recipe import Recipe, RecipeError
-from flatl2o.meta.regularizers import make_regularizer
+from flatl2o.meta.recipe import SLOT_SEED_STRIDE, VAL_SEED_OFFSET, Recipe, RecipeError
+from flatl2o.meta.regularizers import make_regularizer, regularized_unroll
 from flatl2o.meta.rollout import evaluate_rule, rollout
 from flatl2o.meta.tasks import Task, make_task
-from flatl2o.rules import State, UpdateRule, make_rule
+from flatl2o.rules import ConfigError, RuleConfig, State, UpdateRule, build_rule, make_rule
 
 TRAINER_DIR = "trainer_state"
+#: The resumable checkpoint: tensors, with every counter in its metadata (one atomic file).
+STATE_FILE = "state.safetensors"
+STATE_METADATA_KEY = "flatl2o_trainer_state"
+#: Counters a checkpoint must hold to be resumed.
+_STATE_KEYS = (
+    "iteration",
+    "stage",
+    "best_val",
+    "bad_validations",
+    "log_lines",
+    "param_groups",
+    "recipe",
+)
 LOG_NAME = "log.jsonl"
 #: What a shipped checkpoint folder holds (see ``pretrained/``).
 EXPORTED_FILES = (
@@ -57,12 +71,9 @@ EXPORTED_FILES = (
 )
 
 
-#: Seed spacing of the optimizee slots' generators (see :func:`slot_seed`).
-SLOT_SEED_STRIDE = 2**32
-
-
 class ResumeError(RuntimeError):
-    """A ``--resume`` that cannot continue (no state, or a different recipe)."""
+    """A run folder that cannot be used as asked: nothing (or a damaged or different
+    checkpoint) to resume, or an earlier run in the way of a new one."""
 
 
 def slot_seed(seed: int, slot: int) -> int:
@@ -80,14 +91,6 @@ class _Objective(nn.Module):
 
     def forward(self, fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
-
-
-def regularized_unroll(schedule: str, unroll_index: int, num_unrolls: int) -> bool:
-    """Whether this unroll of a trajectory carries the regularizer (all/posterior/prior)."""
-    if schedule == "all":
-        return True
-    later_half = unroll_index >= num_unrolls / 2
-    return later_half if schedule == "posterior" else not later_half
 
 
 def adam_teacher_step(
@@ -118,6 +121,18 @@ class MetaTrainer:
             raise ValueError(f"meta_batch must be a positive int (optimizees), got {meta_batch!r}")
         self.recipe = recipe
         self.out = Path(out_dir)
+        self.meta_batch = meta_batch
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        # the folder is checked (and a checkpoint read) before any work: a bad --out fails fast
+        payload: Any = None
+        if self.rank == 0:
+            try:
+                payload = self._read_state() if resume else self._check_fresh_folder()
+            except ResumeError as e:
+                payload = e
+        payload = distributed.broadcast_object(payload)
+        if isinstance(payload, ResumeError):
+            raise payload
         self.custom_task = task is not None  # the model card must not claim [task].name then
         self.task = (
             task
@@ -128,17 +143,18 @@ class MetaTrainer:
         self.command = command or " ".join(shlex.quote(a) for a in sys.argv)
         self.git_commit = _git_commit()  # the code that trains, not the code at the end
         train = recipe.train
-        self.meta_batch = meta_batch
-        self.rank, self.world_size = distributed.rank(), distributed.world_size()
         first = self.rank * meta_batch  # this process unrolls slots first .. first+meta_batch-1
         self.generators = [
             torch.Generator().manual_seed(slot_seed(train.seed, j))
             for j in range(first, first + meta_batch)
         ]
         self.generator = self.generators[0]
+        saved_config = payload[0].get("rule_config") if resume else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(train.seed)
-            if recipe.rule.init_from:
+            if saved_config is not None:  # the checkpoint has the weights: no init_from needed
+                self.rule = _rule_from_config(saved_config, self.out)
+            elif recipe.rule.init_from:
                 self.rule = load_rule(recipe.rule.init_from)
                 if self.rule.architecture != recipe.rule.architecture:
                     raise RecipeError(
@@ -164,12 +180,7 @@ class MetaTrainer:
         self.bad_validations = 0
         self.log_lines = 0
         if resume:
-            self._load_state()
-        elif distributed.broadcast_object(self.rank == 0 and (self.out / TRAINER_DIR).exists()):
-            raise ResumeError(
-                f"{self.out} already holds a run; pass resume=True (--resume) to continue it, "
-                "or choose another --out"
-            )
+            self._apply_state(*payload)
         self._ddp: nn.Module | None = None
         if self.world_size > 1:  # after a resume: DDP starts from rank 0's (loaded) weights
             from torch.nn.parallel import DistributedDataParallel
@@ -328,7 +339,7 @@ class MetaTrainer:
         values = []
         self.rule.eval()
         for i in range(self.recipe.curriculum.validation_runs):
-            gen = torch.Generator().manual_seed(1_000_000 + i)
+            gen = torch.Generator().manual_seed(VAL_SEED_OFFSET + i)
             theta, losses = rollout(self.rule, self.task, length, gen)
             if self.task.dataset is not None:
                 values.append(self.task.evaluate(theta, "val")["loss"])
@@ -449,54 +460,99 @@ class MetaTrainer:
             "world_size": self.world_size,
             "meta_batch": self.meta_batch,
         }
+        meta["rule_config"] = self.rule.config.to_dict()
+        text = json.dumps(meta, indent=1)
         folder = self.out / TRAINER_DIR
-        atomic_write_bytes(folder / "state.safetensors", safetensors_bytes(tensors))
-        atomic_write_text(folder / "state.json", json.dumps(meta, indent=1))
+        # one atomic file holds everything a resume reads (counters in the metadata), so a
+        # kill at any instant leaves either the previous checkpoint or this one, never a mix;
+        # state.json is a human-readable copy of the counters, written after it
+        data = safetensors_bytes(tensors, metadata={STATE_METADATA_KEY: text})
+        atomic_write_bytes(folder / STATE_FILE, data)
+        atomic_write_text(folder / "state.json", text)
 
-    def _load_state(self) -> None:
-        """Rank 0 reads the checkpoint (or the reason it cannot) and every rank applies it."""
-        payload: Any = None
-        if self.rank == 0:
-            try:
-                payload = self._read_state()
-            except ResumeError as e:
-                payload = e
-        payload = distributed.broadcast_object(payload)
-        if isinstance(payload, ResumeError):
-            raise payload
-        meta, tensors = payload
-        self.rule.load_state_dict(
-            {k[5:]: v for k, v in tensors.items() if k.startswith("rule.")}, strict=True
-        )
-        opt_state: dict[int, dict[str, Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("opt."):
-                _, idx, name = key.split(".", 2)
-                opt_state.setdefault(int(idx), {})[name] = value
-        self.meta_opt.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
-        first = self.rank * self.meta_batch
-        for j, gen in enumerate(self.generators, start=first):
-            gen.set_state(tensors["rng" if j == 0 else f"rng.{j}"])
-        self.iteration = meta["iteration"]
-        self.stage = meta["stage"]
-        self.best_val = meta["best_val"]
-        self.bad_validations = meta["bad_validations"]
-        self.log_lines = meta["log_lines"]
+    def _check_fresh_folder(self) -> None:
+        """Refuse to start a new run in a folder that holds an earlier run or checkpoint: its
+        log would be appended to and its files overwritten."""
+        if (self.out / TRAINER_DIR).exists():
+            raise ResumeError(
+                f"{self.out} already holds a run; pass resume=True (--resume) to continue it, "
+                f"or choose another --out (or delete {self.out} to start over)"
+            )
+        found = _run_files(self.out)
+        if found:
+            raise ResumeError(
+                f"{self.out} already holds files of an earlier run or checkpoint "
+                f"({', '.join(found)}) and no checkpoint to resume, so a new run would append to "
+                f"its log and overwrite its files; choose another --out, or delete {self.out} "
+                "to start over"
+            )
+
+    def _apply_state(self, meta: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+        """Load a checkpoint read by :meth:`_read_state` into the rule, meta-optimizer,
+        generators and counters (every rank)."""
+        source = self.out / TRAINER_DIR / STATE_FILE
+        try:
+            self.rule.load_state_dict(
+                {k[5:]: v for k, v in tensors.items() if k.startswith("rule.")}, strict=True
+            )
+            opt_state: dict[int, dict[str, Tensor]] = {}
+            for key, value in tensors.items():
+                if key.startswith("opt."):
+                    _, idx, name = key.split(".", 2)
+                    opt_state.setdefault(int(idx), {})[name] = value
+            self.meta_opt.load_state_dict(
+                {"state": opt_state, "param_groups": meta["param_groups"]}
+            )
+            first = self.rank * self.meta_batch
+            for j, gen in enumerate(self.generators, start=first):
+                gen.set_state(tensors["rng" if j == 0 else f"rng.{j}"])
+            self.iteration = int(meta["iteration"])
+            self.stage = int(meta["stage"])
+            self.best_val = float(meta["best_val"])
+            self.bad_validations = int(meta["bad_validations"])
+            self.log_lines = int(meta["log_lines"])
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
+            raise _damaged(
+                self.out,
+                source,
+                f"it does not fit this run ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''})",
+            ) from None
 
     def _read_state(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
-        """The saved counters and tensors, after checking they fit this run; drops log records
-        written after the checkpoint."""
+        """The saved counters and tensors, after checking they are complete and fit this run;
+        drops log records written after the checkpoint. Any problem is a :class:`ResumeError`."""
         folder = self.out / TRAINER_DIR
-        if not (folder / "state.json").is_file():
-            raise ResumeError(
-                f"nothing to resume in {self.out}: no {TRAINER_DIR}/state.json (the run saved no "
-                "checkpoint yet); start it again without --resume"
-            )
-        meta = json.loads((folder / "state.json").read_text())
+        path = folder / STATE_FILE
+        if not path.is_file():
+            if not (folder / "state.json").is_file():
+                again = (
+                    f"delete {self.out} (or choose another --out) and start again"
+                    if _run_files(self.out)
+                    else "start it again"
+                )
+                raise ResumeError(
+                    f"nothing to resume in {self.out}: no {TRAINER_DIR}/{STATE_FILE} (the run "
+                    f"saved no checkpoint yet); {again} without --resume"
+                )
+            raise _damaged(self.out, path, "it is missing (only state.json is there)")
+        try:
+            data = path.read_bytes()
+            meta = _state_metadata(data)
+            tensors = safetensors_load(data)
+        except (OSError, ValueError, SafetensorError) as e:
+            raise _damaged(self.out, path, f"it cannot be read ({e})") from None
+        if meta is None:  # written by an older flatl2o: counters only in state.json
+            path = folder / "state.json"
+            meta = self._legacy_meta(path, tensors)
+        missing = sorted(set(_STATE_KEYS) - set(meta))
+        if missing:
+            raise _damaged(self.out, path, f"its counters lack {missing}")
         if meta["recipe"] != self.recipe.to_dict():
+            changed = _recipe_differences(meta["recipe"], self.recipe.to_dict())
             raise ResumeError(
-                f"{self.out} was started with a different recipe; resume with the same recipe "
-                f"and overrides (saved copy: {self.out / 'recipe.toml'})"
+                f"{self.out} was started with a different recipe ({'; '.join(changed)}); resume "
+                f"with the same recipe and overrides (saved copy: {self.out / 'recipe.toml'})"
             )
         slots = self.world_size * self.meta_batch
         if meta.get("slots", 1) != slots:
@@ -507,12 +563,39 @@ class MetaTrainer:
                 f"{self.meta_batch}); resume with the same product of --nproc-per-node and "
                 "--meta-batch"
             )
-        tensors = load_file(str(folder / "state.safetensors"))
         log = self.out / LOG_NAME
         if log.is_file():  # drop records written after the checkpoint we resume from
             lines = log.read_text(encoding="utf-8").splitlines(keepends=True)
-            atomic_write_text(log, "".join(lines[: meta["log_lines"]]))
+            atomic_write_text(log, "".join(lines[: int(meta["log_lines"])]))
         return meta, tensors
+
+    def _legacy_meta(self, path: Path, tensors: dict[str, Tensor]) -> dict[str, Any]:
+        """The counters of a checkpoint written before they moved into the safetensors file,
+        accepted only where the meta-optimizer's step count proves the two files belong together."""
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+            iteration = int(meta["iteration"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise _damaged(self.out, path, f"it cannot be read ({type(e).__name__}: {e})") from None
+        lengths = set(self.recipe.curriculum.lengths or [self.recipe.train.trajectory])
+        if len(lengths) != 1:
+            raise ResumeError(
+                f"{self.out}: the checkpoint was written by an older flatl2o that kept its "
+                "counters apart from its tensors, and with a multi-stage curriculum they cannot "
+                f"be checked to match; delete {self.out} (or choose another --out) and start again"
+            )
+        expected = iteration * (lengths.pop() // self.recipe.train.unroll)
+        steps = {
+            float(v) for k, v in tensors.items() if k.startswith("opt.") and k.endswith(".step")
+        }
+        if steps != {float(expected)}:
+            raise ResumeError(
+                f"{self.out}: {TRAINER_DIR}/state.json (iteration {iteration}) and {STATE_FILE} "
+                f"(meta-steps {sorted(steps)}, expected {expected}) come from different "
+                "checkpoints (the run was killed between their writes), so resuming would not "
+                f"reproduce the run; delete {self.out} (or choose another --out) and start again"
+            )
+        return meta
 
     # ------------------------------------------------------------------ output
     def final_rule(self) -> UpdateRule:
@@ -525,6 +608,13 @@ class MetaTrainer:
     def finish(self, evaluate: bool = True) -> Path:
         """Evaluate the final rule and write config, weights, metrics, model card and plot."""
         rule = self.final_rule().eval()
+        if not all(torch.isfinite(v).all() for v in rule.state_dict().values()):
+            raise CheckpointError(
+                f"meta-training diverged: the rule's weights contain NaN or infinite values and "
+                f"no validated rule was saved in {self.out / 'best'}, so there is no rule to "
+                f"ship (see {self.out / LOG_NAME}); start a new run with a lower "
+                "[train].meta_lr or a [train].grad_clip > 0"
+            )
         metrics: dict[str, Any] = {}
         if evaluate and self.task.dataset is not None:
             ev = self.recipe.evaluation
@@ -625,6 +715,73 @@ def export_name(folder: str | os.PathLike[str]) -> str:
     return folder.name if folder.resolve().parent in shipped else str(folder)
 
 
+def _run_files(folder: Path) -> list[str]:
+    """The files and folders of a run or checkpoint that ``folder`` already holds."""
+    names = (*EXPORTED_FILES, "best", TRAINER_DIR)
+    return [name for name in names if (folder / name).exists()]
+
+
+def _damaged(out: Path, path: Path, why: str) -> ResumeError:
+    """The error for a checkpoint file that cannot be resumed from."""
+    return ResumeError(
+        f"cannot resume {out}: the checkpoint {path} is damaged or incomplete: {why}; the run "
+        f"cannot continue from it exactly: delete {out} (or choose another --out) and start again"
+    )
+
+
+def _state_metadata(data: bytes) -> dict[str, Any] | None:
+    """The counters stored in a trainer checkpoint's safetensors metadata (``None``: an older
+    checkpoint without them). Raises ``ValueError`` on a malformed header."""
+    if len(data) < 8:
+        raise ValueError(f"{len(data)} bytes, shorter than a safetensors header")
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8:
+        raise ValueError("truncated (the header runs past the end of the file)")
+    header = json.loads(data[8 : 8 + size].decode("utf-8"))
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    text = metadata.get(STATE_METADATA_KEY) if isinstance(metadata, dict) else None
+    if text is None:
+        return None
+    meta = json.loads(text) if isinstance(text, str) else None
+    if not isinstance(meta, dict):
+        raise ValueError("its counters are not a JSON object")
+    return meta
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (recipe keys as overrides spell them)."""
+    if not isinstance(data, dict) or not data:
+        return {prefix: data}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
+    return flat
+
+
+def _recipe_differences(saved: Any, current: dict[str, Any]) -> list[str]:
+    """The recipe keys whose values differ, as ``key: saved X, now Y``."""
+    if not isinstance(saved, dict):
+        return ["the saved recipe is not a table"]
+    old, new = _flatten(saved), _flatten(current)
+
+    def show(values: dict[str, Any], key: str) -> str:
+        return repr(values[key]) if key in values else "absent"
+
+    return [
+        f"{key}: saved {show(old, key)}, now {show(new, key)}"
+        for key in sorted(set(old) | set(new))
+        if key not in old or key not in new or old[key] != new[key]
+    ]
+
+
+def _rule_from_config(config: Any, out: Path) -> UpdateRule:
+    """A fresh rule of the architecture a checkpoint was saved with (weights loaded later)."""
+    try:
+        return build_rule(RuleConfig.from_dict(config, source="rule_config"))
+    except ConfigError as e:
+        raise _damaged(out, out / TRAINER_DIR / STATE_FILE, str(e)) from None
+
+
 def _finite_or_none(value: Any) -> Any:
     """``value`` with every non-finite float (inf, -inf, nan) replaced by ``None``."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -681,8 +838,8 @@ def plot_log(log: Path, out: Path) -> Path | None:
         ax.plot(*zip(*pts, strict=True), marker="." if key == "val_loss" else None)
         ax.set_title(key)
         ax.set_xlabel("trajectory")
-        if key != "regularizer":
-            ax.set_yscale("log")
+        if key != "regularizer" and all(v > 0 for _, v in pts):
+            ax.set_yscale("log")  # only when every value can be drawn on a log axis
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
