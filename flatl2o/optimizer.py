@@ -240,6 +240,7 @@ class L2O(Optimizer):
         state.update(shard_state_like(p, fresh))  # a DTensor's state is sharded like it
         return state
 
+    @torch.compiler.disable  # Dynamo would graph-break in it anyway, and mis-traced its state
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Perform a single optimization step.

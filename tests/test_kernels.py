@@ -636,6 +636,28 @@ def test_torch_compile_of_a_training_step(backend: str) -> None:
     assert torch.equal(run(True), run(False))
 
 
+def test_a_compiled_closure_compiles_inside_the_step() -> None:
+    """``L2O.step`` is excluded from Dynamo (``torch.compiler.disable``), but a closure the
+    user compiled still runs compiled inside it."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = torch.nn.Linear(4, 1)
+    counter = CompileCounter()
+    forward = torch.compile(lambda x: model(x).pow(2).mean(), backend=counter)
+    opt = L2O(model.parameters(), _rule("rnnprop"))
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = forward(torch.randn(8, 4))
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    assert counter.frame_count == 1 and all(s["step"].item() == 3 for s in opt.state.values())
+
+
 def test_nan_check_of_a_large_gradient_is_chunked_and_complete() -> None:
     """The NaN/inf check runs in bounded chunks (no mask of the parameter's size) and still
     sees the last element."""
