@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from flatl2o.evaluation import EvalConfig, evaluate
+from flatl2o.evaluation import EvalConfig, evaluate, suite
 from flatl2o.evaluation.baselines import BASELINES, SAM, EntropySGD
 from flatl2o.evaluation.flatness import hutchinson_trace, top_eigenvalue
 from flatl2o.evaluation.optimizers import resolve_optimizers
@@ -533,6 +533,30 @@ def test_quick_cli_end_to_end_and_deterministic_report(tmp_path: Path):
     assert after == before and docs.read_bytes() == page_before
     # the recorded regeneration command is the one just run
     assert f"flatl2o evaluate --report-only {out / 'eval.json'} --docs {docs}" in page
+
+
+def test_resume_reuses_runs_only_from_the_same_code_and_threads(tmp_path: Path):
+    """A learned rule's trajectory moves with float-level changes, so --resume never mixes
+    runs made by other code (or torch, CPU, thread count) into one results file."""
+    cfg = EvalConfig.quick(optimizers=("rnnprop",), long_horizon=0)
+    first = evaluate(cfg, out=tmp_path, progress=False)
+    assert first["environment"]["code_sha"] == suite.code_sha()
+    again = evaluate(cfg, out=tmp_path, resume=True, progress=False)
+    assert again["timing"]["runs_reused"] == len(first["runs"]) > 0
+    data = json.loads((tmp_path / "eval.json").read_text())
+    data["environment"]["code_sha"] = "0" * 20  # as if made before a kernel change
+    (tmp_path / "eval.json").write_text(json.dumps(data))
+    with pytest.warns(RuntimeWarning, match=r"not reusing the runs .* another code_sha"):
+        rerun = evaluate(cfg, out=tmp_path, resume=True, progress=False)
+    assert rerun["timing"]["runs_reused"] == 0
+
+    def numbers(runs: list) -> list:  # everything but timings
+        return [
+            {h: {k: v for k, v in m.items() if not k.endswith("seconds")} for h, m in r.items()}
+            for r in (run["metrics"] for run in runs)
+        ]
+
+    assert numbers(rerun["runs"]) == numbers(first["runs"])
 
 
 def test_cli_reports_unknown_optimizer_cleanly(tmp_path: Path, capsys):

@@ -13,15 +13,20 @@
 - ``optimizers`` (what each one is, regularizer, sibling), ``tasks``, ``config``,
   ``environment`` and ``timing``.
 
-Every run is a pure function of its :class:`~flatl2o.evaluation.runner.RunSpec`, so results
-do not depend on ``jobs``; with ``resume=True`` runs whose key is already in the output
-folder's JSON are reused (a checkpoint retrained in between has a new fingerprint, so a new key).
+Every run is a pure function of its :class:`~flatl2o.evaluation.runner.RunSpec` and of the
+code, torch, CPU and torch threads that compute it, so results do not depend on ``jobs``; with
+``resume=True`` runs whose key is already in the output folder's JSON are reused (a checkpoint
+retrained in between has a new fingerprint, so a new key), but only when that JSON was made by
+the same :data:`REUSE_ENVIRONMENT`: a learned rule's 1000-step trajectory is chaotic enough
+that a float-level change (a kernel rewrite, another thread count) moves its test accuracy by
+whole percentage points, so runs of different code are never mixed in one results file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import heapq
 import json
 import math
@@ -29,6 +34,7 @@ import os
 import platform
 import subprocess
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -373,8 +379,25 @@ class _Planner:
 # ------------------------------------------------------------------------ execution
 
 
+#: Entries of the results' ``environment`` that a reused run must share with this invocation.
+REUSE_ENVIRONMENT = ("code_sha", "torch", "cpu", "threads_per_job")
+
+
+@functools.cache
+def code_sha() -> str:
+    """SHA-256 (20 hex digits) of the flatl2o package's ``.py`` and ``.c`` files: the code
+    that computes a run, whether or not it is a git checkout with uncommitted changes."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".c") and p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:20]
+
+
 def _environment(jobs: int, threads: int) -> dict[str, Any]:
     from flatl2o import __version__
+    from flatl2o.kernels.cpu import _cpu_model
 
     def git(*args: str) -> str | None:
         try:
@@ -398,6 +421,8 @@ def _environment(jobs: int, threads: int) -> dict[str, Any]:
         "jobs": jobs,
         "threads_per_job": threads,
         "git_commit": git("rev-parse", "HEAD"),
+        "code_sha": code_sha(),
+        "cpu": _cpu_model().strip(),
     }
 
 
@@ -423,7 +448,9 @@ def _write_json(data: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _previous_records(out: Path | None) -> dict[str, dict[str, Any]]:
+def _previous_records(out: Path | None, environment: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Finished runs in ``out``'s results JSONs that were made by this ``environment``'s
+    :data:`REUSE_ENVIRONMENT` (others are not reused, with a warning saying why)."""
     found: dict[str, dict[str, Any]] = {}
     if out is None:
         return found
@@ -433,6 +460,17 @@ def _previous_records(out: Path | None) -> dict[str, dict[str, Any]]:
             try:
                 data = json.loads(p.read_text())
             except json.JSONDecodeError:
+                continue
+            theirs = data.get("environment") or {}
+            differ = [k for k in REUSE_ENVIRONMENT if theirs.get(k) != environment[k]]
+            if differ:
+                warnings.warn(
+                    f"--resume: not reusing the runs in {p}: they were made with another "
+                    + ", ".join(f"{k} ({theirs.get(k)!r}, now {environment[k]!r})" for k in differ)
+                    + "; they are run again",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
                 continue
             for k in ("runs", "long_runs", "tuning_runs"):
                 for r in data.get(k, []):
@@ -478,7 +516,7 @@ def evaluate(
     names = list(config.optimizers) or default_optimizers()
     infos = resolve_optimizers(names)
     out_dir = Path(out) if out is not None else None
-    previous = _previous_records(out_dir) if resume else {}
+    previous = _previous_records(out_dir, _environment(jobs, threads)) if resume else {}
     t_start = time.perf_counter()
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
