@@ -468,6 +468,91 @@ def test_report_answers_are_computed_from_the_numbers():
     assert "**The claim is not supported for this pair.**" in hollow
 
 
+def _set(data: dict, opt: str, **metrics: object) -> dict:
+    """Set metrics of ``opt``'s runs: ``name=value`` for every seed or ``name={seed: value}``."""
+    for r in data["runs"]:
+        if r["spec"]["optimizer"] == opt:
+            for name, value in metrics.items():
+                v = value.get(r["spec"]["seed"]) if isinstance(value, dict) else value
+                if v is not None:
+                    r["metrics"]["10"][name] = v
+    return data
+
+
+def _row(page: str, start: str) -> str:
+    (row,) = [line for line in page.splitlines() if line.startswith(start)]
+    return row
+
+
+def test_best_baseline_is_chosen_on_validation_not_test():
+    """Spec section 5: select on the validation split, report test. `adam` tests better but
+    `sgd`'s selected hyper-parameters validated better, so `sgd` is the reference."""
+    data = _synthetic([0.90, 0.91, 0.92, 0.905, 0.915], [0.85, 0.86, 0.87, 0.855, 0.865])
+    data["tuning"] = {"t": {}}
+    for name, test_acc, val_acc in (("adam", 0.95, 0.80), ("sgd", 0.88, 0.90)):
+        data["optimizers"][name] = {"name": name, "kind": "baseline", "description": name}
+        data["tuning"]["t"][name] = {
+            "selected": {"10": {"lr": 0.1}},
+            "trials": [
+                {"hparams": {"lr": 0.01}, "val": {"10": {"val_accuracy": 0.99, "val_loss": 0.1}}},
+                {"hparams": {"lr": 0.1}, "val": {"10": {"val_accuracy": val_acc, "val_loss": 0.3}}},
+            ],
+        }
+        for s in range(5):
+            run = json.loads(json.dumps(data["runs"][0]))
+            run["spec"].update(optimizer=name, seed=s, hparams={"lr": 0.1})
+            run["metrics"]["10"]["test_accuracy"] = test_acc + 0.001 * s
+            data["runs"].append(run)
+    page = render_markdown(data)
+    row = _row(page, "| `t` (seen) | 10 | `")
+    assert row.startswith("| `t` (seen) | 10 | `sgd` (0.900): 0.882 ± 0.002 |"), row
+    assert "chosen on the VALIDATION split" in page
+    # without validation numbers there is no reference (never a fallback to test accuracy)
+    del data["tuning"]
+    page = render_markdown(data)
+    assert "No reference baseline for `t`@10" in page and "`adam` (" not in page
+
+
+def test_paired_differences_say_when_a_seed_is_left_out():
+    """A diverged seed (non-finite train loss / gap) is not dropped silently from Q1's Δs."""
+    data = _synthetic([0.90, 0.91, 0.92, 0.905, 0.915], [0.85, 0.86, 0.87, 0.855, 0.865])
+    _set(data, "r", train_loss={0: math.inf}, test_loss={0: math.inf}, gap={0: math.nan})
+    page = render_markdown(data)
+    row = _row(page, "| `r-hessian` | `r` | `t` (seen) | 10 | 0.9")
+    assert row.endswith("| +0.000 (1 of 5 seeds n/a) | +0.000 (1 of 5 seeds n/a) |"), row
+    assert "In 1 cell(s) a seed has a non-finite value on one side" in page
+    p = paired({0: 1.0, 1: 2.0, 2: math.nan}, {0: 0.0, 1: 1.0, 2: 1.0, 3: 0.5})
+    assert p.n == 2 and p.missing == 2 and p.note() == " (2 of 4 seeds n/a)"
+
+
+def test_flatness_answer_skips_stalled_rules_and_non_positive_traces():
+    good = [0.90, 0.91, 0.92, 0.905, 0.915]
+    # a regularized rule that does not train sits near its init: tiny curvature, not "flatter"
+    stalled = _synthetic([0.10, 0.10, 0.11, 0.10, 0.09], good)
+    page = render_markdown(_set(stalled, "r-hessian", hessian_trace=1e-3))
+    assert "flatter (lower trace) beyond seed noise in 0 of 0 cells" in page
+    assert "Not counted: `t`@10, where one of the two rules does not train" in page
+    assert "(`r-hessian` does not train: not counted)" in page
+    # a sibling trace of exactly 0 (saturated iterate) used to raise ZeroDivisionError
+    zero = _set(_synthetic(good, good), "r", hessian_trace=0.0)
+    row = _row(render_markdown(zero), "| `r-hessian` | `r` | `t` (seen) | 10 | 5.0")
+    assert "| n/a | not testable (fewer than 2 paired seeds) (5 of 5 seeds left out" in row
+    # a non-positive trace on one seed is left out of the log-ratio test, visibly
+    neg = _set(_synthetic(good, good), "r", hessian_trace={2: -0.5})
+    row = _row(render_markdown(neg), "| `r-hessian` | `r` | `t` (seen) | 10 | 5.0")
+    assert "flatter, beyond seed noise (1 of 5 seeds left out: trace ≤ 0 or n/a)" in row
+
+
+def test_top_eigenvalue_is_absolute_and_only_where_power_iteration_converged():
+    data = _synthetic([0.90, 0.91, 0.92, 0.905, 0.915], [0.85, 0.86, 0.87, 0.855, 0.865])
+    _set(data, "r", hessian_top_eig={0: -4.0, 1: 2.0, 2: 2.0, 3: 2.0, 4: 2.0})
+    _set(data, "r", hessian_top_eig_residual={0: 0.01, 1: 0.01, 2: 0.01, 3: 0.01, 4: 5.0})
+    page = render_markdown(data)
+    # |-4|, 2, 2, 2 (seed 4's residual 5.0 > 0.1: unconverged): mean 2.5, one left out
+    assert "| 2.5 ± 1 (1 unconverged) |" in _row(page, "| `r-hessian` | `r` | `t` (seen) | 10 | 5.0")
+    assert "\\|λ_max\\|" in page and "exceeds 0.1 did not converge" in page
+
+
 def test_paired_comparison_statistics():
     p = paired({0: 0.9, 1: 0.8, 2: 0.7}, {0: 0.85, 1: 0.75, 2: 0.65})
     assert p.mean == pytest.approx(0.05) and p.std == pytest.approx(0.0, abs=1e-12)

@@ -5,7 +5,16 @@ Everything here is a pure function of the JSON written by :func:`flatl2o.evaluat
 mean and sample standard deviation (ddof = 1) over seeds; comparisons between two optimizers
 are paired by seed (same initialization and minibatches): the mean per-seed difference, its
 standard deviation, and a two-sided paired t-test at 95% ("beyond seed noise" means the
-difference is significant by that test; "within seed noise" means it is not).
+difference is significant by that test; "within seed noise" means it is not). Nothing is left
+out silently: a mean or paired difference that omits a seed (a non-finite value: a diverged
+run) says how many it omits.
+
+The reference baseline of question 2 is chosen on the VALIDATION split (method spec section 5):
+per (task, horizon), the tuned baseline whose selected hyper-parameters have the highest mean
+validation accuracy over the tuning seeds; only its test accuracy is reported. The top
+eigenvalue is reported as ``|λ_max|`` (spec section 4), and only where power iteration
+converged: a value whose relative residual exceeds :data:`EIG_RESIDUAL_TOL` is left out and
+counted as "unconverged".
 """
 
 from __future__ import annotations
@@ -35,8 +44,12 @@ METRICS = (
     ("test_accuracy", "test acc"),
     ("gap", "gap"),
     ("hessian_trace", "tr H"),
-    ("hessian_top_eig", "λ_max"),
+    ("hessian_top_eig", "\\|λ_max\\|"),  # escaped: a bare | splits a markdown table cell
 )
+#: A top eigenvalue whose recorded relative power-iteration residual ‖Hv − λv‖/|λ|
+#: (``hessian_top_eig_residual``) exceeds this did not converge: it is left out of the |λ_max|
+#: statistics and counted as "unconverged".
+EIG_RESIDUAL_TOL = 0.1
 
 # Two-sided 95% critical values of Student's t by degrees of freedom (1.96 beyond 30).
 _T95 = {
@@ -52,12 +65,14 @@ _T95 = {
 
 @dataclass(frozen=True)
 class Stats:
-    """Mean, sample std and count of finite values (``n_nan`` non-finite ones excluded)."""
+    """Mean, sample std and count of finite values (``n_nan`` non-finite ones excluded; for
+    the top eigenvalue, ``n_unconverged`` values whose power iteration did not converge)."""
 
     mean: float
     std: float
     n: int
     n_nan: int = 0
+    n_unconverged: int = 0
 
     @staticmethod
     def of(values: Sequence[float]) -> Stats:
@@ -73,21 +88,42 @@ class Stats:
     def fmt(self, digits: int = 3, sig: bool = False) -> str:
         """``mean ± std`` (fixed ``digits`` decimals, or significant digits with ``sig``)."""
         if self.n == 0:
-            return "n/a"
+            return "n/a" + (f" ({self.n_unconverged} unconverged)" if self.n_unconverged else "")
         f = (lambda v: f"{v:.{digits}g}") if sig else (lambda v: f"{v:.{digits}f}")
-        text = f"{f(self.mean)} ± {f(self.std)}"
-        return text + (f" ({self.n_nan} n/a)" if self.n_nan else "")
+        return f"{f(self.mean)} ± {f(self.std)}{self.note()}"
+
+    def note(self) -> str:
+        """`` (k n/a)`` / `` (k unconverged)`` for the seeds the mean leaves out, else ``""``."""
+        parts = [f"{self.n_nan} n/a"] if self.n_nan else []
+        parts += [f"{self.n_unconverged} unconverged"] if self.n_unconverged else []
+        return f" ({', '.join(parts)})" if parts else ""
+
+    def fmt_mean(self, spec: str = ".3f") -> str:
+        """The mean alone (``n/a`` without values), with :meth:`note`."""
+        return self.fmt() if self.n == 0 else f"{self.mean:{spec}}{self.note()}"
 
 
 @dataclass(frozen=True)
 class Paired:
-    """A paired (same seeds) comparison of A against B: differences A - B."""
+    """A paired (same seeds) comparison of A against B: differences A - B.
+
+    ``missing`` counts the seeds of either side left out of the comparison (absent on the
+    other side, or a non-finite value on either side)."""
 
     mean: float
     std: float
     n: int
     t: float
     significant: bool
+    missing: int = 0
+
+    def note(self, why: str = "n/a") -> str:
+        """`` (k of N seeds n/a)`` when seeds were left out of the comparison, else ``""``."""
+        return f" ({self.missing} of {self.n + self.missing} seeds {why})" if self.missing else ""
+
+    def fmt_mean(self, spec: str = "+.3f") -> str:
+        """The mean difference (``n/a`` without a comparable seed), with :meth:`note`."""
+        return ("n/a" if self.n == 0 else f"{self.mean:{spec}}") + self.note()
 
     def verdict(self, higher: str = "higher", lower: str = "lower") -> str:
         """``higher``/``lower`` beyond seed noise, or within seed noise."""
@@ -99,20 +135,22 @@ class Paired:
 
 
 def paired(a: dict[int, float], b: dict[int, float]) -> Paired:
-    """Paired comparison of per-seed values ``a`` and ``b`` (seeds present in both, finite)."""
+    """Paired comparison of per-seed values ``a`` and ``b`` (seeds present in both, finite);
+    the other seeds are counted in ``missing``."""
     seeds = sorted(s for s in set(a) & set(b) if math.isfinite(a[s]) and math.isfinite(b[s]))
     d = [a[s] - b[s] for s in seeds]
     n = len(d)
+    missing = len(set(a) | set(b)) - n
     if n == 0:
-        return Paired(math.nan, math.nan, 0, math.nan, False)
+        return Paired(math.nan, math.nan, 0, math.nan, False, missing)
     mean = math.fsum(d) / n
     if n < 2:
-        return Paired(mean, math.nan, n, math.nan, False)
+        return Paired(mean, math.nan, n, math.nan, False, missing)
     sd = math.sqrt(math.fsum((x - mean) ** 2 for x in d) / (n - 1))
     if sd == 0:
-        return Paired(mean, 0.0, n, math.inf if mean else 0.0, mean != 0)
+        return Paired(mean, 0.0, n, math.inf if mean else 0.0, mean != 0, missing)
     t = mean / (sd / math.sqrt(n))
-    return Paired(mean, sd, n, t, abs(t) > _T95.get(n - 1, 1.96))
+    return Paired(mean, sd, n, t, abs(t) > _T95.get(n - 1, 1.96), missing)
 
 
 # ------------------------------------------------------------------------ aggregation
@@ -147,14 +185,39 @@ def per_seed(
     return out
 
 
+def top_eig_stats(
+    data: dict[str, Any], task: str, opt: str, horizon: int, kind: str = "runs"
+) -> Stats:
+    """Statistics of ``|λ_max|`` over the runs whose power iteration converged.
+
+    A value whose recorded relative residual ``hessian_top_eig_residual`` (‖Hv − λv‖/|λ|)
+    exceeds :data:`EIG_RESIDUAL_TOL` is left out and counted in ``n_unconverged`` (a run
+    without a finite residual is kept).
+    """
+    eig = per_seed(data, task, opt, horizon, "hessian_top_eig", kind)
+    res = per_seed(data, task, opt, horizon, "hessian_top_eig_residual", kind)
+    kept, unconverged = [], 0
+    for s in sorted(eig):
+        lam = abs(eig[s])
+        r = res.get(s, math.nan)
+        if math.isfinite(lam) and math.isfinite(r) and r > EIG_RESIDUAL_TOL:
+            unconverged += 1
+        else:
+            kept.append(lam)  # non-finite |λ| are counted as n/a by Stats.of
+    st = Stats.of(kept)
+    return Stats(st.mean, st.std, st.n, st.n_nan, unconverged)
+
+
 def aggregate(data: dict[str, Any]) -> dict[tuple[str, str, int], dict[str, Stats]]:
-    """``{(task, optimizer, horizon): {metric: Stats}}`` over the evaluation seeds."""
+    """``{(task, optimizer, horizon): {metric: Stats}}`` over the evaluation seeds
+    (``hessian_top_eig`` is ``|λ_max|`` of the converged runs, see :func:`top_eig_stats`)."""
     out: dict[tuple[str, str, int], dict[str, Stats]] = {}
     names = [m for m, _ in METRICS] + ["train_accuracy"]
     for task in data["config"]["tasks"]:
         for opt in optimizer_order(data):
             for h in horizons_of(data):
                 cell = {m: Stats.of(list(per_seed(data, task, opt, h, m).values())) for m in names}
+                cell["hessian_top_eig"] = top_eig_stats(data, task, opt, h)
                 if cell["test_accuracy"].n or cell["test_accuracy"].n_nan:
                     out[(task, opt, h)] = cell
     return out
@@ -212,8 +275,11 @@ def _setup(data: dict[str, Any], fig: str) -> list[str]:
     lines.append(
         "- Metrics at each horizon, on the final iterate: loss on the FULL train split, test "
         "loss and accuracy, generalization gap = test loss − train loss, Hutchinson trace of "
-        "the full-train-split Hessian (Rademacher probes) and its top eigenvalue by power "
-        "iteration (signed Rayleigh quotient)."
+        "the full-train-split Hessian (Rademacher probes) and |λ_max|, the absolute value of its "
+        "top eigenvalue by power iteration (Rayleigh quotient); a |λ_max| whose relative "
+        f"residual ‖Hv − λv‖/|λ| exceeds {EIG_RESIDUAL_TOL:g} did not converge and is left out "
+        'of the means (counted as "unconverged"). A mean that leaves out non-finite values '
+        '(diverged runs) says how many ("n/a").'
     )
     flat = ", ".join(
         (f"`{t}`: {p} probes / {i} iterations" if p and i else f"`{t}`: not measured")
@@ -355,6 +421,7 @@ def _q1(data: dict[str, Any], agg: dict) -> list[str]:
     lines[2:2] = _stall_lines(data, agg)
     for reg, sib in pairs:
         wins = losses = ties = hollow = fits_less = gap_larger = fits_more = gap_smaller = 0
+        incomplete = 0  # cells whose paired differences leave out a seed
         for task in data["config"]["tasks"]:
             for h in horizons_of(data):
                 if (task, reg, h) not in agg or (task, sib, h) not in agg:
@@ -385,12 +452,13 @@ def _q1(data: dict[str, Any], agg: dict) -> list[str]:
                     fits_less += dtr.significant and dtr.mean > 0
                     gap_larger += dgap.significant and dgap.mean > 0
                 ties += verdict == "within seed noise"
+                incomplete += bool(acc.missing or dtr.missing or dgap.missing)
                 lines.append(
                     f"| `{reg}` | `{sib}` | {_task_label(data, task)} | {h} | "
                     f"{agg[(task, reg, h)]['test_accuracy'].fmt()} | "
                     f"{agg[(task, sib, h)]['test_accuracy'].fmt()} | "
-                    f"{_pct(acc.mean)} ± {100 * acc.std:.1f} | {acc.t:+.2f} | {verdict} | "
-                    f"{dtr.mean:+.3f} | {dgap.mean:+.3f} |"
+                    f"{_pct(acc.mean)} ± {100 * acc.std:.1f}{acc.note()} | {acc.t:+.2f} | "
+                    f"{verdict} | {dtr.fmt_mean()} | {dgap.fmt_mean()} |"
                 )
         total = wins + losses + ties
         if total == 0:
@@ -438,29 +506,63 @@ def _q1(data: dict[str, Any], agg: dict) -> list[str]:
                 f"(higher train loss, beyond seed noise) in {fits_less} and its generalization "
                 f"gap is larger (beyond seed noise) in {gap_larger}."
             )
+        if incomplete:
+            text += (
+                f" In {incomplete} cell(s) a seed has a non-finite value on one side (a diverged "
+                'run) and is left out of that cell\'s paired differences ("k of N seeds n/a" '
+                "in the table): there the comparison rests on fewer seeds."
+            )
         better, worse, _ = _vs_best_baseline(data, agg, sib)
         if better + worse + _:
             text += (
-                f" For context, `{sib}` itself is worse than the best tuned baseline beyond seed "
-                f"noise in {worse} of {better + worse + _} cells (better in {better})."
+                f" For context, `{sib}` itself is worse than the best tuned baseline (chosen on "
+                f"the validation split) beyond seed noise in {worse} of {better + worse + _} "
+                f"cells (better in {better})."
             )
         summary.append(text)
     lines += ["", "Summary:", "", *summary, ""]
     lines.append(
         "Δ train loss and Δ gap (regularized − sibling, means) say where a difference comes "
         "from: a positive Δ train loss means the regularized rule fits the training set less; "
-        "a negative Δ gap means its test loss is closer to its train loss."
+        'a negative Δ gap means its test loss is closer to its train loss. "k of N seeds n/a" '
+        "marks a difference that leaves out seeds with a non-finite value (diverged runs)."
     )
     lines.append("")
     return lines
 
 
+def selected_validation(data: dict[str, Any], task: str, opt: str, h: int) -> tuple[float, float]:
+    """(mean validation accuracy, mean validation loss) over the tuning seeds of the
+    hyper-parameters selected for ``opt`` at (task, h); NaNs when the file does not record them."""
+    rec = data.get("tuning", {}).get(task, {}).get(opt) or {}
+    chosen = rec.get("selected", {}).get(str(h))
+    for trial in rec.get("trials", []):
+        if chosen is not None and trial["hparams"] == chosen:
+            val = trial["val"].get(str(h), {})
+            acc, loss = val.get("val_accuracy"), val.get("val_loss")
+            return (
+                math.nan if acc is None else float(acc),
+                math.nan if loss is None else float(loss),
+            )
+    return math.nan, math.nan
+
+
 def _best_baseline(data: dict[str, Any], agg: dict, task: str, h: int) -> str | None:
-    """The tuned reference baseline with the highest mean test accuracy at (task, h)."""
-    present = [b for b in TUNED_REFERENCE if (task, b, h) in agg and b in data["optimizers"]]
-    if not present:
-        return None
-    return max(present, key=lambda b: agg[(task, b, h)]["test_accuracy"].mean)
+    """The reference baseline at (task, h), chosen on the VALIDATION split: the tuned baseline
+    whose selected hyper-parameters have the highest mean validation accuracy over the tuning
+    seeds (ties: lower validation loss, then :data:`TUNED_REFERENCE` order). A baseline without
+    recorded validation numbers cannot be chosen; the test split is never looked at here."""
+    best, key = None, None
+    for b in TUNED_REFERENCE:
+        if (task, b, h) not in agg or b not in data["optimizers"]:
+            continue
+        acc, loss = selected_validation(data, task, b, h)
+        if not math.isfinite(acc):
+            continue
+        k = (acc, -loss if math.isfinite(loss) else -math.inf)
+        if key is None or k > key:
+            best, key = b, k
+    return best
 
 
 def _vs_best_baseline(data: dict[str, Any], agg: dict, opt: str) -> tuple[int, int, int]:
@@ -487,17 +589,24 @@ def _q2(data: dict[str, Any], agg: dict) -> list[str]:
         return [*lines, "Not answerable from this file (needs learned rules and baselines).", ""]
     lines += [
         "Test accuracy of each learned rule minus that of the best tuned baseline among "
-        f"{', '.join(f'`{b}`' for b in refs)} for that task and horizon (the baseline with the "
-        "highest mean test accuracy; paired by seed).",
+        f"{', '.join(f'`{b}`' for b in refs)} for that task and horizon, paired by seed. The "
+        "best baseline is chosen on the VALIDATION split: the one whose selected "
+        "hyper-parameters have the highest mean validation accuracy over the tuning seeds (val "
+        "acc in the table); its test accuracy is then reported, never used to choose it.",
         "",
-        "| task | steps | best tuned baseline | " + " | ".join(f"`{n}`" for n in learned) + " |",
+        "| task | steps | best tuned baseline (val acc): test acc | "
+        + " | ".join(f"`{n}`" for n in learned)
+        + " |",
         "|---|---|---|" + "---|" * len(learned),
     ]
     counts = {n: [0, 0, 0] for n in learned}
+    unchosen = []
     for task in data["config"]["tasks"]:
         for h in horizons_of(data):
             best = _best_baseline(data, agg, task, h)
             if best is None:
+                if any((task, b, h) in agg for b in refs):
+                    unchosen.append(f"`{task}`@{h}")
                 continue
             cells = []
             for n in learned:
@@ -512,13 +621,24 @@ def _q2(data: dict[str, Any], agg: dict) -> list[str]:
                 counts[n][0 if v.startswith("better") else 1 if v.startswith("worse") else 2] += 1
                 mark = " ▲" if v.startswith("better") else " ▼" if v.startswith("worse") else ""
                 cells.append(
-                    f"{agg[(task, n, h)]['test_accuracy'].mean:.3f} ({_pct(p.mean)}){mark}"
+                    f"{agg[(task, n, h)]['test_accuracy'].fmt_mean()} ({_pct(p.mean)}){mark}"
+                    + p.note()
                 )
+            val_acc, _ = selected_validation(data, task, best, h)
             lines.append(
-                f"| {_task_label(data, task)} | {h} | `{best}` "
+                f"| {_task_label(data, task)} | {h} | `{best}` ({val_acc:.3f}): "
                 f"{agg[(task, best, h)]['test_accuracy'].fmt()} | " + " | ".join(cells) + " |"
             )
-    lines += ["", "▲ / ▼: better / worse than that baseline beyond seed noise.", "", "Summary:", ""]
+    lines += ["", "▲ / ▼: better / worse than that baseline beyond seed noise."]
+    if unchosen:
+        lines += [
+            "",
+            "No reference baseline for "
+            + ", ".join(unchosen)
+            + ": the file records no validation accuracy for the tuned baselines there (the "
+            "reference is never chosen on the test split).",
+        ]
+    lines += ["", "Summary:", ""]
     for n in learned:
         b, w, t = counts[n]
         lines.append(
@@ -535,58 +655,75 @@ def _q3(data: dict[str, Any], agg: dict) -> list[str]:
     if not pairs:
         return [*lines, "Not answerable from this file (no regularized/sibling pair).", ""]
     lines += [
-        "Hessian trace and top eigenvalue of the full-train-split loss at the final iterate; "
-        "ratio = regularized / sibling (means); the verdict is a paired t-test on the per-seed "
-        "log ratio of the trace.",
+        "Hessian trace and |λ_max| of the full-train-split loss at the final iterate; "
+        "ratio = regularized / sibling (means; n/a when the sibling's mean trace is not "
+        "positive); the verdict is a paired t-test on the per-seed log ratio of the trace, so a "
+        "seed whose trace is not positive (or not finite) on either side is left out of it, and "
+        "the verdict says how many. A cell where either rule does not train (mean test "
+        f"accuracy below {STALL_FACTOR}× chance) is shown but not counted: a rule stuck near "
+        "its initialization has a small Hessian without having found a flat minimum.",
         "",
         "| regularized | sibling | task | steps | tr H (reg) | tr H (sibling) | ratio | verdict "
-        "| λ_max (reg) | λ_max (sibling) |",
+        "| \\|λ_max\\| (reg) | \\|λ_max\\| (sibling) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def logs(opt: str, task: str, h: int) -> dict[int, float]:
+        return {
+            s: math.log(v) if math.isfinite(v) and v > 0 else math.nan
+            for s, v in per_seed(data, task, opt, h, "hessian_trace").items()
+        }
+
     summary = []
     for reg, sib in pairs:
         flatter = sharper = same = 0
+        stalled: list[str] = []
         for task in data["config"]["tasks"]:
             for h in horizons_of(data):
                 a, b = agg.get((task, reg, h)), agg.get((task, sib, h))
                 if not a or not b or a["hessian_trace"].n == 0 or b["hessian_trace"].n == 0:
                     continue
-                la = {
-                    s: math.log(v)
-                    for s, v in per_seed(data, task, reg, h, "hessian_trace").items()
-                    if v > 0
-                }
-                lb = {
-                    s: math.log(v)
-                    for s, v in per_seed(data, task, sib, h, "hessian_trace").items()
-                    if v > 0
-                }
-                p = paired(la, lb)
+                p = paired(logs(reg, task, h), logs(sib, task, h))
                 v = p.verdict("sharper", "flatter")
-                flatter += v.startswith("flatter")
-                sharper += v.startswith("sharper")
-                same += v == "within seed noise"
-                ratio = a["hessian_trace"].mean / b["hessian_trace"].mean
+                dead = [o for o in (reg, sib) if _stalled(data, agg, task, o, h)]
+                if dead:
+                    stalled.append(f"`{task}`@{h}")
+                else:
+                    flatter += v.startswith("flatter")
+                    sharper += v.startswith("sharper")
+                    same += v == "within seed noise"
+                v += p.note("left out: trace ≤ 0 or n/a")
+                v += "".join(f" (`{o}` does not train: not counted)" for o in dead)
+                ta, tb = a["hessian_trace"].mean, b["hessian_trace"].mean
+                ratio = f"{ta / tb:.2f}" if math.isfinite(ta) and tb > 0 else "n/a"
                 lines.append(
                     f"| `{reg}` | `{sib}` | {_task_label(data, task)} | {h} | "
                     f"{a['hessian_trace'].fmt(3, sig=True)} | "
-                    f"{b['hessian_trace'].fmt(3, sig=True)} | {ratio:.2f} | {v} | "
+                    f"{b['hessian_trace'].fmt(3, sig=True)} | {ratio} | {v} | "
                     f"{a['hessian_top_eig'].fmt(3, sig=True)} | "
                     f"{b['hessian_top_eig'].fmt(3, sig=True)} |"
                 )
         total = flatter + sharper + same
-        if total:
+        if total or stalled:
             text = (
                 f"- `{reg}` vs `{sib}`: flatter (lower trace) beyond seed noise in {flatter} of "
                 f"{total} cells, sharper in {sharper}, within seed noise in {same}. "
             )
-            text += (
-                "Its solutions are flatter."
-                if flatter == total
-                else "**That its solutions are flatter is not supported.**"
-                if flatter == 0
-                else "Its solutions are flatter only in part of the cells."
-            )
+            if total:
+                text += (
+                    "Its solutions are flatter."
+                    if flatter == total
+                    else "**That its solutions are flatter is not supported.**"
+                    if flatter == 0
+                    else "Its solutions are flatter only in part of the cells."
+                )
+            else:
+                text += "**No cell can answer the question.**"
+            if stalled:
+                text += (
+                    f" Not counted: {', '.join(stalled)}, where one of the two rules does not "
+                    "train (a low curvature there is no evidence for the regularizer)."
+                )
             summary.append(text)
     lines += ["", "Summary:", "", *summary, ""]
     corr = _flatness_accuracy_correlation(data)
@@ -728,8 +865,8 @@ def _long(data: dict[str, Any], fig: str) -> list[str]:
             )
             lines.append(
                 f"| `{o}` | "
-                + " | ".join(f"{a.mean:.3f}" for a in acc)
-                + f" | {tr0.mean:.3g} → {tr1.mean:.3g} | {verdict} |"
+                + " | ".join(a.fmt_mean() for a in acc)
+                + f" | {tr0.fmt_mean('.3g')} → {tr1.fmt_mean('.3g')} | {verdict} |"
             )
         lines.append("")
         lines.append(f"![long-horizon loss curves]({fig}/long_{task}.png)")
