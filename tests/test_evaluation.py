@@ -382,6 +382,23 @@ def test_regularized_checkpoint_pairs_with_its_sibling_from_the_recipe():
     assert resolve_optimizers(["rnnprop"])["rnnprop"].sibling is None
 
 
+def test_seen_task_comes_from_the_checkpoints_recipes():
+    """ "Seen" is the task the learned rules were meta-trained on (their recipe's [task] name),
+    not a hard-coded name: the quick config's default would call the MNIST MLP unseen."""
+    from types import SimpleNamespace
+
+    cfg = EvalConfig.quick(tasks=("mnist-mlp-sigmoid",), long_horizon=0)
+    assert cfg.seen_task == "digits-mlp"  # the fallback
+    infos = resolve_optimizers(["rnnprop", "adam"])
+    assert suite.seen_tasks(cfg, infos) == {"mnist-mlp-sigmoid": ["rnnprop"]}
+    assert suite.seen_tasks(cfg, resolve_optimizers(["adam"])) == {"digits-mlp": []}
+    planner = SimpleNamespace(tuning={}, hparams={})
+    results: dict = {"eval": [], "long": [], "tune": [], "reused": []}
+    data = suite._assemble(cfg, infos, planner, results, 1, 1, 0.0, None, True)
+    assert data["tasks"]["mnist-mlp-sigmoid"]["seen"] is True
+    assert data["tasks"]["mnist-mlp-sigmoid"]["seen_by"] == ["rnnprop"]
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -549,7 +566,9 @@ def test_top_eigenvalue_is_absolute_and_only_where_power_iteration_converged():
     _set(data, "r", hessian_top_eig_residual={0: 0.01, 1: 0.01, 2: 0.01, 3: 0.01, 4: 5.0})
     page = render_markdown(data)
     # |-4|, 2, 2, 2 (seed 4's residual 5.0 > 0.1: unconverged): mean 2.5, one left out
-    assert "| 2.5 ± 1 (1 unconverged) |" in _row(page, "| `r-hessian` | `r` | `t` (seen) | 10 | 5.0")
+    assert "| 2.5 ± 1 (1 unconverged) |" in _row(
+        page, "| `r-hessian` | `r` | `t` (seen) | 10 | 5.0"
+    )
     assert "\\|λ_max\\|" in page and "exceeds 0.1 did not converge" in page
 
 

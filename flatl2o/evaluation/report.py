@@ -244,6 +244,13 @@ def _task_label(data: dict[str, Any], task: str) -> str:
     return f"`{task}` ({'seen' if data['tasks'].get(task, {}).get('seen') else 'unseen'})"
 
 
+def _role(info: dict[str, Any]) -> str:
+    if not info.get("seen"):
+        return "unseen"
+    by = info.get("seen_by")
+    return f"seen (meta-training task{' of ' + ', '.join(f'`{n}`' for n in by) if by else ''})"
+
+
 def _pairs(data: dict[str, Any]) -> list[tuple[str, str]]:
     opts = data["optimizers"]
     return [
@@ -322,7 +329,7 @@ def _setup(data: dict[str, Any], fig: str) -> list[str]:
         info = data["tasks"].get(t, {})
         lines.append(
             f"| `{t}` | {info.get('num_params', '?')} | "
-            f"{'seen (meta-training task)' if info.get('seen') else 'unseen'}: "
+            f"{_role(info)}: "
             f"{info.get('description', '')} |"
         )
     lines += ["", "Optimizers:", "", "| optimizer | kind | what |", "|---|---|---|"]

@@ -56,9 +56,11 @@ __all__ = [
     "EvalConfig",
     "evaluate",
     "load_results",
+    "seen_tasks",
 ]
 
 #: The meta-training optimizee of every shipped checkpoint ("seen"); the others are unseen.
+#: Only a fallback: :func:`seen_tasks` reads the learned checkpoints' recipes when they have one.
 SEEN_TASK = "mnist-mlp-sigmoid"
 STANDARD_TASKS = ("mnist-mlp-sigmoid", "mnist-mlp-relu", "mnist-mlp-deep", "mnist-conv")
 #: File name of the results JSON inside the output folder.
@@ -655,6 +657,20 @@ def _compact(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k not in ("curve", "curve_every")}
 
 
+def seen_tasks(config: EvalConfig, infos: dict[str, OptimizerInfo]) -> dict[str, list[str]]:
+    """``{task: [learned rules meta-trained on it]}``: the "seen" tasks.
+
+    Read from each learned checkpoint's recipe (``[task] name``); when no learned rule records
+    one (baselines only, or checkpoints without a recipe), ``{config.seen_task: []}``.
+    """
+    seen: dict[str, list[str]] = {}
+    for name, info in sorted(infos.items()):
+        task = (info.recipe.get("task") or {}).get("name") if info.kind == "learned" else None
+        if task:
+            seen.setdefault(str(task), []).append(name)
+    return seen or {config.seen_task: []}
+
+
 def _assemble(
     config: EvalConfig,
     infos: dict[str, OptimizerInfo],
@@ -679,13 +695,15 @@ def _assemble(
         )
 
     tasks: dict[str, Any] = {}
+    seen = seen_tasks(config, infos)
     for name in dict.fromkeys([*config.tasks, *(config.long_tasks if config.long_horizon else ())]):
         task = _task(name, config.batch_size)
         ds = task.dataset
         tasks[name] = {
             "num_params": task.num_params,
             "num_classes": ds.num_classes if ds is not None else None,
-            "seen": name == config.seen_task,
+            "seen": name in seen,
+            "seen_by": seen.get(name, []),
             "dataset": ds.name if ds is not None else None,
             "splits": {s: len(ds.split(s)) for s in ("train", "val", "test")} if ds else {},
             "description": (TASKS[name].__doc__ or "").strip().splitlines()[0],
