@@ -842,6 +842,36 @@ def test_finish_records_non_finite_metrics_as_null(tmp_path, monkeypatch):
     assert (out / "README.md").is_file() and flatl2o.load_rule(out) is not None
 
 
+def test_evaluation_reports_validation_split_numbers_for_choosing_hyper_parameters(
+    tmp_path, monkeypatch
+):
+    """Regularizer strengths must be compared on validation numbers, not on the test split:
+    evaluate_rule and the model card report both (the test keys stay for old readers)."""
+    import flatl2o.meta.trainer as trainer_module
+    from flatl2o.meta.rollout import evaluate_rule
+
+    task = make_task("digits-mlp", batch_size=16)
+    metrics = evaluate_rule(flatl2o.make_rule("rnnprop"), task, horizons=[2, 3], seeds=2)
+    for h in (2, 3):
+        for key in ("val_accuracy", "val_loss", "test_accuracy", "test_loss", "train_loss"):
+            assert math.isfinite(metrics[f"{key}@{h}"]) and f"{key}_std@{h}" in metrics
+        assert 0.0 <= metrics[f"val_accuracy@{h}"] <= 1.0
+
+    def fake(rule, task, *, horizons, seeds):
+        return {f"{k}@20": v for k, v in (("test_accuracy", 0.8), ("test_accuracy_std", 0.01),
+                ("test_loss", 0.6), ("test_loss_std", 0.1), ("train_loss", 0.5),
+                ("train_loss_std", 0.1), ("val_accuracy", 0.75), ("val_accuracy_std", 0.02),
+                ("val_loss", 0.7), ("val_loss_std", 0.1))}  # fmt: skip
+
+    monkeypatch.setattr(trainer_module, "evaluate_rule", fake)
+    out = MetaTrainer(recipe_from_dict(tiny()), tmp_path / "run", progress=False).finish()
+    card = (out / "README.md").read_text()
+    assert "| steps | val accuracy | val loss | test accuracy | test loss | train loss |" in card
+    assert "| 20 | 0.7500 ± 0.0200 | 0.7000 | 0.8000 ± 0.0100 | 0.6000 | 0.5000 |" in card
+    assert "choose hyper-parameters" in card
+    assert json.loads((out / "metrics.json").read_text())["val_accuracy@20"] == 0.75
+
+
 def test_finish_refuses_a_diverged_rule_with_a_clear_error(tmp_path):
     from flatl2o.checkpoint import CheckpointError
 

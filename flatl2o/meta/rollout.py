@@ -70,24 +70,36 @@ def evaluate_rule(
     seeds: int,
     extra: Callable[[Tensor], dict[str, float]] | None = None,
 ) -> dict[str, float]:
-    """Test accuracy / test loss / train loss after each horizon, mean and std over seeds.
+    """Test accuracy / test loss / train loss, and validation accuracy / loss, after each
+    horizon: mean and std over seeds.
 
+    The validation metrics (``val_accuracy@h``, ``val_loss@h``, on the dataset's validation
+    split when it is not empty) are the ones to choose hyper-parameters on, e.g. a regularizer's
+    strength; the test metrics are for reporting only (method spec section 5).
     ``extra(theta)``, if given, is called at each horizon with that run's parameters; each
     ``name: value`` it returns is summarized like the built-in metrics (``name@h`` and
     ``name_std@h``), e.g. a flatness readout at the iterates the accuracies are measured at.
     """
     results: dict[str, list[float]] = {}
+    has_val = task.dataset is not None and len(task.dataset.split("val")) > 0
 
     def record(t: int, theta: Tensor) -> None:
         if t not in horizons:
             return
         test = task.evaluate(theta, "test")
         train = task.evaluate(theta, "train")
-        for key, value in (
+        pairs = [
             (f"test_accuracy@{t}", test.get("accuracy", float("nan"))),
             (f"test_loss@{t}", test["loss"]),
             (f"train_loss@{t}", train["loss"]),
-        ):
+        ]
+        if has_val:
+            val = task.evaluate(theta, "val")
+            pairs += [
+                (f"val_accuracy@{t}", val.get("accuracy", float("nan"))),
+                (f"val_loss@{t}", val["loss"]),
+            ]
+        for key, value in pairs:
             results.setdefault(key, []).append(value)
         for name, value in (extra(theta) if extra is not None else {}).items():
             results.setdefault(f"{name}@{t}", []).append(value)

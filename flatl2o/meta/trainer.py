@@ -691,20 +691,44 @@ class MetaTrainer:
         ]
         if metrics:
             ev = r.evaluation
+            val = all(f"val_accuracy@{h}" in metrics for h in ev.horizons)
             lines += [
                 "",
-                f"## Test accuracy on the seen task ({ev.seeds} seeds, mean ± std)",
+                f"## Accuracy on the seen task ({ev.seeds} seeds, mean ± std)",
                 "",
-                "| steps | test accuracy | test loss | train loss |",
-                "|---|---|---|---|",
+                *(
+                    [
+                        "Compare or choose hyper-parameters (e.g. the regularizer's strength) on "
+                        "the validation columns; the test columns are for reporting only.",
+                        "",
+                        "| steps | val accuracy | val loss | test accuracy | test loss | "
+                        "train loss |",
+                        "|---|---|---|---|---|---|",
+                    ]
+                    if val
+                    else ["| steps | test accuracy | test loss | train loss |", "|---|---|---|---|"]
+                ),
             ]
             for h in ev.horizons:
-                lines.append(
-                    f"| {h} | {metrics[f'test_accuracy@{h}']:.4f} ± "
-                    f"{metrics[f'test_accuracy_std@{h}']:.4f} | "
-                    f"{metrics[f'test_loss@{h}']:.4f} | {metrics[f'train_loss@{h}']:.4f} |"
-                )
+                cells = [
+                    f"{_num(metrics[f'test_accuracy@{h}'])} ± "
+                    f"{_num(metrics[f'test_accuracy_std@{h}'])}",
+                    _num(metrics[f"test_loss@{h}"]),
+                    _num(metrics[f"train_loss@{h}"]),
+                ]
+                if val:
+                    cells[:0] = [
+                        f"{_num(metrics[f'val_accuracy@{h}'])} ± "
+                        f"{_num(metrics.get(f'val_accuracy_std@{h}'))}",
+                        _num(metrics[f"val_loss@{h}"]),
+                    ]
+                lines.append(f"| {h} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
+
+
+def _num(value: Any) -> str:
+    """A model-card table number: 4 decimals (``inf``/``nan`` as such), ``n/a`` when missing."""
+    return f"{value:.4f}" if isinstance(value, float | int) else "n/a"
 
 
 def export_name(folder: str | os.PathLike[str]) -> str:
