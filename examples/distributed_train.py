@@ -134,6 +134,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 if __name__ == "__main__":
     try:
         main()
+        if dist.is_initialized():
+            dist.barrier()  # no rank tears the process group down while another still uses it
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
