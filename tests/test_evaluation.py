@@ -394,7 +394,7 @@ def test_seen_task_comes_from_the_checkpoints_recipes():
     assert suite.seen_tasks(cfg, resolve_optimizers(["adam"])) == {"digits-mlp": []}
     planner = SimpleNamespace(tuning={}, hparams={})
     results: dict = {"eval": [], "long": [], "tune": [], "reused": []}
-    data = suite._assemble(cfg, infos, planner, results, 1, 1, 0.0, None, True)
+    data = suite._assemble(cfg, infos, planner, results, suite._environment(1, 1), 0.0, None, True)
     assert data["tasks"]["mnist-mlp-sigmoid"]["seen"] is True
     assert data["tasks"]["mnist-mlp-sigmoid"]["seen_by"] == ["rnnprop"]
 
@@ -639,12 +639,18 @@ def test_quick_cli_end_to_end_and_deterministic_report(tmp_path: Path):
     assert f"flatl2o evaluate --report-only {out / 'eval.json'} --docs {docs}" in page
 
 
-def test_resume_reuses_runs_only_from_the_same_code_and_threads(tmp_path: Path):
+def test_resume_reuses_runs_only_from_the_same_code_and_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     """A learned rule's trajectory moves with float-level changes, so --resume never mixes
     runs made by other code (or torch, CPU, thread count) into one results file."""
     cfg = EvalConfig.quick(optimizers=("rnnprop",), long_horizon=0)
+    calls = []
+    environment = suite._environment
+    monkeypatch.setattr(suite, "_environment", lambda *a: calls.append(a) or environment(*a))
     first = evaluate(cfg, out=tmp_path, progress=False)
-    assert first["environment"]["code_sha"] == suite.code_sha()
+    # read once, before the runs: the code that ran, not what the checkout holds at the end
+    assert first["environment"]["code_sha"] == suite.code_sha() and len(calls) == 1
     again = evaluate(cfg, out=tmp_path, resume=True, progress=False)
     assert again["timing"]["runs_reused"] == len(first["runs"]) > 0
     data = json.loads((tmp_path / "eval.json").read_text())

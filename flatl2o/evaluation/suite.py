@@ -385,7 +385,6 @@ class _Planner:
 REUSE_ENVIRONMENT = ("code_sha", "torch", "cpu", "threads_per_job")
 
 
-@functools.cache
 def code_sha() -> str:
     """SHA-256 (20 hex digits) of the flatl2o package's ``.py`` and ``.c`` files: the code
     that computes a run, whether or not it is a git checkout with uncommitted changes."""
@@ -518,7 +517,10 @@ def evaluate(
     names = list(config.optimizers) or default_optimizers()
     infos = resolve_optimizers(names)
     out_dir = Path(out) if out is not None else None
-    previous = _previous_records(out_dir, _environment(jobs, threads)) if resume else {}
+    # the code, torch and settings that compute the runs, read once before any run starts
+    # (read at the end, it would name whatever the checkout holds by then)
+    environment = _environment(jobs, threads)
+    previous = _previous_records(out_dir, environment) if resume else {}
     t_start = time.perf_counter()
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -534,9 +536,7 @@ def evaluate(
         partial = out_dir / "eval.partial.json" if out_dir is not None else None
 
         def snapshot(final: bool) -> dict[str, Any]:
-            return _assemble(
-                config, infos, planner, results, jobs, threads, t_start, command, final
-            )
+            return _assemble(config, infos, planner, results, environment, t_start, command, final)
 
         try:
             _execute(
@@ -676,8 +676,7 @@ def _assemble(
     infos: dict[str, OptimizerInfo],
     planner: _Planner,
     results: dict[str, list[dict[str, Any]]],
-    jobs: int,
-    threads: int,
+    environment: dict[str, Any],
     t_start: float,
     command: str | None,
     final: bool,
@@ -716,7 +715,7 @@ def _assemble(
         "complete": final,
         "command": command,
         "config": config.to_dict(),
-        "environment": _environment(jobs, threads),
+        "environment": environment,
         "optimizers": {n: i.to_dict() for n, i in infos.items()},
         "tasks": tasks,
         "tuning": planner.tuning,
