@@ -219,6 +219,20 @@ def save_rule(
     return directory
 
 
+def safetensors_header(data: bytes) -> tuple[dict, int]:
+    """The JSON header of safetensors ``data`` and its length in bytes (``ValueError`` when
+    it is truncated or not a JSON object), without reading any tensor."""
+    if len(data) < 8:
+        raise ValueError(f"{len(data)} bytes, shorter than a safetensors header")
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > len(data) - 8:
+        raise ValueError("truncated (the header runs past the end of the file)")
+    header = json.loads(data[8 : 8 + length].decode("utf-8"))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    return header, length
+
+
 def _canonical_safetensors(data: bytes) -> bytes:
     """The same file with a deterministic header (sorted metadata, tensors by offset).
 
@@ -226,8 +240,7 @@ def _canonical_safetensors(data: bytes) -> bytes:
     bytes, change from one process to the next. Checkpoints must be byte-identical for the
     same rule: reproducible hashes, and no new Hub commit when nothing changed.
     """
-    (length,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + length])
+    header, length = safetensors_header(data)
     metadata = header.pop("__metadata__", None)
     ordered: dict[str, object] = {}
     if metadata is not None:

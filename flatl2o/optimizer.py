@@ -281,8 +281,8 @@ class L2O(Optimizer):
                 )
             else:
                 skipped.append(p)
-        for device in {p.device for p, _ in todo}:
-            self._kernel_on(device)  # an explicit backend that cannot run raises here
+        # an explicit backend that cannot run raises here, before anything moves
+        kernels = {device: self._kernel_on(device) for device in {p.device for p, _ in todo}}
         for p in skipped:
             warnings.warn(
                 f"L2O: the gradient of a parameter of shape {tuple(p.shape)} contains "
@@ -292,8 +292,13 @@ class L2O(Optimizer):
                 stacklevel=_user_stacklevel(),
             )
         for p, group in todo:
-            self._update(p, group)
+            self._update(p, group, kernels[p.device])
         return loss
+
+    def _state_shapes_of(self, p: Tensor) -> dict[str, tuple[int, ...]]:
+        """The shape each recurrent-state tensor of ``p`` must have (see ``state_coords_shape``)."""
+        lead = state_coords_shape(p)
+        return {key: (*lead, *shape) for key, shape in self.rule.state_shapes().items()}
 
     def _check_state_fits(self, p: Tensor) -> None:
         """Refuse a state that no longer fits its parameter (resized after its first step),
@@ -301,24 +306,22 @@ class L2O(Optimizer):
         state = self.state.get(p)
         if not state:
             return
-        lead = state_coords_shape(p)
-        for key, shape in self.rule.state_shapes().items():
+        for key, expected in self._state_shapes_of(p).items():
             t = state.get(key)
             got = tuple(t.shape) if isinstance(t, Tensor) else t
-            if got != (*lead, *shape):
+            if got != expected:
                 raise RuntimeError(
                     f"L2O: the state of a parameter of shape {tuple(p.shape)} does not fit it: "
-                    f"state {key!r} has shape {got}, expected {(*lead, *shape)} (was the "
+                    f"state {key!r} has shape {got}, expected {expected} (was the "
                     "parameter resized after its first step?); nothing was updated. Drop its "
                     "state with `del optimizer.state[param]` to restart its recurrent state, "
                     "or rebuild the optimizer"
                 )
 
-    def _update(self, p: Tensor, group: dict[str, Any]) -> None:
+    def _update(self, p: Tensor, group: dict[str, Any], kernel: StepKernel) -> None:
         local, local_g = local_shard(p), local_grad(p)  # a DTensor's (FSDP2) local shard
         param = torch.view_as_real(local) if local.is_complex() else local
         grad = torch.view_as_real(local_g) if local_g.is_complex() else local_g
-        kernel = self._kernel_on(p.device)
         full_state = self.state[p] or self._init_state(p)
         step = int(full_state["step"].item()) + 1  # counted once the update has been made
         state = local_state(full_state, self.rule.state_shapes())  # the shard's rows (views)
@@ -432,8 +435,7 @@ class L2O(Optimizer):
         """Refuse a per-parameter state that does not fit ``p`` before anything is loaded."""
         if not saved:
             return
-        lead = state_coords_shape(p)  # (numel,); a DTensor's own shape (sharded like it)
-        expected = {"step": ()} | {k: (*lead, *s) for k, s in self.rule.state_shapes().items()}
+        expected = {"step": ()} | self._state_shapes_of(p)
         got = {k: tuple(v.shape) if isinstance(v, Tensor) else v for k, v in saved.items()}
         if got != expected:
             raise ValueError(

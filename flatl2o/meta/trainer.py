@@ -36,7 +36,13 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from flatl2o import distributed
-from flatl2o.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text, save_rule
+from flatl2o.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    atomic_write_text,
+    safetensors_header,
+    save_rule,
+)
 from flatl2o.hub import SHIPPED_DIRS, load_rule, render_model_card, retarget_model_card
 from flatl2o.meta.recipe import SLOT_SEED_STRIDE, VAL_SEED_OFFSET, Recipe, RecipeError
 from flatl2o.meta.regularizers import make_regularizer, regularized_unroll
@@ -756,13 +762,8 @@ def _damaged(out: Path, path: Path, why: str) -> ResumeError:
 def _state_metadata(data: bytes) -> dict[str, Any] | None:
     """The counters stored in a trainer checkpoint's safetensors metadata (``None``: an older
     checkpoint without them). Raises ``ValueError`` on a malformed header."""
-    if len(data) < 8:
-        raise ValueError(f"{len(data)} bytes, shorter than a safetensors header")
-    size = int.from_bytes(data[:8], "little")
-    if size > len(data) - 8:
-        raise ValueError("truncated (the header runs past the end of the file)")
-    header = json.loads(data[8 : 8 + size].decode("utf-8"))
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    header, _ = safetensors_header(data)
+    metadata = header.get("__metadata__")
     text = metadata.get(STATE_METADATA_KEY) if isinstance(metadata, dict) else None
     if text is None:
         return None
