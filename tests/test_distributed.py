@@ -33,11 +33,22 @@ def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     path = [str(Path(flatl2o.__file__).parents[1]), str(HERE), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    proc = subprocess.run(
-        [*cmd, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=HERE.parent
-    )
+    try:
+        proc = subprocess.run(
+            [*cmd, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=HERE.parent
+        )
+    except subprocess.TimeoutExpired as e:  # say where it hung: the output so far
+        out, err = (_text(x) for x in (e.stdout, e.stderr))
+        raise AssertionError(
+            f"torchrun {' '.join(args)} still running after {timeout} s:\n"
+            f"{out[-4000:]}\n{err[-8000:]}"
+        ) from None
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     return proc
+
+
+def _text(data: str | bytes | None) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else data or ""
 
 
 # ------------------------------------------------------------------ the optimizer
