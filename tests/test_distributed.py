@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,22 +34,32 @@ def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     path = [str(Path(flatl2o.__file__).parents[1]), str(HERE), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    try:
-        proc = subprocess.run(
-            [*cmd, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=HERE.parent
-        )
-    except subprocess.TimeoutExpired as e:  # say where it hung: the output so far
-        out, err = (_text(x) for x in (e.stdout, e.stderr))
-        raise AssertionError(
-            f"torchrun {' '.join(args)} still running after {timeout} s:\n"
-            f"{out[-4000:]}\n{err[-8000:]}"
-        ) from None
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-    return proc
-
-
-def _text(data: str | bytes | None) -> str:
-    return data.decode(errors="replace") if isinstance(data, bytes) else data or ""
+    # its own session, so that a hung run's workers are killed with it, not left to slow down
+    # the rest of the suite
+    with subprocess.Popen(
+        [*cmd, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=HERE.parent,
+        start_new_session=True,
+    ) as popen:
+        try:
+            out, err = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGTERM)  # torchrun stops its workers on SIGTERM
+            try:
+                out, err = popen.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(popen.pid, signal.SIGKILL)
+                out, err = popen.communicate()
+            raise AssertionError(  # say where it hung: the output so far
+                f"torchrun {' '.join(args)} still running after {timeout} s:\n"
+                f"{out[-4000:]}\n{err[-8000:]}"
+            ) from None
+    assert popen.returncode == 0, f"torchrun failed:\n{out[-4000:]}\n{err[-8000:]}"
+    return subprocess.CompletedProcess(popen.args, popen.returncode, out, err)
 
 
 # ------------------------------------------------------------------ the optimizer
