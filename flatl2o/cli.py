@@ -65,6 +65,8 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
             print(f"wrote {out} (load it with flatl2o.load_rule({str(out)!r}))")
             if args.export:
                 print(f"exported the checkpoint files to {trainer.export(args.export)}")
+        if joined:  # rank 0 finishes (evaluates, writes) alone: the ranks leave together, or
+            torch.distributed.barrier()  # an early rank's teardown can hang the other's
     finally:
         if joined:
             torch.distributed.destroy_process_group()
