@@ -560,6 +560,29 @@ def test_flatness_answer_skips_stalled_rules_and_non_positive_traces():
     assert "flatter, beyond seed noise (1 of 5 seeds left out: trace ≤ 0 or n/a)" in row
 
 
+def test_flatness_cells_without_a_finite_trace_are_shown_not_skipped():
+    """A cell whose every trace is non-finite on one side cannot answer question 3: it gets a
+    row and a mention in the summary (it used to vanish, like a cell never measured); the
+    Spearman row counts the runs it leaves out."""
+    good = [0.90, 0.91, 0.92, 0.905, 0.915]
+    data = _set(_synthetic(good, good), "r", hessian_trace=math.inf)
+    page = render_markdown(data)
+    row = _row(page, "| `r-hessian` | `r` | `t` (seen) | 10 | 5.0")
+    assert "| n/a | n/a | not testable (no finite trace on one side) |" in row, row
+    assert "in 0 of 0 cells" in page and "**No cell can answer the question.**" in page
+    assert "No finite trace on one side in `t`@10" in page
+    assert "| `t` | 10 | 5 | 5 | +0.50 |" in page.splitlines()
+    # a horizon the suite did not measure (no readout at all) stays out of the table
+    for r in data["runs"]:
+        for k in [k for k in r["metrics"]["10"] if k.startswith("hessian")]:
+            del r["metrics"]["10"][k]
+    q3_row = "| `r-hessian` | `r` | `t` (seen) | 10 | 5.0"
+    assert q3_row in page
+    page = render_markdown(data)
+    assert q3_row not in page and "not testable (no finite trace" not in page
+    assert "No finite trace" not in page and "Spearman rank correlation" not in page
+
+
 def test_top_eigenvalue_is_absolute_and_only_where_power_iteration_converged():
     data = _synthetic([0.90, 0.91, 0.92, 0.905, 0.915], [0.85, 0.86, 0.87, 0.855, 0.865])
     _set(data, "r", hessian_top_eig={0: -4.0, 1: 2.0, 2: 2.0, 3: 2.0, 4: 2.0})

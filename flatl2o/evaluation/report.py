@@ -685,10 +685,25 @@ def _q3(data: dict[str, Any], agg: dict) -> list[str]:
     for reg, sib in pairs:
         flatter = sharper = same = 0
         stalled: list[str] = []
+        unreadable: list[str] = []
         for task in data["config"]["tasks"]:
             for h in horizons_of(data):
                 a, b = agg.get((task, reg, h)), agg.get((task, sib, h))
-                if not a or not b or a["hessian_trace"].n == 0 or b["hessian_trace"].n == 0:
+                if not a or not b:
+                    continue
+                if not (_measured(data, task, reg, h) and _measured(data, task, sib, h)):
+                    continue  # flatness not measured at this horizon (the suite's budget)
+                if a["hessian_trace"].n == 0 or b["hessian_trace"].n == 0:
+                    # measured, but no finite trace on one side: say so, never skip silently
+                    unreadable.append(f"`{task}`@{h}")
+                    lines.append(
+                        f"| `{reg}` | `{sib}` | {_task_label(data, task)} | {h} | "
+                        f"{a['hessian_trace'].fmt(3, sig=True)} | "
+                        f"{b['hessian_trace'].fmt(3, sig=True)} | n/a | "
+                        "not testable (no finite trace on one side) | "
+                        f"{a['hessian_top_eig'].fmt(3, sig=True)} | "
+                        f"{b['hessian_top_eig'].fmt(3, sig=True)} |"
+                    )
                     continue
                 p = paired(logs(reg, task, h), logs(sib, task, h))
                 v = p.verdict("sharper", "flatter")
@@ -711,7 +726,7 @@ def _q3(data: dict[str, Any], agg: dict) -> list[str]:
                     f"{b['hessian_top_eig'].fmt(3, sig=True)} |"
                 )
         total = flatter + sharper + same
-        if total or stalled:
+        if total or stalled or unreadable:
             text = (
                 f"- `{reg}` vs `{sib}`: flatter (lower trace) beyond seed noise in {flatter} of "
                 f"{total} cells, sharper in {sharper}, within seed noise in {same}. "
@@ -731,6 +746,11 @@ def _q3(data: dict[str, Any], agg: dict) -> list[str]:
                     f" Not counted: {', '.join(stalled)}, where one of the two rules does not "
                     "train (a low curvature there is no evidence for the regularizer)."
                 )
+            if unreadable:
+                text += (
+                    f" No finite trace on one side in {', '.join(unreadable)} (every run's "
+                    "flatness readout there is non-finite): those cells cannot answer."
+                )
             summary.append(text)
     lines += ["", "Summary:", "", *summary, ""]
     corr = _flatness_accuracy_correlation(data)
@@ -740,8 +760,8 @@ def _q3(data: dict[str, Any], agg: dict) -> list[str]:
             "between the Hessian trace and test accuracy (negative = flatter solutions test "
             "better):",
             "",
-            "| task | steps | runs | Spearman ρ |",
-            "|---|---|---|---|",
+            "| task | steps | runs | left out (non-finite) | Spearman ρ |",
+            "|---|---|---|---|---|",
             *corr,
             "",
         ]
@@ -774,21 +794,40 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return cov / math.sqrt(vx * vy) if vx > 0 and vy > 0 else math.nan
 
 
+def _finite_or_nan(v: Any) -> float:
+    return math.nan if v is None else float(v)
+
+
+def _measured(data: dict[str, Any], task: str, opt: str, horizon: int) -> bool:
+    """Whether any run of (task, optimizer) recorded a flatness readout at ``horizon`` (a
+    non-finite one included; an absent key means the suite's budget did not measure it)."""
+    for r in data.get("runs", []):
+        s = r["spec"]
+        if s["task"] == task and s["optimizer"] == opt and horizon in s["horizons"]:
+            if "hessian_trace" in r["metrics"].get(str(horizon), {}):
+                return True
+    return False
+
+
 def _flatness_accuracy_correlation(data: dict[str, Any]) -> list[str]:
     rows = []
     for task in data["config"]["tasks"]:
         for h in horizons_of(data):
-            xs, ys = [], []
+            xs, ys, left_out = [], [], 0
             for r in data["runs"]:
                 s = r["spec"]
                 m = r["metrics"].get(str(h), {})
                 if s["task"] == task and h in s["horizons"] and "hessian_trace" in m:
-                    if math.isfinite(m["hessian_trace"]) and math.isfinite(m["test_accuracy"]):
-                        xs.append(m["hessian_trace"])
-                        ys.append(m["test_accuracy"])
+                    tr, acc = _finite_or_nan(m["hessian_trace"]), _finite_or_nan(m["test_accuracy"])
+                    if math.isfinite(tr) and math.isfinite(acc):
+                        xs.append(tr)
+                        ys.append(acc)
+                    else:
+                        left_out += 1
             rho = spearman(xs, ys)
-            if math.isfinite(rho):
-                rows.append(f"| `{task}` | {h} | {len(xs)} | {rho:+.2f} |")
+            if xs or left_out:
+                shown = f"{rho:+.2f}" if math.isfinite(rho) else "n/a (< 3 runs or constant)"
+                rows.append(f"| `{task}` | {h} | {len(xs)} | {left_out} | {shown} |")
     return rows
 
 
