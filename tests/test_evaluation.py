@@ -15,7 +15,7 @@ from flatl2o.evaluation import EvalConfig, evaluate, suite
 from flatl2o.evaluation.baselines import BASELINES, SAM, EntropySGD
 from flatl2o.evaluation.flatness import hutchinson_trace, top_eigenvalue
 from flatl2o.evaluation.optimizers import resolve_optimizers
-from flatl2o.evaluation.report import paired, render_markdown
+from flatl2o.evaluation.report import flatness_points, paired, render_markdown
 from flatl2o.evaluation.runner import RunSpec, train_run
 from flatl2o.evaluation.tuning import tune
 from flatl2o.meta.data import Dataset, Split, load_digits
@@ -572,14 +572,18 @@ def test_flatness_cells_without_a_finite_trace_are_shown_not_skipped():
     assert "in 0 of 0 cells" in page and "**No cell can answer the question.**" in page
     assert "No finite trace on one side in `t`@10" in page
     assert "| `t` | 10 | 5 | 5 | +0.50 |" in page.splitlines()
+    # the scatter figure (log axis) counts what it cannot show
+    assert flatness_points(data, "t", "r", 10) == ([], 5)
+    assert len(flatness_points(data, "t", "r-hessian", 10)[0]) == 5
     # a horizon the suite did not measure (no readout at all) stays out of the table
+    q3_row = "| `r-hessian` | `r` | `t` (seen) | 10 | 5.0"
+    assert q3_row in page
     for r in data["runs"]:
         for k in [k for k in r["metrics"]["10"] if k.startswith("hessian")]:
             del r["metrics"]["10"][k]
-    q3_row = "| `r-hessian` | `r` | `t` (seen) | 10 | 5.0"
-    assert q3_row in page
     page = render_markdown(data)
     assert q3_row not in page and "not testable (no finite trace" not in page
+    assert flatness_points(data, "t", "r", 10) == ([], 0)  # not measured: nothing omitted
     assert "No finite trace" not in page and "Spearman rank correlation" not in page
 
 

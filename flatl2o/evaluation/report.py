@@ -809,6 +809,21 @@ def _measured(data: dict[str, Any], task: str, opt: str, horizon: int) -> bool:
     return False
 
 
+def flatness_points(
+    data: dict[str, Any], task: str, opt: str, horizon: int
+) -> tuple[list[tuple[float, float]], int]:
+    """The (Hessian trace, test accuracy) points a log-scale scatter can show, and how many
+    measured runs it cannot (trace <= 0 or a non-finite value), so the figure can say so."""
+    tr = per_seed(data, task, opt, horizon, "hessian_trace")
+    acc = per_seed(data, task, opt, horizon, "test_accuracy")
+    pts = [
+        (tr[s], acc[s])
+        for s in sorted(tr)
+        if s in acc and math.isfinite(tr[s]) and tr[s] > 0 and math.isfinite(acc[s])
+    ]
+    return pts, (len(tr) - len(pts) if _measured(data, task, opt, horizon) else 0)
+
+
 def _flatness_accuracy_correlation(data: dict[str, Any]) -> list[str]:
     rows = []
     for task in data["config"]["tasks"]:
@@ -1125,14 +1140,10 @@ def write_plots(data: dict[str, Any], out_dir: str | os.PathLike[str]) -> list[P
             squeeze=False,
         )
         for ax, task in zip(axes[0], tasks, strict=True):
+            omitted = 0  # measured runs a log axis cannot show (trace <= 0 or non-finite)
             for opt in order:
-                tr = per_seed(data, task, opt, h, "hessian_trace")
-                acc = per_seed(data, task, opt, h, "test_accuracy")
-                pts = [
-                    (tr[s], acc[s])
-                    for s in sorted(tr)
-                    if s in acc and math.isfinite(tr[s]) and tr[s] > 0 and math.isfinite(acc[s])
-                ]
+                pts, left_out = flatness_points(data, task, opt, h)
+                omitted += left_out
                 if pts:
                     kind = data["optimizers"][opt]["kind"]
                     ax.scatter(
@@ -1146,7 +1157,8 @@ def write_plots(data: dict[str, Any], out_dir: str | os.PathLike[str]) -> list[P
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("Hessian trace (full train split)")
-            ax.set_title(task, fontsize=9)
+            note = f"\n({omitted} runs not shown: trace ≤ 0 or non-finite)" if omitted else ""
+            ax.set_title(task + note, fontsize=9)
             ax.grid(True, alpha=0.3)
         axes[0][0].set_ylabel("test accuracy")
         with_points = [ax for ax in axes[0] if ax.get_legend_handles_labels()[0]]
