@@ -89,9 +89,30 @@ def shares(trainer: MetaTrainer, trajectories: int) -> list[dict[str, float]]:
                     "alpha_r": float(alpha * reg),
                 }
             )
+            rows[-1].update(theta_space(trainer, theta_next.detach(), SHARE_SEED + 7 * u + i))
             theta = theta_next.detach()
             state = {k: v.detach() for k, v in state_next.items()}
     return rows
+
+
+def theta_space(trainer: MetaTrainer, theta: torch.Tensor, seed: int) -> dict[str, float]:
+    """At ``theta``, on one minibatch: the cosine between R's gradient in the optimizee's
+    parameters and the minibatch loss gradient, and the ratio of their norms (alpha included).
+    For the entropy term this tests whether ``gamma * (theta - mu)`` is mostly a multiple of
+    the loss gradient (a short SGLD chain's drift), which would make its meta-gradient a
+    rescaled copy of the loss term's."""
+    gen = torch.Generator().manual_seed(seed)
+    x, y = trainer.task.sample_batch(gen)
+    th = theta.detach().requires_grad_(True)
+    (g_f,) = torch.autograd.grad(trainer.task.loss(th, x, y), th)
+    th = theta.detach().requires_grad_(True)
+    reg = trainer.regularizer(lambda t: trainer.task.loss(t, x, y), th, generator=gen)
+    (g_r,) = torch.autograd.grad(trainer.recipe.regularizer.alpha * reg, th)
+    nf, nr = float(g_f.norm()), float(g_r.norm())
+    return {
+        "theta_cosine": float(g_f @ g_r) / (nf * nr) if nf > 0 and nr > 0 else math.nan,
+        "theta_ratio": nr / nf if nf > 0 else math.nan,
+    }
 
 
 def summarize(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -109,14 +130,16 @@ def summarize(rows: list[dict[str, float]]) -> dict[str, float]:
         "cosine_min": min(cos, default=math.nan),
         "cosine_max": max(cos, default=math.nan),
         "value_ratio_median": statistics.median(values) if values else math.nan,
+        "theta_cosine_median": statistics.median(finite("theta_cosine")),
+        "theta_ratio_median": statistics.median(finite("theta_ratio")),
     }
 
 
 def table(result: dict) -> str:
     lines = [
         "| recipe | alpha | rule weights | unrolls | \\|g_reg\\| / \\|g_loss\\| median (range) "
-        "| cosine median (range) | alpha·R / meta-loss |",
-        "|---|---|---|---|---|---|---|",
+        "| cosine median (range) | alpha·R / meta-loss | in theta: cosine, norm ratio |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in result["recipes"].items():
         for where in ("init", "shipped"):
@@ -126,7 +149,8 @@ def table(result: dict) -> str:
                 f"{100 * s['ratio_median']:.2f}% ({100 * s['ratio_min']:.2f}–"
                 f"{100 * s['ratio_max']:.2f}%) | {s['cosine_median']:+.2f} "
                 f"({s['cosine_min']:+.2f} to {s['cosine_max']:+.2f}) | "
-                f"{100 * s['value_ratio_median']:.2f}% |"
+                f"{100 * s['value_ratio_median']:.2f}% | {s['theta_cosine_median']:+.2f}, "
+                f"{100 * s['theta_ratio_median']:.2f}% |"
             )
     return "\n".join(lines)
 
@@ -140,7 +164,9 @@ def markdown(result: dict) -> str:
         "shipped (alpha, regularizer options, unroll, trajectory length); gradients in the "
         "rule's weights of the two parts of one unroll's objective, before clipping; `init` = "
         "the rule's random initialization from the recipe's seed, `shipped` = the shipped "
-        "checkpoint's weights.\n\n"
+        "checkpoint's weights. The last column compares, at the iterate after each unroll "
+        "and on one minibatch, the gradient of alpha·R in the optimizee's parameters with the "
+        "minibatch loss gradient (median cosine, median norm ratio).\n\n"
         f"{table(result)}\n"
     )
 
