@@ -341,10 +341,90 @@ def test_tuning_never_reads_the_test_split():
 
 def test_tuning_selects_by_validation_accuracy():
     task = make_task("digits-mlp")
-    res = tune(task, "adam", horizons=(10,), seeds=1)
-    accs = {t["hparams"]["lr"]: t["val"]["10"]["val_accuracy"] for t in res["trials"]}
-    assert res["selected"]["10"]["lr"] == max(accs, key=lambda k: (accs[k], -k))
-    assert sorted(accs) == sorted(BASELINES["adam"].grid["lr"])
+    res = tune(task, "adam", horizons=(5,), seeds=1)
+    accs = {t["hparams"]["lr"]: t["val"]["5"]["val_accuracy"] for t in res["trials"]}
+    assert res["selected"]["5"]["lr"] == max(accs, key=lambda k: (accs[k], -k))
+    # 5 steps favour the largest lr of the grid: the grid grew one step past it (3 x 0.03),
+    # the new end won too, and the result says that it is still at the end of what was tried
+    grid = sorted(BASELINES["adam"].grid["lr"])
+    assert sorted(accs) == res["tried"]["lr"] == [*grid, 0.09]
+    assert res["selected"]["5"]["lr"] == 0.09 and res["at_edge"] == {"5": ["lr"]}
+
+
+def test_the_suite_grows_grids_like_tune_does(tmp_path: Path):
+    """The parallel planner (jobs=2) extends a grid exactly as the serial tune() does, SAM's
+    rho trials included, and only then unlocks the baseline's evaluation runs."""
+    cfg = EvalConfig.quick(optimizers=("sam-adam",), horizons=(5,), long_horizon=0, seeds=1)
+    data = suite.evaluate(cfg, out=tmp_path, jobs=2, progress=False)
+    task = make_task("digits-mlp")
+    adam = tune(task, "adam", horizons=(5,), seeds=1)
+    sam = tune(task, "sam-adam", horizons=(5,), seeds=1, base_selected={5: adam["selected"]["5"]})
+    got = data["tuning"]["digits-mlp"]
+    for name, want in (("adam", adam), ("sam-adam", sam)):
+        assert got[name]["tried"] == want["tried"] and got[name]["selected"] == want["selected"]
+        assert sorted(map(str, got[name]["trials"])) == sorted(map(str, want["trials"]))
+    assert adam["tried"]["lr"][-1] == 0.09  # the grid did grow
+    (run,) = [r for r in data["runs"] if r["spec"]["optimizer"] == "sam-adam"]
+    assert run["spec"]["hparams"] == sam["selected"]["5"]
+    # the page says where the grid grew and which selections are still at an end
+    page = render_markdown(data)
+    (row,) = [r for r in page.splitlines() if r.startswith("| `digits-mlp` | `sam-adam` |")]
+    rho = sam["selected"]["5"]["rho"]
+    edge = " (edge)" if sam["at_edge"] else ""
+    assert row.startswith(f"| `digits-mlp` | `sam-adam` | lr 0.09, rho {rho:g}{edge} |"), row
+    assert "grid(s) grew" in page
+
+
+def _trials(name: str, scores: dict[tuple, float], diverged: tuple = ()) -> list[dict]:
+    """Tuning trials of ``name`` at horizon 10: ``{hparam values in grid key order: val acc}``."""
+    keys = (
+        ["lr", *BASELINES[name].grid] if BASELINES[name].tune_after else list(BASELINES[name].grid)
+    )
+    return [
+        {
+            "hparams": dict(zip(keys, values, strict=True)),
+            "val": {
+                "10": {"val_accuracy": acc, "val_loss": 1 - acc, "diverged": values in diverged}
+            },
+        }
+        for values, acc in scores.items()
+    ]
+
+
+def test_a_grid_grows_one_step_past_an_end_where_the_selection_sits():
+    from flatl2o.evaluation.tuning import at_edge, extension_points
+
+    # Adam's lr grid 1e-3..3e-2: best at 1e-3 -> try 1e-3 / 3 once, then stop (and say so)
+    t = _trials("adam", {(1e-3,): 0.9, (3e-3,): 0.8, (1e-2,): 0.7, (3e-2,): 0.6})
+    assert extension_points("adam", t, [10]) == [{"lr": 0.000333}]
+    t += _trials("adam", {(0.000333,): 0.95})
+    assert extension_points("adam", t, [10]) == []  # one extension per end
+    assert at_edge("adam", t, {"10": {"lr": 0.000333}}) == {"10": ["lr"]}
+    # inside the grid: nothing to add, not at an edge
+    t = _trials("adam", {(1e-3,): 0.7, (3e-3,): 0.9, (1e-2,): 0.8, (3e-2,): 0.6})
+    assert extension_points("adam", t, [10]) == []
+    assert at_edge("adam", t, {"10": {"lr": 3e-3}}) == {}
+    # SGD best at its largest lr, whose extension diverges: the search is bounded there
+    t = _trials("sgd", {(0.03,): 0.6, (0.1,): 0.7, (0.3,): 0.8, (1.0,): 0.9})
+    assert extension_points("sgd", t, [10]) == [{"lr": 3.33}]
+    t += _trials("sgd", {(3.33,): 0.1}, diverged=((3.33,),))
+    assert extension_points("sgd", t, [10]) == []
+    assert at_edge("sgd", t, {"10": {"lr": 1.0}}) == {}
+    # two hyper-parameters: a new value is crossed with every value tried for the other
+    t = _trials(
+        "entropy-sgd", {(10.0, 0.03): 0.9, (10.0, 0.1): 0.8, (30.0, 0.03): 0.7, (30.0, 0.1): 0.6}
+    )
+    new = extension_points("entropy-sgd", t, [10])
+    assert sorted((p["lr"], p["gamma"]) for p in new) == [
+        (3.33, 0.009),
+        (3.33, 0.03),
+        (3.33, 0.1),
+        (10.0, 0.009),
+        (30.0, 0.009),
+    ]
+    # SAM: only rho grows, at each of its base's learning rates
+    t = _trials("sam-sgd", {(0.1, 0.01): 0.6, (0.1, 0.05): 0.7, (0.1, 0.2): 0.9})
+    assert extension_points("sam-sgd", t, [10], {10: {"lr": 0.1}}) == [{"lr": 0.1, "rho": 0.8}]
 
 
 # --------------------------------------------------------------------------- names

@@ -349,24 +349,46 @@ def _setup(data: dict[str, Any], fig: str) -> list[str]:
 def _tuned_table(data: dict[str, Any]) -> list[str]:
     hp = data.get("hparams", {})
     rows = []
+    edges = grown = 0
     for task in data["config"]["tasks"]:
         for opt in BASELINE_ORDER:
             chosen = hp.get(task, {}).get(opt)
             if not chosen:
                 continue
-            cells = [
-                ", ".join(f"{k} {v:g}" for k, v in sorted(chosen[str(h)].items()))
-                for h in horizons_of(data)
-            ]
-            rows.append(f"| `{task}` | `{opt}` | " + " | ".join(cells) + " |")
+            entry = data.get("tuning", {}).get(task, {}).get(opt, {})
+            at_edge = entry.get("at_edge", {})
+            cells = []
+            for h in horizons_of(data):
+                edge = at_edge.get(str(h), [])
+                edges += len(edge)
+                cells.append(
+                    ", ".join(
+                        f"{k} {v:g}" + (" (edge)" if k in edge else "")
+                        for k, v in sorted(chosen[str(h)].items())
+                    )
+                )
+            tried = entry.get("tried", {})
+            extra = {
+                k: [v for v in values if v not in entry.get("grid", {}).get(k, values)]
+                for k, values in tried.items()
+            }
+            extra = {k: v for k, v in extra.items() if v}
+            grown += bool(extra)
+            note = "; ".join(
+                f"{k} also {', '.join(f'{v:g}' for v in vs)}" for k, vs in extra.items()
+            )
+            rows.append(f"| `{task}` | `{opt}` | " + " | ".join(cells) + f" | {note or '–'} |")
     if not rows:
         return []
     hs = horizons_of(data)
     return [
-        "Selected hyper-parameters (validation split):",
+        "Selected hyper-parameters (validation split). Where a selection sat at an end of its "
+        "grid, the grid grew one step past that end (last column: the values added); "
+        '"(edge)" marks a selection still at an end of what was tried, where the optimum may '
+        f"lie beyond the search ({edges} such selection(s); {grown} grid(s) grew).",
         "",
-        "| task | baseline | " + " | ".join(f"@{h}" for h in hs) + " |",
-        "|---|---|" + "---|" * len(hs),
+        "| task | baseline | " + " | ".join(f"@{h}" for h in hs) + " | grid grown |",
+        "|---|---|" + "---|" * len(hs) + "---|",
         *rows,
         "",
     ]

@@ -46,7 +46,13 @@ import torch
 from flatl2o.evaluation.baselines import BASELINES
 from flatl2o.evaluation.optimizers import OptimizerInfo, default_optimizers, resolve_optimizers
 from flatl2o.evaluation.runner import RunSpec, train_run
-from flatl2o.evaluation.tuning import TUNE_SEED_BASE, finish_tuning, plan_trials
+from flatl2o.evaluation.tuning import (
+    TUNE_SEED_BASE,
+    extension_points,
+    finish_tuning,
+    plan_trials,
+    summarize_trials,
+)
 from flatl2o.meta.tasks import TASKS, Task, make_task
 
 __all__ = [
@@ -319,8 +325,9 @@ class _Planner:
             for hp in points
             for s in self.tune_seeds
         ]
-        self.pending[(task, name)] = len(specs)
-        self.records[(task, name)] = []
+        key = (task, name)
+        self.pending[key] = self.pending.get(key, 0) + len(specs)
+        self.records.setdefault(key, [])  # an extension of the grid keeps the earlier trials
         return specs
 
     def _eval_specs(
@@ -364,6 +371,10 @@ class _Planner:
         base_sel = None
         if base:
             base_sel = {int(h): hp for h, hp in self.tuning[spec.task][base]["selected"].items()}
+        trials = summarize_trials(spec.optimizer, self.records[key], self.horizons)
+        more = extension_points(spec.optimizer, trials, self.horizons, base_sel)
+        if more:  # a selection sits at an end of the grid: try beyond it first
+            return self._tune_specs(spec.task, spec.optimizer, more)
         entry = finish_tuning(
             spec.optimizer, self.records[key], self.horizons, self.tune_seeds, base_sel
         )

@@ -9,6 +9,14 @@ Per horizon, the selected point is the one with the highest mean validation accu
 the tune seeds, ties broken by the lower mean validation loss, then by grid order; a point
 whose run diverged on any tune seed is not eligible.
 
+A grid is small to fit the runtime budget, so it grows where it must: when a selection (at
+any horizon) sits at an end of the values tried for a hyper-parameter, one more value beyond
+that end is tried (the grid's own ratio between its two outermost values on that side),
+crossed with the values tried for the other hyper-parameters, and the selection is made again
+- up to :data:`MAX_EXTENSIONS` value(s) beyond each end. A selection still at an end after
+that is reported as such (:func:`at_edge`); one next to an extension that diverged is not
+(divergence bounds the search on that side).
+
 SAM reuses the tuned learning rate of its base optimizer at each horizon and tunes only rho
 (as Foret et al. tuned rho on top of standard base settings), so its trials are planned once
 the base's selection is known. Learned rules are not tuned: they run with ``lr = 1.0`` as
@@ -27,7 +35,10 @@ from flatl2o.evaluation.runner import RunSpec, train_run
 from flatl2o.meta.tasks import Task
 
 __all__ = [
+    "MAX_EXTENSIONS",
     "TUNE_SEED_BASE",
+    "at_edge",
+    "extension_points",
     "grid_points",
     "plan_trials",
     "select",
@@ -37,6 +48,8 @@ __all__ = [
 
 #: Tuning runs use seeds TUNE_SEED_BASE + i (generators EVAL_SEED_OFFSET + TUNE_SEED_BASE + i).
 TUNE_SEED_BASE = 1000
+#: At most this many values are added beyond each end of a hyper-parameter's grid.
+MAX_EXTENSIONS = 1
 
 
 def grid_points(name: str) -> list[dict[str, float]]:
@@ -62,6 +75,85 @@ def plan_trials(
         raise ValueError(f"{name} is tuned after {baseline.tune_after}: pass its selection")
     lrs = sorted({float(hp["lr"]) for hp in base_selected.values()})
     return [{"lr": lr, **pt} for lr in lrs for pt in grid_points(name)]
+
+
+def _tuned_keys(name: str) -> list[str]:
+    """The hyper-parameters whose grid can grow: every grid key with at least two values
+    (a SAM baseline's ``lr`` is its base's selection, not a grid)."""
+    return [k for k, values in BASELINES[name].grid.items() if len(values) >= 2]
+
+
+def _selections(
+    name: str,
+    trials: Sequence[dict[str, Any]],
+    horizons: Sequence[int],
+    base_selected: dict[int, dict[str, float]] | None,
+) -> list[dict[str, float]]:
+    baseline = BASELINES[name]
+    out = []
+    for h in horizons:
+        lr = float(base_selected[h]["lr"]) if baseline.tune_after and base_selected else None
+        out.append(select(trials, h, lr=lr))
+    return out
+
+
+def at_edge(
+    name: str,
+    trials: Sequence[dict[str, Any]],
+    selected: dict[str, dict[str, float]],
+) -> dict[str, list[str]]:
+    """``{str(horizon): [hyper-parameter, ...]}`` whose selected value is the smallest or
+    largest value tried: the optimum may lie beyond what was searched."""
+    out: dict[str, list[str]] = {}
+    for h, hp in selected.items():
+        keys = []
+        for k in _tuned_keys(name):
+            tried = sorted({float(t["hparams"][k]) for t in trials})
+            if float(hp[k]) in (tried[0], tried[-1]):
+                keys.append(k)
+        if keys:
+            out[h] = keys
+    return out
+
+
+def extension_points(
+    name: str,
+    trials: Sequence[dict[str, Any]],
+    horizons: Sequence[int],
+    base_selected: dict[int, dict[str, float]] | None = None,
+) -> list[dict[str, float]]:
+    """The points to try next because a selection sits at an end of the tried values (see
+    the module docstring); ``[]`` when every selection is inside or the extensions are spent.
+
+    The new value beyond an end is the grid's ratio between its two outermost values on that
+    side (3 significant digits); the new points cross it with every value tried for the other
+    hyper-parameters (and, for SAM, with each of its base's selected learning rates).
+    """
+    grid = BASELINES[name].grid
+    tried = {k: sorted({float(t["hparams"][k]) for t in trials}) for k in grid}
+    grown = {k: list(v) for k, v in tried.items()}
+    for hp in _selections(name, trials, horizons, base_selected):
+        for k in _tuned_keys(name):
+            values, v = sorted(float(x) for x in grid[k]), float(hp[k])
+            below = sum(x < values[0] for x in tried[k])
+            above = sum(x > values[-1] for x in tried[k])
+            if v == tried[k][0] and below < MAX_EXTENSIONS:
+                new = float(f"{tried[k][0] * values[0] / values[1]:.3g}")
+                if new not in grown[k]:
+                    grown[k].append(new)
+            if v == tried[k][-1] and above < MAX_EXTENSIONS:
+                new = float(f"{tried[k][-1] * values[-1] / values[-2]:.3g}")
+                if new not in grown[k]:
+                    grown[k].append(new)
+    if grown == {k: list(v) for k, v in tried.items()}:
+        return []
+    done = {_key(t["hparams"]) for t in trials}
+    keys = list(grid)
+    points = [dict(zip(keys, vs, strict=True)) for vs in itertools.product(*grown.values())]
+    if BASELINES[name].tune_after:
+        lrs = sorted({float(t["hparams"]["lr"]) for t in trials})
+        points = [{"lr": lr, **pt} for lr in lrs for pt in points]
+    return [pt for pt in points if _key(pt) not in done]
 
 
 def _key(hparams: dict[str, float]) -> str:
@@ -155,21 +247,25 @@ def tune(
         raise ValueError(f"unknown baseline {name!r}; available: {', '.join(BASELINES)}")
     horizons = sorted(set(int(h) for h in horizons))
     tune_seeds = [TUNE_SEED_BASE + i for i in range(seeds)]
-    records = []
-    for hp in plan_trials(name, base_selected):
-        for s in tune_seeds:
-            spec = RunSpec(
-                task=task.name,
-                optimizer=name,
-                seed=s,
-                horizons=tuple(horizons),
-                purpose="tune",
-                hparams=hp,
-                batch_size=task.batch_size,
-                trace_probes=0,
-                eig_iters=0,
-            )
-            records.append(run(spec, task))
+    records: list[dict[str, Any]] = []
+    points = plan_trials(name, base_selected)
+    while points:
+        for hp in points:
+            for s in tune_seeds:
+                spec = RunSpec(
+                    task=task.name,
+                    optimizer=name,
+                    seed=s,
+                    horizons=tuple(horizons),
+                    purpose="tune",
+                    hparams=hp,
+                    batch_size=task.batch_size,
+                    trace_probes=0,
+                    eig_iters=0,
+                )
+                records.append(run(spec, task))
+        trials = summarize_trials(name, records, horizons)
+        points = extension_points(name, trials, horizons, base_selected)
     return finish_tuning(name, records, horizons, tune_seeds, base_selected)
 
 
@@ -183,14 +279,16 @@ def finish_tuning(
     """Summarize tuning-run records and select per horizon (the JSON ``tuning`` entry)."""
     baseline = BASELINES[name]
     trials = summarize_trials(name, records, horizons)
-    selected = {}
-    for h in horizons:
-        lr = float(base_selected[h]["lr"]) if baseline.tune_after and base_selected else None
-        selected[str(h)] = select(trials, h, lr=lr)
+    selected = {
+        str(h): hp
+        for h, hp in zip(horizons, _selections(name, trials, horizons, base_selected), strict=True)
+    }
     return {
         "baseline": name,
         "tune_after": baseline.tune_after,
         "grid": {k: list(v) for k, v in baseline.grid.items()},
+        "tried": {k: sorted({float(t["hparams"][k]) for t in trials}) for k in baseline.grid},
+        "at_edge": at_edge(name, trials, selected),
         "fixed": dict(baseline.fixed),
         "seeds": list(tune_seeds),
         "horizons": list(horizons),
