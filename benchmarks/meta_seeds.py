@@ -1,0 +1,316 @@
+"""Is a regularizer's effect larger than meta-training's own seed noise?
+
+    python benchmarks/meta_seeds.py --rule dm --meta-seeds 1 2 --jobs 2     # ~1 h on 2 cores
+    python benchmarks/meta_seeds.py --rule dm --meta-seeds 1 --quick        # smoke (minutes)
+
+docs/results.md compares each regularized checkpoint with its unregularized sibling over
+evaluation seeds (optimizee initializations and minibatches), but every shipped rule is ONE
+meta-training run (``train.seed = 0``). Meta-training is chaotic: any change to the
+meta-gradient, however small, sends the rule's weights along a different path, so a
+"regularized beats sibling" cell can be the regularizer or just a different meta-training
+draw. This script separates the two. For one architecture it meta-trains the shipped recipes
+``recipes/<rule>.toml``, ``<rule>-entropy.toml`` and ``<rule>-hessian.toml`` again with other
+``train.seed`` values (everything else as shipped), then evaluates them together with the
+shipped checkpoints (meta-seed 0) through the evaluation suite (``flatl2o evaluate``'s runs:
+same tasks, horizons, evaluation seeds and metrics as docs/results.md). For every meta-seed
+the regularized rule is compared with the unregularized rule of the SAME meta-seed (paired
+over evaluation seeds), and across meta-seeds the per-seed mean differences are summarized:
+their mean, their spread, and in how many meta-seeds the sign agrees. The spread of the
+unregularized rule's own accuracy across meta-seeds is reported next to them: a regularizer
+effect smaller than that spread is not separable from meta-training noise with this many
+meta-seeds.
+
+Meta-training runs as ``python -m flatl2o meta-train`` subprocesses (``--jobs`` at a time, one
+torch thread each; each writes its log next to its run folder). Everything is resumable: a
+finished run (its ``metrics.json`` exists) is reused, a killed one is continued with
+``--resume``, and the evaluation reuses finished runs of the same code. Results go to
+``--out`` (JSON) and the same path with ``.md``; ``markdown(json.load(...))`` redraws it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from flatl2o.evaluation import EvalConfig, evaluate  # noqa: E402
+from flatl2o.evaluation.report import paired, per_seed  # noqa: E402
+
+VARIANTS = ("", "-entropy", "-hessian")  # recipe suffixes; "" is the unregularized rule
+
+
+def run_name(rule: str, variant: str, meta_seed: int) -> str:
+    """The rule's name: the shipped name for meta-seed 0, else ``<name>-m<seed>``."""
+    return f"{rule}{variant}" if meta_seed == 0 else f"{rule}{variant}-m{meta_seed}"
+
+
+def meta_train(rule: str, variant: str, meta_seed: int, root: Path, quick: bool) -> Path:
+    """Meta-train (or finish, or reuse) one run; return its checkpoint folder."""
+    name = run_name(rule, variant, meta_seed)
+    out = root / name
+    if (out / "metrics.json").is_file():
+        return out
+    cmd = [
+        sys.executable,
+        "-m",
+        "flatl2o",
+        "meta-train",
+        "--recipe",
+        str(ROOT / "recipes" / f"{rule}{variant}.toml"),
+        "--out",
+        str(out),
+        "--threads",
+        "1",
+        "--no-progress",
+    ]
+    if out.exists():
+        cmd.append("--resume")
+    cmd += [f"train.seed={meta_seed}", f"name={name}"]
+    if quick:
+        cmd += ["train.iterations=2", "curriculum.validate_every=1", "evaluation.seeds=1"]
+        cmd += ["evaluation.horizons=[20]", "train.checkpoint_every=1"]
+    log = root / f"{name}.log"
+    start = time.perf_counter()
+    with log.open("a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    if rc != 0:
+        raise RuntimeError(f"meta-training {name} failed (exit {rc}); see {log}")
+    print(f"meta-trained {name} in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+    return out
+
+
+def _mean(xs: list[float]) -> float:
+    return statistics.fmean(xs) if xs else math.nan
+
+
+def _std(xs: list[float]) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else math.nan
+
+
+def analyse(data: dict, rule: str, meta_seeds: list[int]) -> dict:
+    """Per (task, horizon, regularizer): the paired difference regularized − unregularized of
+    the same meta-seed (test accuracy and train loss), then its summary across meta-seeds."""
+    tasks, horizons = data["config"]["tasks"], data["config"]["horizons"]
+    cells = []
+    for task in tasks:
+        for h in horizons:
+            plain_acc = {
+                m: _mean(
+                    [
+                        v
+                        for v in per_seed(
+                            data, task, run_name(rule, "", m), h, "test_accuracy"
+                        ).values()
+                        if math.isfinite(v)
+                    ]
+                )
+                for m in meta_seeds
+            }
+            for variant in VARIANTS[1:]:
+                per_meta = []
+                for m in meta_seeds:
+                    reg, sib = run_name(rule, variant, m), run_name(rule, "", m)
+                    acc = paired(
+                        per_seed(data, task, reg, h, "test_accuracy"),
+                        per_seed(data, task, sib, h, "test_accuracy"),
+                    )
+                    loss = paired(
+                        per_seed(data, task, reg, h, "train_loss"),
+                        per_seed(data, task, sib, h, "train_loss"),
+                    )
+                    per_meta.append(
+                        {
+                            "meta_seed": m,
+                            "d_test_accuracy": acc.mean,
+                            "verdict": acc.verdict(),
+                            "seeds": acc.n,
+                            "seeds_left_out": acc.missing,
+                            "d_train_loss": loss.mean,
+                        }
+                    )
+                ds = [p["d_test_accuracy"] for p in per_meta if math.isfinite(p["d_test_accuracy"])]
+                plain = [v for v in plain_acc.values() if math.isfinite(v)]
+                cells.append(
+                    {
+                        "task": task,
+                        "horizon": h,
+                        "regularizer": variant[1:],
+                        "per_meta_seed": per_meta,
+                        "mean_d": _mean(ds),
+                        "std_d": _std(ds),
+                        "higher": sum(d > 0 for d in ds),
+                        "higher_beyond_noise": sum(
+                            p["verdict"].startswith("higher") for p in per_meta
+                        ),
+                        "lower_beyond_noise": sum(
+                            p["verdict"].startswith("lower") for p in per_meta
+                        ),
+                        "plain_accuracy_by_meta_seed": plain_acc,
+                        "plain_std_across_meta_seeds": _std(plain),
+                    }
+                )
+    return {"cells": cells}
+
+
+def _pp(x: float, sign: bool = True) -> str:
+    return "n/a" if not math.isfinite(x) else f"{100 * x:{'+' if sign else ''}.1f}"
+
+
+def table(result: dict) -> str:
+    seeds = result["meta_seeds"]
+    head = ["regularizer", "task", "steps"]
+    head += [f"Δ acc, meta-seed {m} (pp)" for m in seeds]
+    head += [
+        "mean Δ ± std over meta-seeds (pp)",
+        "beyond eval-seed noise: higher / lower",
+        "unregularized acc std over meta-seeds (pp)",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in result["analysis"]["cells"]:
+        row = [f"`{c['regularizer']}`", f"`{c['task']}`", str(c["horizon"])]
+        for p in c["per_meta_seed"]:
+            mark = "*" if p["verdict"].endswith("beyond seed noise") else ""
+            row.append(_pp(p["d_test_accuracy"]) + mark)
+        row += [
+            f"{_pp(c['mean_d'])} ± {_pp(c['std_d'], sign=False)}",
+            f"{c['higher_beyond_noise']} / {c['lower_beyond_noise']} of {len(seeds)}",
+            _pp(c["plain_std_across_meta_seeds"], sign=False),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def summary(result: dict) -> str:
+    """Per regularizer: cells where every meta-seed agrees on the sign, and cells where the mean
+    difference exceeds the unregularized rule's own spread across meta-seeds."""
+    n = len(result["meta_seeds"])
+    out = []
+    for reg in (v[1:] for v in VARIANTS[1:]):
+        cells = [c for c in result["analysis"]["cells"] if c["regularizer"] == reg]
+        agree_up = sum(c["higher"] == n for c in cells)
+        agree_down = sum(c["higher"] == 0 for c in cells)
+        beyond_meta = sum(
+            math.isfinite(c["mean_d"])
+            and math.isfinite(c["plain_std_across_meta_seeds"])
+            and abs(c["mean_d"]) > c["plain_std_across_meta_seeds"]
+            for c in cells
+        )
+        mean_all = _mean([c["mean_d"] for c in cells if math.isfinite(c["mean_d"])])
+        out.append(
+            f"- `{result['rule']}-{reg}` vs `{result['rule']}`: higher test accuracy in every "
+            f"one of the {n} meta-seeds in {agree_up} of {len(cells)} cells, lower in every one "
+            f"in {agree_down}; mean difference over all cells {_pp(mean_all)} pp; in "
+            f"{beyond_meta} of {len(cells)} cells the mean difference is larger than the "
+            "unregularized rule's standard deviation across meta-seeds."
+        )
+    return "\n".join(out)
+
+
+def markdown(result: dict) -> str:
+    """The report written next to the JSON."""
+    seeds = ", ".join(str(m) for m in result["meta_seeds"])
+    return (
+        f"# Regularizer effect vs meta-training seed ({result['rule']})\n\n"
+        f"`{result['command']}` ({result['total_seconds'] / 60:.0f} min; meta-training "
+        f"{result['meta_train_seconds'] / 60:.0f} min, evaluation "
+        f"{result['eval_seconds'] / 60:.0f} min; git {result['git']}, torch "
+        f"{result['torch']}).\n\n"
+        f"Meta-seeds {seeds}: meta-seed 0 is the shipped checkpoint (meta-trained at the "
+        "commit on its model card), the others are the same recipe with `train.seed` changed, "
+        "meta-trained by this script. Δ acc = test accuracy of the regularized rule − the "
+        "unregularized rule of the same meta-seed, mean over "
+        f"{result['eval_seeds']} evaluation seeds (paired; `*`: beyond evaluation-seed noise "
+        "by a paired t-test at 95%). The last column is the standard deviation, across "
+        "meta-seeds, of the unregularized rule's mean test accuracy: what a different "
+        "meta-training draw alone moves.\n\n"
+        f"{table(result)}\n\nSummary:\n\n{summary(result)}\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rule", default="dm", choices=["dm", "rnnprop"])
+    p.add_argument(
+        "--meta-seeds",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="train.seed values to meta-train (0, the shipped checkpoint, is always included)",
+    )
+    p.add_argument("--jobs", type=int, default=2, help="parallel meta-training / eval workers")
+    p.add_argument("--root", default=str(ROOT / "runs" / "meta-seeds"), help="run folders")
+    p.add_argument("--tasks", nargs="+", help="evaluation tasks (default: the suite's four)")
+    p.add_argument("--quick", action="store_true", help="2 meta-iterations, tiny evaluation")
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results/meta_seeds.json"))
+    args = p.parse_args(argv)
+    started = time.perf_counter()
+    root = Path(args.root) / args.rule
+    root.mkdir(parents=True, exist_ok=True)
+    meta_seeds = sorted({0, *args.meta_seeds})
+    todo = [(v, m) for m in meta_seeds if m != 0 for v in VARIANTS]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        folders = list(
+            pool.map(lambda vm: meta_train(args.rule, vm[0], vm[1], root, args.quick), todo)
+        )
+    meta_train_seconds = time.perf_counter() - started
+    optimizers = [f"{args.rule}{v}" for v in VARIANTS] + [str(f) for f in folders]
+    overrides = {"tasks": tuple(args.tasks)} if args.tasks else {}
+    if args.quick:
+        config = EvalConfig(
+            optimizers=tuple(optimizers),
+            tasks=tuple(args.tasks or ("mnist-mlp-sigmoid",)),
+            seeds=2,
+            horizons=(20,),
+            trace_probes=2,
+            eig_iters=2,
+        )
+    else:
+        config = EvalConfig(optimizers=tuple(optimizers), **overrides)
+    t0 = time.perf_counter()
+    data = evaluate(
+        config,
+        out=root / "eval",
+        jobs=args.jobs,
+        progress=False,
+        resume=(root / "eval").exists(),
+        command="python benchmarks/meta_seeds.py " + " ".join(argv or sys.argv[1:]),
+    )
+    eval_seconds = time.perf_counter() - t0
+    git = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    result = {
+        "command": "python benchmarks/meta_seeds.py " + " ".join(argv or sys.argv[1:]),
+        "rule": args.rule,
+        "meta_seeds": meta_seeds,
+        "eval_seeds": config.seeds,
+        "git": git,
+        "torch": data.get("environment", {}).get("torch"),
+        "machine": platform.platform(),
+        "meta_train_seconds": meta_train_seconds,
+        "eval_seconds": eval_seconds,
+        "total_seconds": time.perf_counter() - started,
+        "analysis": analyse(data, args.rule, meta_seeds),
+    }
+    print(table(result))
+    print(summary(result))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
