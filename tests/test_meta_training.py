@@ -371,6 +371,69 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert [r["iteration"] for r in records] == list(range(1, 7))
 
 
+def _after_one_trajectory(tmp_path: Path, name: str, **regularizer) -> tuple:
+    """(slot generator state, rule fingerprint) after two meta-iterations of the tiny recipe
+    (4 unrolls, each an imitation unroll with probability 0.3)."""
+    reg = {"name": name, "alpha": 0.0 if name == "none" else 1.0, **regularizer}
+    recipe = recipe_from_dict(tiny(regularizer=reg, train={"imitation_prob": 0.3}))
+    trainer = MetaTrainer(recipe, tmp_path / f"{name}-{regularizer}", progress=False)
+    for _ in range(2):
+        trainer.trajectory(recipe.train.trajectory)
+    return trainer.generator.get_state(), trainer.rule.fingerprint()
+
+
+@pytest.mark.parametrize("name", ["hessian-trace", "entropy"])
+def test_own_regularizer_rng_keeps_the_unregularized_siblings_data(tmp_path, name):
+    """[regularizer].rng = "own": R's draws come from a separate generator, so a regularized run
+    consumes the same minibatches and imitation choices as its sibling (and only the rule
+    differs); with the default ("minibatch") R's draws shift that stream."""
+    plain_state, plain_rule = _after_one_trajectory(tmp_path, "none")
+    own_state, own_rule = _after_one_trajectory(tmp_path, name, rng="own")
+    shared_state, _ = _after_one_trajectory(tmp_path, name)
+    assert torch.equal(own_state, plain_state) and own_rule != plain_rule
+    assert not torch.equal(shared_state, plain_state)
+    with pytest.raises(RecipeError, match=r"\[regularizer\]\.rng must be one of"):
+        recipe_from_dict(tiny(regularizer={"name": name, "alpha": 1.0, "rng": "fresh"}))
+
+
+def test_own_regularizer_rng_resumes_to_the_same_weights(tmp_path):
+    recipe = recipe_from_dict(
+        tiny(
+            regularizer={"name": "entropy", "alpha": 1.0, "rng": "own", "options": {"steps": 2}},
+            train={"iterations": 4, "checkpoint_every": 2, "imitation_prob": 0.0},
+        )
+    )
+    full = MetaTrainer(recipe, tmp_path / "full", progress=False).run()
+    out = tmp_path / "cut"
+    with pytest.MonkeyPatch.context() as m:  # killed right after the checkpoint of iteration 2
+        _kill_when_writing_state_json(m, iteration=2)
+        with pytest.raises(_Killed):
+            MetaTrainer(recipe, out, progress=False).run()
+    resumed = MetaTrainer(recipe, out, resume=True, progress=False)
+    assert resumed.iteration == 2 and resumed.reg_generators is not None
+    resumed.run()
+    _assert_same_weights(full, out)
+
+
+def test_a_run_saved_before_the_rng_key_existed_still_resumes(tmp_path):
+    """A checkpoint whose saved recipe lacks [regularizer].rng (an older flatl2o) resumes: the
+    missing key means the default, which is how that run was trained."""
+    recipe = recipe_from_dict(tiny(train={"iterations": 4, "checkpoint_every": 2}))
+    trainer = MetaTrainer(recipe, tmp_path, progress=False)
+    trainer.iteration = 2
+    trainer._save_state()
+    path = tmp_path / "trainer_state" / "state.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    from flatl2o.checkpoint import safetensors_header
+
+    header, _ = safetensors_header(path.read_bytes())
+    meta = json.loads(header["__metadata__"]["flatl2o_trainer_state"])
+    del meta["recipe"]["regularizer"]["rng"]
+    save_file(load_file(path), path, metadata={"flatl2o_trainer_state": json.dumps(meta)})
+    assert MetaTrainer(recipe, tmp_path, resume=True, progress=False).iteration == 2
+
+
 def test_resume_refuses_a_different_recipe(tmp_path):
     recipe = recipe_from_dict(tiny(train={"iterations": 2}))
     MetaTrainer(recipe, tmp_path, progress=False).run()

@@ -76,6 +76,10 @@ class RegularizerSection:
     schedule: str = "all"  # all | posterior (later half of a trajectory) | prior (earlier half)
     every: int = 1  # compute R every k optimizee steps
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # where R's probes / Langevin noise come from: "minibatch" = the optimizee slot's generator
+    # (as the shipped checkpoints were made; R's draws then shift the minibatch stream), "own" =
+    # a separate generator, so a regularized run sees exactly its unregularized sibling's data
+    rng: str = "minibatch"
 
 
 @dataclasses.dataclass
@@ -249,6 +253,11 @@ EVAL_SEED_OFFSET = 10_000
 VAL_SEED_OFFSET = 1_000_000
 #: Seed spacing of the optimizee slots' generators (``seed + slot * SLOT_SEED_STRIDE``).
 SLOT_SEED_STRIDE = 2**32
+#: ``[regularizer].rng = "own"``: slot j's regularizer generator is seeded with
+#: ``slot_seed(seed, j) + REGULARIZER_SEED_OFFSET`` (disjoint from every other stream).
+REGULARIZER_SEED_OFFSET = 2**62
+#: Accepted values of ``[regularizer].rng``.
+RNG_SOURCES = ("minibatch", "own")
 
 
 def validate(recipe: Recipe, *, source: str = "recipe") -> None:
@@ -337,6 +346,8 @@ def validate(recipe: Recipe, *, source: str = "recipe") -> None:
         fail(f"unknown regularizer {reg.name!r}; known: {['none', *sorted(REGULARIZERS)]}")
     if reg.schedule not in SCHEDULES:
         fail(f"[regularizer].schedule must be all, posterior or prior, got {reg.schedule!r}")
+    if reg.rng not in RNG_SOURCES:
+        fail(f"[regularizer].rng must be one of {list(RNG_SOURCES)}, got {reg.rng!r}")
     positive_float("regularizer", "alpha", zero_ok=True)
     at_least("regularizer", "every", 1)
     if reg.name == "none":  # plain meta-training: alpha and options are not used

@@ -44,7 +44,14 @@ from flatl2o.checkpoint import (
     save_rule,
 )
 from flatl2o.hub import SHIPPED_DIRS, load_rule, render_model_card, retarget_model_card
-from flatl2o.meta.recipe import SLOT_SEED_STRIDE, VAL_SEED_OFFSET, Recipe, RecipeError
+from flatl2o.meta.recipe import (
+    REGULARIZER_SEED_OFFSET,
+    SLOT_SEED_STRIDE,
+    VAL_SEED_OFFSET,
+    Recipe,
+    RecipeError,
+    recipe_from_dict,
+)
 from flatl2o.meta.regularizers import make_regularizer, regularized_unroll
 from flatl2o.meta.rollout import evaluate_rule, rollout
 from flatl2o.meta.tasks import Task, make_task
@@ -155,6 +162,16 @@ class MetaTrainer:
             for j in range(first, first + meta_batch)
         ]
         self.generator = self.generators[0]
+        # [regularizer].rng = "own": R draws from its own generators, so the minibatches and
+        # imitation choices are those of the same recipe without a regularizer
+        self.reg_generators = (
+            [
+                torch.Generator().manual_seed(slot_seed(train.seed, j) + REGULARIZER_SEED_OFFSET)
+                for j in range(first, first + meta_batch)
+            ]
+            if recipe.regularizer.rng == "own"
+            else None
+        )
         saved_config = payload[0].get("rule_config") if resume else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(train.seed)
@@ -241,7 +258,7 @@ class MetaTrainer:
         for t in range(train.unroll + 1):
             parts = self._slots(theta)
             losses = []
-            for part, gen in zip(parts, self.generators, strict=True):
+            for j, (part, gen) in enumerate(zip(parts, self.generators, strict=True)):
                 x, y = self.task.sample_batch(gen)
                 loss = self.task.loss(part, x, y)
                 losses.append(loss)
@@ -252,7 +269,8 @@ class MetaTrainer:
                         def batch_loss(th: Tensor, x: Tensor = x, y: Tensor = y) -> Tensor:
                             return self.task.loss(th, x, y)
 
-                        regs.append(self.regularizer(batch_loss, part, generator=gen))
+                        draws = gen if self.reg_generators is None else self.reg_generators[j]
+                        regs.append(self.regularizer(batch_loss, part, generator=draws))
             if t == train.unroll:
                 break
             grad = self._slot_grads(
@@ -433,13 +451,14 @@ class MetaTrainer:
             (
                 self.rule.fingerprint() if self.world_size > 1 else "",
                 [gen.get_state() for gen in self.generators],
+                [gen.get_state() for gen in self.reg_generators or []],
             )
         )
-        if len({fingerprint for fingerprint, _ in gathered}) != 1:
+        if len({fingerprint for fingerprint, _, _ in gathered}) != 1:
             raise RuntimeError(
                 "the ranks' rules differ after the same meta-steps: "
-                f"{[fingerprint for fingerprint, _ in gathered]}; every rank must run the same "
-                "flatl2o, torch and recipe (launch all of them with the same command)"
+                f"{[fingerprint for fingerprint, _, _ in gathered]}; every rank must run the "
+                "same flatl2o, torch and recipe (launch all of them with the same command)"
             )
         if self.rank != 0:
             return
@@ -450,10 +469,13 @@ class MetaTrainer:
         for idx, st in opt["state"].items():
             for key, value in st.items():
                 tensors[f"opt.{idx}.{key}"] = value.detach().clone().reshape(value.shape)
-        slot_states = [state for _, states in gathered for state in states]
+        slot_states = [state for _, states, _ in gathered for state in states]
         tensors["rng"] = slot_states[0]  # slot 0: the run's generator in a single process
         for j, state in enumerate(slot_states[1:], start=1):
             tensors[f"rng.{j}"] = state
+        reg_states = [state for _, _, states in gathered for state in states]
+        for j, state in enumerate(reg_states):  # [regularizer].rng = "own" only
+            tensors[f"reg_rng.{j}"] = state
         meta = {
             "iteration": self.iteration,
             "stage": self.stage,
@@ -512,6 +534,8 @@ class MetaTrainer:
             first = self.rank * self.meta_batch
             for j, gen in enumerate(self.generators, start=first):
                 gen.set_state(tensors["rng" if j == 0 else f"rng.{j}"])
+            for j, gen in enumerate(self.reg_generators or [], start=first):
+                gen.set_state(tensors[f"reg_rng.{j}"])
             self.iteration = int(meta["iteration"])
             self.stage = int(meta["stage"])
             self.best_val = float(meta["best_val"])
@@ -554,8 +578,9 @@ class MetaTrainer:
         missing = sorted(set(_STATE_KEYS) - set(meta))
         if missing:
             raise _damaged(self.out, path, f"its counters lack {missing}")
-        if meta["recipe"] != self.recipe.to_dict():
-            changed = _recipe_differences(meta["recipe"], self.recipe.to_dict())
+        saved_recipe = _with_defaults(meta["recipe"])
+        if saved_recipe != self.recipe.to_dict():
+            changed = _recipe_differences(saved_recipe, self.recipe.to_dict())
             raise ResumeError(
                 f"{self.out} was started with a different recipe ({'; '.join(changed)}); resume "
                 f"with the same recipe and overrides (saved copy: {self.out / 'recipe.toml'})"
@@ -657,6 +682,11 @@ class MetaTrainer:
         regline = (
             f"`{reg.name}` with alpha={reg.alpha}, schedule={reg.schedule}, every={reg.every}, "
             f"options={reg.options}"
+            + (
+                ", rng=own (its own generator: the sibling's minibatches)"
+                if reg.rng == "own"
+                else ""
+            )
             if reg.name != "none" and reg.alpha > 0
             else "none (plain meta-training)"
         )
@@ -781,6 +811,16 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     for key, value in data.items():
         flat.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
     return flat
+
+
+def _with_defaults(saved: Any) -> Any:
+    """A saved recipe with the keys added to recipes since it was written filled in with
+    their defaults (which reproduce the behaviour it was trained with), so a run started by
+    an older flatl2o still resumes; anything unreadable is returned as it is."""
+    try:
+        return recipe_from_dict(saved).to_dict()
+    except (RecipeError, TypeError, AttributeError, ValueError):
+        return saved
 
 
 def _recipe_differences(saved: Any, current: dict[str, Any]) -> list[str]:
