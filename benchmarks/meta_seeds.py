@@ -48,14 +48,21 @@ from flatl2o.evaluation.report import paired, per_seed  # noqa: E402
 VARIANTS = ("", "-entropy", "-hessian")  # recipe suffixes; "" is the unregularized rule
 
 
-def run_name(rule: str, variant: str, meta_seed: int) -> str:
-    """The rule's name: the shipped name for meta-seed 0, else ``<name>-m<seed>``."""
-    return f"{rule}{variant}" if meta_seed == 0 else f"{rule}{variant}-m{meta_seed}"
+def run_name(rule: str, variant: str, meta_seed: int, rng: str = "minibatch") -> str:
+    """The rule's name: the shipped name for meta-seed 0, else ``<name>-m<seed>``; regularized
+    runs with ``[regularizer].rng = "own"`` are ``<name>-own-m<seed>`` (never shipped)."""
+    if variant and rng == "own":
+        return f"{rule}{variant}-own-m{meta_seed}"
+    return (
+        f"{rule}{variant}" if meta_seed == 0 and rng != "own" else f"{rule}{variant}-m{meta_seed}"
+    )
 
 
-def meta_train(rule: str, variant: str, meta_seed: int, root: Path, quick: bool) -> Path:
+def meta_train(
+    rule: str, variant: str, meta_seed: int, root: Path, quick: bool, rng: str = "minibatch"
+) -> Path:
     """Meta-train (or finish, or reuse) one run; return its checkpoint folder."""
-    name = run_name(rule, variant, meta_seed)
+    name = run_name(rule, variant, meta_seed, rng)
     out = root / name
     if (out / "metrics.json").is_file():
         return out
@@ -75,6 +82,8 @@ def meta_train(rule: str, variant: str, meta_seed: int, root: Path, quick: bool)
     if out.exists():
         cmd.append("--resume")
     cmd += [f"train.seed={meta_seed}", f"name={name}"]
+    if variant and rng == "own":
+        cmd.append('regularizer.rng="own"')
     if quick:
         cmd += ["train.iterations=2", "curriculum.validate_every=1", "evaluation.seeds=1"]
         cmd += ["evaluation.horizons=[20]", "train.checkpoint_every=1"]
@@ -98,7 +107,7 @@ def _std(xs: list[float]) -> float:
     return statistics.stdev(xs) if len(xs) > 1 else math.nan
 
 
-def analyse(data: dict, rule: str, meta_seeds: list[int]) -> dict:
+def analyse(data: dict, rule: str, meta_seeds: list[int], rng: str = "minibatch") -> dict:
     """Per (task, horizon, regularizer): the paired difference regularized − unregularized of
     the same meta-seed (test accuracy and train loss), then its summary across meta-seeds."""
     tasks, horizons = data["config"]["tasks"], data["config"]["horizons"]
@@ -110,7 +119,7 @@ def analyse(data: dict, rule: str, meta_seeds: list[int]) -> dict:
                     [
                         v
                         for v in per_seed(
-                            data, task, run_name(rule, "", m), h, "test_accuracy"
+                            data, task, run_name(rule, "", m, rng), h, "test_accuracy"
                         ).values()
                         if math.isfinite(v)
                     ]
@@ -120,7 +129,7 @@ def analyse(data: dict, rule: str, meta_seeds: list[int]) -> dict:
             for variant in VARIANTS[1:]:
                 per_meta = []
                 for m in meta_seeds:
-                    reg, sib = run_name(rule, variant, m), run_name(rule, "", m)
+                    reg, sib = run_name(rule, variant, m, rng), run_name(rule, "", m, rng)
                     acc = paired(
                         per_seed(data, task, reg, h, "test_accuracy"),
                         per_seed(data, task, sib, h, "test_accuracy"),
@@ -147,7 +156,7 @@ def analyse(data: dict, rule: str, meta_seeds: list[int]) -> dict:
                         [
                             v
                             for v in per_seed(
-                                data, task, run_name(rule, variant, m), h, "test_accuracy"
+                                data, task, run_name(rule, variant, m, rng), h, "test_accuracy"
                             ).values()
                             if math.isfinite(v)
                         ]
@@ -164,6 +173,7 @@ def analyse(data: dict, rule: str, meta_seeds: list[int]) -> dict:
                         "mean_d": _mean(ds),
                         "std_d": _std(ds),
                         "higher": sum(d > 0 for d in ds),
+                        "lower": sum(d < 0 for d in ds),
                         "higher_beyond_noise": sum(
                             p["verdict"].startswith("higher") for p in per_meta
                         ),
@@ -216,7 +226,7 @@ def summary(result: dict) -> str:
     for reg in (v[1:] for v in VARIANTS[1:]):
         cells = [c for c in result["analysis"]["cells"] if c["regularizer"] == reg]
         agree_up = sum(c["higher"] == n for c in cells)
-        agree_down = sum(c["higher"] == 0 for c in cells)
+        agree_down = sum(c["lower"] == n for c in cells)
         beyond_meta = sum(
             math.isfinite(c["mean_d"])
             and math.isfinite(c["plain_std_across_meta_seeds"])
@@ -241,14 +251,24 @@ def markdown(result: dict) -> str:
     """The report written next to the JSON."""
     seeds = ", ".join(str(m) for m in result["meta_seeds"])
     return (
-        f"# Regularizer effect vs meta-training seed ({result['rule']})\n\n"
+        f"# Regularizer effect vs meta-training seed ({result['rule']}, "
+        f"regularizer rng: {result.get('rng', 'minibatch')})\n\n"
         f"`{result['command']}` ({result['total_seconds'] / 60:.0f} min; meta-training "
         f"{result['meta_train_seconds'] / 60:.0f} min, evaluation "
         f"{result['eval_seconds'] / 60:.0f} min; git {result['git']}, torch "
         f"{result['torch']}).\n\n"
-        f"Meta-seeds {seeds}: meta-seed 0 is the shipped checkpoint (meta-trained at the "
-        "commit on its model card), the others are the same recipe with `train.seed` changed, "
-        "meta-trained by this script. Δ acc = test accuracy of the regularized rule − the "
+        f"Meta-seeds {seeds}: "
+        + (
+            "meta-seed 0 is the shipped checkpoint (meta-trained at the commit on its model "
+            "card), the others are the same recipe with `train.seed` changed, meta-trained by "
+            "this script. "
+            if result.get("rng", "minibatch") == "minibatch"
+            else "every rule meta-trained by this script, the regularized ones with "
+            '`[regularizer].rng = "own"`, so each meta-trained on exactly the minibatches '
+            "and imitation choices of the unregularized rule of its meta-seed: only the "
+            "regularizer differs. "
+        )
+        + "Δ acc = test accuracy of the regularized rule − the "
         "unregularized rule of the same meta-seed, mean over "
         f"{result['eval_seeds']} evaluation seeds (paired; `*`: beyond evaluation-seed noise "
         "by a paired t-test at 95%). The last column is the standard deviation, across "
@@ -273,6 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="parallel meta-training / eval workers")
     p.add_argument("--root", default=str(ROOT / "runs" / "meta-seeds"), help="run folders")
     p.add_argument("--tasks", nargs="+", help="evaluation tasks (default: the suite's four)")
+    p.add_argument(
+        "--rng",
+        choices=["minibatch", "own"],
+        default="minibatch",
+        help="[regularizer].rng of the regularized runs; 'own' meta-trains every meta-seed "
+        "(no shipped checkpoint was made that way), so siblings share their minibatches",
+    )
     p.add_argument("--quick", action="store_true", help="2 meta-iterations, tiny evaluation")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/meta_seeds.json"))
     p.add_argument(
@@ -283,24 +310,30 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     started = time.perf_counter()
     root = Path(args.root) / args.rule
+    eval_dir = root / ("eval" if args.rng == "minibatch" else f"eval-{args.rng}")
     if args.report_only:
         out = Path(args.out)
         result = json.loads(out.read_text())
-        data = json.loads((root / "eval" / "eval.json").read_text())
-        result["analysis"] = analyse(data, result["rule"], result["meta_seeds"])
+        data = json.loads((eval_dir / "eval.json").read_text())
+        rng = result.get("rng", "minibatch")
+        result["analysis"] = analyse(data, result["rule"], result["meta_seeds"], rng)
         out.write_text(json.dumps(result, indent=1) + "\n")
         out.with_suffix(".md").write_text(markdown(result))
         print(markdown(result))
         return 0
     root.mkdir(parents=True, exist_ok=True)
-    meta_seeds = sorted({0, *args.meta_seeds})
-    todo = [(v, m) for m in meta_seeds if m != 0 for v in VARIANTS]
+    shipped = args.rng == "minibatch"  # meta-seed 0 is then the shipped checkpoints
+    meta_seeds = sorted({0, *args.meta_seeds}) if shipped else sorted(set(args.meta_seeds))
+    todo = [(v, m) for m in meta_seeds if m != 0 or not shipped for v in VARIANTS]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         folders = list(
-            pool.map(lambda vm: meta_train(args.rule, vm[0], vm[1], root, args.quick), todo)
+            pool.map(
+                lambda vm: meta_train(args.rule, vm[0], vm[1], root, args.quick, args.rng), todo
+            )
         )
     meta_train_seconds = time.perf_counter() - started
-    optimizers = [f"{args.rule}{v}" for v in VARIANTS] + [str(f) for f in folders]
+    optimizers = [f"{args.rule}{v}" for v in VARIANTS] if 0 in meta_seeds and shipped else []
+    optimizers += [str(f) for f in folders]
     overrides = {"tasks": tuple(args.tasks)} if args.tasks else {}
     if args.quick:
         config = EvalConfig(
@@ -316,10 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     data = evaluate(
         config,
-        out=root / "eval",
+        out=eval_dir,
         jobs=args.jobs,
         progress=False,
-        resume=(root / "eval").exists(),
+        resume=eval_dir.exists(),
         command="python benchmarks/meta_seeds.py " + " ".join(argv or sys.argv[1:]),
     )
     eval_seconds = time.perf_counter() - t0
@@ -337,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         "meta_train_seconds": meta_train_seconds,
         "eval_seconds": eval_seconds,
         "total_seconds": time.perf_counter() - started,
-        "analysis": analyse(data, args.rule, meta_seeds),
+        "rng": args.rng,
+        "analysis": analyse(data, args.rule, meta_seeds, args.rng),
     }
     print(table(result))
     print(summary(result))
