@@ -46,6 +46,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _results import write_result  # noqa: E402
+
 from flatl2o.meta.recipe import Recipe, load_recipe  # noqa: E402
 from flatl2o.meta.regularizers import hessian_eig, hessian_trace, make_regularizer  # noqa: E402
 from flatl2o.meta.rollout import evaluate_rule, loss_and_grad, rollout  # noqa: E402
@@ -290,10 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         "total_seconds": time.perf_counter() - started,
     }
     print(table(result))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
+    write_result(args.out, result, markdown(result))
     return 0
 
 

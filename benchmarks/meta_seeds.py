@@ -42,6 +42,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _results import write_result  # noqa: E402
+
 from flatl2o.evaluation import EvalConfig, evaluate  # noqa: E402
 from flatl2o.evaluation.report import paired, per_seed  # noqa: E402
 
@@ -317,8 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         data = json.loads((eval_dir / "eval.json").read_text())
         rng = result.get("rng", "minibatch")
         result["analysis"] = analyse(data, result["rule"], result["meta_seeds"], rng)
-        out.write_text(json.dumps(result, indent=1) + "\n")
-        out.with_suffix(".md").write_text(markdown(result))
+        write_result(out, result, markdown(result))
         print(markdown(result))
         return 0
     root.mkdir(parents=True, exist_ok=True)
@@ -375,10 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(table(result))
     print(summary(result))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
+    write_result(args.out, result, markdown(result))
     return 0
 
 

@@ -36,6 +36,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _results import write_result  # noqa: E402
+
 from flatl2o.checkpoint import load_weights_strict  # noqa: E402
 from flatl2o.meta.recipe import load_recipe  # noqa: E402
 from flatl2o.meta.trainer import MetaTrainer  # noqa: E402
@@ -202,10 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         "recipes": recipes,
     }
     print(table(result))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
+    write_result(args.out, result, markdown(result))
     return 0
 
 
