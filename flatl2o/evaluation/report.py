@@ -440,7 +440,10 @@ def _q1(data: dict[str, Any], agg: dict) -> list[str]:
         return lines
     lines += [
         "Test accuracy, paired by seed (Δ = regularized − sibling, mean ± sd of the per-seed "
-        "differences; t = paired t statistic).",
+        "differences; t = paired t statistic). Seed noise here is the optimizees' (their "
+        "initialization and minibatches): each checkpoint is one meta-training run, so a "
+        "verdict says nothing about how a rule meta-trained with another seed would compare "
+        "(benchmarks/meta_seeds.py measures that).",
         "",
         "| regularized | sibling | task | steps | regularized acc | sibling acc | Δ acc | t | "
         "verdict | Δ train loss | Δ gap |",
