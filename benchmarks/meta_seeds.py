@@ -256,7 +256,14 @@ def markdown(result: dict) -> str:
         f"# Regularizer effect vs meta-training seed ({result['rule']}, "
         f"regularizer rng: {result.get('rng', 'minibatch')})\n\n"
         f"`{result['command']}` ({result['total_seconds'] / 60:.0f} min; meta-training "
-        f"{result['meta_train_seconds'] / 60:.0f} min, evaluation "
+        f"{result['meta_train_seconds'] / 60:.0f} min"
+        + (
+            f" ({result['meta_train_reused']} of {result['meta_train_runs']} runs reused from "
+            "an earlier invocation, not timed here)"
+            if result.get("meta_train_reused")
+            else ""
+        )
+        + ", evaluation "
         f"{result['eval_seconds'] / 60:.0f} min; git {result['git']}, torch "
         f"{result['torch']}).\n\n"
         f"Meta-seeds {seeds}: "
@@ -326,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     shipped = args.rng == "minibatch"  # meta-seed 0 is then the shipped checkpoints
     meta_seeds = sorted({0, *args.meta_seeds}) if shipped else sorted(set(args.meta_seeds))
     todo = [(v, m) for m in meta_seeds if m != 0 or not shipped for v in VARIANTS]
+    reused = sum(
+        (root / run_name(args.rule, v, m, args.rng) / "metrics.json").is_file() for v, m in todo
+    )
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         folders = list(
             pool.map(
@@ -369,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch": data.get("environment", {}).get("torch"),
         "machine": platform.platform(),
         "meta_train_seconds": meta_train_seconds,
+        "meta_train_runs": len(todo),
+        "meta_train_reused": reused,
         "eval_seconds": eval_seconds,
         "total_seconds": time.perf_counter() - started,
         "rng": args.rng,
