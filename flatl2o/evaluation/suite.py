@@ -46,13 +46,7 @@ import torch
 from flatl2o.evaluation.baselines import BASELINES
 from flatl2o.evaluation.optimizers import OptimizerInfo, default_optimizers, resolve_optimizers
 from flatl2o.evaluation.runner import RunSpec, train_run
-from flatl2o.evaluation.tuning import (
-    TUNE_SEED_BASE,
-    extension_points,
-    finish_tuning,
-    plan_trials,
-    summarize_trials,
-)
+from flatl2o.evaluation.tuning import TUNE_SEED_BASE, advance_tuning, plan_trials
 from flatl2o.meta.tasks import TASKS, Task, make_task
 
 __all__ = [
@@ -371,13 +365,11 @@ class _Planner:
         base_sel = None
         if base:
             base_sel = {int(h): hp for h, hp in self.tuning[spec.task][base]["selected"].items()}
-        trials = summarize_trials(spec.optimizer, self.records[key], self.horizons)
-        more = extension_points(spec.optimizer, trials, self.horizons, base_sel)
-        if more:  # a selection sits at an end of the grid: try beyond it first
-            return self._tune_specs(spec.task, spec.optimizer, more)
-        entry = finish_tuning(
+        more, entry = advance_tuning(
             spec.optimizer, self.records[key], self.horizons, self.tune_seeds, base_sel
         )
+        if entry is None:  # a selection sits at an end of the grid: try beyond it first
+            return self._tune_specs(spec.task, spec.optimizer, more)
         self.tuning[spec.task][spec.optimizer] = entry
         new: list[RunSpec] = []
         if spec.optimizer in self.baselines:

@@ -37,6 +37,7 @@ from flatl2o.meta.tasks import Task
 __all__ = [
     "MAX_EXTENSIONS",
     "TUNE_SEED_BASE",
+    "advance_tuning",
     "at_edge",
     "extension_points",
     "grid_points",
@@ -249,7 +250,7 @@ def tune(
     tune_seeds = [TUNE_SEED_BASE + i for i in range(seeds)]
     records: list[dict[str, Any]] = []
     points = plan_trials(name, base_selected)
-    while points:
+    while True:
         for hp in points:
             for s in tune_seeds:
                 spec = RunSpec(
@@ -264,21 +265,38 @@ def tune(
                     eig_iters=0,
                 )
                 records.append(run(spec, task))
-        trials = summarize_trials(name, records, horizons)
-        points = extension_points(name, trials, horizons, base_selected)
-    return finish_tuning(name, records, horizons, tune_seeds, base_selected)
+        points, entry = advance_tuning(name, records, horizons, tune_seeds, base_selected)
+        if entry is not None:
+            return entry
 
 
-def finish_tuning(
+def advance_tuning(
     name: str,
     records: Sequence[dict[str, Any]],
     horizons: Sequence[int],
     tune_seeds: Sequence[int],
     base_selected: dict[int, dict[str, float]] | None = None,
-) -> dict[str, Any]:
-    """Summarize tuning-run records and select per horizon (the JSON ``tuning`` entry)."""
-    baseline = BASELINES[name]
+) -> tuple[list[dict[str, float]], dict[str, Any] | None]:
+    """The step after a round of tuning runs, taken by :func:`tune` and the parallel suite
+    alike: ``(points, None)`` when a selection sits at an end of the grid and ``points`` must
+    be tried next, else ``([], entry)`` with the finished JSON ``tuning`` entry."""
     trials = summarize_trials(name, records, horizons)
+    points = extension_points(name, trials, horizons, base_selected)
+    if points:
+        return points, None
+    return [], _tuning_entry(name, trials, records, horizons, tune_seeds, base_selected)
+
+
+def _tuning_entry(
+    name: str,
+    trials: list[dict[str, Any]],
+    records: Sequence[dict[str, Any]],
+    horizons: Sequence[int],
+    tune_seeds: Sequence[int],
+    base_selected: dict[int, dict[str, float]] | None,
+) -> dict[str, Any]:
+    """The JSON ``tuning`` entry: the trials, what was tried, and the selection per horizon."""
+    baseline = BASELINES[name]
     selected = {
         str(h): hp
         for h, hp in zip(horizons, _selections(name, trials, horizons, base_selected), strict=True)
