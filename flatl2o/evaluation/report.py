@@ -172,6 +172,11 @@ def optimizer_order(data: dict[str, Any]) -> list[str]:
     return learned + base + sorted(n for n in opts if n not in learned and n not in base)
 
 
+def _float_or_nan(v: Any) -> float:
+    """A metric from the JSON as a float (a non-finite value is stored as ``null``)."""
+    return math.nan if v is None else float(v)
+
+
 def per_seed(
     data: dict[str, Any], task: str, opt: str, horizon: int, metric: str, kind: str = "runs"
 ) -> dict[int, float]:
@@ -181,7 +186,7 @@ def per_seed(
         s = r["spec"]
         if s["task"] == task and s["optimizer"] == opt and horizon in s["horizons"]:
             v = r["metrics"].get(str(horizon), {}).get(metric)
-            out[int(s["seed"])] = math.nan if v is None else float(v)
+            out[int(s["seed"])] = _float_or_nan(v)
     return out
 
 
@@ -571,11 +576,7 @@ def selected_validation(data: dict[str, Any], task: str, opt: str, h: int) -> tu
     for trial in rec.get("trials", []):
         if chosen is not None and trial["hparams"] == chosen:
             val = trial["val"].get(str(h), {})
-            acc, loss = val.get("val_accuracy"), val.get("val_loss")
-            return (
-                math.nan if acc is None else float(acc),
-                math.nan if loss is None else float(loss),
-            )
+            return _float_or_nan(val.get("val_accuracy")), _float_or_nan(val.get("val_loss"))
     return math.nan, math.nan
 
 
@@ -819,10 +820,6 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return cov / math.sqrt(vx * vy) if vx > 0 and vy > 0 else math.nan
 
 
-def _finite_or_nan(v: Any) -> float:
-    return math.nan if v is None else float(v)
-
-
 def _measured(data: dict[str, Any], task: str, opt: str, horizon: int) -> bool:
     """Whether any run of (task, optimizer) recorded a flatness readout at ``horizon`` (a
     non-finite one included; an absent key means the suite's budget did not measure it)."""
@@ -858,7 +855,7 @@ def _flatness_accuracy_correlation(data: dict[str, Any]) -> list[str]:
                 s = r["spec"]
                 m = r["metrics"].get(str(h), {})
                 if s["task"] == task and h in s["horizons"] and "hessian_trace" in m:
-                    tr, acc = _finite_or_nan(m["hessian_trace"]), _finite_or_nan(m["test_accuracy"])
+                    tr, acc = _float_or_nan(m["hessian_trace"]), _float_or_nan(m["test_accuracy"])
                     if math.isfinite(tr) and math.isfinite(acc):
                         xs.append(tr)
                         ys.append(acc)
