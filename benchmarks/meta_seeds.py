@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from _results import write_result  # noqa: E402
 
 from flatl2o.evaluation import EvalConfig, evaluate  # noqa: E402
-from flatl2o.evaluation.report import paired, per_seed  # noqa: E402
+from flatl2o.evaluation.report import Stats, paired, per_seed  # noqa: E402
 
 VARIANTS = ("", "-entropy", "-hessian")  # recipe suffixes; "" is the unregularized rule
 
@@ -116,18 +116,21 @@ def analyse(data: dict, rule: str, meta_seeds: list[int], rng: str = "minibatch"
     cells = []
     for task in tasks:
         for h in horizons:
-            plain_acc = {
-                m: _mean(
-                    [
-                        v
-                        for v in per_seed(
-                            data, task, run_name(rule, "", m, rng), h, "test_accuracy"
-                        ).values()
-                        if math.isfinite(v)
-                    ]
-                )
-                for m in meta_seeds
-            }
+
+            def accuracy_by_meta_seed(variant: str, task: str = task, h: int = h) -> dict:
+                """Mean test accuracy over the evaluation seeds, per meta-seed."""
+                return {
+                    m: Stats.of(
+                        list(
+                            per_seed(
+                                data, task, run_name(rule, variant, m, rng), h, "test_accuracy"
+                            ).values()
+                        )
+                    ).mean
+                    for m in meta_seeds
+                }
+
+            plain_acc = accuracy_by_meta_seed("")
             for variant in VARIANTS[1:]:
                 per_meta = []
                 for m in meta_seeds:
@@ -153,19 +156,7 @@ def analyse(data: dict, rule: str, meta_seeds: list[int], rng: str = "minibatch"
                 ds = [p["d_test_accuracy"] for p in per_meta if math.isfinite(p["d_test_accuracy"])]
                 plain = [v for v in plain_acc.values() if math.isfinite(v)]
                 # across meta-seeds: a paired t-test of the per-meta-seed mean accuracies
-                reg_acc = {
-                    m: _mean(
-                        [
-                            v
-                            for v in per_seed(
-                                data, task, run_name(rule, variant, m, rng), h, "test_accuracy"
-                            ).values()
-                            if math.isfinite(v)
-                        ]
-                    )
-                    for m in meta_seeds
-                }
-                across = paired(reg_acc, plain_acc)
+                across = paired(accuracy_by_meta_seed(variant), plain_acc)
                 cells.append(
                     {
                         "task": task,
