@@ -95,6 +95,12 @@ def test_regularizer_schedule():
         ({"train": {"trajectory": 25}}, "multiple of unroll"),
         ({"colour": "blue"}, "unknown key 'colour'"),
         ({"regularizer": {"name": "hessian-trace"}}, "alpha is 0"),
+        # and the other direction: alpha or options given with no regularizer named
+        ({"regularizer": {"alpha": 0.1}}, r'name is "none" but alpha is 0\.1 .*silently'),
+        (
+            {"regularizer": {"options": {"gamma": 0.01}}},
+            r"name is \"none\" but .*options are \{'gamma': 0\.01\}",
+        ),
         (
             {"regularizer": {"name": "hessian-trace", "alpha": 0.1, "options": {"probes": 0}}},
             r"\[regularizer\]\.options: .*option probes .* >= 1, got 0",

@@ -350,7 +350,14 @@ def validate(recipe: Recipe, *, source: str = "recipe") -> None:
         fail(f"[regularizer].rng must be one of {list(RNG_SOURCES)}, got {reg.rng!r}")
     positive_float("regularizer", "alpha", zero_ok=True)
     at_least("regularizer", "every", 1)
-    if reg.name == "none":  # plain meta-training: alpha and options are not used
+    if reg.name == "none":  # plain meta-training: alpha and options would be silently unused
+        if reg.alpha != 0 or reg.options:
+            fail(
+                f'[regularizer].name is "none" but alpha is {reg.alpha:g} and options are '
+                f"{reg.options}, which would silently train without a regularizer; set name to "
+                f"one of {sorted(REGULARIZERS)}, or alpha = 0 and options = {{}} for plain "
+                "meta-training"
+            )
         return
     try:
         make_regularizer(reg.name, **reg.options)
