@@ -2,6 +2,8 @@
 
     python benchmarks/regularizer_share.py                 # ~5 min on 2 CPU cores
     python benchmarks/regularizer_share.py --recipes dm-entropy --trajectories 1   # smoke
+    python benchmarks/regularizer_share.py --recipes dm-entropy \
+        --set regularizer.options={gamma=0.01,steps=10,lr=1.0} --out /tmp/lr1.json   # a variant
 
 A regularized recipe's meta-objective per unroll is ``meta_loss + alpha * R`` (method spec
 section 4). If ``alpha * R``'s gradient in the rule's weights is a tiny fraction of the loss
@@ -15,7 +17,12 @@ unroll, computes the two gradients separately with the trainer's own
 ``MetaTrainer.unroll_objective``: ``g_loss = d meta_loss / d phi`` and
 ``g_reg = d (alpha * R) / d phi``. Reported: the median (and range) over unrolls of
 ``|g_reg| / |g_loss|`` and of the cosine between them (negative: the regularizer pulls
-against the loss), and ``alpha * R / meta_loss``. Gradients are taken before clipping (the
+against the loss), the median of ``|g_reg| sqrt(1 - cos^2) / |g_loss|`` (the part of g_reg
+that is not a multiple of g_loss: what the regularizer adds beyond rescaling the loss term),
+and ``alpha * R / meta_loss``. ``--set`` applies recipe overrides (``section.key=value``, as
+``flatl2o meta-train --set``) to every recipe, to ask whether another setting would steer;
+the ``shipped`` rows still use the shipped weights, so only overrides that keep the rule's
+architecture make sense. Gradients are taken before clipping (the
 trainer clips their sum). Trajectories use their own seeds (4,000,000 + i), disjoint from
 meta-training, validation and evaluation.
 """
@@ -122,6 +129,12 @@ def summarize(rows: list[dict[str, float]]) -> dict[str, float]:
         return [r[key] for r in rows if math.isfinite(r[key])]
 
     ratio, cos = finite("ratio"), finite("cosine")
+    # the part of g_reg orthogonal to g_loss, relative to |g_loss|
+    ortho = [
+        r["ratio"] * math.sqrt(max(0.0, 1 - r["cosine"] ** 2))
+        for r in rows
+        if math.isfinite(r["ratio"]) and math.isfinite(r["cosine"])
+    ]
     values = [r["alpha_r"] / r["meta_loss"] for r in rows if r["meta_loss"] != 0]
     return {
         "unrolls": len(rows),
@@ -131,6 +144,7 @@ def summarize(rows: list[dict[str, float]]) -> dict[str, float]:
         "cosine_median": statistics.median(cos) if cos else math.nan,
         "cosine_min": min(cos, default=math.nan),
         "cosine_max": max(cos, default=math.nan),
+        "orthogonal_median": statistics.median(ortho) if ortho else math.nan,
         "value_ratio_median": statistics.median(values) if values else math.nan,
         "theta_cosine_median": statistics.median(finite("theta_cosine")),
         "theta_ratio_median": statistics.median(finite("theta_ratio")),
@@ -140,8 +154,9 @@ def summarize(rows: list[dict[str, float]]) -> dict[str, float]:
 def table(result: dict) -> str:
     lines = [
         "| recipe | alpha | rule weights | unrolls | \\|g_reg\\| / \\|g_loss\\| median (range) "
-        "| cosine median (range) | alpha·R / meta-loss | in theta: cosine, norm ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "| cosine median (range) | orthogonal part / \\|g_loss\\| | alpha·R / meta-loss "
+        "| in theta: cosine, norm ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in result["recipes"].items():
         for where in ("init", "shipped"):
@@ -151,6 +166,7 @@ def table(result: dict) -> str:
                 f"{100 * s['ratio_median']:.2f}% ({100 * s['ratio_min']:.2f}–"
                 f"{100 * s['ratio_max']:.2f}%) | {s['cosine_median']:+.2f} "
                 f"({s['cosine_min']:+.2f} to {s['cosine_max']:+.2f}) | "
+                f"{100 * s['orthogonal_median']:.2f}% | "
                 f"{100 * s['value_ratio_median']:.2f}% | {s['theta_cosine_median']:+.2f}, "
                 f"{100 * s['theta_ratio_median']:.2f}% |"
             )
@@ -159,16 +175,26 @@ def table(result: dict) -> str:
 
 def markdown(result: dict) -> str:
     """The report written next to the JSON."""
+    overrides = result.get("overrides") or []
+    setting = (
+        "Every recipe as shipped (alpha, regularizer options, unroll, trajectory length)"
+        if not overrides
+        else "Every recipe as shipped but for "
+        + ", ".join(f"`{o}`" for o in overrides)
+        + " (the `shipped` rows: the shipped weights under that objective)"
+    )
     return (
         "# Share of the meta-gradient from the flatness regularizer\n\n"
         f"`{result['command']}` ({result['total_seconds'] / 60:.1f} min, torch "
-        f"{result['torch']}, {result['trajectories']} trajectories per row). Every recipe as "
-        "shipped (alpha, regularizer options, unroll, trajectory length); gradients in the "
+        f"{result['torch']}, {result['trajectories']} trajectories per row). {setting}; "
+        "gradients in the "
         "rule's weights of the two parts of one unroll's objective, before clipping; `init` = "
         "the rule's random initialization from the recipe's seed, `shipped` = the shipped "
         "checkpoint's weights. The last column compares, at the iterate after each unroll "
         "and on one minibatch, the gradient of alpha·R in the optimizee's parameters with the "
-        "minibatch loss gradient (median cosine, median norm ratio).\n\n"
+        "minibatch loss gradient (median cosine, median norm ratio). The orthogonal part is "
+        "the median over unrolls of |g_reg|·sqrt(1 − cos²)/|g_loss|: what the regularizer "
+        "adds to the meta-gradient beyond rescaling the loss term.\n\n"
         f"{table(result)}\n"
     )
 
@@ -178,13 +204,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipes", nargs="+", default=list(DEFAULT_RECIPES))
     p.add_argument("--trajectories", type=int, default=2, help="trajectories per row")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="recipe override applied to every recipe (repeatable; TOML values)",
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/regularizer_share.json"))
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="measure nothing: re-summarize the rows stored in --out and redraw its report",
+    )
     args = p.parse_args(argv)
+    if args.report_only:
+        result = json.loads(Path(args.out).read_text())
+        for entry in result["recipes"].values():
+            for where in ("init", "shipped"):
+                entry[where]["summary"] = summarize(entry[where]["unrolls"])
+        write_result(args.out, result, markdown(result))
+        print(table(result))
+        return 0
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     recipes = {}
     for name in args.recipes:
-        recipe = load_recipe(ROOT / "pretrained" / name / "recipe.toml")
+        recipe = load_recipe(ROOT / "pretrained" / name / "recipe.toml", args.overrides)
         entry: dict = {"alpha": recipe.regularizer.alpha, "regularizer": recipe.regularizer.name}
         for where in ("init", "shipped"):
             trainer = MetaTrainer(recipe, tempfile.mkdtemp(prefix="share-"), progress=False)
@@ -197,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": "python benchmarks/regularizer_share.py " + " ".join(argv or sys.argv[1:]),
         "trajectories": args.trajectories,
+        "overrides": args.overrides,
         "threads": args.threads,
         "torch": torch.__version__,
         "machine": platform.platform(),
