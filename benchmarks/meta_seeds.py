@@ -2,6 +2,9 @@
 
     python benchmarks/meta_seeds.py --rule dm --meta-seeds 1 2 --jobs 2     # ~1 h on 2 cores
     python benchmarks/meta_seeds.py --rule dm --meta-seeds 1 --quick        # smoke (minutes)
+    python benchmarks/meta_seeds.py --rule dm --meta-seeds 1 2 3 --rng own --regularizers entropy \
+        --tag lr1-a10 --set regularizer.alpha=10 --set regularizer.options.lr=1.0 \
+        --out benchmarks/results/meta_seeds_entropy_lr1_a10.json     # another setting
 
 docs/results.md compares each regularized checkpoint with its unregularized sibling over
 evaluation seeds (optimizee initializations and minibatches), but every shipped rule is ONE
@@ -25,6 +28,11 @@ torch thread each; each writes its log next to its run folder). Everything is re
 finished run (its ``metrics.json`` exists) is reused, a killed one is continued with
 ``--resume``, and the evaluation reuses finished runs of the same code. Results go to
 ``--out`` (JSON) and the same path with ``.md``; ``markdown(json.load(...))`` redraws it.
+
+``--set`` meta-trains the regularized recipes with overrides (another alpha or regularizer
+options) under ``--tag``, which names those runs; it needs ``--rng own``, so that each one is
+compared with the unregularized rule that saw the same minibatches (those plain runs are
+shared by every study of the rule).
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,24 +56,58 @@ from _results import write_result  # noqa: E402
 from flatl2o.evaluation import EvalConfig, evaluate  # noqa: E402
 from flatl2o.evaluation.report import Stats, paired, per_seed  # noqa: E402
 
-VARIANTS = ("", "-entropy", "-hessian")  # recipe suffixes; "" is the unregularized rule
+REGULARIZERS = ("entropy", "hessian")  # recipes/<rule>-<regularizer>.toml
 
 
-def run_name(rule: str, variant: str, meta_seed: int, rng: str = "minibatch") -> str:
-    """The rule's name: the shipped name for meta-seed 0, else ``<name>-m<seed>``; regularized
-    runs with ``[regularizer].rng = "own"`` are ``<name>-own-m<seed>`` (never shipped)."""
-    if variant and rng == "own":
-        return f"{rule}{variant}-own-m{meta_seed}"
-    return (
-        f"{rule}{variant}" if meta_seed == 0 and rng != "own" else f"{rule}{variant}-m{meta_seed}"
-    )
+@dataclass(frozen=True)
+class Study:
+    """What is compared: ``rule``'s unregularized recipe against its ``regularizers``' recipes,
+    those meta-trained with ``[regularizer].rng = rng`` and the recipe ``overrides`` (named by
+    ``tag``)."""
+
+    rule: str
+    rng: str = "minibatch"
+    regularizers: tuple[str, ...] = REGULARIZERS
+    tag: str = ""
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """Recipe suffixes: "" (the unregularized rule), then ``-<regularizer>`` each."""
+        return ("", *(f"-{r}" for r in self.regularizers))
+
+    def name(self, variant: str, meta_seed: int) -> str:
+        """A rule's name: the shipped name for meta-seed 0, else ``<name>-m<seed>``; regularized
+        runs with ``[regularizer].rng = "own"`` are ``<name>[-<tag>]-own-m<seed>`` (never
+        shipped)."""
+        if variant and self.rng == "own":
+            tag = f"-{self.tag}" if self.tag else ""
+            return f"{self.rule}{variant}{tag}-own-m{meta_seed}"
+        if meta_seed == 0 and self.rng != "own":
+            return f"{self.rule}{variant}"
+        return f"{self.rule}{variant}-m{meta_seed}"
+
+    def eval_dir(self, root: Path) -> Path:
+        """Where the study's evaluation runs go (a rule's studies share its run folders)."""
+        tag = f"-{self.tag}" if self.tag else ""
+        return root / self.rule / ("eval" if self.rng == "minibatch" else f"eval-{self.rng}{tag}")
+
+    @classmethod
+    def of(cls, result: dict) -> Study:
+        """The study a results JSON describes (files written before tags had none)."""
+        return cls(
+            result["rule"],
+            result.get("rng", "minibatch"),
+            tuple(result.get("regularizers", REGULARIZERS)),
+            result.get("tag", ""),
+            tuple(result.get("overrides", ())),
+        )
 
 
-def meta_train(
-    rule: str, variant: str, meta_seed: int, root: Path, quick: bool, rng: str = "minibatch"
-) -> Path:
+def meta_train(study: Study, variant: str, meta_seed: int, root: Path, quick: bool) -> Path:
     """Meta-train (or finish, or reuse) one run; return its checkpoint folder."""
-    name = run_name(rule, variant, meta_seed, rng)
+    rule, rng = study.rule, study.rng
+    name = study.name(variant, meta_seed)
     out = root / name
     if (out / "metrics.json").is_file():
         return out
@@ -86,6 +129,8 @@ def meta_train(
     cmd += [f"train.seed={meta_seed}", f"name={name}"]
     if variant and rng == "own":
         cmd.append('regularizer.rng="own"')
+    if variant:
+        cmd += study.overrides
     if quick:
         cmd += ["train.iterations=2", "curriculum.validate_every=1", "evaluation.seeds=1"]
         cmd += ["evaluation.horizons=[20]", "train.checkpoint_every=1"]
@@ -109,7 +154,7 @@ def _std(xs: list[float]) -> float:
     return statistics.stdev(xs) if len(xs) > 1 else math.nan
 
 
-def analyse(data: dict, rule: str, meta_seeds: list[int], rng: str = "minibatch") -> dict:
+def analyse(data: dict, study: Study, meta_seeds: list[int]) -> dict:
     """Per (task, horizon, regularizer): the paired difference regularized − unregularized of
     the same meta-seed (test accuracy and train loss), then its summary across meta-seeds."""
     tasks, horizons = data["config"]["tasks"], data["config"]["horizons"]
@@ -123,7 +168,7 @@ def analyse(data: dict, rule: str, meta_seeds: list[int], rng: str = "minibatch"
                     m: Stats.of(
                         list(
                             per_seed(
-                                data, task, run_name(rule, variant, m, rng), h, "test_accuracy"
+                                data, task, study.name(variant, m), h, "test_accuracy"
                             ).values()
                         )
                     ).mean
@@ -131,10 +176,10 @@ def analyse(data: dict, rule: str, meta_seeds: list[int], rng: str = "minibatch"
                 }
 
             plain_acc = accuracy_by_meta_seed("")
-            for variant in VARIANTS[1:]:
+            for variant in study.variants[1:]:
                 per_meta = []
                 for m in meta_seeds:
-                    reg, sib = run_name(rule, variant, m, rng), run_name(rule, "", m, rng)
+                    reg, sib = study.name(variant, m), study.name("", m)
                     acc = paired(
                         per_seed(data, task, reg, h, "test_accuracy"),
                         per_seed(data, task, sib, h, "test_accuracy"),
@@ -216,7 +261,7 @@ def summary(result: dict) -> str:
     difference exceeds the unregularized rule's own spread across meta-seeds."""
     n = len(result["meta_seeds"])
     out = []
-    for reg in (v[1:] for v in VARIANTS[1:]):
+    for reg in Study.of(result).regularizers:
         cells = [c for c in result["analysis"]["cells"] if c["regularizer"] == reg]
         agree_up = sum(c["higher"] == n for c in cells)
         agree_down = sum(c["lower"] == n for c in cells)
@@ -245,7 +290,9 @@ def markdown(result: dict) -> str:
     seeds = ", ".join(str(m) for m in result["meta_seeds"])
     return (
         f"# Regularizer effect vs meta-training seed ({result['rule']}, "
-        f"regularizer rng: {result.get('rng', 'minibatch')})\n\n"
+        f"regularizer rng: {result.get('rng', 'minibatch')}"
+        + (f", {result['tag']}" if result.get("tag") else "")
+        + ")\n\n"
         f"`{result['command']}` ({result['total_seconds'] / 60:.0f} min; meta-training "
         f"{result['meta_train_seconds'] / 60:.0f} min"
         + (
@@ -267,6 +314,13 @@ def markdown(result: dict) -> str:
             '`[regularizer].rng = "own"`, so each meta-trained on exactly the minibatches '
             "and imitation choices of the unregularized rule of its meta-seed: only the "
             "regularizer differs. "
+        )
+        + (
+            "The regularized recipes were meta-trained with the overrides "
+            + ", ".join(f"`{o}`" for o in result["overrides"])
+            + " (everything else as in `recipes/`). "
+            if result.get("overrides")
+            else ""
         )
         + "Δ acc = test accuracy of the regularized rule − the "
         "unregularized rule of the same meta-seed, mean over "
@@ -300,6 +354,22 @@ def main(argv: list[str] | None = None) -> int:
         help="[regularizer].rng of the regularized runs; 'own' meta-trains every meta-seed "
         "(no shipped checkpoint was made that way), so siblings share their minibatches",
     )
+    p.add_argument(
+        "--regularizers",
+        nargs="+",
+        choices=REGULARIZERS,
+        default=list(REGULARIZERS),
+        help="which regularized recipes to compare with the unregularized one",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="recipe override for the regularized runs (repeatable; needs --rng own and --tag)",
+    )
+    p.add_argument("--tag", default="", help="names the regularized runs made with --set")
     p.add_argument("--quick", action="store_true", help="2 meta-iterations, tiny evaluation")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/meta_seeds.json"))
     p.add_argument(
@@ -308,33 +378,34 @@ def main(argv: list[str] | None = None) -> int:
         help="train and run nothing: recompute the analysis of --out from <root>/<rule>/eval",
     )
     args = p.parse_args(argv)
+    if args.overrides and (args.rng != "own" or not args.tag):
+        p.error(
+            "--set needs --rng own (each regularized run then shares the minibatches of the "
+            "unregularized run it is compared with) and --tag NAME (names its runs)"
+        )
+    if args.tag and not args.overrides:
+        p.error("--tag names the runs made with --set; give the overrides too")
     started = time.perf_counter()
-    root = Path(args.root) / args.rule
-    eval_dir = root / ("eval" if args.rng == "minibatch" else f"eval-{args.rng}")
     if args.report_only:
         out = Path(args.out)
         result = json.loads(out.read_text())
-        data = json.loads((eval_dir / "eval.json").read_text())
-        rng = result.get("rng", "minibatch")
-        result["analysis"] = analyse(data, result["rule"], result["meta_seeds"], rng)
+        study = Study.of(result)
+        data = json.loads((study.eval_dir(Path(args.root)) / "eval.json").read_text())
+        result["analysis"] = analyse(data, study, result["meta_seeds"])
         write_result(out, result, markdown(result))
         print(markdown(result))
         return 0
+    study = Study(args.rule, args.rng, tuple(args.regularizers), args.tag, tuple(args.overrides))
+    root = Path(args.root) / args.rule
     root.mkdir(parents=True, exist_ok=True)
     shipped = args.rng == "minibatch"  # meta-seed 0 is then the shipped checkpoints
     meta_seeds = sorted({0, *args.meta_seeds}) if shipped else sorted(set(args.meta_seeds))
-    todo = [(v, m) for m in meta_seeds if m != 0 or not shipped for v in VARIANTS]
-    reused = sum(
-        (root / run_name(args.rule, v, m, args.rng) / "metrics.json").is_file() for v, m in todo
-    )
+    todo = [(v, m) for m in meta_seeds if m != 0 or not shipped for v in study.variants]
+    reused = sum((root / study.name(v, m) / "metrics.json").is_file() for v, m in todo)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        folders = list(
-            pool.map(
-                lambda vm: meta_train(args.rule, vm[0], vm[1], root, args.quick, args.rng), todo
-            )
-        )
+        folders = list(pool.map(lambda vm: meta_train(study, vm[0], vm[1], root, args.quick), todo))
     meta_train_seconds = time.perf_counter() - started
-    optimizers = [f"{args.rule}{v}" for v in VARIANTS] if 0 in meta_seeds and shipped else []
+    optimizers = [f"{args.rule}{v}" for v in study.variants] if 0 in meta_seeds and shipped else []
     optimizers += [str(f) for f in folders]
     overrides = {"tasks": tuple(args.tasks)} if args.tasks else {}
     if args.quick:
@@ -351,10 +422,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     data = evaluate(
         config,
-        out=eval_dir,
+        out=study.eval_dir(Path(args.root)),
         jobs=args.jobs,
         progress=False,
-        resume=eval_dir.exists(),
+        resume=study.eval_dir(Path(args.root)).exists(),
         command="python benchmarks/meta_seeds.py " + " ".join(argv or sys.argv[1:]),
     )
     eval_seconds = time.perf_counter() - t0
@@ -375,7 +446,10 @@ def main(argv: list[str] | None = None) -> int:
         "eval_seconds": eval_seconds,
         "total_seconds": time.perf_counter() - started,
         "rng": args.rng,
-        "analysis": analyse(data, args.rule, meta_seeds, args.rng),
+        "regularizers": list(study.regularizers),
+        "tag": study.tag,
+        "overrides": list(study.overrides),
+        "analysis": analyse(data, study, meta_seeds),
     }
     print(table(result))
     print(summary(result))
