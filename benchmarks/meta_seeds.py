@@ -2,9 +2,9 @@
 
     python benchmarks/meta_seeds.py --rule dm --meta-seeds 1 2 --jobs 2     # ~1 h on 2 cores
     python benchmarks/meta_seeds.py --rule dm --meta-seeds 1 --quick        # smoke (minutes)
-    python benchmarks/meta_seeds.py --rule dm --meta-seeds 1 2 3 --rng own --regularizers entropy \
-        --tag lr1-a10 --set regularizer.alpha=10 --set regularizer.options.lr=1.0 \
-        --out benchmarks/results/meta_seeds_entropy_lr1_a10.json     # another setting
+    python benchmarks/meta_seeds.py --rule dm --meta-seeds 1 2 --rng own --regularizers entropy \
+        --tag lr1-a10 --set regularizer.alpha=10 --set regularizer.options.lr=1.0 --jobs 1 \
+        --out benchmarks/results/meta_seeds_dm_entropy_lr1_a10.json     # another setting
 
 docs/results.md compares each regularized checkpoint with its unregularized sibling over
 evaluation seeds (optimizee initializations and minibatches), but every shipped rule is ONE
@@ -72,6 +72,11 @@ class Study:
     overrides: tuple[str, ...] = ()
 
     @property
+    def suffix(self) -> str:
+        """``-<tag>`` when the study has one: it names the study's own runs and evaluation."""
+        return f"-{self.tag}" if self.tag else ""
+
+    @property
     def variants(self) -> tuple[str, ...]:
         """Recipe suffixes: "" (the unregularized rule), then ``-<regularizer>`` each."""
         return ("", *(f"-{r}" for r in self.regularizers))
@@ -81,16 +86,18 @@ class Study:
         runs with ``[regularizer].rng = "own"`` are ``<name>[-<tag>]-own-m<seed>`` (never
         shipped)."""
         if variant and self.rng == "own":
-            tag = f"-{self.tag}" if self.tag else ""
-            return f"{self.rule}{variant}{tag}-own-m{meta_seed}"
+            return f"{self.rule}{variant}{self.suffix}-own-m{meta_seed}"
         if meta_seed == 0 and self.rng != "own":
             return f"{self.rule}{variant}"
         return f"{self.rule}{variant}-m{meta_seed}"
 
     def eval_dir(self, root: Path) -> Path:
         """Where the study's evaluation runs go (a rule's studies share its run folders)."""
-        tag = f"-{self.tag}" if self.tag else ""
-        return root / self.rule / ("eval" if self.rng == "minibatch" else f"eval-{self.rng}{tag}")
+        return (
+            root
+            / self.rule
+            / ("eval" if self.rng == "minibatch" else f"eval-{self.rng}{self.suffix}")
+        )
 
     @classmethod
     def of(cls, result: dict) -> Study:
