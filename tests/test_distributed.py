@@ -29,11 +29,14 @@ HERE = Path(__file__).parent
 
 
 def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``torchrun --standalone --nproc-per-node 2 ARGS`` (a free port is picked)."""
+    """Run ``torchrun --standalone --nproc-per-node 2 ARGS`` (a free port is picked); each
+    worker runs through tests/hang_dump.py, which writes its stacks to stderr 30 s before the
+    timeout, so a hang's failure message says where every remaining worker waits."""
     # the workers import the same flatl2o as this process, and dist_workers from tests/
     path = [str(Path(flatl2o.__file__).parents[1]), str(HERE), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += [str(HERE / "hang_dump.py"), str(max(timeout - 30, 1))]
     # its own session, so that a hung run's workers are killed with it, not left to slow down
     # the rest of the suite
     with subprocess.Popen(
@@ -56,10 +59,33 @@ def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                 out, err = popen.communicate()
             raise AssertionError(  # say where it hung: the output so far
                 f"torchrun {' '.join(args)} still running after {timeout} s:\n"
-                f"{out[-4000:]}\n{err[-8000:]}"
+                f"{out[-4000:]}\n{err[-12000:]}"
             ) from None
     assert popen.returncode == 0, f"torchrun failed:\n{out[-4000:]}\n{err[-8000:]}"
     return subprocess.CompletedProcess(popen.args, popen.returncode, out, err)
+
+
+def test_a_worker_still_running_at_the_deadline_writes_where_it_waits(tmp_path):
+    """The diagnosis torchrun() relies on: hang_dump.py dumps the stacks and lets the run go on."""
+    script = tmp_path / "slow.py"
+    script.write_text("import time\n\ndef wait_here():\n    time.sleep(3)\n\nwait_here()\n")
+    run = subprocess.run(
+        [sys.executable, str(HERE / "hang_dump.py"), "1", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0
+    assert "Timeout" in run.stderr and "in wait_here" in run.stderr, run.stderr
+    # and a module runs as with python -m (its own argv), without a dump when it is quick
+    run = subprocess.run(
+        [sys.executable, str(HERE / "hang_dump.py"), "60", "-m", "json.tool", "--compact"],
+        input='{"a": [1, 2]}',
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0 and run.stdout.strip() == '{"a":[1,2]}' and not run.stderr
 
 
 # ------------------------------------------------------------------ the optimizer
