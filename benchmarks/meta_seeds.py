@@ -182,6 +182,12 @@ def analyse(data: dict, study: Study, meta_seeds: list[int]) -> dict:
                     for m in meta_seeds
                 }
 
+            def median_trace(name: str, task: str = task, h: int = h) -> float:
+                """Median Hessian trace of the full-train loss at the run's end (flatness)."""
+                values = per_seed(data, task, name, h, "hessian_trace").values()
+                finite = [v for v in values if math.isfinite(v)]
+                return statistics.median(finite) if finite else math.nan
+
             plain_acc = accuracy_by_meta_seed("")
             for variant in study.variants[1:]:
                 per_meta = []
@@ -203,6 +209,8 @@ def analyse(data: dict, study: Study, meta_seeds: list[int]) -> dict:
                             "seeds": acc.n,
                             "seeds_left_out": acc.missing,
                             "d_train_loss": loss.mean,
+                            "hessian_trace": median_trace(reg),
+                            "sibling_hessian_trace": median_trace(sib),
                         }
                     )
                 ds = [p["d_test_accuracy"] for p in per_meta if math.isfinite(p["d_test_accuracy"])]
@@ -237,6 +245,18 @@ def _pp(x: float, sign: bool = True) -> str:
     return "n/a" if not math.isfinite(x) else f"{100 * x:{'+' if sign else ''}.1f}"
 
 
+def _traces(per_meta: list[dict]) -> str:
+    """``reg / plain`` Hessian traces per meta-seed (results written before they were kept
+    have none)."""
+    pairs = [
+        (p.get("hessian_trace", math.nan), p.get("sibling_hessian_trace", math.nan))
+        for p in per_meta
+    ]
+    if not any(math.isfinite(a) or math.isfinite(b) for a, b in pairs):
+        return "n/a"
+    return "; ".join(f"{a:.3g} / {b:.3g}" for a, b in pairs)
+
+
 def table(result: dict) -> str:
     seeds = result["meta_seeds"]
     head = ["regularizer", "task", "steps"]
@@ -246,6 +266,7 @@ def table(result: dict) -> str:
         "beyond eval-seed noise: higher / lower",
         "across meta-seeds (paired t-test)",
         "unregularized acc std over meta-seeds (pp)",
+        "Hessian trace, regularized / unregularized (median), per meta-seed",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in result["analysis"]["cells"]:
@@ -258,6 +279,7 @@ def table(result: dict) -> str:
             f"{c['higher_beyond_noise']} / {c['lower_beyond_noise']} of {len(seeds)}",
             c["across_meta_seeds"],
             _pp(c["plain_std_across_meta_seeds"], sign=False),
+            _traces(c["per_meta_seed"]),
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -336,7 +358,9 @@ def markdown(result: dict) -> str:
         "meta-seeds, of the unregularized rule's mean test accuracy: what a different "
         "meta-training draw alone moves. 'Across meta-seeds' tests the regularized rule's "
         "per-meta-seed mean accuracy against the unregularized one's, paired by meta-seed "
-        "(a paired t-test at 95% over the meta-seeds).\n\n"
+        "(a paired t-test at 95% over the meta-seeds). The Hessian trace (the full training "
+        "loss's, at the run's last iterate; the suite measures it on the MLPs) is the median "
+        "over the evaluation seeds: lower is flatter.\n\n"
         f"{table(result)}\n\nSummary:\n\n{summary(result)}\n"
     )
 
