@@ -19,11 +19,11 @@ unroll, computes the two gradients separately with the trainer's own
 ``|g_reg| / |g_loss|`` and of the cosine between them (negative: the regularizer pulls
 against the loss), the median of ``|g_reg| sqrt(1 - cos^2) / |g_loss|`` (the part of g_reg
 that is not a multiple of g_loss: what the regularizer adds beyond rescaling the loss term),
-and ``alpha * R / meta_loss``. ``--set`` applies recipe overrides (``section.key=value``, as
-``flatl2o meta-train --set``) to every recipe, to ask whether another setting would steer;
-the ``shipped`` rows still use the shipped weights, so only overrides that keep the rule's
-architecture make sense. Gradients are taken before clipping (the
-trainer clips their sum). Trajectories use their own seeds (4,000,000 + i), disjoint from
+and ``alpha * R / meta_loss``. ``--set`` applies recipe overrides (``section.key=value``,
+as ``flatl2o meta-train`` takes them) to every recipe, to ask whether another setting would
+steer; the ``shipped`` rows still use the shipped weights, so only overrides that keep the
+rule's architecture make sense. Gradients are taken before clipping (the trainer clips
+their sum). Trajectories use their own seeds (4,000,000 + i), disjoint from
 meta-training, validation and evaluation.
 """
 
