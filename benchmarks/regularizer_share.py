@@ -2,8 +2,9 @@
 
     python benchmarks/regularizer_share.py                 # ~5 min on 2 CPU cores
     python benchmarks/regularizer_share.py --recipes dm-entropy --trajectories 1   # smoke
-    python benchmarks/regularizer_share.py --recipes dm-entropy \
-        --set regularizer.options={gamma=0.01,steps=10,lr=1.0} --out /tmp/lr1.json   # a variant
+    python benchmarks/regularizer_share.py --recipes dm-entropy --threads 1 \
+        --set regularizer.options.lr=1.0 \
+        --out benchmarks/results/regularizer_share_variants/lr1.json    # another setting
 
 A regularized recipe's meta-objective per unroll is ``meta_loss + alpha * R`` (method spec
 section 4). If ``alpha * R``'s gradient in the rule's weights is a tiny fraction of the loss
