@@ -253,6 +253,9 @@ def main() -> None:
     assert distributed.init_from_env(), "launch with torchrun and at least 2 processes"
     try:
         {"optimizer": scenario_optimizer, "meta": scenario_meta}[scenario](out)
+        # rank 0 finishes a meta-training run (evaluates, writes) alone: the ranks leave
+        # together, as the CLI's do, or an early rank's teardown can abort or hang the other
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
