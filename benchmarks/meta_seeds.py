@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 from _results import write_result  # noqa: E402
 
 from flatl2o.evaluation import EvalConfig, evaluate  # noqa: E402
-from flatl2o.evaluation.report import Stats, paired, per_seed  # noqa: E402
+from flatl2o.evaluation.report import Stats, paired, paired_metric, per_seed  # noqa: E402
 
 REGULARIZERS = ("entropy", "hessian")  # recipes/<rule>-<regularizer>.toml
 
@@ -193,14 +193,8 @@ def analyse(data: dict, study: Study, meta_seeds: list[int]) -> dict:
                 per_meta = []
                 for m in meta_seeds:
                     reg, sib = study.name(variant, m), study.name("", m)
-                    acc = paired(
-                        per_seed(data, task, reg, h, "test_accuracy"),
-                        per_seed(data, task, sib, h, "test_accuracy"),
-                    )
-                    loss = paired(
-                        per_seed(data, task, reg, h, "train_loss"),
-                        per_seed(data, task, sib, h, "train_loss"),
-                    )
+                    acc = paired_metric(data, task, reg, sib, h, "test_accuracy")
+                    loss = paired_metric(data, task, reg, sib, h, "train_loss")
                     per_meta.append(
                         {
                             "meta_seed": m,

@@ -190,6 +190,16 @@ def per_seed(
     return out
 
 
+def paired_metric(
+    data: dict[str, Any], task: str, a: str, b: str, horizon: int, metric: str
+) -> Paired:
+    """Paired comparison of ``metric`` at ``horizon`` between optimizers ``a`` and ``b`` on the
+    same evaluation seeds (differences a - b)."""
+    return paired(
+        per_seed(data, task, a, horizon, metric), per_seed(data, task, b, horizon, metric)
+    )
+
+
 def top_eig_stats(
     data: dict[str, Any], task: str, opt: str, horizon: int, kind: str = "runs"
 ) -> Stats:
@@ -463,17 +473,9 @@ def _q1(data: dict[str, Any], agg: dict) -> list[str]:
             for h in horizons_of(data):
                 if (task, reg, h) not in agg or (task, sib, h) not in agg:
                     continue
-                acc = paired(
-                    per_seed(data, task, reg, h, "test_accuracy"),
-                    per_seed(data, task, sib, h, "test_accuracy"),
-                )
-                dtr = paired(
-                    per_seed(data, task, reg, h, "train_loss"),
-                    per_seed(data, task, sib, h, "train_loss"),
-                )
-                dgap = paired(
-                    per_seed(data, task, reg, h, "gap"), per_seed(data, task, sib, h, "gap")
-                )
+                acc = paired_metric(data, task, reg, sib, h, "test_accuracy")
+                dtr = paired_metric(data, task, reg, sib, h, "train_loss")
+                dgap = paired_metric(data, task, reg, sib, h, "gap")
                 verdict = acc.verdict()
                 if _stalled(data, agg, task, sib, h):
                     verdict += f" (`{sib}` does not train)"
@@ -606,10 +608,7 @@ def _vs_best_baseline(data: dict[str, Any], agg: dict, opt: str) -> tuple[int, i
             best = _best_baseline(data, agg, task, h)
             if best is None or (task, opt, h) not in agg:
                 continue
-            v = paired(
-                per_seed(data, task, opt, h, "test_accuracy"),
-                per_seed(data, task, best, h, "test_accuracy"),
-            ).verdict("better", "worse")
+            v = paired_metric(data, task, opt, best, h, "test_accuracy").verdict("better", "worse")
             counts[0 if v.startswith("better") else 1 if v.startswith("worse") else 2] += 1
     return counts[0], counts[1], counts[2]
 
@@ -646,10 +645,7 @@ def _q2(data: dict[str, Any], agg: dict) -> list[str]:
                 if (task, n, h) not in agg:
                     cells.append("n/a")
                     continue
-                p = paired(
-                    per_seed(data, task, n, h, "test_accuracy"),
-                    per_seed(data, task, best, h, "test_accuracy"),
-                )
+                p = paired_metric(data, task, n, best, h, "test_accuracy")
                 v = p.verdict("better", "worse")
                 counts[n][0 if v.startswith("better") else 1 if v.startswith("worse") else 2] += 1
                 mark = " ▲" if v.startswith("better") else " ▼" if v.startswith("worse") else ""
