@@ -6,7 +6,7 @@
         --set regularizer.options.lr=1.0 \
         --out benchmarks/results/regularizer_share_variants/lr1.json    # another setting
 
-A regularized recipe's meta-objective per unroll is ``meta_loss + alpha * R`` (method spec
+A regularized recipe's meta-objective per unroll is ``meta_loss + alpha * R`` (docs/method.md
 section 4). If ``alpha * R``'s gradient in the rule's weights is a tiny fraction of the loss
 term's, the regularizer barely steers meta-training, and a "regularized vs unregularized"
 difference is mostly a different meta-training draw (see ``benchmarks/meta_seeds.py``). This

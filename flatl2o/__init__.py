@@ -1,7 +1,8 @@
 """flatl2o: learned, flatness-aware optimizers for PyTorch.
 
 Replace ``torch.optim.Adam(model.parameters())`` with
-``flatl2o.L2O.from_pretrained(model.parameters(), "rnnprop-hessian")``.
+``flatl2o.L2O.from_pretrained(model.parameters(), "rnnprop-entropy")``, the default checkpoint
+(``flatl2o.L2O(model.parameters())`` uses it; docs/quickstart.md, "Which checkpoint").
 """
 
 from flatl2o.checkpoint import CheckpointError

@@ -184,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="train a small MNIST model with a flatl2o optimizer vs Adam")
-    p.add_argument("--rule", default=None, help="checkpoint name/folder/repo (default: best)")
+    p.add_argument(
+        "--rule", default=None, help="checkpoint name/folder/repo (default: the one `list` marks)"
+    )
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)

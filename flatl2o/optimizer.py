@@ -66,7 +66,7 @@ class L2O(Optimizer):
     Args:
         params: iterable of parameters or dicts defining parameter groups.
         rule: an :class:`~flatl2o.rules.UpdateRule`, or a name / folder / Hub repo id given
-            to :func:`flatl2o.load_rule`. ``None`` uses the best shipped checkpoint.
+            to :func:`flatl2o.load_rule`. ``None`` uses the default shipped checkpoint.
         lr: multiplier of the learned step (default 1.0; the rule sets the scale).
         maximize: maximize the objective instead of minimizing it.
         chunk_size: coordinates evaluated at once by the reference step (and converted at

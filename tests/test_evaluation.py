@@ -582,7 +582,7 @@ def _row(page: str, start: str) -> str:
 
 
 def test_best_baseline_is_chosen_on_validation_not_test():
-    """Spec section 5: select on the validation split, report test. `adam` tests better but
+    """docs/method.md §5: select on the validation split, report test. `adam` tests better but
     `sgd`'s selected hyper-parameters validated better, so `sgd` is the reference."""
     data = _synthetic([0.90, 0.91, 0.92, 0.905, 0.915], [0.85, 0.86, 0.87, 0.855, 0.865])
     data["tuning"] = {"t": {}}

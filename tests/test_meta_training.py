@@ -109,7 +109,7 @@ def test_regularizer_schedule():
             {"regularizer": {"name": "entropy", "alpha": 1.0, "options": {"gamma": -0.01}}},
             r"option gamma .* > 0, got -0\.01",
         ),
-        # a named regularizer with alpha > 0 that would be computed zero times (spec §3)
+        # a named regularizer with alpha > 0 that would be computed zero times (docs/method.md §6)
         (
             {"regularizer": {"name": "hessian-trace", "alpha": 0.1, "every": 21}},
             r"never be computed in a trajectory of 20 steps .*every = 21",

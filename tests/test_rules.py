@@ -1,5 +1,6 @@
 """Every learned update rule through the same checks: config round trips and errors, shapes,
-the spec's preprocessing formulas, autograd through steps and state, chunking, fingerprints.
+the preprocessing formulas of docs/method.md §2, autograd through steps and state, chunking,
+fingerprints.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from flatl2o.rules import (
 
 RULE_NAMES = ["l2o-dm", "rnnprop"]
 
-#: Recurrent floats per coordinate stated in spec §2.
+#: Recurrent floats per coordinate stated in docs/method.md §2.
 SPEC_STATE_FLOATS = {"l2o-dm": 80, "rnnprop": 82}
 
 
@@ -216,7 +217,7 @@ def test_output_scale_bounds_rnnprop() -> None:
     assert out.abs().max() <= rule.config.output_scale
 
 
-# ----------------------------------------------------------------- spec formulas (§2)
+# ------------------------------------------------------------ docs/method.md formulas (§2)
 def test_rnnprop_bias_correction_by_hand() -> None:
     rule = _make("rnnprop")
     b1, b2, eps = rule.config.beta1, rule.config.beta2, rule.config.eps

@@ -1,5 +1,5 @@
 """Evaluation suite: do flatness-aware learned optimizers generalize better than their siblings
-and than tuned Adam / SGD / SAM / Entropy-SGD? (method spec section 5; docs/evaluation.md)
+and than tuned Adam / SGD / SAM / Entropy-SGD? (docs/method.md §5; docs/evaluation.md)
 
 ```python
 from flatl2o.evaluation import EvalConfig, evaluate, write_report

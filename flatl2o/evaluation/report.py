@@ -9,10 +9,10 @@ difference is significant by that test; "within seed noise" means it is not). No
 out silently: a mean or paired difference that omits a seed (a non-finite value: a diverged
 run) says how many it omits.
 
-The reference baseline of question 2 is chosen on the VALIDATION split (method spec section 5):
+The reference baseline of question 2 is chosen on the VALIDATION split (docs/method.md §5):
 per (task, horizon), the tuned baseline whose selected hyper-parameters have the highest mean
 validation accuracy over the tuning seeds; only its test accuracy is reported. The top
-eigenvalue is reported as ``|λ_max|`` (spec section 4), and only where power iteration
+eigenvalue is reported as ``|λ_max|`` (docs/method.md §4), and only where power iteration
 converged: a value whose relative residual exceeds :data:`EIG_RESIDUAL_TOL` is left out and
 counted as "unconverged".
 """

@@ -1,6 +1,6 @@
 """Train one optimizee with one optimizer and measure it: the unit of work of the suite.
 
-Protocol (method spec section 5), the same for every optimizer:
+Protocol (docs/method.md §5), the same for every optimizer:
 
 - the run of seed ``s`` draws everything from ``torch.Generator().manual_seed(EVAL_SEED_OFFSET +
   s)``: first the initialization (``Task.init_params``, the project's initializer), then one

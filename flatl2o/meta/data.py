@@ -4,7 +4,7 @@ Every loader returns a :class:`Dataset` of three :class:`Split` objects (train /
 test) held as in-memory tensors: ``x`` float32 of shape ``(N, *input_shape)``, ``y`` int64 class
 labels.
 
-Conventions shared by all loaders (method spec, section 5):
+Conventions shared by all loaders (docs/method.md §5):
 
 * **Stratified, seeded split.** Within each class the examples are permuted with a
   ``torch.Generator`` seeded by ``seed`` and cut into train / validation / test counts, so every

@@ -42,7 +42,7 @@ class TaskSection:
 
 @dataclasses.dataclass
 class TrainSection:
-    """Truncated-BPTT settings (spec §3)."""
+    """Truncated-BPTT settings (docs/method.md §3)."""
 
     seed: int = 0
     iterations: int = 200  # trajectories (optimizee runs from a fresh init)
@@ -69,7 +69,7 @@ class CurriculumSection:
 
 @dataclasses.dataclass
 class RegularizerSection:
-    """The flatness term alpha * R(theta_t) added to the meta-objective (spec §4)."""
+    """The flatness term alpha * R(theta_t) added to the meta-objective (docs/method.md §4)."""
 
     name: str = "none"  # none | hessian-trace | hessian-eig | hessian-esd | entropy
     alpha: float = 0.0
@@ -84,7 +84,7 @@ class RegularizerSection:
 
 @dataclasses.dataclass
 class EvalSection:
-    """What the model card reports (test accuracy on the seen task, spec §5)."""
+    """What the model card reports (test accuracy on the seen task, docs/method.md §5)."""
 
     seeds: int = 5
     horizons: list[int] = dataclasses.field(default_factory=lambda: [100, 1000])
@@ -363,7 +363,7 @@ def validate(recipe: Recipe, *, source: str = "recipe") -> None:
         make_regularizer(reg.name, **reg.options)
     except (TypeError, ValueError) as e:
         fail(f"[regularizer].options: {e}")
-    if reg.alpha == 0:  # the public code's silent no-op (spec §3)
+    if reg.alpha == 0:  # the public code's silent no-op (docs/method.md §6)
         fail(
             f"[regularizer].name is {reg.name!r} but alpha is 0, which would silently train "
             'without it; set alpha > 0, or name = "none" for plain meta-training'

@@ -1,4 +1,4 @@
-"""Flatness regularizers for meta-training (method spec section 4).
+"""Flatness regularizers for meta-training (docs/method.md §4).
 
 Every regularizer takes a closure ``loss_fn(theta) -> scalar`` (the optimizee minibatch loss)
 and a flat parameter vector ``theta`` of shape ``(n,)``. When ``theta`` requires grad and grad
@@ -316,7 +316,7 @@ def regularized_steps(schedule: str, every: int, length: int, unroll: int) -> in
     """How many times R is computed in a trajectory of ``length`` steps in unrolls of
     ``unroll``: the steps ``s`` (1-based) of regularized unrolls with ``s % every == 0``.
 
-    Recipe validation refuses a regularizer that this counts zero times (spec §3's silent no-op).
+    Recipe validation refuses a regularizer that this counts zero times (docs/method.md §6).
     """
     num_unrolls = length // unroll
     return sum(

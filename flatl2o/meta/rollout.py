@@ -75,7 +75,7 @@ def evaluate_rule(
 
     The validation metrics (``val_accuracy@h``, ``val_loss@h``, on the dataset's validation
     split when it is not empty) are the ones to choose hyper-parameters on, e.g. a regularizer's
-    strength; the test metrics are for reporting only (method spec section 5).
+    strength; the test metrics are for reporting only (docs/method.md §5).
     ``extra(theta)``, if given, is called at each horizon with that run's parameters; each
     ``name: value`` it returns is summarized like the built-in metrics (``name@h`` and
     ``name_std@h``), e.g. a flatness readout at the iterates the accuracies are measured at.

@@ -15,7 +15,7 @@ whatever mode (train / eval) it is in; :meth:`Task.evaluate` switches it to eval
 evaluation and restores the previous mode.
 
 THE project initializer (:meth:`Task.init_params`), used for meta-training and evaluation alike
-(method spec, section 3): LeCun normal, i.e. every weight of a Linear or Conv layer is drawn
+(docs/method.md §3): LeCun normal, i.e. every weight of a Linear or Conv layer is drawn
 from N(0, 1/fan_in) with fan_in = in_features (Linear) or in_channels/groups * prod(kernel_size)
 (Conv), and every bias is zero. Normalization layers get weight 1 and bias 0. Any other
 trainable parameter keeps the value the module currently holds (so user modules with custom
@@ -331,7 +331,7 @@ def _mlp_task(
 
 @register_task("mnist-mlp-sigmoid")
 def mnist_mlp_sigmoid(dataset: Dataset | None = None, batch_size: int = 128) -> Task:
-    """MLP 784-20-10 with sigmoid, cross-entropy: the meta-training optimizee (spec section 3)."""
+    """MLP 784-20-10, sigmoid, cross-entropy: the meta-training optimizee (docs/method.md §3)."""
     ds = dataset if dataset is not None else _data.load_mnist5k()
     return _mlp_task("mnist-mlp-sigmoid", [20], nn.Sigmoid, ds, batch_size)
 

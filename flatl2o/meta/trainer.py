@@ -1,4 +1,4 @@
-"""The meta-trainer: truncated backpropagation through optimizee trajectories (spec §3-§4).
+"""The meta-trainer: truncated backprop through optimizee trajectories (docs/method.md §3-§4).
 
 One meta-iteration = one trajectory from a fresh optimizee initialization, split into
 unrolls of ``unroll`` steps; after each unroll the rule takes one meta-step (Adam) and the

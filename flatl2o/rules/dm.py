@@ -1,4 +1,4 @@
-"""L2O-DM (Andrychowicz et al. 2016), as configured in the Open-L2O code (spec §2)."""
+"""L2O-DM (Andrychowicz et al. 2016), as configured in the Open-L2O code (docs/method.md §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""RNNprop (Lv, Jiang, Li 2017), as configured in the Open-L2O code (spec §2)."""
+"""RNNprop (Lv, Jiang, Li 2017), as configured in the Open-L2O code (docs/method.md §2)."""
 
 from __future__ import annotations
 
