@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -606,6 +607,50 @@ def test_full_recipe_reproduces_the_shipped_checkpoint(tmp_path, name):
 def test_an_override_into_a_value_is_a_recipe_error(tmp_path, override, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe(_write_recipe(tmp_path), [override])
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("folder", r"recipe .* is a folder; pass a recipe TOML file"),
+        ("latin-1", r"recipe file .* is not UTF-8 text \(byte 0xe9 at offset 11\)"),
+        ("missing", r"recipe file .* does not exist"),
+    ],
+)
+def test_an_unreadable_recipe_is_a_one_line_error_with_exit_code_2(tmp_path, capsys, case, message):
+    path = {"folder": tmp_path, "latin-1": tmp_path / "r.toml", "missing": tmp_path / "no.toml"}
+    (tmp_path / "r.toml").write_bytes('name = "caf\u00e9"\n'.encode("latin-1"))
+    args = ["meta-train", "--recipe", str(path[case]), "--out", str(tmp_path / "o")]
+    assert cli_main(args) == 2
+    assert re.search(message, _one_line_error(capsys))
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [  # a key set on the command line is blamed on the override as typed, not on the file
+        (["train.iteratons=5"], r"^command-line override 'train\.iteratons=5': unknown key"),
+        (["train.iterations=-1"], r"^command-line override 'train\.iterations=-1': \[train\]"),
+        (["train.unroll=abc"], r"^command-line override 'train\.unroll=abc': \[train\]\.unroll"),
+        (["nope.x=1"], r"^command-line override 'nope\.x=1': unknown key 'nope'"),
+        (
+            ["regularizer.name=entropy", "regularizer.alpha=1", "regularizer.options.steps=0"],
+            r"^command-line overrides 'regularizer\.options\.steps=0', 'regularizer\.name=",
+        ),
+        # a rule broken by the file and an override together names both
+        (["train.unroll=3"], r"^\S+recipe\.toml with command-line override 'train\.unroll=3': "),
+    ],
+)
+def test_a_bad_override_is_blamed_on_the_command_line(tmp_path, overrides, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(_write_recipe(tmp_path), overrides)
+
+
+def test_a_bad_key_in_the_file_is_blamed_on_the_file(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text(_write_recipe(tmp_path).read_text() + "\n[extra]\nx = 1\n")
+    with pytest.raises(RecipeError, match=rf"^{re.escape(str(path))}: unknown key 'extra'"):
+        load_recipe(path, ["train.iterations=2"])
 
 
 @pytest.mark.parametrize(
