@@ -6,8 +6,10 @@ import argparse
 import json
 import shlex
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 class UsageError(Exception):
@@ -46,7 +48,9 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
     if args.init_from:  # the same as the override rule.init_from=... (given last, so it wins)
         overrides.append(f"rule.init_from={json.dumps(args.init_from)}")
     recipe = load_recipe(args.recipe, overrides)  # validated before any work starts
-    command = "flatl2o " + " ".join(shlex.quote(a) for a in args.argv if a != "--resume")
+    command = "flatl2o " + " ".join(
+        shlex.quote(a) for a in args.argv if a not in ("--resume", "--allow-inexact-resume")
+    )
     # under torchrun (WORLD_SIZE > 1) join the process group: one rank per process
     joined = distributed.init_from_env()
     try:
@@ -59,6 +63,7 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             command=command,
             meta_batch=args.meta_batch,
+            exact_resume=not args.allow_inexact_resume,
         )
         out = trainer.run()
         if distributed.rank() == 0:
@@ -197,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (Hub-ready checkpoint)")
     p.add_argument("--resume", action="store_true", help="continue a killed run in --out")
     p.add_argument(
+        "--allow-inexact-resume",
+        action="store_true",
+        help="with --resume: continue even if the thread count or torch version differs from "
+        "the saved run's (a warning; the result is then not bit-for-bit an uninterrupted run's)",
+    )
+    p.add_argument(
         "--threads", type=_non_negative_int, default=0, help="torch threads (0: torch default)"
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -246,6 +257,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(command: str, fallback: Callable[..., None]) -> Callable[..., None]:
+    """A ``warnings.showwarning`` that prints flatl2o's warnings as one ``flatl2o COMMAND:
+    warning: ...`` line on stderr and passes every other warning to ``fallback``."""
+
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if category.__module__.split(".")[0] == "flatl2o":
+            print(f"flatl2o {command}: warning: {message}", file=sys.stderr)
+        else:
+            fallback(message, category, *args, **kwargs)
+
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``flatl2o`` console script."""
     from flatl2o.checkpoint import CheckpointError
@@ -269,7 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         PermissionError,
     )
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():  # flatl2o's own warnings: one line, like its errors
+            warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
+            return int(args.func(args) or 0)
     except expected as e:
         print(f"flatl2o {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from flatl2o.meta.recipe import RecipeError, load_recipe, recipe_from_dict
 from flatl2o.meta.rollout import rollout
 from flatl2o.meta.tasks import Task, make_task
 from flatl2o.meta.trainer import (
+    InexactResumeWarning,
     MetaTrainer,
     ResumeError,
     export_name,
@@ -439,6 +441,73 @@ def test_a_run_saved_before_the_rng_key_existed_still_resumes(tmp_path):
     del meta["recipe"]["regularizer"]["rng"]
     save_file(load_file(path), path, metadata={"flatl2o_trainer_state": json.dumps(meta)})
     assert MetaTrainer(recipe, tmp_path, resume=True, progress=False).iteration == 2
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _checkpoint_at_iteration_2(folder: Path) -> Path:
+    """A tiny run folder checkpointed at iteration 2 (with this process's thread count)."""
+    recipe = recipe_from_dict(tiny(train={"iterations": 4, "checkpoint_every": 2}))
+    trainer = MetaTrainer(recipe, folder, progress=False)
+    trainer.iteration = 2
+    trainer._save_state()
+    return _write_recipe(folder.parent)
+
+
+def test_resume_with_another_thread_count_is_refused_unless_allowed(
+    tmp_path, capsys, restore_threads
+):
+    """Float reductions split over another number of threads round differently, so a resume
+    with another thread count would not end where the uninterrupted run ends: refused with
+    the flag that matches it, or continued with a one-line warning when allowed."""
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    recipe_path = _checkpoint_at_iteration_2(out)
+    state = json.loads((out / "trainer_state" / "state.json").read_text())
+    assert state["threads"] == 1 and state["torch"] == torch.__version__
+    torch.set_num_threads(2)
+    recipe = load_recipe(recipe_path)
+    message = r"torch intra-op threads: saved 1, now 2.*--threads 1 .*--allow-inexact-resume"
+    with pytest.raises(ResumeError, match=message):
+        MetaTrainer(recipe, out, resume=True, progress=False)
+    with pytest.warns(InexactResumeWarning, match="saved 1, now 2"):
+        assert MetaTrainer(recipe, out, resume=True, progress=False, exact_resume=False).iteration
+    args = ["meta-train", "--recipe", str(recipe_path), "--out", str(out), "--resume"]
+    assert cli_main([*args, "--threads", "2", "--no-progress"]) == 2
+    assert "--threads 1" in _one_line_error(capsys)
+    torch.set_num_threads(1)  # the count it was saved with: resumed without a word
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert MetaTrainer(recipe, out, resume=True, progress=False).iteration == 2
+    assert cli_main([*args, "--threads", "2", "--no-progress", "--allow-inexact-resume"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("flatl2o meta-train: warning: resuming") == 1 and "Traceback" not in err
+    assert (out / "model.safetensors").is_file()
+
+
+def test_a_run_saved_before_the_thread_count_was_recorded_still_resumes(tmp_path, restore_threads):
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    recipe_path = _checkpoint_at_iteration_2(out)
+    path = out / "trainer_state" / "state.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    from flatl2o.checkpoint import safetensors_header
+
+    header, _ = safetensors_header(path.read_bytes())
+    meta = json.loads(header["__metadata__"]["flatl2o_trainer_state"])
+    del meta["threads"], meta["torch"]
+    save_file(load_file(path), path, metadata={"flatl2o_trainer_state": json.dumps(meta)})
+    torch.set_num_threads(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer = MetaTrainer(load_recipe(recipe_path), out, resume=True, progress=False)
+    assert trainer.iteration == 2
 
 
 def test_resume_refuses_a_different_recipe(tmp_path):
