@@ -1088,3 +1088,38 @@ def test_plot_uses_a_linear_axis_for_values_that_are_not_all_positive(tmp_path, 
     (fig,) = figures
     scales = {ax.get_title(): ax.get_yscale() for ax in fig.axes}
     assert scales == {"meta_loss": "linear", "val_loss": "log"}
+
+
+def _drawn_pixels(fig) -> dict[str, int]:
+    """Per axes (by title), how many pixels inside it have the colour of its data (C0)."""
+    import numpy as np
+
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(int)
+    height = image.shape[0]
+    out = {}
+    for ax in fig.axes:
+        box = ax.get_window_extent()
+        crop = image[
+            int(height - box.y1) + 2 : int(height - box.y0) - 2, int(box.x0) + 2 : int(box.x1) - 2
+        ]
+        out[ax.get_title()] = int((np.abs(crop - [31, 119, 180]).sum(-1) < 60).sum())
+    return out
+
+
+@pytest.mark.parametrize("points", [1, 2])
+def test_plot_of_a_run_with_one_or_two_logged_points_shows_them(tmp_path, monkeypatch, points):
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to read its pixels
+    log = tmp_path / "log.jsonl"
+    records = [{"iteration": i + 1, "meta_loss": 1.0 / (i + 1)} for i in range(points)]
+    records[-1]["val_loss"] = 0.5  # validated at the end only: a single point
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert plot_log(log, tmp_path / "plot.png") is not None
+    (fig,) = figures
+    drawn = _drawn_pixels(fig)
+    plt.close(fig)
+    assert set(drawn) == {"meta_loss", "val_loss"}
+    assert all(n >= 20 for n in drawn.values()), drawn

@@ -956,7 +956,9 @@ def plot_log(log: Path, out: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
         pts = [(r["iteration"], r[key]) for r in records if r.get(key) is not None]
-        ax.plot(*zip(*pts, strict=True), marker="." if key == "val_loss" else None)
+        # a line needs two points: a series of one or two is drawn with visible markers
+        marker = "o" if len(pts) < 3 else "." if key == "val_loss" else None
+        ax.plot(*zip(*pts, strict=True), marker=marker)
         ax.set_title(key)
         ax.set_xlabel("trajectory")
         if key != "regularizer" and all(v > 0 for _, v in pts):
