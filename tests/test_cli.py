@@ -106,5 +106,6 @@ def test_the_verdict_reports_what_was_measured_whichever_way_it_goes():
     assert lines[1] == (
         "- vs Adam (lr=0.01): train loss 0.510 vs 0.300 (flatl2o worse by 0.210, beyond seed "
         "noise); test accuracy 85.0% vs 85.0% (no difference at this precision, within seed "
-        "noise); Hessian trace (lower = flatter) 6 vs 9 (flatl2o better by 3, beyond seed noise)."
+        "noise); Hessian trace (lower = flatter) 6.0 vs 9.0 (flatl2o better by 3.0, beyond seed "
+        "noise)."
     )
