@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 class UsageError(Exception):
@@ -46,7 +49,9 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
     if args.init_from:  # the same as the override rule.init_from=... (given last, so it wins)
         overrides.append(f"rule.init_from={json.dumps(args.init_from)}")
     recipe = load_recipe(args.recipe, overrides)  # validated before any work starts
-    command = "flatl2o " + " ".join(shlex.quote(a) for a in args.argv if a != "--resume")
+    command = "flatl2o " + " ".join(
+        shlex.quote(a) for a in args.argv if a not in ("--resume", "--allow-inexact-resume")
+    )
     # under torchrun (WORLD_SIZE > 1) join the process group: one rank per process
     joined = distributed.init_from_env()
     try:
@@ -59,6 +64,7 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             command=command,
             meta_batch=args.meta_batch,
+            exact_resume=not args.allow_inexact_resume,
         )
         out = trainer.run()
         if distributed.rank() == 0:
@@ -145,7 +151,9 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from flatl2o.demo import run_demo
 
-    run_demo(rule=args.rule, steps=args.steps, seed=args.seed)
+    if Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a folder; pass a file name such as plot.png")
+    run_demo(rule=args.rule, steps=args.steps, seed=args.seed, seeds=args.seeds, plot=args.out)
     return 0
 
 
@@ -161,7 +169,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _positive_int(text: str) -> int:
     """argparse type: an int >= 1."""
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
@@ -178,26 +189,96 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+_MARKUP = re.compile(r":[a-z]+:`~?([^`]+)`|``([^`]+)``|`([^`]+)`")
+
+
+def plain_text(text: str) -> str:
+    """``text`` without reStructuredText markup (``` ``x`` ```, ``:func:`x```, `` `x` ``):
+    docstrings are written for Sphinx, ``--help`` is read in a terminal."""
+    return _MARKUP.sub(lambda m: next(g for g in m.groups() if g is not None), text)
+
+
+class _PlainHelpFormatter(argparse.HelpFormatter):
+    """Every description and argument help of the CLI, with markup stripped in one place."""
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(plain_text(text))
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        return plain_text(super()._expand_help(action))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
-    parser = argparse.ArgumentParser(prog="flatl2o", description=__doc__)
+    from flatl2o import __version__
+    from flatl2o.demo import DEFAULT_PLOT
+
+    parser = argparse.ArgumentParser(
+        prog="flatl2o", description=__doc__, formatter_class=_PlainHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="train a small MNIST model with a flatl2o optimizer vs Adam")
-    p.add_argument(
-        "--rule", default=None, help="checkpoint name/folder/repo (default: the one `list` marks)"
+    def command(name: str, summary: str, description: str = "") -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=summary,
+            description=description or summary[0].upper() + summary[1:] + ".",
+            formatter_class=_PlainHelpFormatter,
+        )
+
+    p = command(
+        "demo",
+        "train a small MNIST model with a flatl2o optimizer and with Adam",
+        "Train the same small MNIST model (784-20-10 sigmoid MLP, offline MNIST-5k) with a "
+        "shipped flatl2o optimizer and with Adam over a few seeds, print the numbers and a "
+        "short verdict, and save a PNG of the loss curves and the flatness readout.",
     )
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--rule",
+        default=None,
+        metavar="NAME_OR_REPO",
+        help="the flatl2o checkpoint: shipped name, folder or Hub repo id (default: the default "
+        "shipped checkpoint, see flatl2o list)",
+    )
+    p.add_argument(
+        "--steps", type=_positive_int, default=300, help="training steps per run (default 300)"
+    )
+    p.add_argument(
+        "--seeds",
+        type=_positive_int,
+        default=3,
+        help="runs per optimizer, on seeds SEED, SEED+1, ... (default 3; the verdict needs 2 "
+        "or more to tell a difference from seed noise)",
+    )
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="the first seed (default 0)")
+    p.add_argument(
+        "--out",
+        default=DEFAULT_PLOT,
+        metavar="PNG",
+        help="where to save the plot of the loss curves and flatness readout (default: "
+        f"{DEFAULT_PLOT} in the current folder)",
+    )
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("list", help="list the checkpoints shipped with the package")
+    p = command("list", "list the checkpoints shipped with the package")
     p.set_defaults(func=_cmd_list)
 
-    p = sub.add_parser("meta-train", help="meta-train an update rule from a recipe")
+    p = command(
+        "meta-train",
+        "meta-train an update rule from a recipe",
+        "Meta-train an update rule from a recipe into a Hub-ready checkpoint folder "
+        "(docs/meta-training.md).",
+    )
     p.add_argument("--recipe", required=True, help="recipe TOML file")
     p.add_argument("--out", required=True, help="output folder (Hub-ready checkpoint)")
     p.add_argument("--resume", action="store_true", help="continue a killed run in --out")
+    p.add_argument(
+        "--allow-inexact-resume",
+        action="store_true",
+        help="with --resume: continue even if the thread count or torch version differs from "
+        "the saved run's (a warning; the result is then not bit-for-bit an uninterrupted run's)",
+    )
     p.add_argument(
         "--threads", type=_non_negative_int, default=0, help="torch threads (0: torch default)"
     )
@@ -223,29 +304,65 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_meta_train)
 
-    p = sub.add_parser("push", help="upload a checkpoint folder to the Hugging Face Hub")
-    p.add_argument("folder")
-    p.add_argument("--repo-id", required=True)
+    p = command(
+        "push",
+        "upload a checkpoint folder to the Hugging Face Hub",
+        "Upload a checkpoint folder to the Hugging Face Hub. The folder is checked to load "
+        "first; only the checkpoint files are sent (never a run's trainer_state/ or best/), "
+        "and the uploaded model card's usage line loads the repo id.",
+    )
+    p.add_argument(
+        "folder",
+        help="the checkpoint folder: a meta-train --out or --export folder, or one written by "
+        "save_pretrained",
+    )
+    p.add_argument(
+        "--repo-id",
+        required=True,
+        metavar="OWNER/NAME",
+        help="the Hub model repo to upload to (created if it does not exist)",
+    )
     p.add_argument("--private", action="store_true", help="create the repo private if it is new")
     p.add_argument(
         "--token",
         default="",
-        help="Hub token with write access (default: HF_TOKEN or the `hf auth login` token)",
+        help="Hub token with write access (default: HF_TOKEN or the token of hf auth login)",
     )
     p.add_argument(
         "--revision", default="", help="branch to commit to (created from main if missing)"
     )
-    p.add_argument("--commit-message", default="Upload flatl2o update rule")
+    p.add_argument(
+        "--commit-message",
+        default="Upload flatl2o update rule",
+        metavar="TEXT",
+        help="the Hub commit's message (default: %(default)s)",
+    )
     p.set_defaults(func=_cmd_push)
 
     from flatl2o.evaluation.command import add_arguments as _evaluate_arguments
 
-    p = sub.add_parser(
-        "evaluate", help="evaluate optimizers vs tuned baselines (docs/evaluation.md)"
+    p = command(
+        "evaluate",
+        "evaluate optimizers vs tuned baselines",
+        "Evaluate learned optimizers against tuned baselines on the MNIST tasks and write the "
+        "results JSON, plots and report (docs/evaluation.md).",
     )
     _evaluate_arguments(p)
     p.set_defaults(func=_cmd_evaluate)
     return parser
+
+
+def _one_line_warnings(command: str, fallback: Callable[..., None]) -> Callable[..., None]:
+    """A ``warnings.showwarning`` that prints flatl2o's warnings as one ``flatl2o COMMAND:
+    warning: ...`` line on stderr and passes every other warning to ``fallback``."""
+
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if category.__module__.split(".")[0] == "flatl2o":
+            print(f"flatl2o {command}: warning: {message}", file=sys.stderr)
+        else:
+            fallback(message, category, *args, **kwargs)
+
+    return show
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -271,7 +388,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         PermissionError,
     )
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():  # flatl2o's own warnings: one line, like its errors
+            warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
+            return int(args.func(args) or 0)
     except expected as e:
         print(f"flatl2o {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -804,3 +804,29 @@ def test_results_do_not_depend_on_the_number_of_jobs(tmp_path: Path):
 
     assert clean(one["runs"]) == clean(two["runs"])
     assert one["hparams"] == two["hparams"]
+
+
+def test_progress_shows_phases_whose_bars_never_go_backwards(tmp_path: Path, monkeypatch):
+    """Runs are planned as tuning proceeds (adam's grid grows here, SAM's trials and every
+    baseline's final runs wait for a selection), yet each phase's bar only moves forward and
+    ends full, with the exact run counts."""
+    seen: list[dict[str, tuple[int, int]]] = []
+    show = suite.PhaseProgress._show
+    monkeypatch.setattr(
+        suite.PhaseProgress, "_show", lambda self: (seen.append(self.fractions()), show(self))
+    )
+    cfg = EvalConfig.quick(
+        optimizers=("rnnprop", "sam-adam"), horizons=(5,), long_horizon=10, seeds=1
+    )
+    data = suite.evaluate(cfg, out=tmp_path, progress=True)
+    assert set(seen[0]) == {"tuning baselines", "final runs"}
+    for phase in seen[0]:
+        fractions = [s[phase][0] / s[phase][1] for s in seen if s[phase][1]]
+        assert fractions == sorted(fractions), phase
+        assert all(done <= total for done, total in (s[phase] for s in seen))
+    tuned = sum(len(t["trials"]) for t in data["tuning"]["digits-mlp"].values())
+    assert seen[-1] == {
+        "tuning baselines": (tuned, tuned),
+        "final runs": (len(data["runs"]) + len(data["long_runs"]),) * 2,
+    }
+    assert data["tuning"]["digits-mlp"]["adam"]["tried"]["lr"][-1] == 0.09  # the grid grew

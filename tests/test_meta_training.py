@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from flatl2o.meta.recipe import RecipeError, load_recipe, recipe_from_dict
 from flatl2o.meta.rollout import rollout
 from flatl2o.meta.tasks import Task, make_task
 from flatl2o.meta.trainer import (
+    InexactResumeWarning,
     MetaTrainer,
     ResumeError,
     export_name,
@@ -440,6 +443,73 @@ def test_a_run_saved_before_the_rng_key_existed_still_resumes(tmp_path):
     assert MetaTrainer(recipe, tmp_path, resume=True, progress=False).iteration == 2
 
 
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _checkpoint_at_iteration_2(folder: Path) -> Path:
+    """A tiny run folder checkpointed at iteration 2 (with this process's thread count)."""
+    recipe = recipe_from_dict(tiny(train={"iterations": 4, "checkpoint_every": 2}))
+    trainer = MetaTrainer(recipe, folder, progress=False)
+    trainer.iteration = 2
+    trainer._save_state()
+    return _write_recipe(folder.parent)
+
+
+def test_resume_with_another_thread_count_is_refused_unless_allowed(
+    tmp_path, capsys, restore_threads
+):
+    """Float reductions split over another number of threads round differently, so a resume
+    with another thread count would not end where the uninterrupted run ends: refused with
+    the flag that matches it, or continued with a one-line warning when allowed."""
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    recipe_path = _checkpoint_at_iteration_2(out)
+    state = json.loads((out / "trainer_state" / "state.json").read_text())
+    assert state["threads"] == 1 and state["torch"] == torch.__version__
+    torch.set_num_threads(2)
+    recipe = load_recipe(recipe_path)
+    message = r"torch intra-op threads: saved 1, now 2.*--threads 1 .*--allow-inexact-resume"
+    with pytest.raises(ResumeError, match=message):
+        MetaTrainer(recipe, out, resume=True, progress=False)
+    with pytest.warns(InexactResumeWarning, match="saved 1, now 2"):
+        assert MetaTrainer(recipe, out, resume=True, progress=False, exact_resume=False).iteration
+    args = ["meta-train", "--recipe", str(recipe_path), "--out", str(out), "--resume"]
+    assert cli_main([*args, "--threads", "2", "--no-progress"]) == 2
+    assert "--threads 1" in _one_line_error(capsys)
+    torch.set_num_threads(1)  # the count it was saved with: resumed without a word
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert MetaTrainer(recipe, out, resume=True, progress=False).iteration == 2
+    assert cli_main([*args, "--threads", "2", "--no-progress", "--allow-inexact-resume"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("flatl2o meta-train: warning: resuming") == 1 and "Traceback" not in err
+    assert (out / "model.safetensors").is_file()
+
+
+def test_a_run_saved_before_the_thread_count_was_recorded_still_resumes(tmp_path, restore_threads):
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    recipe_path = _checkpoint_at_iteration_2(out)
+    path = out / "trainer_state" / "state.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    from flatl2o.checkpoint import safetensors_header
+
+    header, _ = safetensors_header(path.read_bytes())
+    meta = json.loads(header["__metadata__"]["flatl2o_trainer_state"])
+    del meta["threads"], meta["torch"]
+    save_file(load_file(path), path, metadata={"flatl2o_trainer_state": json.dumps(meta)})
+    torch.set_num_threads(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer = MetaTrainer(load_recipe(recipe_path), out, resume=True, progress=False)
+    assert trainer.iteration == 2
+
+
 def test_resume_refuses_a_different_recipe(tmp_path):
     recipe = recipe_from_dict(tiny(train={"iterations": 2}))
     MetaTrainer(recipe, tmp_path, progress=False).run()
@@ -606,6 +676,50 @@ def test_full_recipe_reproduces_the_shipped_checkpoint(tmp_path, name):
 def test_an_override_into_a_value_is_a_recipe_error(tmp_path, override, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe(_write_recipe(tmp_path), [override])
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("folder", r"recipe .* is a folder; pass a recipe TOML file"),
+        ("latin-1", r"recipe file .* is not UTF-8 text \(byte 0xe9 at offset 11\)"),
+        ("missing", r"recipe file .* does not exist"),
+    ],
+)
+def test_an_unreadable_recipe_is_a_one_line_error_with_exit_code_2(tmp_path, capsys, case, message):
+    path = {"folder": tmp_path, "latin-1": tmp_path / "r.toml", "missing": tmp_path / "no.toml"}
+    (tmp_path / "r.toml").write_bytes('name = "caf\u00e9"\n'.encode("latin-1"))
+    args = ["meta-train", "--recipe", str(path[case]), "--out", str(tmp_path / "o")]
+    assert cli_main(args) == 2
+    assert re.search(message, _one_line_error(capsys))
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [  # a key set on the command line is blamed on the override as typed, not on the file
+        (["train.iteratons=5"], r"^command-line override 'train\.iteratons=5': unknown key"),
+        (["train.iterations=-1"], r"^command-line override 'train\.iterations=-1': \[train\]"),
+        (["train.unroll=abc"], r"^command-line override 'train\.unroll=abc': \[train\]\.unroll"),
+        (["nope.x=1"], r"^command-line override 'nope\.x=1': unknown key 'nope'"),
+        (
+            ["regularizer.name=entropy", "regularizer.alpha=1", "regularizer.options.steps=0"],
+            r"^command-line overrides 'regularizer\.options\.steps=0', 'regularizer\.name=",
+        ),
+        # a rule broken by the file and an override together names both
+        (["train.unroll=3"], r"^\S+recipe\.toml with command-line override 'train\.unroll=3': "),
+    ],
+)
+def test_a_bad_override_is_blamed_on_the_command_line(tmp_path, overrides, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(_write_recipe(tmp_path), overrides)
+
+
+def test_a_bad_key_in_the_file_is_blamed_on_the_file(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text(_write_recipe(tmp_path).read_text() + "\n[extra]\nx = 1\n")
+    with pytest.raises(RecipeError, match=rf"^{re.escape(str(path))}: unknown key 'extra'"):
+        load_recipe(path, ["train.iterations=2"])
 
 
 @pytest.mark.parametrize(
@@ -974,3 +1088,38 @@ def test_plot_uses_a_linear_axis_for_values_that_are_not_all_positive(tmp_path, 
     (fig,) = figures
     scales = {ax.get_title(): ax.get_yscale() for ax in fig.axes}
     assert scales == {"meta_loss": "linear", "val_loss": "log"}
+
+
+def _drawn_pixels(fig) -> dict[str, int]:
+    """Per axes (by title), how many pixels inside it have the colour of its data (C0)."""
+    import numpy as np
+
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(int)
+    height = image.shape[0]
+    out = {}
+    for ax in fig.axes:
+        box = ax.get_window_extent()
+        crop = image[
+            int(height - box.y1) + 2 : int(height - box.y0) - 2, int(box.x0) + 2 : int(box.x1) - 2
+        ]
+        out[ax.get_title()] = int((np.abs(crop - [31, 119, 180]).sum(-1) < 60).sum())
+    return out
+
+
+@pytest.mark.parametrize("points", [1, 2])
+def test_plot_of_a_run_with_one_or_two_logged_points_shows_them(tmp_path, monkeypatch, points):
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to read its pixels
+    log = tmp_path / "log.jsonl"
+    records = [{"iteration": i + 1, "meta_loss": 1.0 / (i + 1)} for i in range(points)]
+    records[-1]["val_loss"] = 0.5  # validated at the end only: a single point
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert plot_log(log, tmp_path / "plot.png") is not None
+    (fig,) = figures
+    drawn = _drawn_pixels(fig)
+    plt.close(fig)
+    assert set(drawn) == {"meta_loss", "val_loss"}
+    assert all(n >= 20 for n in drawn.values()), drawn

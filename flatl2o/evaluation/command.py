@@ -69,7 +69,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     p.add_argument("--resume", action="store_true", help="reuse finished runs found in --out")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="hide the progress bars (tuning baselines, final runs)",
+    )
 
 
 def _flatness(values: list[str] | None) -> dict[str, tuple[int, int]] | None:

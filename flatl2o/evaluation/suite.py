@@ -46,7 +46,12 @@ import torch
 from flatl2o.evaluation.baselines import BASELINES
 from flatl2o.evaluation.optimizers import OptimizerInfo, default_optimizers, resolve_optimizers
 from flatl2o.evaluation.runner import RunSpec, train_run
-from flatl2o.evaluation.tuning import TUNE_SEED_BASE, advance_tuning, plan_trials
+from flatl2o.evaluation.tuning import (
+    MAX_EXTENSIONS,
+    TUNE_SEED_BASE,
+    advance_tuning,
+    plan_trials,
+)
 from flatl2o.meta.tasks import TASKS, Task, make_task
 
 __all__ = [
@@ -352,6 +357,24 @@ class _Planner:
             ]
         return specs
 
+    def most_runs(self, phase: str, task: str, name: str) -> int:
+        """The most runs baseline ``name`` can need on ``task`` in ``phase`` (``"tune"`` or
+        ``"final"``) before its tuning is done: a grid grows by at most
+        :data:`~flatl2o.evaluation.tuning.MAX_EXTENSIONS` values beyond each end, SAM crosses
+        its grid with at most one base learning rate per horizon, and the final runs need at
+        most one hyper-parameter choice per horizon (for the progress display)."""
+        if phase == "tune":
+            points = 1
+            for values in BASELINES[name].grid.values():
+                points *= len(values) + (2 * MAX_EXTENSIONS if len(values) >= 2 else 0)
+            if BASELINES[name].tune_after:
+                points *= len(self.horizons)
+            return points * len(self.tune_seeds)
+        runs = len(self.horizons) * self.config.seeds
+        if self.config.long_horizon and task in self.config.long_tasks:
+            runs += self.config.long_seeds
+        return runs
+
     def done(self, spec: RunSpec, record: dict[str, Any]) -> list[RunSpec]:
         """Account for a finished run; return the runs it unlocks."""
         if spec.purpose != "tune":
@@ -578,39 +601,23 @@ def _execute(
     on_progress: Callable[[], None] | None,
 ) -> None:
     """Run every planned spec, longest first, feeding results back to the planner."""
-    from tqdm.auto import tqdm
-
     heap: list[tuple[float, int, RunSpec]] = []
     counter = 0
-    bar = tqdm(
-        total=0.0,
-        disable=not progress,
-        desc="evaluate",
-        unit="est-s",
-        bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]",
-    )
-    n_done = n_total = 0
+    bars = PhaseProgress(planner, enabled=progress)
     last_save = time.perf_counter()
 
     def push(specs: list[RunSpec]) -> None:
-        nonlocal counter, n_total
+        nonlocal counter
         for spec in specs:
-            cost = costs.of(spec)
-            heapq.heappush(heap, (-cost, counter, spec))
+            heapq.heappush(heap, (-costs.of(spec), counter, spec))
             counter += 1
-            n_total += 1
-            bar.total += cost
-        bar.refresh()
+        bars.added(specs)
 
     def finish(spec: RunSpec, record: dict[str, Any]) -> None:
-        nonlocal n_done, last_save
+        nonlocal last_save
         results[spec.purpose].append(record)
-        n_done += 1
-        bar.set_postfix_str(
-            f"runs {n_done}/{n_total}, last {spec.optimizer}@{spec.task}", refresh=False
-        )
-        bar.update(costs.of(spec))
         push(planner.done(spec, record))
+        bars.finished(spec)
         if on_progress is not None and time.perf_counter() - last_save > 30:
             on_progress()
             last_save = time.perf_counter()
@@ -653,7 +660,90 @@ def _execute(
             raise
         pool.shutdown()
     finally:
-        bar.close()
+        bars.close()
+
+
+#: The phases of an evaluation as the progress display names them, by run purpose.
+PHASES = {"tune": "tuning baselines", "eval": "final runs", "long": "final runs"}
+
+
+class PhaseProgress:
+    """The progress of ``flatl2o evaluate``, one bar per phase (tuning the baselines, then the
+    final runs of every optimizer), counted in runs.
+
+    Runs are planned as tuning proceeds (a grid grows, SAM's trials and a baseline's final runs
+    wait for a selection), so a bar's total starts at the most runs the phase can need
+    (:meth:`_Planner.most_runs`) and only shrinks to the exact count as each tuning finishes:
+    a bar never goes backwards."""
+
+    def __init__(self, planner: _Planner, *, enabled: bool = True) -> None:
+        from tqdm.auto import tqdm
+
+        self.planner = planner
+        self.bound: dict[str, dict[tuple[str, str], int]] = {"tuning baselines": {}}
+        self.bound["final runs"] = {}
+        for task in planner.config.tasks:  # baselines whose run counts wait for tuning
+            for name in planner.to_tune:
+                self.bound["tuning baselines"][(task, name)] = planner.most_runs("tune", task, name)
+            for name in planner.baselines:
+                self.bound["final runs"][(task, name)] = planner.most_runs("final", task, name)
+        self.known: dict[str, dict[tuple[str, str], int]] = {p: {} for p in self.bound}
+        self.done = dict.fromkeys(self.bound, 0)
+        self.bars = {
+            phase: tqdm(
+                total=self.total(phase),
+                desc=f"{phase:<16}",
+                unit="run",
+                position=i,
+                disable=not enabled,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} runs "
+                "[{elapsed}<{remaining}]",
+            )
+            for i, phase in enumerate(self.bound)
+        }
+
+    def total(self, phase: str) -> int:
+        """The runs of ``phase``: exact where known, else the most it can need."""
+        known, bound = self.known[phase], self.bound[phase]
+        return sum(known.values()) + sum(
+            max(0, b - known.get(key, 0)) for key, b in bound.items() if self._open(phase, key)
+        )
+
+    def _open(self, phase: str, key: tuple[str, str]) -> bool:
+        """Whether more runs of ``key`` may still be planned in ``phase``."""
+        task, name = key
+        if phase == "tuning baselines":
+            return name not in self.planner.tuning.get(task, {})
+        return key not in self.known[phase]  # a baseline's final runs are planned at once
+
+    def added(self, specs: list[RunSpec]) -> None:
+        """Account for newly planned runs."""
+        for spec in specs:
+            known = self.known[PHASES[spec.purpose]]
+            key = (spec.task, spec.optimizer)
+            known[key] = known.get(key, 0) + 1
+        self._show()
+
+    def finished(self, spec: RunSpec) -> None:
+        """Account for a finished (or reused) run."""
+        self.done[PHASES[spec.purpose]] += 1
+        self._show()
+
+    def fractions(self) -> dict[str, tuple[int, int]]:
+        """``{phase: (runs done, runs in total)}``."""
+        return {phase: (self.done[phase], self.total(phase)) for phase in self.bound}
+
+    def _show(self) -> None:
+        for phase, (done, total) in self.fractions().items():
+            bar = self.bars[phase]
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+    def close(self) -> None:
+        """Close the bars."""
+        for bar in self.bars.values():
+            bar.close()
 
 
 def _compact(record: dict[str, Any]) -> dict[str, Any]:

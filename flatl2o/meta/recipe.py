@@ -10,6 +10,7 @@ import dataclasses
 import math
 import re
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,56 +173,93 @@ _TOML_ESCAPES = {
 }
 
 
-def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
+def _coerce(where: str, section: str, key: str, value: Any, default: Any) -> Any:
+    name = f"[{section}].{key}" if section else key
     expected = type(default)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
-        raise RecipeError(
-            f"recipe key [{section}].{key} must be {expected.__name__}, got {value!r}"
-        )
+        raise RecipeError(f"{where}: {name} must be {expected.__name__}, got {value!r}")
     if expected is list and not all(
         isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
     ):
-        raise RecipeError(
-            f"recipe key [{section}].{key} must be a list of positive ints, got {value!r}"
-        )
+        raise RecipeError(f"{where}: {name} must be a list of positive ints, got {value!r}")
     return value
 
 
-def recipe_from_dict(data: dict[str, Any], *, source: str = "recipe") -> Recipe:
-    """Build and validate a :class:`Recipe` from parsed TOML/JSON data."""
+def _blame(source: str, origins: Mapping[str, str], keys: Sequence[str]) -> str:
+    """Where the value(s) of recipe ``keys`` (``"section.key"``) came from: the recipe file
+    ``source``, the command-line override(s) that set them (named as typed), or both."""
+    typed = list(dict.fromkeys(origins[k] for k in keys if k in origins))
+    if not typed:
+        return source
+    named = f"override{'s' if len(typed) > 1 else ''} " + ", ".join(repr(t) for t in typed)
+    if all(k in origins for k in keys):
+        return f"command-line {named}"
+    return f"{source} with command-line {named}"
+
+
+def recipe_from_dict(
+    data: dict[str, Any], *, source: str = "recipe", origins: Mapping[str, str] | None = None
+) -> Recipe:
+    """Build and validate a :class:`Recipe` from parsed TOML/JSON data.
+
+    ``origins`` maps the keys (``"section"``, ``"section.key"``) that command-line overrides
+    set to the override as typed, so that an error names the override instead of ``source``.
+    """
+    origins = origins or {}
     recipe = Recipe()
     for key, value in data.items():
         field = getattr(recipe, key, None) if not key.startswith("_") else None
         if dataclasses.is_dataclass(field):
             if not isinstance(value, dict):
-                raise RecipeError(f"{source}: [{key}] must be a table")
+                raise RecipeError(f"{_blame(source, origins, [key])}: [{key}] must be a table")
             names = {f.name for f in dataclasses.fields(field)}
             for sub, subvalue in value.items():
+                where = _blame(source, origins, [f"{key}.{sub}"])
                 if sub not in names:
                     raise RecipeError(
-                        f"{source}: unknown key [{key}].{sub}; accepted: {sorted(names)}"
+                        f"{where}: unknown key [{key}].{sub}; accepted: {sorted(names)}"
                     )
-                setattr(field, sub, _coerce(key, sub, subvalue, getattr(field, sub)))
+                setattr(field, sub, _coerce(where, key, sub, subvalue, getattr(field, sub)))
         elif key in ("name", "description"):
-            setattr(recipe, key, _coerce("", key, value, ""))
+            setattr(recipe, key, _coerce(_blame(source, origins, [key]), "", key, value, ""))
         else:
             fields = [f.name for f in dataclasses.fields(recipe)]
-            raise RecipeError(f"{source}: unknown key {key!r}; accepted: {fields}")
-    validate(recipe, source=source)
+            raise RecipeError(
+                f"{_blame(source, origins, [key])}: unknown key {key!r}; accepted: {fields}"
+            )
+    validate(recipe, source=source, origins=origins)
     return recipe
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a TOML recipe and apply ``section.key=value`` overrides (values in TOML syntax)."""
-    path = Path(path)
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The parsed recipe file; every way it can be unreadable is a one-line :class:`RecipeError`."""
+    if path.is_dir():
+        raise RecipeError(f"recipe {path} is a folder; pass a recipe TOML file inside it")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RecipeError(f"recipe file {path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(
+            f"recipe file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+            f"{e.start}); a recipe is a TOML file, which must be saved as UTF-8"
+        ) from None
+    except OSError as e:  # permissions, a device, ...
+        raise RecipeError(f"cannot read recipe file {path}: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{path}: not valid TOML: {e}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a TOML recipe and apply ``section.key=value`` overrides (values in TOML syntax).
+
+    An error in a key an override set names that override (as typed), not the file.
+    """
+    path = Path(path)
+    data = _read_toml(path)
+    origins: dict[str, str] = {}
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
@@ -234,6 +272,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         if not all(parts):
             raise RecipeError(f"override {item!r}: empty key in {key.strip()!r}")
         *sections, leaf = parts
+        created = parts[0] not in data
         target = data
         for depth, part in enumerate(sections):
             target = target.setdefault(part, {})
@@ -244,7 +283,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
                     f"it has no key {parts[depth + 1]!r}; override {prefix}=... itself"
                 )
         target[leaf] = value
-    return recipe_from_dict(data, source=str(path))
+        if len(parts) == 1 or created:  # the override set the whole key or made its table
+            origins[parts[0]] = item
+        if len(parts) > 1:
+            origins[".".join(parts[:2])] = item
+    return recipe_from_dict(data, source=str(path), origins=origins)
 
 
 #: Seeds of the optimizee runs that report a rule (``EVAL_SEED_OFFSET + i``, see
@@ -260,8 +303,14 @@ REGULARIZER_SEED_OFFSET = 2**62
 RNG_SOURCES = ("minibatch", "own")
 
 
-def validate(recipe: Recipe, *, source: str = "recipe") -> None:
-    """Check names and ranges against the registries, before any work starts."""
+def validate(
+    recipe: Recipe, *, source: str = "recipe", origins: Mapping[str, str] | None = None
+) -> None:
+    """Check names and ranges against the registries, before any work starts.
+
+    Each error names where the keys it is about came from (``source``, or the command-line
+    overrides in ``origins``, see :func:`recipe_from_dict`).
+    """
     from flatl2o.meta.regularizers import (
         REGULARIZERS,
         SCHEDULES,
@@ -271,54 +320,71 @@ def validate(recipe: Recipe, *, source: str = "recipe") -> None:
     from flatl2o.meta.tasks import TASKS
     from flatl2o.rules import RULES, ConfigError, make_rule
 
-    def fail(msg: str) -> None:
-        raise RecipeError(f"{source}: {msg}")
+    def fail(msg: str, *keys: str) -> None:
+        raise RecipeError(f"{_blame(source, origins or {}, keys)}: {msg}")
 
     def at_least(section: str, key: str, low: int) -> None:
         value = getattr(getattr(recipe, section), key)
         if value < low:
-            fail(f"[{section}].{key} must be an int >= {low}, got {value!r}")
+            fail(f"[{section}].{key} must be an int >= {low}, got {value!r}", f"{section}.{key}")
 
     def positive_float(section: str, key: str, *, zero_ok: bool = False, hint: str = "") -> None:
         value = getattr(getattr(recipe, section), key)
         if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
             bound = ">= 0" if zero_ok else "> 0"
-            fail(f"[{section}].{key} must be a finite number {bound}, got {value!r}{hint}")
+            fail(
+                f"[{section}].{key} must be a finite number {bound}, got {value!r}{hint}",
+                f"{section}.{key}",
+            )
 
     # [rule]
     if recipe.rule.architecture not in RULES:
-        fail(f"unknown rule architecture {recipe.rule.architecture!r}; known: {sorted(RULES)}")
-    _check_finite_options("rule", recipe.rule.options, fail)
+        fail(
+            f"unknown rule architecture {recipe.rule.architecture!r}; known: {sorted(RULES)}",
+            "rule.architecture",
+        )
+    _check_finite_options("rule", recipe.rule.options, lambda msg: fail(msg, "rule.options"))
     try:
         make_rule(recipe.rule.architecture, **recipe.rule.options)
     except ConfigError as e:
-        fail(f"[rule].options: {e}")
+        fail(f"[rule].options: {e}", "rule.options", "rule.architecture")
     # [task]
     if recipe.task.name not in TASKS:
-        fail(f"unknown task {recipe.task.name!r}; known: {sorted(TASKS)}")
+        fail(f"unknown task {recipe.task.name!r}; known: {sorted(TASKS)}", "task.name")
     at_least("task", "batch_size", 1)
     # [train]
     t = recipe.train
     if not 0 <= t.seed < SLOT_SEED_STRIDE:
-        fail(f"[train].seed must be an int in [0, 2**32), got {t.seed}")
+        fail(f"[train].seed must be an int in [0, 2**32), got {t.seed}", "train.seed")
     for key in ("iterations", "trajectory", "unroll", "checkpoint_every"):
         at_least("train", key, 1)
     positive_float("train", "meta_lr")
     positive_float("train", "grad_clip", zero_ok=True, hint=" (0 disables clipping)")
     if t.meta_loss not in ("mean", "log"):
-        fail(f"[train].meta_loss must be 'mean' or 'log', got {t.meta_loss!r}")
+        fail(f"[train].meta_loss must be 'mean' or 'log', got {t.meta_loss!r}", "train.meta_loss")
     if not 0.0 <= t.imitation_prob <= 1.0:  # also refuses nan
-        fail(f"[train].imitation_prob must be in [0, 1], got {t.imitation_prob!r}")
+        fail(
+            f"[train].imitation_prob must be in [0, 1], got {t.imitation_prob!r}",
+            "train.imitation_prob",
+        )
     positive_float(
         "train", "imitation_lr", hint=" (the Adam teacher's learning rate; the default is 0.01)"
     )
     if t.trajectory % t.unroll:
-        fail(f"[train].trajectory ({t.trajectory}) must be a multiple of unroll ({t.unroll})")
+        fail(
+            f"[train].trajectory ({t.trajectory}) must be a multiple of unroll ({t.unroll})",
+            "train.trajectory",
+            "train.unroll",
+        )
     # [curriculum]
     cur = recipe.curriculum
     for length in cur.lengths:
         if length % t.unroll:
-            fail(f"[curriculum].lengths: {length} is not a multiple of unroll ({t.unroll})")
+            fail(
+                f"[curriculum].lengths: {length} is not a multiple of unroll ({t.unroll})",
+                "curriculum.lengths",
+                "train.unroll",
+            )
     at_least("curriculum", "validate_every", 1)
     at_least("curriculum", "validation_runs", 1)
     at_least("curriculum", "patience", 0)
@@ -326,9 +392,12 @@ def validate(recipe: Recipe, *, source: str = "recipe") -> None:
     ev = recipe.evaluation
     at_least("evaluation", "seeds", 1)
     if not ev.horizons:
-        fail("[evaluation].horizons must list at least one step count, e.g. [100, 1000]")
+        fail(
+            "[evaluation].horizons must list at least one step count, e.g. [100, 1000]",
+            "evaluation.horizons",
+        )
     if len(set(ev.horizons)) != len(ev.horizons):
-        fail(f"[evaluation].horizons has a step count twice: {ev.horizons}")
+        fail(f"[evaluation].horizons has a step count twice: {ev.horizons}", "evaluation.horizons")
     # seeds: meta-training must never replay an evaluation or validation optimizee run
     for offset, count, what in (
         (EVAL_SEED_OFFSET, ev.seeds, "[evaluation].seeds"),
@@ -338,16 +407,26 @@ def validate(recipe: Recipe, *, source: str = "recipe") -> None:
             fail(
                 f"[train].seed {t.seed} is the seed of one of the {count} runs of {what} "
                 f"(seeds {offset} .. {offset + count - 1}), so meta-training would train on "
-                f"that run's initialization and batches; choose a seed below {EVAL_SEED_OFFSET}"
+                f"that run's initialization and batches; choose a seed below {EVAL_SEED_OFFSET}",
+                "train.seed",
             )
     # [regularizer]
     reg = recipe.regularizer
     if reg.name != "none" and reg.name not in REGULARIZERS:
-        fail(f"unknown regularizer {reg.name!r}; known: {['none', *sorted(REGULARIZERS)]}")
+        fail(
+            f"unknown regularizer {reg.name!r}; known: {['none', *sorted(REGULARIZERS)]}",
+            "regularizer.name",
+        )
     if reg.schedule not in SCHEDULES:
-        fail(f"[regularizer].schedule must be all, posterior or prior, got {reg.schedule!r}")
+        fail(
+            f"[regularizer].schedule must be all, posterior or prior, got {reg.schedule!r}",
+            "regularizer.schedule",
+        )
     if reg.rng not in RNG_SOURCES:
-        fail(f"[regularizer].rng must be one of {list(RNG_SOURCES)}, got {reg.rng!r}")
+        fail(
+            f"[regularizer].rng must be one of {list(RNG_SOURCES)}, got {reg.rng!r}",
+            "regularizer.rng",
+        )
     positive_float("regularizer", "alpha", zero_ok=True)
     at_least("regularizer", "every", 1)
     if reg.name == "none":  # plain meta-training: alpha and options would be silently unused
@@ -356,23 +435,30 @@ def validate(recipe: Recipe, *, source: str = "recipe") -> None:
                 f'[regularizer].name is "none" but alpha is {reg.alpha:g} and options are '
                 f"{reg.options}, which would silently train without a regularizer; set name to "
                 f"one of {sorted(REGULARIZERS)}, or alpha = 0 and options = {{}} for plain "
-                "meta-training"
+                "meta-training",
+                "regularizer.name",
+                *(["regularizer.alpha"] if reg.alpha != 0 else []),
+                *(["regularizer.options"] if reg.options else []),
             )
         return
     try:
         make_regularizer(reg.name, **reg.options)
     except (TypeError, ValueError) as e:
-        fail(f"[regularizer].options: {e}")
+        fail(f"[regularizer].options: {e}", "regularizer.options", "regularizer.name")
     if reg.alpha == 0:  # the public code's silent no-op (docs/method.md §6)
         fail(
             f"[regularizer].name is {reg.name!r} but alpha is 0, which would silently train "
-            'without it; set alpha > 0, or name = "none" for plain meta-training'
+            'without it; set alpha > 0, or name = "none" for plain meta-training',
+            "regularizer.name",
+            "regularizer.alpha",
         )
     if t.imitation_prob >= 1.0:
         fail(
             f"[regularizer].name is {reg.name!r} but [train].imitation_prob is 1, so every "
             "unroll imitates Adam and the regularizer never runs; lower imitation_prob, or "
-            'set name = "none"'
+            'set name = "none"',
+            "regularizer.name",
+            "train.imitation_prob",
         )
     stages = cur.lengths or [t.trajectory]
     for length in stages:
@@ -387,11 +473,18 @@ def validate(recipe: Recipe, *, source: str = "recipe") -> None:
                 f"({length // t.unroll} unroll(s) of {t.unroll}) with schedule = "
                 f"{reg.schedule!r} and every = {reg.every}, which would silently train "
                 "without it; lower every (to at most the steps of the regularized unrolls), "
-                'use schedule = "all", or make trajectories longer'
+                'use schedule = "all", or make trajectories longer',
+                "regularizer.every",
+                "regularizer.schedule",
+                "train.trajectory",
+                "train.unroll",
+                "curriculum.lengths",
             )
 
 
-def _check_finite_options(section: str, options: dict[str, Any], fail: Any) -> None:
+def _check_finite_options(
+    section: str, options: dict[str, Any], fail: Callable[[str], None]
+) -> None:
     """Refuse NaN / infinite numbers in an options table (no range check can catch NaN)."""
     for key, value in options.items():
         if isinstance(value, float) and not math.isfinite(value):

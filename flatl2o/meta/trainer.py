@@ -25,6 +25,7 @@ import shlex
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,20 @@ EXPORTED_FILES = (
 )
 
 
+class InexactResumeWarning(UserWarning):
+    """A resume allowed to continue with other arithmetic (thread count, torch version)."""
+
+
+#: What a checkpoint records of the arithmetic that produced it (see :func:`arithmetic`).
+ARITHMETIC_NAMES = {"threads": "torch intra-op threads", "torch": "torch version"}
+
+
+def arithmetic() -> dict[str, Any]:
+    """The settings, besides the recipe, that change a run's bits: torch's intra-op thread
+    count (it splits float reductions differently) and the torch version."""
+    return {"threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
 class ResumeError(RuntimeError):
     """A run folder that cannot be used as asked: nothing (or a damaged or different
     checkpoint) to resume, or an earlier run in the way of a new one."""
@@ -129,12 +144,16 @@ class MetaTrainer:
         progress: bool = True,
         command: str | None = None,
         meta_batch: int = 1,
+        exact_resume: bool = True,
     ) -> None:
         if not isinstance(meta_batch, int) or isinstance(meta_batch, bool) or meta_batch < 1:
             raise ValueError(f"meta_batch must be a positive int (optimizees), got {meta_batch!r}")
         self.recipe = recipe
         self.out = Path(out_dir)
         self.meta_batch = meta_batch
+        # False: resume even where the arithmetic differs from the saved run's (thread count,
+        # torch version), so the run no longer ends bit-for-bit where an uninterrupted one ends
+        self.exact_resume = exact_resume
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         # the folder is checked (and a checkpoint read) before any work: a bad --out fails fast
         payload: Any = None
@@ -487,6 +506,7 @@ class MetaTrainer:
             "slots": len(slot_states),
             "world_size": self.world_size,
             "meta_batch": self.meta_batch,
+            **arithmetic(),
         }
         meta["rule_config"] = self.rule.config.to_dict()
         text = json.dumps(meta, indent=1)
@@ -594,11 +614,47 @@ class MetaTrainer:
                 f"{self.meta_batch}); resume with the same product of --nproc-per-node and "
                 "--meta-batch"
             )
+        self._check_arithmetic(meta)
         log = self.out / LOG_NAME
         if log.is_file():  # drop records written after the checkpoint we resume from
             lines = log.read_text(encoding="utf-8").splitlines(keepends=True)
             atomic_write_text(log, "".join(lines[: int(meta["log_lines"])]))
         return meta, tensors
+
+    def _check_arithmetic(self, meta: dict[str, Any]) -> None:
+        """Refuse (or, with ``exact_resume=False``, warn about) a resume whose thread count or
+        torch version differs from the saved run's: float sums are then grouped differently, so
+        the run would not end bit-for-bit where an uninterrupted one ends. A checkpoint written
+        before these were recorded is resumed unchecked."""
+        now = arithmetic()
+        changed = {k: (meta[k], now[k]) for k in now if k in meta and meta[k] != now[k]}
+        if not changed:
+            return
+        what = "; ".join(
+            f"{ARITHMETIC_NAMES[k]}: saved {a}, now {b}" for k, (a, b) in changed.items()
+        )
+        fixes = []
+        if "threads" in changed:
+            n = meta["threads"]
+            fixes.append(
+                f"--threads {n} (torch.set_num_threads({n}) in Python; OMP_NUM_THREADS={n} "
+                "sets the default)"
+            )
+        if "torch" in changed:
+            fixes.append(f"torch {meta['torch']}")
+        fix = "run with " + " and ".join(fixes)
+        if self.exact_resume:
+            raise ResumeError(
+                f"{self.out} was checkpointed with other arithmetic ({what}), so the resumed run "
+                f"would not be bit-for-bit the uninterrupted one; {fix}, or pass "
+                "--allow-inexact-resume (exact_resume=False) to continue anyway"
+            )
+        warnings.warn(
+            f"resuming {self.out} with other arithmetic ({what}): the run continues, but its "
+            "result will not be bit-for-bit that of an uninterrupted run",
+            InexactResumeWarning,
+            stacklevel=2,
+        )
 
     def _legacy_meta(self, path: Path, tensors: dict[str, Tensor]) -> dict[str, Any]:
         """The counters of a checkpoint written before they moved into the safetensors file,
@@ -900,7 +956,9 @@ def plot_log(log: Path, out: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
         pts = [(r["iteration"], r[key]) for r in records if r.get(key) is not None]
-        ax.plot(*zip(*pts, strict=True), marker="." if key == "val_loss" else None)
+        # a line needs two points: a series of one or two is drawn with visible markers
+        marker = "o" if len(pts) < 3 else "." if key == "val_loss" else None
+        ax.plot(*zip(*pts, strict=True), marker=marker)
         ax.set_title(key)
         ax.set_xlabel("trajectory")
         if key != "regularizer" and all(v > 0 for _, v in pts):
@@ -920,10 +978,17 @@ def meta_train(
     progress: bool = True,
     callback: Callable[[MetaTrainer], None] | None = None,
     meta_batch: int = 1,
+    exact_resume: bool = True,
 ) -> Path:
     """Run a recipe end to end; returns the Hub-ready output folder."""
     trainer = MetaTrainer(
-        recipe, out_dir, task=task, resume=resume, progress=progress, meta_batch=meta_batch
+        recipe,
+        out_dir,
+        task=task,
+        resume=resume,
+        progress=progress,
+        meta_batch=meta_batch,
+        exact_resume=exact_resume,
     )
     if callback is not None:
         callback(trainer)
