@@ -4,11 +4,13 @@
 shipped with the package (the top-level ``pretrained/`` folder, packaged into the wheel
 as ``flatl2o/pretrained``); a Hugging Face Hub repo id, downloaded with
 ``huggingface_hub.hf_hub_download`` (so revision, cache, token and offline mode behave
-exactly as everywhere else in the Hugging Face ecosystem).
+exactly as everywhere else in the Hugging Face ecosystem). Only a well-formed ``owner/name``
+id is sent to the Hub: any other name fails at once, with close matches and the shipped names.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -127,6 +129,7 @@ def _download(
             )
         )
 
+    _probe(repo_id, revision=revision, cache_dir=cache_dir, token=token, force=force_download)
     config = fetch(CONFIG_NAME, revision)
     folder = config.parent  # .../snapshots/<commit sha>/
     commit = folder.name if _COMMIT_SHA.fullmatch(folder.name) else revision
@@ -137,6 +140,48 @@ def _download(
             "to different folders; clear the cache entry and retry with force_download=True"
         )
     return folder
+
+
+def _probe(
+    repo_id: str,
+    *,
+    revision: str | None,
+    cache_dir: str | os.PathLike[str] | None,
+    token: str | bool | None,
+    force: bool,
+) -> None:
+    """One metadata request for the config, without retries, before a download that the cache
+    cannot serve.
+
+    ``hf_hub_download`` retries an unreachable Hub five times with backoff (about 23 s of
+    "Retrying in ..." warnings) when the file is not in the cache; this request fails in one
+    attempt instead, raising the Hub's typed HTTP error (404, 401, 5xx) or, for a network
+    error, ``LocalEntryNotFoundError`` from it, as ``hf_hub_download`` would after its retries.
+    Nothing is sent offline, nor when the cache holds the config (then ``hf_hub_download``
+    falls back to the cache at once on a network error, with no retry).
+    """
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    cached = try_to_load_from_cache(repo_id, CONFIG_NAME, cache_dir=cache_dir, revision=revision)
+    if isinstance(cached, str) and not force:
+        return
+    try:
+        get_hf_file_metadata(
+            hf_hub_url(repo_id, CONFIG_NAME, revision=revision),
+            token=token,
+            timeout=constants.HF_HUB_ETAG_TIMEOUT,
+            library_name=LIBRARY_NAME,
+            library_version=_version(),
+        )
+    except HfHubHTTPError:
+        raise
+    except Exception as e:  # refused, no route, DNS, timeout, TLS: the Hub cannot be reached
+        raise LocalEntryNotFoundError(
+            f"could not reach {constants.ENDPOINT} and {repo_id}/{CONFIG_NAME} is not cached"
+        ) from e
 
 
 def _hub_reason(
@@ -204,17 +249,19 @@ def load_rule(
     at that revision, nor be downloaded again); ``cache_dir`` is ignored there with a
     ``UserWarning``; ``token`` and ``local_files_only`` are simply satisfied.
 
+    Only a well-formed ``owner/name`` id (:func:`is_hub_repo_id`) is sent to the Hub; any other
+    name that is no folder and no shipped name fails at once, in one line, with close matches
+    ("did you mean") and the shipped names. A download the cache cannot serve is preceded by
+    one metadata request without retries, so an unreachable Hub fails in one attempt instead
+    of huggingface_hub's five backed-off retries.
+
     Raises :class:`CheckpointNotFoundError` listing every place that was tried, with a fix,
     when nothing matches, and :class:`flatl2o.checkpoint.CheckpointError` when a checkpoint
     was found but a file is missing, corrupted or does not match its config (for a damaged
     file in the Hugging Face cache, the message says to retry with ``force_download=True``).
     """
     from huggingface_hub import constants
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-    )
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     text = os.fspath(name_or_path)
     tried: list[str] = []
@@ -245,6 +292,8 @@ def load_rule(
     tried.append(
         f"shipped checkpoints: no {text!r} (shipped: {', '.join(list_pretrained()) or 'none'})"
     )
+    if not is_hub_repo_id(text):
+        raise CheckpointNotFoundError(_not_a_checkpoint_message(text, local))
     where = f"revision {revision!r}" if revision else "the default revision"
     try:
         folder = _download(
@@ -255,8 +304,6 @@ def load_rule(
             local_files_only=local_files_only,
             force_download=force_download,
         )
-    except HFValidationError as e:
-        tried.append(f"Hugging Face Hub: {text!r} is not a valid repo id ({e})")
     except EntryNotFoundError as e:
         if isinstance(e, LocalEntryNotFoundError):
             reason = _hub_reason(
@@ -283,13 +330,70 @@ def load_rule(
             return done(load_rule_from_dir(folder))
         except CheckpointError as e:
             raise CheckpointError(_cached_copy_advice(str(e), text, folder, revision)) from None
+    close = _close_matches(text, local)
     raise CheckpointNotFoundError(
         f"Could not find the update rule {text!r}. Tried, in order:\n  - "
         + "\n  - ".join(tried)
+        + (f"\nDid you mean {_quoted(close)}?" if close else "")
         + "\nFix: pass an existing checkpoint folder, one of flatl2o.list_pretrained(), or a Hub "
         "repo id ('owner/name', with revision=... for another branch); for a private repo pass "
         "token=...; for a Hub repo while offline, download it once online (or copy the cache) "
         "and set HF_HUB_CACHE / cache_dir to that cache."
+    )
+
+
+def is_hub_repo_id(name: str) -> bool:
+    """Whether ``name`` is a well-formed Hub model id ``owner/name`` (huggingface_hub's own
+    check, plus exactly one ``/``): the only names :func:`load_rule` sends to the Hub."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if name.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _close_matches(name: str, local: Path) -> list[str]:
+    """Shipped names, and folders next to where ``local`` would be, that look like ``name``."""
+    path_like = any(sep in name for sep in ("/", "\\")) or name.startswith((".", "~"))
+    candidates = [] if path_like else list_pretrained()
+    parent = local.parent
+    try:
+        if local.name and parent.is_dir():
+            prefix = "" if parent == Path(".") else os.path.dirname(name.rstrip("/\\"))
+            candidates += [
+                os.path.join(prefix, p.name) if prefix else p.name
+                for p in parent.iterdir()
+                if p.is_dir() and not p.name.startswith(".")
+            ]
+    except OSError:
+        pass
+    return difflib.get_close_matches(name, sorted(set(candidates)), n=3, cutoff=0.6)
+
+
+def _quoted(names: list[str]) -> str:
+    return " or ".join(repr(n) for n in names)
+
+
+def _not_a_checkpoint_message(name: str, local: Path) -> str:
+    """One line: ``name`` is no local folder, no shipped name and no Hub id, so nothing was
+    downloaded; close matches and the shipped names follow."""
+    close = _close_matches(name, local)
+    where = f"{str(local.resolve())!r} " + (
+        f"is a file; pass the folder that holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+        if local.exists()
+        else "does not exist"
+    )
+    return (
+        f"Could not find the update rule {name!r}: it is not a local checkpoint folder ({where}), "
+        "not a checkpoint shipped with flatl2o, and not a Hugging Face Hub repo id "
+        "('owner/name'), so the Hub was not asked."
+        + (f" Did you mean {_quoted(close)}?" if close else "")
+        + f" Shipped checkpoints: {', '.join(list_pretrained()) or 'none'}."
     )
 
 
