@@ -14,6 +14,7 @@ import difflib
 import json
 import os
 import re
+import shlex
 import tempfile
 import warnings
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from flatl2o.checkpoint import (
+    CHECKPOINT_FILES,
     CONFIG_NAME,
     MODEL_CARD_NAME,
     REDOWNLOAD_ADVICE,
@@ -535,15 +537,7 @@ def push_folder_to_hub(
 
 
 #: The files of a checkpoint folder that are published (top level only).
-FOLDER_FILES = (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    MODEL_CARD_NAME,
-    "recipe.toml",
-    "metrics.json",
-    "log.jsonl",
-    "meta_training.png",
-)
+FOLDER_FILES = CHECKPOINT_FILES
 
 
 def _upload(
@@ -556,8 +550,13 @@ def _upload(
     revision: str | None,
     create_pr: bool | None = None,
 ) -> str:
-    """Check that ``folder`` loads, then commit its checkpoint files (nothing else) to the repo."""
-    from huggingface_hub import HfApi, constants
+    """Check that ``folder`` loads, then commit its checkpoint files (nothing else) to the repo.
+
+    One commit adds the folder's :data:`FOLDER_FILES` and deletes the repo's copies of those it
+    lacks (e.g. a model card or metrics of earlier weights), so the repo never shows files that
+    describe other weights; other files of the repo are left alone.
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
 
     load_rule_from_dir(folder)  # refuse to publish something that does not load
     api = HfApi(token=token, library_name=LIBRARY_NAME, library_version=_version())
@@ -570,15 +569,79 @@ def _upload(
     ):
         # Committing to a branch that does not exist fails on the Hub: create it from main.
         api.create_branch(repo_id, branch=revision, exist_ok=True)
-    info = api.upload_folder(
+    folder = Path(folder)
+    present = [name for name in FOLDER_FILES if (folder / name).is_file()]  # never a *.tmp
+    remote = api.model_info(repo_id, revision=revision or constants.DEFAULT_REVISION).siblings
+    remote_names = {sibling.rfilename for sibling in remote or []}
+    operations: list[CommitOperationAdd | CommitOperationDelete] = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=(folder / name).read_bytes())
+        for name in present
+    ]
+    operations += [
+        CommitOperationDelete(path_in_repo=name)
+        for name in FOLDER_FILES
+        if name in remote_names and name not in present
+    ]
+    info = api.create_commit(
         repo_id=repo_id,
-        folder_path=os.fspath(folder),
+        operations=operations,
         commit_message=commit_message,
         revision=revision,
         create_pr=create_pr,
-        allow_patterns=list(FOLDER_FILES),  # never a leftover .model.safetensors.*.tmp
     )
     return str(getattr(info, "commit_url", info))
+
+
+def portable_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as a file that others read should record it: relative to the current folder
+    when it lies inside it (commands are run from the repository root), ``~/...`` inside the
+    home folder, else unchanged; a relative path is returned as given. Never this machine's
+    absolute working or home folder, which mean nothing elsewhere."""
+    text = os.fspath(path)
+    if not Path(text).is_absolute():
+        return text
+    absolute = Path(os.path.abspath(text))
+    for candidate in dict.fromkeys((absolute, absolute.resolve())):
+        for base, prefix in ((Path.cwd(), ""), (Path.home(), "~/")):
+            if base == Path(base.anchor):  # "/" as the base would keep the absolute path
+                continue
+            try:
+                relative = candidate.relative_to(base).as_posix()
+            except ValueError:
+                continue
+            return prefix + relative if relative != "." else (prefix.rstrip("/") or ".")
+    return text
+
+
+def checkpoint_location(folder: str | os.PathLike[str]) -> str:
+    """How a published file names a checkpoint folder: its shipped name when it is a checkpoint
+    shipped with flatl2o (``load_rule(name)`` finds it from anywhere, wheel included), else
+    :func:`portable_path`."""
+    resolved = Path(folder).expanduser().resolve()
+    if resolved.parent in {root.resolve() for root in SHIPPED_DIRS}:
+        return resolved.name
+    return portable_path(folder)
+
+
+_ABSOLUTE_ARGUMENT = re.compile(r'^(?P<head>(?:[^=/]*=)?"?)(?P<path>/[^"]*)(?P<tail>"?)$')
+
+
+def portable_command(command: str) -> str:
+    """``command`` with every absolute path argument (``/x``, ``--flag=/x``, ``key="/x"``)
+    made portable (:func:`portable_path`); returned unchanged when there is none."""
+    try:
+        words = shlex.split(command)
+    except ValueError:  # unbalanced quotes: not a command line this can rewrite
+        return command
+    changed = False
+    for i, word in enumerate(words):
+        match = _ABSOLUTE_ARGUMENT.match(word)
+        if match is not None:
+            path = portable_path(match["path"])
+            if path != match["path"]:
+                words[i] = match["head"] + path + match["tail"]
+                changed = True
+    return shlex.join(words) if changed else command
 
 
 def _version() -> str:
@@ -635,8 +698,9 @@ def render_model_card(
     )
     text = (
         f"---\n{data.to_yaml()}\n---\n\n"
-        f"# {heading}\n\nA learned update rule (`{rule.architecture}`) for "
-        "[flatl2o](https://github.com/flatl2o/flatl2o).\n\n"
+        f"# {heading}\n\nA learned update rule (`{rule.architecture}`) for flatl2o, the PyTorch "
+        "package of learned optimizers: `flatl2o.L2O` is a `torch.optim.Optimizer` driven by "
+        "this rule (see the package's README and `docs/`).\n\n"
         "```python\nimport flatl2o\n"
         f"opt = flatl2o.L2O.from_pretrained(model.parameters(), {json.dumps(name)})\n```\n\n"
         f"Config: `{json.dumps(rule.config.to_dict())}`\n"

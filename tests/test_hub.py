@@ -696,3 +696,59 @@ def test_cli_push_offline_unreachable_and_bad_card(
     (folder / MODEL_CARD_NAME).write_bytes(b"\xff\xfe caf\xe9\n")
     err = _cli_push_error(folder, capsys)
     assert str(folder / MODEL_CARD_NAME) in err and "not UTF-8" in err
+
+
+# ----------------------------------------------------------------- no stale files on the Hub
+def _head_files(hub: FakeHub, repo_id: str = REPO) -> dict[str, bytes]:
+    repo = hub.repos[repo_id]
+    return repo.commits[repo.branches["main"]]
+
+
+def test_cli_push_after_saving_new_weights_publishes_no_stale_file(
+    fake_hub: FakeHub, hf_env, tmp_path, capsys
+):
+    """Issue 15 item 9: a folder that held a meta-training export (card, metrics, recipe,
+    log) gets new weights through save_pretrained; ``flatl2o push`` used to publish the old
+    card and metrics beside them."""
+    from flatl2o.cli import main as cli_main
+
+    old, new = _rule(seed=1), _rule(seed=2)
+    card = render_model_card(old, title="old", metrics={"test_loss": 0.1})
+    folder = flatl2o.checkpoint.save_rule(
+        old,
+        tmp_path / "ckpt",
+        model_card=card,
+        files={"metrics.json": '{"test_loss": 0.1}\n', "recipe.toml": "[rule]\n"},
+    )
+    (folder / "log.jsonl").write_text('{"iteration": 1}\n')
+    push = ["push", str(folder), "--repo-id", REPO, "--token", TOKEN]
+    assert cli_main(push) == 0
+    assert {"metrics.json", "recipe.toml", "log.jsonl", MODEL_CARD_NAME} <= set(
+        _head_files(fake_hub)
+    )
+
+    new.save_pretrained(str(folder))
+    capsys.readouterr()
+    assert cli_main(push) == 0, capsys.readouterr().err
+    assert set(_head_files(fake_hub)) == {".gitattributes", CONFIG_NAME, WEIGHTS_NAME}
+    assert _head_files(fake_hub)[WEIGHTS_NAME] == (folder / WEIGHTS_NAME).read_bytes()
+    assert flatl2o.load_rule(REPO).fingerprint() == new.fingerprint()
+
+
+def test_push_deletes_the_repos_copies_of_files_the_folder_lacks(
+    fake_hub: FakeHub, hf_env, tmp_path
+):
+    from flatl2o.hub import push_folder_to_hub
+
+    rule, newer = _rule(seed=1), _rule(seed=2)
+    card_a, card_b = render_model_card(rule, title="a"), render_model_card(newer, title="b")
+    first = flatl2o.checkpoint.save_rule(
+        rule, tmp_path / "a", model_card=card_a, files={"metrics.json": "{}\n"}
+    )
+    push_folder_to_hub(first, REPO, token=TOKEN)
+    fake_hub.commit_files(REPO, {"notes.md": b"the owner's own file\n"})
+    second = flatl2o.checkpoint.save_rule(newer, tmp_path / "b", model_card=card_b)
+    push_folder_to_hub(second, REPO, token=TOKEN)
+    files = _head_files(fake_hub)
+    assert "metrics.json" not in files and b"\n# b\n" in files[MODEL_CARD_NAME]
+    assert "notes.md" in files  # not a checkpoint file: left alone

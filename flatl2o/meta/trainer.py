@@ -37,13 +37,22 @@ from torch import Tensor, nn
 
 from flatl2o import distributed
 from flatl2o.checkpoint import (
+    CHECKPOINT_FILES,
+    MODEL_CARD_NAME,
     CheckpointError,
     atomic_write_bytes,
     atomic_write_text,
     safetensors_header,
     save_rule,
+    write_checkpoint_files,
 )
-from flatl2o.hub import SHIPPED_DIRS, load_rule, render_model_card, retarget_model_card
+from flatl2o.hub import (
+    checkpoint_location,
+    load_rule,
+    portable_command,
+    render_model_card,
+    retarget_model_card,
+)
 from flatl2o.meta.recipe import (
     REGULARIZER_SEED_OFFSET,
     SLOT_SEED_STRIDE,
@@ -73,15 +82,7 @@ _STATE_KEYS = (
 )
 LOG_NAME = "log.jsonl"
 #: What a shipped checkpoint folder holds (see ``pretrained/``).
-EXPORTED_FILES = (
-    "config.json",
-    "model.safetensors",
-    "README.md",
-    "recipe.toml",
-    "metrics.json",
-    LOG_NAME,
-    "meta_training.png",
-)
+EXPORTED_FILES = CHECKPOINT_FILES
 
 
 class ResumeError(RuntimeError):
@@ -650,30 +651,42 @@ class MetaTrainer:
         if evaluate and self.task.dataset is not None:
             ev = self.recipe.evaluation
             metrics = evaluate_rule(rule, self.task, horizons=ev.horizons, seeds=ev.seeds)
-        atomic_write_text(self.out / "metrics.json", strict_json(metrics, indent=2) + "\n")
         card = render_model_card(
             rule,
             title=self.recipe.name,
-            load_from=str(self.out),
+            load_from=checkpoint_location(self.out),
             metrics=metrics,
             body=self._card_body(metrics),
         )
-        save_rule(rule, self.out, model_card=card)
+        # the run's recipe and log (written while training) describe these weights; any other
+        # description file in the folder (an old card, metrics or plot) is removed by the save
+        save_rule(
+            rule,
+            self.out,
+            model_card=card,
+            files={"metrics.json": strict_json(metrics, indent=2) + "\n"},
+            keep=("recipe.toml", LOG_NAME),
+        )
         plot_log(self.out / LOG_NAME, self.out / "meta_training.png")
         return self.out
 
     def export(self, folder: str | os.PathLike[str]) -> Path:
-        """Copy the shippable files (checkpoint, card, recipe, metrics, log, plot) to a folder."""
+        """Copy the shippable files (checkpoint, card, recipe, metrics, log, plot) to a folder.
+
+        The folder then holds this run's set and nothing of an earlier checkpoint: a file of
+        :data:`EXPORTED_FILES` that the run does not have is removed from it
+        (:func:`flatl2o.checkpoint.write_checkpoint_files`); other files are left alone.
+        """
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        for name in EXPORTED_FILES:
-            src = self.out / name
-            if src.is_file():
-                data = src.read_bytes()
-                if name == "README.md":  # the card's usage line loads the exported copy
-                    card = retarget_model_card(data.decode("utf-8"), export_name(folder))
-                    data = card.encode("utf-8")
-                atomic_write_bytes(folder / name, data)
+        files: dict[str, str | bytes] = {
+            name: (self.out / name).read_bytes()
+            for name in EXPORTED_FILES
+            if (self.out / name).is_file()
+        }
+        if MODEL_CARD_NAME in files:  # the card's usage line loads the exported copy
+            card = bytes(files[MODEL_CARD_NAME]).decode("utf-8")
+            files[MODEL_CARD_NAME] = retarget_model_card(card, export_name(folder))
+        write_checkpoint_files(folder, files)
         return folder
 
     def _card_body(self, metrics: dict[str, Any]) -> str:
@@ -721,7 +734,7 @@ class MetaTrainer:
                 else []
             ),
             f"- Regularizer: {regline}.",
-            f"- Command: `{self.command}`",
+            f"- Command: `{portable_command(self.command)}`",
             f"- Git commit: `{self.git_commit}`",
             "- Recipe: `recipe.toml` in this folder; the log is `log.jsonl`.",
         ]
@@ -769,10 +782,9 @@ def _num(value: Any) -> str:
 
 def export_name(folder: str | os.PathLike[str]) -> str:
     """How to load an exported folder: its shipped name if it is ``pretrained/<name>`` of this
-    flatl2o (source checkout or wheel), else the folder path as given."""
-    folder = Path(folder)
-    shipped = {root.resolve() for root in SHIPPED_DIRS}
-    return folder.name if folder.resolve().parent in shipped else str(folder)
+    flatl2o (source checkout or wheel), else its path, relative where it can be
+    (:func:`flatl2o.hub.checkpoint_location`)."""
+    return checkpoint_location(folder)
 
 
 def _run_files(folder: Path) -> list[str]:
