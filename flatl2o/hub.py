@@ -592,17 +592,20 @@ def _upload(
     return str(getattr(info, "commit_url", info))
 
 
-def portable_path(path: str | os.PathLike[str]) -> str:
-    """``path`` as a file that others read should record it: relative to the current folder
-    when it lies inside it (commands are run from the repository root), ``~/...`` inside the
-    home folder, else unchanged; a relative path is returned as given. Never this machine's
-    absolute working or home folder, which mean nothing elsewhere."""
+def portable_path(
+    path: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None
+) -> str:
+    """``path`` as a file that others read should record it: relative to ``root`` (default:
+    the current folder; commands are run from the repository root) when it lies inside it,
+    ``~/...`` inside the home folder, else unchanged; a relative path is returned as given.
+    Never this machine's absolute working or home folder, which mean nothing elsewhere."""
     text = os.fspath(path)
     if not Path(text).is_absolute():
         return text
     absolute = Path(os.path.abspath(text))
     for candidate in dict.fromkeys((absolute, absolute.resolve())):
-        for base, prefix in ((Path.cwd(), ""), (Path.home(), "~/")):
+        start = Path(os.path.abspath(root)) if root is not None else Path.cwd()
+        for base, prefix in ((start, ""), (Path.home(), "~/")):
             if base == Path(base.anchor):  # "/" as the base would keep the absolute path
                 continue
             try:
@@ -626,9 +629,9 @@ def checkpoint_location(folder: str | os.PathLike[str]) -> str:
 _ABSOLUTE_ARGUMENT = re.compile(r'^(?P<head>(?:[^=/]*=)?"?)(?P<path>/[^"]*)(?P<tail>"?)$')
 
 
-def portable_command(command: str) -> str:
+def portable_command(command: str, *, root: str | os.PathLike[str] | None = None) -> str:
     """``command`` with every absolute path argument (``/x``, ``--flag=/x``, ``key="/x"``)
-    made portable (:func:`portable_path`); returned unchanged when there is none."""
+    made portable (:func:`portable_path` with ``root``); unchanged when there is none."""
     try:
         words = shlex.split(command)
     except ValueError:  # unbalanced quotes: not a command line this can rewrite
@@ -637,7 +640,7 @@ def portable_command(command: str) -> str:
     for i, word in enumerate(words):
         match = _ABSOLUTE_ARGUMENT.match(word)
         if match is not None:
-            path = portable_path(match["path"])
+            path = portable_path(match["path"], root=root)
             if path != match["path"]:
                 words[i] = match["head"] + path + match["tail"]
                 changed = True
