@@ -241,6 +241,21 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _without_keep(argv: list[str] | None) -> list[str]:
+    """The command-line arguments minus ``--keep DIR`` (where this machine kept the run
+    folders, which changes no number and means nothing on another machine)."""
+    args, out = list(argv or sys.argv[1:]), []
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--keep":
+            skip = True
+        elif not a.startswith("--keep="):
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rule", default="rnnprop", choices=["rnnprop", "dm"])
@@ -277,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         variants[name] = {"alpha": alphas[name], **run_variant(recipe, root / name)}
         print(json.dumps(variants[name], indent=1), flush=True)
     result = {
-        "command": "python benchmarks/hessian_variants.py " + " ".join(argv or sys.argv[1:]),
+        "command": "python benchmarks/hessian_variants.py " + " ".join(_without_keep(argv)),
         "rule": args.rule,
         "recipe": f"recipes/{args.rule}-hessian.toml",
         "iterations": args.iterations,

@@ -23,7 +23,7 @@ import socket
 import struct
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -36,6 +36,20 @@ from flatl2o.rules.base import ConfigError
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 MODEL_CARD_NAME = "README.md"
+
+
+#: The files flatl2o writes into a checkpoint folder besides the config and the weights. Each
+#: describes the weights next to it, so a save removes the ones it does not write (see
+#: :func:`write_checkpoint_files`); no other file of the folder is ever touched.
+DESCRIPTION_FILES = (
+    MODEL_CARD_NAME,
+    "recipe.toml",
+    "metrics.json",
+    "log.jsonl",
+    "meta_training.png",
+)
+#: Every file of a checkpoint folder that flatl2o writes, exports and publishes (top level only).
+CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, *DESCRIPTION_FILES)
 
 
 class CheckpointError(ValueError):
@@ -169,15 +183,24 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 
 
 def save_rule(
-    rule: UpdateRule, directory: str | os.PathLike[str], *, model_card: str | None = None
+    rule: UpdateRule,
+    directory: str | os.PathLike[str],
+    *,
+    model_card: str | None = None,
+    files: Mapping[str, str | bytes] | None = None,
+    keep: Iterable[str] = (),
 ) -> Path:
     """Save a rule as a Hub-ready folder (``~`` expanded); returns the folder path.
 
-    Everything is serialized in memory first, then each file is replaced atomically (weights,
-    then config, then model card): a failure leaves every file either old or new, never
-    half-written, and leaves no temporary file behind. The weights record a hash of the
-    config (:data:`CONFIG_DIGEST_KEY`), so a save killed between the two files is refused on
-    load instead of pairing new weights with the old config.
+    Everything is serialized in memory first, then written by :func:`write_checkpoint_files`:
+    each file is replaced atomically (never half-written, no temporary file left behind), and
+    the files of :data:`DESCRIPTION_FILES` that an earlier save left in the folder (model card,
+    recipe, metrics, log, plot) are removed unless this save writes them (``model_card``,
+    ``files``: more of :data:`DESCRIPTION_FILES` by name) or ``keep`` names them (files the
+    caller already wrote for these weights, such as a run's own log), so no stale file ever
+    describes the new weights. Other files in the folder are left alone. The weights record
+    a hash of the config (:data:`CONFIG_DIGEST_KEY`), so a save killed between the two files
+    is refused on load instead of pairing new weights with the old config.
     """
     from flatl2o import __version__
 
@@ -212,11 +235,55 @@ def save_rule(
         CONFIG_DIGEST_KEY: config_digest(rule.config),
     }
     weights = _canonical_safetensors(safetensors_bytes(tensors, metadata=metadata))
-    atomic_write_bytes(directory / WEIGHTS_NAME, weights)
-    atomic_write_text(directory / CONFIG_NAME, config_text)
+    new: dict[str, str | bytes] = {WEIGHTS_NAME: weights, CONFIG_NAME: config_text}
     if model_card is not None:
-        atomic_write_text(directory / MODEL_CARD_NAME, model_card)
+        new[MODEL_CARD_NAME] = model_card
+    for name, content in (files or {}).items():
+        if name not in DESCRIPTION_FILES or name == MODEL_CARD_NAME:
+            raise ValueError(
+                f"files={{{name!r}: ...}}: a save writes only {', '.join(DESCRIPTION_FILES[1:])} "
+                "besides the config and weights (the model card goes in model_card=...)"
+            )
+        new[name] = content
+    write_checkpoint_files(directory, new, keep=keep)
     return directory
+
+
+def write_checkpoint_files(
+    directory: str | os.PathLike[str],
+    files: Mapping[str, str | bytes],
+    *,
+    keep: Iterable[str] = (),
+) -> list[str]:
+    """Write one checkpoint's files into ``directory``; return the stale files removed.
+
+    ``files`` maps names of :data:`CHECKPOINT_FILES` to their content (``str`` is written as
+    UTF-8). Every file of :data:`DESCRIPTION_FILES` already in the folder and not named in
+    ``keep`` is removed *first*, then the weights, the config and the new description files
+    are written, each atomically: whenever a process is killed, no description file of the
+    previous checkpoint sits beside the new weights (at worst one is missing until the save is
+    run again). Only those file names are ever removed: the user's other files stay.
+    """
+    directory = Path(directory).expanduser()
+    unknown = sorted(set(files) - set(CHECKPOINT_FILES))
+    if unknown:
+        raise ValueError(f"not checkpoint files: {unknown}; expected some of {CHECKPOINT_FILES}")
+    keep = set(keep)
+    removed = [
+        name
+        for name in DESCRIPTION_FILES
+        if name not in keep and ((directory / name).is_file() or (directory / name).is_symlink())
+    ]
+    for name in removed:
+        (directory / name).unlink()
+    if removed:
+        _fsync_dir(directory)
+    order = (WEIGHTS_NAME, CONFIG_NAME, *DESCRIPTION_FILES)  # the config after its weights
+    for name in sorted(files, key=order.index):
+        content = files[name]
+        data = content.encode("utf-8") if isinstance(content, str) else content
+        atomic_write_bytes(directory / name, data)
+    return [name for name in removed if name not in files]
 
 
 def safetensors_header(data: bytes) -> tuple[dict, int]:

@@ -4,14 +4,17 @@
 shipped with the package (the top-level ``pretrained/`` folder, packaged into the wheel
 as ``flatl2o/pretrained``); a Hugging Face Hub repo id, downloaded with
 ``huggingface_hub.hf_hub_download`` (so revision, cache, token and offline mode behave
-exactly as everywhere else in the Hugging Face ecosystem).
+exactly as everywhere else in the Hugging Face ecosystem). Only a well-formed ``owner/name``
+id is sent to the Hub: any other name fails at once, with close matches and the shipped names.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
+import shlex
 import tempfile
 import warnings
 from pathlib import Path
@@ -20,6 +23,7 @@ from typing import Any
 import torch
 
 from flatl2o.checkpoint import (
+    CHECKPOINT_FILES,
     CONFIG_NAME,
     MODEL_CARD_NAME,
     REDOWNLOAD_ADVICE,
@@ -126,6 +130,7 @@ def _download(
             )
         )
 
+    _probe(repo_id, revision=revision, cache_dir=cache_dir, token=token, force=force_download)
     config = fetch(CONFIG_NAME, revision)
     folder = config.parent  # .../snapshots/<commit sha>/
     commit = folder.name if _COMMIT_SHA.fullmatch(folder.name) else revision
@@ -136,6 +141,48 @@ def _download(
             "to different folders; clear the cache entry and retry with force_download=True"
         )
     return folder
+
+
+def _probe(
+    repo_id: str,
+    *,
+    revision: str | None,
+    cache_dir: str | os.PathLike[str] | None,
+    token: str | bool | None,
+    force: bool,
+) -> None:
+    """One metadata request for the config, without retries, before a download that the cache
+    cannot serve.
+
+    ``hf_hub_download`` retries an unreachable Hub five times with backoff (about 23 s of
+    "Retrying in ..." warnings) when the file is not in the cache; this request fails in one
+    attempt instead, raising the Hub's typed HTTP error (404, 401, 5xx) or, for a network
+    error, ``LocalEntryNotFoundError`` from it, as ``hf_hub_download`` would after its retries.
+    Nothing is sent offline, nor when the cache holds the config (then ``hf_hub_download``
+    falls back to the cache at once on a network error, with no retry).
+    """
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    cached = try_to_load_from_cache(repo_id, CONFIG_NAME, cache_dir=cache_dir, revision=revision)
+    if isinstance(cached, str) and not force:
+        return
+    try:
+        get_hf_file_metadata(
+            hf_hub_url(repo_id, CONFIG_NAME, revision=revision),
+            token=token,
+            timeout=constants.HF_HUB_ETAG_TIMEOUT,
+            library_name=LIBRARY_NAME,
+            library_version=_version(),
+        )
+    except HfHubHTTPError:
+        raise
+    except Exception as e:  # refused, no route, DNS, timeout, TLS: the Hub cannot be reached
+        raise LocalEntryNotFoundError(
+            f"could not reach {constants.ENDPOINT} and {repo_id}/{CONFIG_NAME} is not cached"
+        ) from e
 
 
 def _hub_reason(
@@ -203,17 +250,19 @@ def load_rule(
     at that revision, nor be downloaded again); ``cache_dir`` is ignored there with a
     ``UserWarning``; ``token`` and ``local_files_only`` are simply satisfied.
 
+    Only a well-formed ``owner/name`` id (:func:`is_hub_repo_id`) is sent to the Hub; any other
+    name that is no folder and no shipped name fails at once, in one line, with close matches
+    ("did you mean") and the shipped names. A download the cache cannot serve is preceded by
+    one metadata request without retries, so an unreachable Hub fails in one attempt instead
+    of huggingface_hub's five backed-off retries.
+
     Raises :class:`CheckpointNotFoundError` listing every place that was tried, with a fix,
     when nothing matches, and :class:`flatl2o.checkpoint.CheckpointError` when a checkpoint
     was found but a file is missing, corrupted or does not match its config (for a damaged
     file in the Hugging Face cache, the message says to retry with ``force_download=True``).
     """
     from huggingface_hub import constants
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-    )
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     text = os.fspath(name_or_path)
     tried: list[str] = []
@@ -244,6 +293,8 @@ def load_rule(
     tried.append(
         f"shipped checkpoints: no {text!r} (shipped: {', '.join(list_pretrained()) or 'none'})"
     )
+    if not is_hub_repo_id(text):
+        raise CheckpointNotFoundError(_not_a_checkpoint_message(text, local))
     where = f"revision {revision!r}" if revision else "the default revision"
     try:
         folder = _download(
@@ -254,8 +305,6 @@ def load_rule(
             local_files_only=local_files_only,
             force_download=force_download,
         )
-    except HFValidationError as e:
-        tried.append(f"Hugging Face Hub: {text!r} is not a valid repo id ({e})")
     except EntryNotFoundError as e:
         if isinstance(e, LocalEntryNotFoundError):
             reason = _hub_reason(
@@ -282,13 +331,70 @@ def load_rule(
             return done(load_rule_from_dir(folder))
         except CheckpointError as e:
             raise CheckpointError(_cached_copy_advice(str(e), text, folder, revision)) from None
+    close = _close_matches(text, local)
     raise CheckpointNotFoundError(
         f"Could not find the update rule {text!r}. Tried, in order:\n  - "
         + "\n  - ".join(tried)
+        + (f"\nDid you mean {_quoted(close)}?" if close else "")
         + "\nFix: pass an existing checkpoint folder, one of flatl2o.list_pretrained(), or a Hub "
         "repo id ('owner/name', with revision=... for another branch); for a private repo pass "
         "token=...; for a Hub repo while offline, download it once online (or copy the cache) "
         "and set HF_HUB_CACHE / cache_dir to that cache."
+    )
+
+
+def is_hub_repo_id(name: str) -> bool:
+    """Whether ``name`` is a well-formed Hub model id ``owner/name`` (huggingface_hub's own
+    check, plus exactly one ``/``): the only names :func:`load_rule` sends to the Hub."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if name.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _close_matches(name: str, local: Path) -> list[str]:
+    """Shipped names, and folders next to where ``local`` would be, that look like ``name``."""
+    path_like = any(sep in name for sep in ("/", "\\")) or name.startswith((".", "~"))
+    candidates = [] if path_like else list_pretrained()
+    parent = local.parent
+    try:
+        if local.name and parent.is_dir():
+            prefix = "" if parent == Path(".") else os.path.dirname(name.rstrip("/\\"))
+            candidates += [
+                os.path.join(prefix, p.name) if prefix else p.name
+                for p in parent.iterdir()
+                if p.is_dir() and not p.name.startswith(".")
+            ]
+    except OSError:
+        pass
+    return difflib.get_close_matches(name, sorted(set(candidates)), n=3, cutoff=0.6)
+
+
+def _quoted(names: list[str]) -> str:
+    return " or ".join(repr(n) for n in names)
+
+
+def _not_a_checkpoint_message(name: str, local: Path) -> str:
+    """One line: ``name`` is no local folder, no shipped name and no Hub id, so nothing was
+    downloaded; close matches and the shipped names follow."""
+    close = _close_matches(name, local)
+    where = f"{str(local.resolve())!r} " + (
+        f"is a file; pass the folder that holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+        if local.exists()
+        else "does not exist"
+    )
+    return (
+        f"Could not find the update rule {name!r}: it is not a local checkpoint folder ({where}), "
+        "not a checkpoint shipped with flatl2o, and not a Hugging Face Hub repo id "
+        "('owner/name'), so the Hub was not asked."
+        + (f" Did you mean {_quoted(close)}?" if close else "")
+        + f" Shipped checkpoints: {', '.join(list_pretrained()) or 'none'}."
     )
 
 
@@ -430,15 +536,7 @@ def push_folder_to_hub(
 
 
 #: The files of a checkpoint folder that are published (top level only).
-FOLDER_FILES = (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    MODEL_CARD_NAME,
-    "recipe.toml",
-    "metrics.json",
-    "log.jsonl",
-    "meta_training.png",
-)
+FOLDER_FILES = CHECKPOINT_FILES
 
 
 def _upload(
@@ -451,8 +549,13 @@ def _upload(
     revision: str | None,
     create_pr: bool | None = None,
 ) -> str:
-    """Check that ``folder`` loads, then commit its checkpoint files (nothing else) to the repo."""
-    from huggingface_hub import HfApi, constants
+    """Check that ``folder`` loads, then commit its checkpoint files (nothing else) to the repo.
+
+    One commit adds the folder's :data:`FOLDER_FILES` and deletes the repo's copies of those it
+    lacks (e.g. a model card or metrics of earlier weights), so the repo never shows files that
+    describe other weights; other files of the repo are left alone.
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
 
     load_rule_from_dir(folder)  # refuse to publish something that does not load
     api = HfApi(token=token, library_name=LIBRARY_NAME, library_version=_version())
@@ -465,15 +568,82 @@ def _upload(
     ):
         # Committing to a branch that does not exist fails on the Hub: create it from main.
         api.create_branch(repo_id, branch=revision, exist_ok=True)
-    info = api.upload_folder(
+    folder = Path(folder)
+    present = [name for name in FOLDER_FILES if (folder / name).is_file()]  # never a *.tmp
+    remote = api.model_info(repo_id, revision=revision or constants.DEFAULT_REVISION).siblings
+    remote_names = {sibling.rfilename for sibling in remote or []}
+    operations: list[CommitOperationAdd | CommitOperationDelete] = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=(folder / name).read_bytes())
+        for name in present
+    ]
+    operations += [
+        CommitOperationDelete(path_in_repo=name)
+        for name in FOLDER_FILES
+        if name in remote_names and name not in present
+    ]
+    info = api.create_commit(
         repo_id=repo_id,
-        folder_path=os.fspath(folder),
+        operations=operations,
         commit_message=commit_message,
         revision=revision,
         create_pr=create_pr,
-        allow_patterns=list(FOLDER_FILES),  # never a leftover .model.safetensors.*.tmp
     )
     return str(getattr(info, "commit_url", info))
+
+
+def portable_path(
+    path: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None
+) -> str:
+    """``path`` as a file that others read should record it: relative to ``root`` (default:
+    the current folder; commands are run from the repository root) when it lies inside it,
+    ``~/...`` inside the home folder, else unchanged; a relative path is returned as given.
+    Never this machine's absolute working or home folder, which mean nothing elsewhere."""
+    text = os.fspath(path)
+    if not Path(text).is_absolute():
+        return text
+    absolute = Path(os.path.abspath(text))
+    for candidate in dict.fromkeys((absolute, absolute.resolve())):
+        start = Path(os.path.abspath(root)) if root is not None else Path.cwd()
+        for base, prefix in ((start, ""), (Path.home(), "~/")):
+            if base == Path(base.anchor):  # "/" as the base would keep the absolute path
+                continue
+            try:
+                relative = candidate.relative_to(base).as_posix()
+            except ValueError:
+                continue
+            return prefix + relative if relative != "." else (prefix.rstrip("/") or ".")
+    return text
+
+
+def checkpoint_location(folder: str | os.PathLike[str]) -> str:
+    """How a published file names a checkpoint folder: its shipped name when it is a checkpoint
+    shipped with flatl2o (``load_rule(name)`` finds it from anywhere, wheel included), else
+    :func:`portable_path`."""
+    resolved = Path(folder).expanduser().resolve()
+    if resolved.parent in {root.resolve() for root in SHIPPED_DIRS}:
+        return resolved.name
+    return portable_path(folder)
+
+
+_ABSOLUTE_ARGUMENT = re.compile(r'^(?P<head>(?:[^=/]*=)?"?)(?P<path>/[^"]*)(?P<tail>"?)$')
+
+
+def portable_command(command: str, *, root: str | os.PathLike[str] | None = None) -> str:
+    """``command`` with every absolute path argument (``/x``, ``--flag=/x``, ``key="/x"``)
+    made portable (:func:`portable_path` with ``root``); unchanged when there is none."""
+    try:
+        words = shlex.split(command)
+    except ValueError:  # unbalanced quotes: not a command line this can rewrite
+        return command
+    changed = False
+    for i, word in enumerate(words):
+        match = _ABSOLUTE_ARGUMENT.match(word)
+        if match is not None:
+            path = portable_path(match["path"], root=root)
+            if path != match["path"]:
+                words[i] = match["head"] + path + match["tail"]
+                changed = True
+    return shlex.join(words) if changed else command
 
 
 def _version() -> str:
@@ -530,8 +700,9 @@ def render_model_card(
     )
     text = (
         f"---\n{data.to_yaml()}\n---\n\n"
-        f"# {heading}\n\nA learned update rule (`{rule.architecture}`) for "
-        "[flatl2o](https://github.com/flatl2o/flatl2o).\n\n"
+        f"# {heading}\n\nA learned update rule (`{rule.architecture}`) for flatl2o, the PyTorch "
+        "package of learned optimizers: `flatl2o.L2O` is a `torch.optim.Optimizer` driven by "
+        "this rule (see the package's README and `docs/`).\n\n"
         "```python\nimport flatl2o\n"
         f"opt = flatl2o.L2O.from_pretrained(model.parameters(), {json.dumps(name)})\n```\n\n"
         f"Config: `{json.dumps(rule.config.to_dict())}`\n"

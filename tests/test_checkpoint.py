@@ -542,11 +542,15 @@ def test_torn_save_is_refused(saved, arch, monkeypatch):
     _, folder = saved
     new = _rule(arch, seed=2, output_scale=0.5)
 
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt
+    write = checkpoint.atomic_write_bytes
+
+    def killed_at_the_config(path, data):
+        if Path(path).name == CONFIG_NAME:
+            raise KeyboardInterrupt
+        write(path, data)
 
     with monkeypatch.context() as patch:
-        patch.setattr(checkpoint, "atomic_write_text", killed)
+        patch.setattr(checkpoint, "atomic_write_bytes", killed_at_the_config)
         with pytest.raises(KeyboardInterrupt):
             new.save_pretrained(str(folder))
     msg = _load_error(folder)
@@ -683,3 +687,81 @@ def test_loader_source_has_no_pickle_path(module):
             assert not (node.module == "torch" and "load" in {a.name for a in node.names})
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
             assert (node.value.id, node.attr) not in {("torch", "load"), ("pickle", "load")}
+
+
+# ------------------------------------------------------------- no stale files (issue 15 item 9)
+#: What an earlier checkpoint (e.g. a meta-training export) left in the folder.
+_OLD_DESCRIPTIONS = {
+    MODEL_CARD_NAME: "# old rule\n",
+    "metrics.json": '{"test_accuracy@100": 0.99}\n',
+    "recipe.toml": 'name = "old"\n',
+    "log.jsonl": '{"iteration": 1}\n',
+    "meta_training.png": "not really a png",
+}
+
+
+def _with_old_descriptions(folder: Path) -> None:
+    for name, text in _OLD_DESCRIPTIONS.items():
+        (folder / name).write_text(text)
+    (folder / "notes.txt").write_text("the user's own file\n")
+
+
+def test_a_save_removes_the_files_that_described_other_weights(saved, arch):
+    """save_pretrained into a checkpoint folder used to leave the old card, metrics, recipe,
+    log and plot beside the new weights; only flatl2o's own files go, the user's stay."""
+    _, folder = saved
+    _with_old_descriptions(folder)
+    new = _rule(arch, seed=2)
+    new.save_pretrained(str(folder))
+    assert sorted(p.name for p in folder.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME, "notes.txt"]
+    assert load_rule_from_dir(folder).fingerprint() == new.fingerprint()
+
+    _with_old_descriptions(folder)
+    save_rule(new, folder, model_card="# new\n", files={"metrics.json": "{}\n"}, keep=["log.jsonl"])
+    assert (folder / MODEL_CARD_NAME).read_text() == "# new\n"
+    assert (folder / "metrics.json").read_text() == "{}\n"
+    assert (folder / "log.jsonl").read_text() == _OLD_DESCRIPTIONS["log.jsonl"]  # kept
+    assert not (folder / "recipe.toml").exists() and not (folder / "meta_training.png").exists()
+    assert (folder / "notes.txt").is_file()
+    with pytest.raises(ValueError, match=r"notes\.txt"):
+        save_rule(new, folder, files={"notes.txt": "x"})
+
+
+def test_a_killed_save_never_pairs_new_weights_with_an_old_card(saved, arch, monkeypatch):
+    import flatl2o.checkpoint as checkpoint
+
+    _, folder = saved
+    _with_old_descriptions(folder)
+    write = checkpoint.atomic_write_bytes
+
+    def killed_after_the_weights(path, data):
+        write(path, data)
+        if Path(path).name == WEIGHTS_NAME:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", killed_after_the_weights)
+    with pytest.raises(KeyboardInterrupt):
+        _rule(arch, seed=2).save_pretrained(str(folder), model_card="# new\n")
+    assert not [name for name in _OLD_DESCRIPTIONS if (folder / name).exists()]
+
+
+def test_export_replaces_the_whole_set_of_an_earlier_export(tmp_path):
+    from test_meta_training import tiny
+
+    from flatl2o.meta.recipe import recipe_from_dict
+    from flatl2o.meta.trainer import MetaTrainer
+
+    recipe = recipe_from_dict(tiny(train={"iterations": 2}))
+    out = MetaTrainer(recipe, tmp_path / "run", progress=False, command="pytest").run()
+    (out / "meta_training.png").unlink(missing_ok=True)  # e.g. made without matplotlib
+    target = tmp_path / "pretrained-copy"
+    target.mkdir()
+    _with_old_descriptions(target)
+    trainer = MetaTrainer(recipe, out, resume=True, progress=False)
+    trainer.export(target)
+    assert not (target / "meta_training.png").exists()  # the old plot is gone
+    for name in (MODEL_CARD_NAME, "metrics.json", "recipe.toml", "log.jsonl"):
+        assert (target / name).read_text() != _OLD_DESCRIPTIONS[name], name
+    assert (target / "metrics.json").read_bytes() == (out / "metrics.json").read_bytes()
+    assert (target / "notes.txt").is_file()
+    assert load_rule_from_dir(target).fingerprint() == load_rule_from_dir(out).fingerprint()

@@ -96,7 +96,9 @@ def test_weights_are_fetched_at_the_commit_of_the_config(fake_hub: FakeHub, hf_e
     sha = fake_hub.repos[REPO].branches["main"]
     flatl2o.load_rule(REPO)
     heads = [r.path for r in fake_hub.requests_for("HEAD", "/resolve/")]
-    assert heads == [f"/{REPO}/resolve/main/{CONFIG_NAME}", f"/{REPO}/resolve/{sha}/{WEIGHTS_NAME}"]
+    # the first HEAD is flatl2o's own no-retry probe (nothing cached yet), then the download's
+    config_head = f"/{REPO}/resolve/main/{CONFIG_NAME}"
+    assert heads == [config_head, config_head, f"/{REPO}/resolve/{sha}/{WEIGHTS_NAME}"]
 
 
 def test_second_load_comes_from_the_cache(fake_hub: FakeHub, hf_env):
@@ -342,17 +344,87 @@ def test_offline_mode_sends_no_request(fake_hub: FakeHub, hf_env, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- not found
-def test_unknown_name_offline_lists_everything_tried(hf_env, monkeypatch):
+def test_unknown_repo_id_offline_lists_everything_tried(hf_env, monkeypatch):
     hf_env.set_offline(monkeypatch)
-    msg = _not_found("no-such-rule")
+    msg = _not_found("alice/no-such-rule")
     lines = msg.splitlines()
-    assert lines[0] == "Could not find the update rule 'no-such-rule'. Tried, in order:"
-    assert f"local folder {str(Path('no-such-rule').resolve())!r}: does not exist" in lines[1]
+    assert lines[0] == "Could not find the update rule 'alice/no-such-rule'. Tried, in order:"
+    where = str(Path("alice/no-such-rule").resolve())
+    assert f"local folder {where!r}: does not exist" in lines[1]
     shipped = ", ".join(list_pretrained()) or "none"
-    assert f"shipped checkpoints: no 'no-such-rule' (shipped: {shipped})" in lines[2]
-    assert "Hugging Face Hub repo 'no-such-rule' at the default revision" in lines[3]
+    assert f"shipped checkpoints: no 'alice/no-such-rule' (shipped: {shipped})" in lines[2]
+    assert "Hugging Face Hub repo 'alice/no-such-rule' at the default revision" in lines[3]
     assert "HF_HUB_OFFLINE" in lines[3] and str(hf_env.cache) in lines[3]
     assert lines[4].startswith("Fix: ")
+
+
+@pytest.mark.parametrize("name", ["rnnprop-entorpy", "nope", "./runs/nope", "a/b/c"])
+def test_a_name_that_is_no_repo_id_fails_at_once(fake_hub: FakeHub, hf_env, name):
+    """Issue 15 item 7: neither a folder, nor shipped, nor ``owner/name``: one line, close
+    matches and the shipped names, and the Hub is never asked (it used to be, with retries)."""
+    msg = _not_found(name)
+    assert len(msg.splitlines()) == 1, msg
+    assert f"Could not find the update rule {name!r}" in msg
+    assert "not a Hugging Face Hub repo id ('owner/name'), so the Hub was not asked" in msg
+    assert f"Shipped checkpoints: {', '.join(list_pretrained()) or 'none'}." in msg
+    if name == "rnnprop-entorpy" and "rnnprop-entropy" in list_pretrained():
+        assert "Did you mean 'rnnprop-entropy'" in msg
+    assert fake_hub.requests == []
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(CheckpointNotFoundError, match="so the Hub was not asked"):
+        flatl2o.L2O(params, rule=name)
+    assert fake_hub.requests == []
+
+
+def test_a_mistyped_folder_suggests_its_neighbours(hf_env, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    flatl2o.checkpoint.save_rule(_rule(), tmp_path / "runs" / "dm-entropy")
+    msg = _not_found("./runs/dm-entorpy")
+    assert "Did you mean './runs/dm-entropy'" in msg and len(msg.splitlines()) == 1
+
+
+@pytest.fixture
+def backoff_sleeps(monkeypatch) -> list[float]:
+    """The sleeps of huggingface_hub's retry backoff (recorded, not slept)."""
+    import time
+
+    from huggingface_hub.utils import _http
+
+    slept: list[float] = []
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            slept.append(seconds)
+
+    monkeypatch.setattr(_http, "time", Recording())
+    return slept
+
+
+def test_an_unreachable_hub_fails_in_one_attempt(hf_env, backoff_sleeps, caplog):
+    """hf_env's endpoint is a closed local port: one attempt, no backoff, no retry warnings,
+    and a message that says the Hub could not be reached (it used to retry five times)."""
+    caplog.set_level("WARNING")
+    msg = _not_found("alice/never-pushed")
+    assert backoff_sleeps == []
+    assert not [r for r in caplog.records if "Retrying" in r.getMessage()]
+    assert not [r for r in caplog.records if "thrown while requesting" in r.getMessage()]
+    hub_line = [line for line in msg.splitlines() if "Hugging Face Hub repo" in line]
+    assert len(hub_line) == 1 and f"could not reach {constants.ENDPOINT}" in hub_line[0]
+    # a cached copy is still served when the Hub is down (no probe, no retry either)
+    main = _rule(seed=4)
+    _write_hub_cache(hf_env.cache, REPO, _checkpoint_files(main, hf_env.home), "d" * 40, "main")
+    assert flatl2o.load_rule(REPO).fingerprint() == main.fingerprint()
+    assert backoff_sleeps == []
+
+
+def test_a_missing_repo_costs_one_request(fake_hub: FakeHub, hf_env, backoff_sleeps):
+    msg = _not_found("alice/missing")
+    assert f"no such repo on {fake_hub.endpoint}" in msg
+    assert len(fake_hub.requests) == 1 and backoff_sleeps == []
 
 
 def test_not_cached_with_local_files_only(hf_env):
@@ -406,7 +478,7 @@ def test_corrupted_checkpoint_on_the_hub(fake_hub: FakeHub, hf_env, tmp_path):
 
 def test_invalid_repo_id_and_paths(hf_env, tmp_path):
     msg = _not_found(str(tmp_path / "missing" / "folder"))
-    assert "does not exist" in msg and "not a valid repo id" in msg
+    assert "does not exist" in msg and "not a Hugging Face Hub repo id" in msg
     a_file = tmp_path / "model.safetensors"
     a_file.write_bytes(b"")
     msg = _not_found(a_file)
@@ -624,3 +696,59 @@ def test_cli_push_offline_unreachable_and_bad_card(
     (folder / MODEL_CARD_NAME).write_bytes(b"\xff\xfe caf\xe9\n")
     err = _cli_push_error(folder, capsys)
     assert str(folder / MODEL_CARD_NAME) in err and "not UTF-8" in err
+
+
+# ----------------------------------------------------------------- no stale files on the Hub
+def _head_files(hub: FakeHub, repo_id: str = REPO) -> dict[str, bytes]:
+    repo = hub.repos[repo_id]
+    return repo.commits[repo.branches["main"]]
+
+
+def test_cli_push_after_saving_new_weights_publishes_no_stale_file(
+    fake_hub: FakeHub, hf_env, tmp_path, capsys
+):
+    """Issue 15 item 9: a folder that held a meta-training export (card, metrics, recipe,
+    log) gets new weights through save_pretrained; ``flatl2o push`` used to publish the old
+    card and metrics beside them."""
+    from flatl2o.cli import main as cli_main
+
+    old, new = _rule(seed=1), _rule(seed=2)
+    card = render_model_card(old, title="old", metrics={"test_loss": 0.1})
+    folder = flatl2o.checkpoint.save_rule(
+        old,
+        tmp_path / "ckpt",
+        model_card=card,
+        files={"metrics.json": '{"test_loss": 0.1}\n', "recipe.toml": "[rule]\n"},
+    )
+    (folder / "log.jsonl").write_text('{"iteration": 1}\n')
+    push = ["push", str(folder), "--repo-id", REPO, "--token", TOKEN]
+    assert cli_main(push) == 0
+    assert {"metrics.json", "recipe.toml", "log.jsonl", MODEL_CARD_NAME} <= set(
+        _head_files(fake_hub)
+    )
+
+    new.save_pretrained(str(folder))
+    capsys.readouterr()
+    assert cli_main(push) == 0, capsys.readouterr().err
+    assert set(_head_files(fake_hub)) == {".gitattributes", CONFIG_NAME, WEIGHTS_NAME}
+    assert _head_files(fake_hub)[WEIGHTS_NAME] == (folder / WEIGHTS_NAME).read_bytes()
+    assert flatl2o.load_rule(REPO).fingerprint() == new.fingerprint()
+
+
+def test_push_deletes_the_repos_copies_of_files_the_folder_lacks(
+    fake_hub: FakeHub, hf_env, tmp_path
+):
+    from flatl2o.hub import push_folder_to_hub
+
+    rule, newer = _rule(seed=1), _rule(seed=2)
+    card_a, card_b = render_model_card(rule, title="a"), render_model_card(newer, title="b")
+    first = flatl2o.checkpoint.save_rule(
+        rule, tmp_path / "a", model_card=card_a, files={"metrics.json": "{}\n"}
+    )
+    push_folder_to_hub(first, REPO, token=TOKEN)
+    fake_hub.commit_files(REPO, {"notes.md": b"the owner's own file\n"})
+    second = flatl2o.checkpoint.save_rule(newer, tmp_path / "b", model_card=card_b)
+    push_folder_to_hub(second, REPO, token=TOKEN)
+    files = _head_files(fake_hub)
+    assert "metrics.json" not in files and b"\n# b\n" in files[MODEL_CARD_NAME]
+    assert "notes.md" in files  # not a checkpoint file: left alone

@@ -120,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``flatl2o evaluate`` (or its ``--report-only`` form)."""
     from flatl2o.evaluation.report import write_report
     from flatl2o.evaluation.suite import evaluate, load_results
+    from flatl2o.hub import portable_command
 
     argv = list(getattr(args, "argv", None) or sys.argv[1:])
     if args.report_only:
@@ -131,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
             command += f" --out {shlex.quote(args.out)}"
         if args.docs:
             command += f" --docs {shlex.quote(args.docs)}"
-        written = write_report(data, out, docs=args.docs, command=command)
+        written = write_report(data, out, docs=args.docs, command=portable_command(command))
         print(f"wrote {len(written)} files to {out}" + (f" and {args.docs}" if args.docs else ""))
         return 0
     config = _config(args)
@@ -148,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
     regen = f"flatl2o evaluate --report-only {shlex.quote(str(out / 'eval.json'))}"
     if args.docs:
         regen += f" --docs {shlex.quote(args.docs)}"
+    regen = portable_command(regen)  # the page is published: no absolute path of this machine
     written = write_report(data, out, docs=args.docs, command=regen)
     print(f"wrote {out / 'eval.json'} and {len(written)} report files")
     print(f"regenerate the report from the JSON with: {regen}")

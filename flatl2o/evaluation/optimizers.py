@@ -91,7 +91,11 @@ def _learned_info(name: str, folder: Path) -> OptimizerInfo:
     if not recipe:  # no recipe: infer from the name, and say so
         m = _SUFFIX.match(name)
         reg_name, alpha = (m.group("reg"), float("nan")) if m else ("none", 0.0)
-    desc = recipe.get("description") or f"learned rule ({rule.architecture}) from {folder}"
+    from flatl2o.hub import checkpoint_location
+
+    desc = recipe.get("description") or (
+        f"learned rule ({rule.architecture}) from {checkpoint_location(folder)}"
+    )
     return OptimizerInfo(
         name=name,
         kind="learned",

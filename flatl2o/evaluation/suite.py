@@ -52,6 +52,7 @@ from flatl2o.evaluation.tuning import (
     advance_tuning,
     plan_trials,
 )
+from flatl2o.hub import checkpoint_location, portable_command
 from flatl2o.meta.tasks import TASKS, Task, make_task
 
 __all__ = [
@@ -764,6 +765,24 @@ def seen_tasks(config: EvalConfig, infos: dict[str, OptimizerInfo]) -> dict[str,
     return seen or {config.seen_task: []}
 
 
+def _published_info(info: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer's entry as the results JSON records it: a learned rule's folder by its
+    shipped name or a portable path (:func:`flatl2o.hub.checkpoint_location`), never this
+    machine's absolute path."""
+    if info.get("path"):
+        info = {**info, "path": checkpoint_location(info["path"])}
+    return info
+
+
+def _published_run(record: dict[str, Any]) -> dict[str, Any]:
+    """A run record with its checkpoint folder named as :func:`_published_info` names it
+    (records reused from an older results file included)."""
+    spec = record.get("spec") or {}
+    if spec.get("checkpoint"):
+        record = {**record, "spec": {**spec, "checkpoint": checkpoint_location(spec["checkpoint"])}}
+    return record
+
+
 def _assemble(
     config: EvalConfig,
     infos: dict[str, OptimizerInfo],
@@ -806,16 +825,16 @@ def _assemble(
     return {
         "format": FORMAT,
         "complete": final,
-        "command": command,
+        "command": portable_command(command) if command else command,
         "config": config.to_dict(),
         "environment": environment,
-        "optimizers": {n: i.to_dict() for n, i in infos.items()},
+        "optimizers": {n: _published_info(i.to_dict()) for n, i in infos.items()},
         "tasks": tasks,
         "tuning": planner.tuning,
         "hparams": planner.hparams,
-        "runs": sorted(results["eval"], key=order),
-        "long_runs": sorted(results["long"], key=order),
-        "tuning_runs": [_compact(r) for r in sorted(results["tune"], key=order)],
+        "runs": [_published_run(r) for r in sorted(results["eval"], key=order)],
+        "long_runs": [_published_run(r) for r in sorted(results["long"], key=order)],
+        "tuning_runs": [_published_run(_compact(r)) for r in sorted(results["tune"], key=order)],
         "timing": {
             "wall_seconds": time.perf_counter() - t_start,
             "run_seconds": wall,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -38,19 +39,29 @@ from torch import Tensor, nn
 
 from flatl2o import distributed
 from flatl2o.checkpoint import (
+    CHECKPOINT_FILES,
+    MODEL_CARD_NAME,
     CheckpointError,
     atomic_write_bytes,
     atomic_write_text,
     safetensors_header,
     save_rule,
+    write_checkpoint_files,
 )
-from flatl2o.hub import SHIPPED_DIRS, load_rule, render_model_card, retarget_model_card
+from flatl2o.hub import (
+    checkpoint_location,
+    load_rule,
+    portable_command,
+    render_model_card,
+    retarget_model_card,
+)
 from flatl2o.meta.recipe import (
     REGULARIZER_SEED_OFFSET,
     SLOT_SEED_STRIDE,
     VAL_SEED_OFFSET,
     Recipe,
     RecipeError,
+    load_recipe,
     recipe_from_dict,
 )
 from flatl2o.meta.regularizers import make_regularizer, regularized_unroll
@@ -74,15 +85,7 @@ _STATE_KEYS = (
 )
 LOG_NAME = "log.jsonl"
 #: What a shipped checkpoint folder holds (see ``pretrained/``).
-EXPORTED_FILES = (
-    "config.json",
-    "model.safetensors",
-    "README.md",
-    "recipe.toml",
-    "metrics.json",
-    LOG_NAME,
-    "meta_training.png",
-)
+EXPORTED_FILES = CHECKPOINT_FILES
 
 
 class InexactResumeWarning(UserWarning):
@@ -706,46 +709,45 @@ class MetaTrainer:
         if evaluate and self.task.dataset is not None:
             ev = self.recipe.evaluation
             metrics = evaluate_rule(rule, self.task, horizons=ev.horizons, seeds=ev.seeds)
-        atomic_write_text(self.out / "metrics.json", strict_json(metrics, indent=2) + "\n")
         card = render_model_card(
             rule,
             title=self.recipe.name,
-            load_from=str(self.out),
+            load_from=checkpoint_location(self.out),
             metrics=metrics,
             body=self._card_body(metrics),
         )
-        save_rule(rule, self.out, model_card=card)
+        # the run's recipe and log (written while training) describe these weights; any other
+        # description file in the folder (an old card, metrics or plot) is removed by the save
+        save_rule(
+            rule,
+            self.out,
+            model_card=card,
+            files={"metrics.json": strict_json(metrics, indent=2) + "\n"},
+            keep=("recipe.toml", LOG_NAME),
+        )
         plot_log(self.out / LOG_NAME, self.out / "meta_training.png")
         return self.out
 
     def export(self, folder: str | os.PathLike[str]) -> Path:
-        """Copy the shippable files (checkpoint, card, recipe, metrics, log, plot) to a folder."""
+        """Copy the shippable files (checkpoint, card, recipe, metrics, log, plot) to a folder.
+
+        The folder then holds this run's set and nothing of an earlier checkpoint: a file of
+        :data:`EXPORTED_FILES` that the run does not have is removed from it
+        (:func:`flatl2o.checkpoint.write_checkpoint_files`); other files are left alone.
+        """
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        for name in EXPORTED_FILES:
-            src = self.out / name
-            if src.is_file():
-                data = src.read_bytes()
-                if name == "README.md":  # the card's usage line loads the exported copy
-                    card = retarget_model_card(data.decode("utf-8"), export_name(folder))
-                    data = card.encode("utf-8")
-                atomic_write_bytes(folder / name, data)
+        files: dict[str, str | bytes] = {
+            name: (self.out / name).read_bytes()
+            for name in EXPORTED_FILES
+            if (self.out / name).is_file()
+        }
+        if MODEL_CARD_NAME in files:  # the card's usage line loads the exported copy
+            card = bytes(files[MODEL_CARD_NAME]).decode("utf-8")
+            files[MODEL_CARD_NAME] = retarget_model_card(card, export_name(folder))
+        write_checkpoint_files(folder, files)
         return folder
 
     def _card_body(self, metrics: dict[str, Any]) -> str:
-        r = self.recipe
-        reg = r.regularizer
-        regline = (
-            f"`{reg.name}` with alpha={reg.alpha}, schedule={reg.schedule}, every={reg.every}, "
-            f"options={reg.options}"
-            + (
-                ", rng=own (its own generator: the sibling's minibatches)"
-                if reg.rng == "own"
-                else ""
-            )
-            if reg.name != "none" and reg.alpha > 0
-            else "none (plain meta-training)"
-        )
         if self.custom_task:  # passed to meta_train(task=...): [task] was not used
             batches = (
                 f"batch {self.task.batch_size}"
@@ -758,64 +760,178 @@ class MetaTrainer:
                 "section was not used)"
             )
         else:
-            task = f"`{r.task.name}` (batch {r.task.batch_size})"
-        lines = [
-            "## How it was made",
+            task = None
+        return card_body(
+            self.recipe,
+            metrics,
+            command=self.command,
+            git_commit=self.git_commit,
+            optimizees=self.world_size * self.meta_batch,
+            processes=self.world_size,
+            task=task,
+        )
+
+
+def card_body(
+    recipe: Recipe,
+    metrics: dict[str, Any],
+    *,
+    command: str,
+    git_commit: str,
+    optimizees: int = 1,
+    processes: int = 1,
+    task: str | None = None,
+    root: str | os.PathLike[str] | None = None,
+) -> str:
+    """The model card's "How it was made" and accuracy sections for a run of ``recipe``.
+
+    ``command`` is shown with its absolute paths made portable, relative to ``root`` (the
+    folder it ran in; default the current one, see :func:`flatl2o.hub.portable_command`);
+    ``task`` replaces the recipe's ``[task]`` line for a task passed to
+    ``meta_train(task=...)``.
+    """
+    r = recipe
+    reg = r.regularizer
+    regline = (
+        f"`{reg.name}` with alpha={reg.alpha}, schedule={reg.schedule}, every={reg.every}, "
+        f"options={reg.options}"
+        + (", rng=own (its own generator: the sibling's minibatches)" if reg.rng == "own" else "")
+        if reg.name != "none" and reg.alpha > 0
+        else "none (plain meta-training)"
+    )
+    task = task or f"`{r.task.name}` (batch {r.task.batch_size})"
+    lengths = r.curriculum.lengths or [r.train.trajectory]
+    lines = [
+        "## How it was made",
+        "",
+        r.description.strip() or "Meta-trained with flatl2o.",
+        "",
+        f"- Task: {task}, "
+        f"{r.train.iterations} trajectories, unroll {r.train.unroll}, "
+        f"curriculum {lengths}, meta-lr {r.train.meta_lr}, "
+        f"imitation probability {r.train.imitation_prob}.",
+        *(
+            [
+                f"- Optimizees per meta-step: {optimizees} "
+                f"({processes} processes x meta_batch {optimizees // processes})."
+            ]
+            if optimizees > 1
+            else []
+        ),
+        f"- Regularizer: {regline}.",
+        f"- Command: `{portable_command(command, root=root)}`",
+        # a commit id in backticks; a note about the commit (older cards) as it was written
+        f"- Git commit: {git_commit if ' ' in git_commit.strip() else f'`{git_commit}`'}",
+        "- Recipe: `recipe.toml` in this folder; the log is `log.jsonl`.",
+    ]
+    if metrics:
+        ev = r.evaluation
+        val = all(f"val_accuracy@{h}" in metrics for h in ev.horizons)
+        lines += [
             "",
-            r.description.strip() or "Meta-trained with flatl2o.",
+            f"## Accuracy on the seen task ({ev.seeds} seeds, mean ± std)",
             "",
-            f"- Task: {task}, "
-            f"{r.train.iterations} trajectories, unroll {r.train.unroll}, "
-            f"curriculum {self.lengths}, meta-lr {r.train.meta_lr}, "
-            f"imitation probability {r.train.imitation_prob}.",
             *(
                 [
-                    f"- Optimizees per meta-step: {self.world_size * self.meta_batch} "
-                    f"({self.world_size} processes x meta_batch {self.meta_batch})."
+                    "Compare or choose hyper-parameters (e.g. the regularizer's strength) on "
+                    "the validation columns; the test columns are for reporting only.",
+                    "",
+                    "| steps | val accuracy | val loss | test accuracy | test loss | train loss |",
+                    "|---|---|---|---|---|---|",
                 ]
-                if self.world_size * self.meta_batch > 1
-                else []
+                if val
+                else ["| steps | test accuracy | test loss | train loss |", "|---|---|---|---|"]
             ),
-            f"- Regularizer: {regline}.",
-            f"- Command: `{self.command}`",
-            f"- Git commit: `{self.git_commit}`",
-            "- Recipe: `recipe.toml` in this folder; the log is `log.jsonl`.",
         ]
-        if metrics:
-            ev = r.evaluation
-            val = all(f"val_accuracy@{h}" in metrics for h in ev.horizons)
-            lines += [
-                "",
-                f"## Accuracy on the seen task ({ev.seeds} seeds, mean ± std)",
-                "",
-                *(
-                    [
-                        "Compare or choose hyper-parameters (e.g. the regularizer's strength) on "
-                        "the validation columns; the test columns are for reporting only.",
-                        "",
-                        "| steps | val accuracy | val loss | test accuracy | test loss | "
-                        "train loss |",
-                        "|---|---|---|---|---|---|",
-                    ]
-                    if val
-                    else ["| steps | test accuracy | test loss | train loss |", "|---|---|---|---|"]
-                ),
+        for h in ev.horizons:
+            cells = [
+                f"{_num(metrics[f'test_accuracy@{h}'])} ± "
+                f"{_num(metrics[f'test_accuracy_std@{h}'])}",
+                _num(metrics[f"test_loss@{h}"]),
+                _num(metrics[f"train_loss@{h}"]),
             ]
-            for h in ev.horizons:
-                cells = [
-                    f"{_num(metrics[f'test_accuracy@{h}'])} ± "
-                    f"{_num(metrics[f'test_accuracy_std@{h}'])}",
-                    _num(metrics[f"test_loss@{h}"]),
-                    _num(metrics[f"train_loss@{h}"]),
+            if val:
+                cells[:0] = [
+                    f"{_num(metrics[f'val_accuracy@{h}'])} ± "
+                    f"{_num(metrics.get(f'val_accuracy_std@{h}'))}",
+                    _num(metrics[f"val_loss@{h}"]),
                 ]
-                if val:
-                    cells[:0] = [
-                        f"{_num(metrics[f'val_accuracy@{h}'])} ± "
-                        f"{_num(metrics.get(f'val_accuracy_std@{h}'))}",
-                        _num(metrics[f"val_loss@{h}"]),
-                    ]
-                lines.append(f"| {h} | " + " | ".join(cells) + " |")
-        return "\n".join(lines)
+            lines.append(f"| {h} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+#: Sections of a model card that :func:`card_body` and :func:`flatl2o.hub.render_model_card`
+#: write (older flatl2o titled the accuracy section "Test accuracy on the seen task ...").
+_RENDERED_SECTIONS = re.compile(
+    r"^## (Metrics|How it was made|(Test a|A)ccuracy on the seen task\b.*)$"
+)
+_CARD_FIELD = re.compile(r"^- (?P<key>Command|Git commit|Optimizees per meta-step): (?P<value>.*)$")
+
+
+def refresh_model_card(
+    folder: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None
+) -> str:
+    """Rewrite ``README.md`` of a meta-training checkpoint folder with
+    :func:`render_checkpoint_card`; return the new card."""
+    card = render_checkpoint_card(folder, root=root)
+    atomic_write_text(Path(folder) / MODEL_CARD_NAME, card)
+    return card
+
+
+def render_checkpoint_card(
+    folder: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None
+) -> str:
+    """The model card of a meta-training checkpoint folder, rendered again (nothing written).
+
+    The card is made from the folder's own files (rule, ``recipe.toml``, ``metrics.json``) by
+    the renderer every new run uses, so it shows today's layout and never a build machine's
+    path; the command, git commit and optimizee count are read from the old card (the only
+    place that records them; its absolute paths are made relative to ``root``, the folder it
+    was run in, default the current one), and sections the renderer does not write (notes
+    added to a shipped card) are kept, in their place.
+    """
+    folder = Path(folder)
+    old = (folder / MODEL_CARD_NAME).read_text(encoding="utf-8")
+    rule = load_rule(folder)
+    recipe = load_recipe(folder / "recipe.toml")
+    metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    fields: dict[str, str] = {}
+    notes: list[str] = []
+    keep = False
+    for line in old.split("\n"):
+        if line.startswith("## "):
+            keep = _RENDERED_SECTIONS.match(line) is None
+        if keep:
+            notes.append(line)
+        match = _CARD_FIELD.match(line)
+        if match is not None:
+            fields[match["key"]] = match["value"]
+    optimizees = processes = 1
+    counts = re.match(r"(\d+) \((\d+) processes", fields.get("Optimizees per meta-step", ""))
+    if counts is not None:
+        optimizees, processes = int(counts[1]), int(counts[2])
+
+    def unquoted(value: str) -> str:
+        match = re.fullmatch(r"`([^`]*)`", value)
+        return match[1] if match is not None else value
+
+    body = card_body(
+        recipe,
+        metrics,
+        command=unquoted(fields.get("Command", "`unknown`")),
+        git_commit=unquoted(fields.get("Git commit", "`unknown`")),
+        optimizees=optimizees,
+        processes=processes,
+        root=root,
+    )
+    extra = "\n".join(notes).strip()
+    return render_model_card(
+        rule,
+        title=recipe.name,
+        load_from=checkpoint_location(folder),
+        metrics=metrics,
+        body=f"{extra}\n\n{body}" if extra else body,
+    )
 
 
 def _num(value: Any) -> str:
@@ -825,10 +941,9 @@ def _num(value: Any) -> str:
 
 def export_name(folder: str | os.PathLike[str]) -> str:
     """How to load an exported folder: its shipped name if it is ``pretrained/<name>`` of this
-    flatl2o (source checkout or wheel), else the folder path as given."""
-    folder = Path(folder)
-    shipped = {root.resolve() for root in SHIPPED_DIRS}
-    return folder.name if folder.resolve().parent in shipped else str(folder)
+    flatl2o (source checkout or wheel), else its path, relative where it can be
+    (:func:`flatl2o.hub.checkpoint_location`)."""
+    return checkpoint_location(folder)
 
 
 def _run_files(folder: Path) -> list[str]:

@@ -232,7 +232,9 @@ class UpdateRule(nn.Module):
 
     # Hub-style persistence (same shape as huggingface_hub's ModelHubMixin).
     def save_pretrained(self, save_directory: str, *, model_card: str | None = None) -> None:
-        """Write ``config.json``, ``model.safetensors`` and a model card into a folder."""
+        """Write ``config.json``, ``model.safetensors`` and a model card into a folder; the card,
+        recipe, metrics, log and plot of an earlier checkpoint there are removed
+        (:func:`flatl2o.checkpoint.save_rule`)."""
         from flatl2o.checkpoint import save_rule
 
         save_rule(self, save_directory, model_card=model_card)
