@@ -133,8 +133,10 @@ def available_optimizers() -> list[str]:
 
 
 def default_optimizers() -> list[str]:
-    """The default selection: every shipped checkpoint found now, plus every baseline."""
-    return available_optimizers()
+    """The default selection of the MNIST suite: every shipped checkpoint found now, plus
+    every baseline that trains a flat parameter vector (not AdamW/Muon: they need a real
+    module's tensors by role, see :mod:`flatl2o.evaluation.realistic`)."""
+    return [n for n in available_optimizers() if n not in BASELINES or not BASELINES[n].uses_roles]
 
 
 def resolve_optimizers(names: list[str] | tuple[str, ...]) -> dict[str, OptimizerInfo]:

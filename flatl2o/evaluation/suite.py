@@ -45,8 +45,9 @@ import torch
 
 from flatl2o.evaluation.baselines import BASELINES
 from flatl2o.evaluation.optimizers import OptimizerInfo, default_optimizers, resolve_optimizers
-from flatl2o.evaluation.runner import RunSpec, train_run
+from flatl2o.evaluation.runner import RunSpec, Workload, train_run
 from flatl2o.evaluation.tuning import TUNE_SEED_BASE, advance_tuning, plan_trials
+from flatl2o.evaluation.workloads import WORKLOADS, make_workload
 from flatl2o.meta.tasks import TASKS, Task, make_task
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "EvalConfig",
     "evaluate",
     "load_results",
+    "run_planned",
     "seen_tasks",
 ]
 
@@ -181,7 +183,13 @@ class EvalConfig:
 
 
 @functools.cache
-def _task(name: str, batch_size: int) -> Task:
+def _task(name: str, batch_size: int) -> Task | Workload:
+    """The optimizee called ``name``: a realistic workload or a flat :class:`Task`."""
+    if name in WORKLOADS:
+        workload = make_workload(name)
+        if workload.batch_size != batch_size:
+            raise ValueError(f"workload {name!r} trains with batch size {workload.batch_size}")
+        return workload
     return make_task(name, batch_size=batch_size)
 
 
@@ -519,6 +527,44 @@ def evaluate(
         raise ValueError(f"jobs and threads must be >= 1, got jobs={jobs}, threads={threads}")
     names = list(config.optimizers) or default_optimizers()
     infos = resolve_optimizers(names)
+    tasks_used = list(
+        dict.fromkeys([*config.tasks, *(config.long_tasks if config.long_horizon else ())])
+    )
+    planner = _Planner(config, infos)
+
+    def assemble(results: dict[str, list[dict[str, Any]]], env: dict, t0: float, final: bool):
+        return _assemble(config, infos, planner, results, env, t0, command, final)
+
+    return run_planned(
+        planner,
+        lambda: _Costs(tasks_used, config.batch_size, infos),
+        assemble,
+        out=out,
+        jobs=jobs,
+        threads=threads,
+        progress=progress,
+        resume=resume,
+    )
+
+
+def run_planned(
+    planner: Any,
+    costs: Callable[[], Any],
+    assemble: Callable[[dict[str, list[dict[str, Any]]], dict[str, Any], float, bool], dict],
+    *,
+    out: str | os.PathLike[str] | None,
+    jobs: int,
+    threads: int,
+    progress: bool,
+    resume: bool,
+) -> dict[str, Any]:
+    """Execute a planner's runs (``planner.initial()``, then what ``planner.done`` unlocks) and
+    write the results JSON that ``assemble(results, environment, t_start, final)`` builds: the
+    engine shared by this suite and the realistic one (parallel workers, progress bar,
+    ``eval.partial.json`` every 30 s and on an interruption, ``resume``).
+
+    ``costs()`` builds the cost model (``.of(spec)``: estimated seconds) under the run threads.
+    """
     out_dir = Path(out) if out is not None else None
     # the code, torch and settings that compute the runs, read once before any run starts
     # (read at the end, it would name whatever the checkout holds by then)
@@ -529,22 +575,18 @@ def evaluate(
     torch.set_num_threads(threads)
     undo_signal = _sigterm_as_interrupt()
     try:
-        tasks_used = list(
-            dict.fromkeys([*config.tasks, *(config.long_tasks if config.long_horizon else ())])
-        )
-        costs = _Costs(tasks_used, config.batch_size, infos)
-        planner = _Planner(config, infos)
+        cost_model = costs()
         kinds = ("eval", "long", "tune", "reused")
         results: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
         partial = out_dir / "eval.partial.json" if out_dir is not None else None
 
         def snapshot(final: bool) -> dict[str, Any]:
-            return _assemble(config, infos, planner, results, environment, t_start, command, final)
+            return assemble(results, environment, t_start, final)
 
         try:
             _execute(
                 planner,
-                costs,
+                cost_model,
                 previous,
                 results,
                 jobs,
@@ -568,8 +610,8 @@ def evaluate(
 
 
 def _execute(
-    planner: _Planner,
-    costs: _Costs,
+    planner: Any,
+    costs: Any,
     previous: dict[str, dict[str, Any]],
     results: dict[str, list[dict[str, Any]]],
     jobs: int,
