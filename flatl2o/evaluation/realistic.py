@@ -44,13 +44,17 @@ from flatl2o.evaluation.baselines import BASELINES
 from flatl2o.evaluation.runner import RunSpec
 from flatl2o.evaluation.suite import RESULTS_NAME, _timed, run_planned
 from flatl2o.evaluation.tuning import TUNE_SEED_BASE
-from flatl2o.evaluation.workloads import WORKLOADS, describe, make_workload
+from flatl2o.evaluation.workloads import (
+    STANDARD,
+    STANDARD_TINY,
+    WORKLOADS,
+    describe,
+    make_workload,
+)
 
 __all__ = ["FORMAT", "RealisticConfig", "evaluate_realistic", "load_realistic", "select_by_loss"]
 
 FORMAT = "flatl2o-realistic/1"
-#: The standard workloads (their ``-tiny`` variants are the ``--quick`` mode's).
-STANDARD = ("lm", "cnn", "regression", "lstm", "finetune")
 #: Tuning grids of the arms that are not in BASELINES with the grid the suite uses.
 GRIDS: dict[str, dict[str, tuple[float, ...]]] = {
     "adamw": BASELINES["adamw"].grid,
@@ -84,7 +88,7 @@ class RealisticConfig:
     def quick(cls, **overrides: Any) -> RealisticConfig:
         """Toy sizes (``-tiny`` workloads, tens of steps) for smoke runs and the tests."""
         base: dict[str, Any] = dict(
-            workloads=tuple(f"{w}-tiny" for w in STANDARD),
+            workloads=STANDARD_TINY,
             seeds=2,
             horizons=(10, 30),
             long_horizon=60,

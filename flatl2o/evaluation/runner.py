@@ -278,8 +278,8 @@ class _ModuleRun:
             self.model.train(was)
 
     def param_norm(self) -> float:
-        with torch.no_grad():
-            return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self.params))))
+        with torch.no_grad():  # in float64: a diverging run's float32 sum of squares overflows
+            return math.sqrt(math.fsum(float(p.double().square().sum()) for p in self.params))
 
 
 def _snapshot(run: _FlatRun | _ModuleRun) -> list[torch.Tensor]:

@@ -38,7 +38,15 @@ from torch import Tensor, nn
 
 from flatl2o.meta import data as _data
 
-__all__ = ["WORKLOADS", "ModuleWorkload", "lm_corpus", "make_workload"]
+__all__ = [
+    "STANDARD",
+    "STANDARD_TINY",
+    "WORKLOADS",
+    "ModuleWorkload",
+    "describe",
+    "lm_corpus",
+    "make_workload",
+]
 
 _EVAL_CHUNK = 512
 
@@ -432,6 +440,11 @@ WORKLOADS: dict[str, Callable[[], ModuleWorkload]] = {
     "lstm-tiny": lambda: _lstm(8, 16, "lstm-tiny"),
     "finetune-tiny": lambda: _finetune((64, 16, 10), 50, 16, "finetune-tiny"),
 }
+
+
+#: The realistic suite's workloads, and their toy-size twins.
+STANDARD = ("lm", "cnn", "regression", "lstm", "finetune")
+STANDARD_TINY = tuple(f"{w}-tiny" for w in STANDARD)
 
 
 @functools.cache
