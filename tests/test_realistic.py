@@ -178,6 +178,7 @@ def test_quick_cli_end_to_end_and_the_page_renders_from_the_json(tmp_path: Path)
                                     data["command"])  # fmt: skip
     assert "QUICK MODE" in page and "| `lm-tiny` (test loss) | 20 |" in page
     assert "--suite realistic --quick" in page
+    assert main(_cli(tmp_path / "x", "--trace-probes", "3")) == 2  # an MNIST-only option
 
 
 def test_resume_after_an_interruption_reruns_only_what_was_missing(tmp_path: Path, monkeypatch):
@@ -218,3 +219,15 @@ def test_resume_after_an_interruption_reruns_only_what_was_missing(tmp_path: Pat
 
     for kind in ("runs", "tuning_runs"):  # the same numbers as an uninterrupted run
         assert strip(done[kind]) == strip(reference[kind])
+
+
+def test_the_long_horizon_runs_the_default_and_the_baselines_not_every_checkpoint():
+    from flatl2o.evaluation.realistic import RealisticConfig, _learned_infos, _Planner
+
+    cfg = RealisticConfig.quick(workloads=("lm-tiny",), checkpoints=("dm", "rnnprop-entropy"))
+    planner = _Planner(cfg, _learned_infos(cfg.checkpoints))
+    long = {s.optimizer for s in planner.initial() if s.purpose == "long"}
+    assert long == {"adam", "rnnprop-entropy", "l2o-cosine"}  # tuned arms follow their tuning
+    every = RealisticConfig.quick(workloads=("lm-tiny",), checkpoints=("dm",), long_arms=())
+    planner = _Planner(every, _learned_infos(every.checkpoints))
+    assert "dm" in {s.optimizer for s in planner.initial() if s.purpose == "long"}

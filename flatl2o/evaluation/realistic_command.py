@@ -12,9 +12,22 @@ __all__ = ["run_realistic"]
 DEFAULT_OUT = "results/realistic"
 
 
+#: MNIST-suite options that mean nothing here (the realistic suite measures no flatness and
+#: runs its long horizon on the language model).
+_NOT_HERE = ("long_tasks", "long_seeds", "trace_probes", "eig_iters", "flatness")
+
+
 def _config(args: argparse.Namespace) -> Any:
     from flatl2o.evaluation.command import _names
     from flatl2o.evaluation.realistic import RealisticConfig
+
+    given_here = [f"--{n.replace('_', '-')}" for n in _NOT_HERE if getattr(args, n, None)]
+    if given_here:
+        raise ValueError(
+            f"{', '.join(given_here)} do(es) not apply to --suite realistic; drop it (options: "
+            "--tasks WORKLOAD, --optimizers CHECKPOINT, --seeds, --horizons, --long-horizon, "
+            "--tune-seeds, --quick, --jobs, --threads, --resume)"
+        )
 
     given: dict[str, Any] = {}
     for field, value in (

@@ -118,7 +118,16 @@ def render_realistic(data: dict[str, Any], fig: str = ".", command: str | None =
         "",
     ]
     if command:
-        lines += ["Produced by:", "", "```", command, "```", ""]
+        lines += [
+            "Produced by (rerun it with `--resume` after an interruption: finished runs are "
+            "reused; `flatl2o evaluate --suite realistic --report-only OUT/eval.json --docs PAGE` "
+            "re-renders this page and its plots from the JSON alone):",
+            "",
+            "```",
+            command,
+            "```",
+            "",
+        ]
     t = data["timing"]
     cpu = math.fsum(t["run_cpu_seconds"].values())
     lines += [

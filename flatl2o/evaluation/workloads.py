@@ -429,7 +429,7 @@ def _lstm(hidden: int, batch: int, name: str) -> ModuleWorkload:
 
 #: Workload factories by name (``-tiny``: toy sizes for ``--quick`` and the tests).
 WORKLOADS: dict[str, Callable[[], ModuleWorkload]] = {
-    "lm": lambda: _lm(32, 2, 4, 64, 16, "lm"),
+    "lm": lambda: _lm(32, 2, 4, 64, 8, "lm"),
     "cnn": lambda: _cnn(16, 2, 32, "cnn"),
     "regression": lambda: _regression(64, 32, "regression"),
     "lstm": lambda: _lstm(32, 32, "lstm"),
