@@ -180,6 +180,20 @@ def test_quick_cli_end_to_end_and_the_page_renders_from_the_json(tmp_path: Path)
     assert "--suite realistic --quick" in page
     assert main(_cli(tmp_path / "x", "--trace-probes", "3")) == 2  # an MNIST-only option
 
+    # the verdicts come from the numbers: make the default worse than Adam by 1 nat on each seed
+    adam = {
+        r["spec"]["seed"]: r["metrics"]["5"]["test_loss"]
+        for r in data["runs"]
+        if r["spec"]["task"] == "lm-tiny" and r["spec"]["optimizer"] == "adam"
+    }
+    for r in data["runs"]:
+        if r["spec"]["task"] == "lm-tiny" and r["spec"]["optimizer"] == "rnnprop-entropy":
+            r["metrics"]["5"]["test_loss"] = (
+                adam[r["spec"]["seed"]] + 1.0 + 0.01 * r["spec"]["seed"]
+            )
+    worse = render_realistic(data)
+    assert "beyond seed noise:** `lm-tiny` at 5 steps: worse than Adam 1e-3 by 1.005" in worse
+
 
 def test_resume_after_an_interruption_reruns_only_what_was_missing(tmp_path: Path, monkeypatch):
     import flatl2o.evaluation.suite as suite
