@@ -245,3 +245,24 @@ def test_the_long_horizon_runs_the_default_and_the_baselines_not_every_checkpoin
     every = RealisticConfig.quick(workloads=("lm-tiny",), checkpoints=("dm",), long_arms=())
     planner = _Planner(every, _learned_infos(every.checkpoints))
     assert "dm" in {s.optimizer for s in planner.initial() if s.purpose == "long"}
+
+
+def test_a_selection_at_an_end_of_the_grid_is_tried_one_step_beyond():
+    from flatl2o.evaluation.realistic import RealisticConfig, _learned_infos, _Planner
+
+    cfg = RealisticConfig.quick(workloads=("regression-tiny",), checkpoints=("rnnprop-entropy",))
+    planner = _Planner(cfg, _learned_infos(cfg.checkpoints))
+    trials = [s for s in planner.initial() if s.purpose == "tune" and s.optimizer == "sgd"]
+
+    def record(spec, val_loss):  # the validation loss falls with the lr: the top end wins
+        m = {str(h): {"val_loss": val_loss, "val_accuracy": math.nan} for h in spec.horizons}
+        return {"spec": spec.to_dict(), "metrics": m, "diverged_at": None}
+
+    more = []
+    for s in trials:
+        more += planner.done(s, record(s, 1.0 / s.hparams["lr"]))
+    assert [s.hparams for s in more] == [{"lr": 0.9}] and {s.purpose for s in more} == {"tune"}
+    final = planner.done(more[0], record(more[0], 1.0 / 0.9))
+    assert {s.purpose for s in final} == {"eval"} and final[0].hparams == {"lr": 0.9}
+    entry = planner.tuning["regression-tiny"]["sgd"]
+    assert entry["tried"]["lr"][-1] == 0.9 and entry["at_edge"] == {"10": ["lr"], "30": ["lr"]}

@@ -19,11 +19,13 @@ an LSTM, a fine-tuning), with the evaluation's one runner and execution engine
 Tuning uses the VALIDATION split only (``purpose="tune"`` runs never read the test split) and
 :data:`~flatl2o.evaluation.tuning.TUNE_SEED_BASE` seeds; per horizon the point with the lowest
 mean validation loss over the tune seeds is selected, a point that diverged on any tune seed is
-not eligible, and a selection at an end of its grid is recorded in ``at_edge``. A scheduled arm
-(``adamw``, ``l2o-cosine``) is a different run at every horizon (its schedule ends there); a
-constant-lr arm is one run measured at every horizon. The long horizon reuses the hyper-
-parameters selected at the largest horizon. A workload's ``lr_scale`` (fine-tuning: 0.1)
-scales every tuning grid's learning rates.
+not eligible. As in the MNIST suite's tuning, a selection at an end of the learning rates
+tried gets one more value beyond that end (the grid's outer ratio), crossed with the other
+values tried, and the selection is made again; one still at an end is recorded in
+``at_edge``. A scheduled arm (``adamw``, ``l2o-cosine``) is a different run at every horizon
+(its schedule ends there); a constant-lr arm is one run measured at every horizon. The long
+horizon reuses the hyper-parameters selected at the largest horizon. A workload's
+``lr_scale`` (fine-tuning: 0.1) scales every tuning grid's learning rates.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import torch
 from flatl2o.evaluation.baselines import BASELINES
 from flatl2o.evaluation.runner import RunSpec
 from flatl2o.evaluation.suite import RESULTS_NAME, _timed, run_planned
-from flatl2o.evaluation.tuning import TUNE_SEED_BASE
+from flatl2o.evaluation.tuning import MAX_EXTENSIONS, TUNE_SEED_BASE
 from flatl2o.evaluation.workloads import (
     STANDARD,
     STANDARD_TINY,
@@ -171,6 +173,7 @@ class _Planner:
         self.tune_seeds = [TUNE_SEED_BASE + i for i in range(config.tune_seeds)]
         self.pending: dict[tuple[str, str], int] = {}
         self.records: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self.points: dict[tuple[str, str], list[dict[str, float]]] = {}
         self.tuning: dict[str, dict[str, Any]] = {w: {} for w in config.workloads}
         self.default = next(n for n, i in infos.items() if i.get("default"))
 
@@ -227,18 +230,42 @@ class _Planner:
             ]
         return specs
 
-    def _tune(self, workload: str, arm: str) -> list[RunSpec]:
-        scale = make_workload(workload).lr_scale
+    def _tune(
+        self, workload: str, arm: str, points: list[dict[str, float]] | None = None
+    ) -> list[RunSpec]:
+        """Tuning runs of ``points`` (default: the arm's grid, learning rates scaled)."""
+        key = (workload, arm)
+        if points is None:
+            points = _scaled(GRIDS[arm], make_workload(workload).lr_scale)
+            self.records[key], self.points[key] = [], []
+        self.points[key] += points
         runs = [(h,) for h in self.horizons] if arm == "adamw" else [self.horizons]
         specs = [
             self._spec(workload, arm, s, hs, purpose="tune", hparams=hp, curve_points=0)
-            for hp in _scaled(GRIDS[arm], scale)
+            for hp in points
             for hs in runs
             for s in self.tune_seeds
         ]
-        self.pending[(workload, arm)] = len(specs)
-        self.records[(workload, arm)] = []
+        self.pending[key] = self.pending.get(key, 0) + len(specs)
         return specs
+
+    def _extension(self, key: tuple[str, str], chosen: dict[int, dict[str, float]]):
+        """Points one lr step beyond an end of the tried values where a selection sits there
+        (at most one step per side: ``MAX_EXTENSIONS``), crossed with the other keys' values."""
+        tried = self.points[key]
+        lrs = sorted({p["lr"] for p in tried})
+        grid = sorted(GRIDS[key[1]]["lr"])
+        base = sorted({p["lr"] for p in _scaled(GRIDS[key[1]], make_workload(key[0]).lr_scale)})
+        new: set[float] = set()
+        for pick in chosen.values():
+            if pick["lr"] == lrs[0] and sum(v < base[0] for v in lrs) < MAX_EXTENSIONS:
+                new.add(float(f"{lrs[0] * grid[0] / grid[1]:.3g}"))
+            if pick["lr"] == lrs[-1] and sum(v > base[-1] for v in lrs) < MAX_EXTENSIONS:
+                new.add(float(f"{lrs[-1] * grid[-1] / grid[-2]:.3g}"))
+        others = {
+            json.dumps({k: v for k, v in p.items() if k != "lr"}, sort_keys=True) for p in tried
+        }
+        return [{"lr": lr, **json.loads(o)} for lr in sorted(new) for o in sorted(others)]
 
     def initial(self) -> list[RunSpec]:
         """Untuned arms' runs and every tuning trial."""
@@ -263,20 +290,29 @@ class _Planner:
         if self.pending[key]:
             return []
         chosen, trials, edge = {}, {}, {}
-        grid = _scaled(GRIDS[spec.optimizer], make_workload(spec.task).lr_scale)
+        tried = self.points[key]
+        scale = make_workload(spec.task).lr_scale
         for h in self.horizons:
             pick, trials[str(h)] = select_by_loss(self.records[key], h)
             if pick is None:  # every point diverged: report it, evaluate the smallest lr
-                pick = dict(grid[0])
+                pick = dict(min(tried, key=lambda p: p["lr"]))
             chosen[h] = pick
+        more = self._extension(key, chosen)
+        if more:  # a selection sits at an end of the grid: try one step beyond it first
+            return self._tune(spec.task, spec.optimizer, more)
+        for h, pick in chosen.items():
             edge[str(h)] = [
                 k
                 for k in pick
-                if len({p[k] for p in grid}) > 1
-                and pick[k] in (min(p[k] for p in grid), max(p[k] for p in grid))
+                if len({p[k] for p in tried}) > 1
+                and pick[k] in (min(p[k] for p in tried), max(p[k] for p in tried))
             ]
         self.tuning[spec.task][spec.optimizer] = {
-            "grid": {k: sorted({p[k] for p in grid}) for k in grid[0]},
+            "grid": {
+                k: sorted({p[k] for p in _scaled(GRIDS[spec.optimizer], scale)})
+                for k in GRIDS[spec.optimizer]
+            },
+            "tried": {k: sorted({p[k] for p in tried}) for k in tried[0]},
             "seeds": self.tune_seeds,
             "trials": trials,
             "selected": {str(h): hp for h, hp in chosen.items()},

@@ -227,13 +227,13 @@ def _tuning_table(data: dict[str, Any]) -> list[str]:
     lines = [
         "## Tuned hyper-parameters (validation split)",
         "",
-        "| workload | arm | grid | selected per horizon |",
+        "| workload | arm | values tried (grid + extensions past an end) | selected per horizon |",
         "|---|---|---|---|",
     ]
     for w, arms in data["tuning"].items():
         for arm, entry in arms.items():
             grid = "; ".join(
-                f"{k} {', '.join(f'{v:g}' for v in vs)}" for k, vs in entry["grid"].items()
+                f"{k} {', '.join(f'{v:g}' for v in vs)}" for k, vs in entry["tried"].items()
             )
             sel = "; ".join(
                 f"{h}: {_fmt_hp(hp)}" + (" (edge of grid)" if h in entry["at_edge"] else "")
