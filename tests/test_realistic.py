@@ -226,7 +226,7 @@ def test_resume_after_an_interruption_reruns_only_what_was_missing(tmp_path: Pat
     assert done["timing"]["runs_reused"] == 6
     assert len(calls) == len(set(calls))  # nothing ran twice
 
-    clock = (*TIMING, "curve_seconds", "seconds_per_step")
+    clock = (*TIMING, "curve_seconds", "seconds_per_step", "cpu_seconds_per_step")
 
     def strip(rs):
         return sorted(json.dumps({k: v for k, v in r.items() if k not in clock}) for r in rs)

@@ -334,7 +334,9 @@ def train_run(spec: RunSpec, task: Task | Workload) -> dict[str, Any]:
     (``{str(horizon): {...}}``), the loss ``curve`` (window means, ``curve_every`` steps per
     value), ``grad_evals``, ``diverged_at`` and timings; for a :class:`Workload` also
     ``norm_curve`` (parameter norm, same windows), ``curve_seconds`` (training seconds at the
-    end of each window), ``seconds_per_step``, ``num_params`` and ``state_bytes_per_param``.
+    end of each window), ``seconds_per_step`` (wall-clock) and ``cpu_seconds_per_step`` (this
+    process's CPU time: robust to other load on the machine), ``num_params`` and
+    ``state_bytes_per_param``.
     """
     if task.batch_size != spec.batch_size:
         raise ValueError(f"task batch_size {task.batch_size} != spec {spec.batch_size}")
@@ -354,7 +356,7 @@ def train_run(spec: RunSpec, task: Task | Workload) -> dict[str, Any]:
     norms: list[float] = []
     elapsed: list[float] = []
     metrics: dict[str, dict[str, float]] = {}
-    grad_evals, diverged_at, measure_s = 0, None, 0.0
+    grad_evals, diverged_at, measure_s, measure_cpu = 0, None, 0.0, 0.0
     batch: tuple[torch.Tensor, torch.Tensor] | None = None
     calls = 0
 
@@ -389,9 +391,10 @@ def train_run(spec: RunSpec, task: Task | Workload) -> dict[str, Any]:
                 norms.append(run.param_norm())
                 elapsed.append(time.perf_counter() - t_start - measure_s)
         if t in horizons:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             metrics[str(t)] = _measure(run, spec, t)
             measure_s += time.perf_counter() - t0
+            measure_cpu += time.process_time() - c0
     every, values = _downsample(curve, spec.curve_points)
     total = time.perf_counter() - t_start
     record: dict[str, Any] = {
@@ -419,6 +422,8 @@ def train_run(spec: RunSpec, task: Task | Workload) -> dict[str, Any]:
             else []
         )
         record["seconds_per_step"] = (total - measure_s) / max(1, len(curve))
+        cpu_train = time.process_time() - cpu_start - measure_cpu
+        record["cpu_seconds_per_step"] = cpu_train / max(1, len(curve))
         record["num_params"] = sum(q.numel() for q in run.params)
         record["state_bytes_per_param"] = state_bytes(opt) / record["num_params"]
     return record
