@@ -87,7 +87,7 @@ class RealisticConfig:
     long_arms: tuple[str, ...] = ("adam", "adamw", "sgd", "muon", "default", *DEFAULT_ARMS)
     tune_seeds: int = 1
     checkpoints: tuple[str, ...] = ()
-    curve_points: int = 200
+    curve_points: int = 100
 
     @classmethod
     def quick(cls, **overrides: Any) -> RealisticConfig:
