@@ -124,10 +124,12 @@ def test_warmup_cosine_rises_linearly_then_decays_to_a_tenth():
 
 
 def test_mnist_suite_default_excludes_the_module_only_baselines():
-    from flatl2o.evaluation.optimizers import default_optimizers
+    from flatl2o.evaluation.optimizers import default_optimizers, resolve_optimizers
 
     names = default_optimizers()
     assert "adam" in names and "adamw" not in names and "muon" not in names
+    with pytest.raises(ValueError, match="--suite realistic"):  # a flat theta has no roles
+        resolve_optimizers(["muon"])
 
 
 def _cli(out: Path, *extra: str) -> list[str]:
