@@ -17,7 +17,9 @@ zeroes the gradients, recomputes the loss, calls ``backward()`` and returns the 
 
 :data:`BASELINES` registers every baseline of the evaluation suite (Adam, SGD with momentum,
 SAM on SGD and on Adam, Entropy-SGD) with its hyper-parameter grid; see
-:mod:`flatl2o.evaluation.tuning`.
+:mod:`flatl2o.evaluation.tuning`. AdamW and Muon (``uses_roles``) need a real module's
+parameters tagged by role, so only the realistic suite (:mod:`flatl2o.evaluation.realistic`)
+runs them.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["BASELINES", "SAM", "Baseline", "EntropySGD", "make_baseline"]
+__all__ = ["BASELINES", "SAM", "Baseline", "EntropySGD", "MuonAdamW", "make_baseline"]
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 Closure = Callable[[], Tensor]
@@ -251,6 +253,72 @@ class EntropySGD(Optimizer):
         super().load_state_dict(sd)
 
 
+def _roles(groups: ParamsT) -> dict[str, list[Tensor]]:
+    """Parameters by ``role`` from tagged param groups (see ``Baseline.uses_roles``)."""
+    out: dict[str, list[Tensor]] = {"hidden": [], "matrix": [], "vector": []}
+    for g in groups:
+        if not isinstance(g, dict) or g.get("role") not in out:
+            raise ValueError(
+                "this optimizer needs param groups tagged with a role ('hidden', 'matrix' or "
+                "'vector'): [{'params': [...], 'role': 'hidden'}, ...]"
+            )
+        out[g["role"]] += list(g["params"])
+    return out
+
+
+class MuonAdamW(Optimizer):
+    """``torch.optim.Muon`` on the 2-D hidden weight matrices, AdamW on every other tensor.
+
+    Muon uses ``adjust_lr_fn="match_rms_adamw"`` (Moonlight's scaling: its update has AdamW's
+    RMS), so one ``lr`` and ``weight_decay`` serve both halves, as Moonlight trains them; biases
+    and normalization parameters get no weight decay. ``params`` are role-tagged groups.
+    """
+
+    def __init__(
+        self, params: ParamsT, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95
+    ) -> None:
+        roles = _roles(params)
+        if not roles["hidden"]:
+            raise ValueError("Muon needs 2-D hidden weight matrices; this model has none")
+        self.muon = torch.optim.Muon(
+            roles["hidden"],
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            adjust_lr_fn="match_rms_adamw",
+        )
+        rest = (
+            [{"params": roles["matrix"], "weight_decay": weight_decay}] if roles["matrix"] else []
+        )
+        rest += [{"params": roles["vector"], "weight_decay": 0.0}] if roles["vector"] else []
+        self.adamw = torch.optim.AdamW(rest, lr=lr)
+        super().__init__(
+            [*self.muon.param_groups, *self.adamw.param_groups], dict(lr=lr)
+        )  # shared group dicts: an LR scheduler on this optimizer drives both halves
+        self.param_groups = [*self.muon.param_groups, *self.adamw.param_groups]
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> Tensor | None:  # type: ignore[override]
+        """One Muon step and one AdamW step on the gradients of one ``closure()`` call."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """Both halves' state dicts."""
+        return {"state": {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict saved by :meth:`state_dict`."""
+        self.muon.load_state_dict(state_dict["state"]["muon"])
+        self.adamw.load_state_dict(state_dict["state"]["adamw"])
+        self.param_groups = [*self.muon.param_groups, *self.adamw.param_groups]
+
+
 # ------------------------------------------------------------------------------ registry
 
 
@@ -261,6 +329,9 @@ class Baseline:
     ``grid`` maps a hyper-parameter to the values tried on the validation split. ``tune_after``
     names a baseline whose tuned ``lr`` this one reuses (SAM keeps its base optimizer's learning
     rate and tunes rho, as Foret et al. did); then ``grid`` holds the remaining keys only.
+    ``uses_roles``: ``build`` takes param groups tagged with a ``role`` ("hidden", "matrix",
+    "vector"; see :class:`flatl2o.evaluation.runner.Workload`) instead of a plain list;
+    ``schedule`` is the lr schedule its runs use (``"warmup-cosine"`` or ``None``).
     """
 
     name: str
@@ -270,6 +341,8 @@ class Baseline:
     grads_per_step: int = 1
     tune_after: str | None = None
     fixed: dict[str, Any] = field(default_factory=dict)
+    uses_roles: bool = False
+    schedule: str | None = None
 
     def make(
         self, params: ParamsT, hparams: dict[str, float], generator: torch.Generator | None
@@ -292,6 +365,19 @@ def _sam_sgd(params: ParamsT, *, generator: torch.Generator | None = None, **kw:
 
 def _sam_adam(params: ParamsT, *, generator: torch.Generator | None = None, **kw: Any) -> Optimizer:
     return SAM(params, torch.optim.Adam, **kw)
+
+
+def _adamw(params: ParamsT, *, generator: torch.Generator | None = None, **kw: Any) -> Optimizer:
+    """AdamW as users run it: weight decay on weights, none on biases and norms."""
+    roles = _roles(params)
+    wd = kw.pop("weight_decay", 0.0)
+    groups = [{"params": roles["hidden"] + roles["matrix"], "weight_decay": wd}]
+    groups += [{"params": roles["vector"], "weight_decay": 0.0}] if roles["vector"] else []
+    return torch.optim.AdamW(groups, **kw)
+
+
+def _muon(params: ParamsT, *, generator: torch.Generator | None = None, **kw: Any) -> Optimizer:
+    return MuonAdamW(params, **kw)
 
 
 def _entropy(params: ParamsT, *, generator: torch.Generator | None = None, **kw: Any) -> Optimizer:
@@ -341,6 +427,22 @@ BASELINES: dict[str, Baseline] = {
             {"lr": (10.0, 30.0), "gamma": (0.03, 0.1)},
             grads_per_step=5,
             fixed={"langevin_steps": 5, "langevin_lr": 0.1, "noise": 1e-4, "scoping": 1e-4},
+        ),
+        Baseline(
+            "adamw",
+            "AdamW (no decay on biases/norms), lr and weight decay tuned, warmup + cosine",
+            _adamw,
+            {"lr": (1e-3, 3e-3, 1e-2), "weight_decay": (0.0, 0.1)},
+            uses_roles=True,
+            schedule="warmup-cosine",
+        ),
+        Baseline(
+            "muon",
+            "torch.optim.Muon on 2-D hidden weights + AdamW on the rest, lr tuned, wd 0.1",
+            _muon,
+            {"lr": (1e-3, 3e-3, 1e-2)},
+            uses_roles=True,
+            fixed={"weight_decay": 0.1},
         ),
     )
 }

@@ -23,6 +23,15 @@ def _names(values: list[str] | None) -> tuple[str, ...] | None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Register the options of ``flatl2o evaluate`` on parser ``p``."""
     p.add_argument(
+        "--suite",
+        choices=("mnist", "realistic"),
+        default="mnist",
+        help="mnist: the flat-vector MNIST table (default); realistic: transformer LM, "
+        "BatchNorm ResNet, regression, LSTM and fine-tuning against tuned AdamW "
+        "(docs/realistic.md; --seeds, --horizons, --long-horizon, --optimizers (checkpoints), "
+        "--quick, --jobs, --resume apply)",
+    )
+    p.add_argument(
         "--optimizers",
         nargs="+",
         metavar="NAME",
@@ -123,6 +132,10 @@ def run(args: argparse.Namespace) -> int:
     from flatl2o.hub import portable_command
 
     argv = list(getattr(args, "argv", None) or sys.argv[1:])
+    if getattr(args, "suite", "mnist") == "realistic":
+        from flatl2o.evaluation.realistic_command import run_realistic
+
+        return run_realistic(args, argv)
     if args.report_only:
         data = load_results(args.report_only)
         src = Path(args.report_only)

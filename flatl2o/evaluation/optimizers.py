@@ -137,8 +137,10 @@ def available_optimizers() -> list[str]:
 
 
 def default_optimizers() -> list[str]:
-    """The default selection: every shipped checkpoint found now, plus every baseline."""
-    return available_optimizers()
+    """The default selection of the MNIST suite: every shipped checkpoint found now, plus
+    every baseline that trains a flat parameter vector (not AdamW/Muon: they need a real
+    module's tensors by role, see :mod:`flatl2o.evaluation.realistic`)."""
+    return [n for n in available_optimizers() if n not in BASELINES or not BASELINES[n].uses_roles]
 
 
 def resolve_optimizers(names: list[str] | tuple[str, ...]) -> dict[str, OptimizerInfo]:
@@ -146,17 +148,20 @@ def resolve_optimizers(names: list[str] | tuple[str, ...]) -> dict[str, Optimize
 
     Siblings are looked up among the selected rules and all shipped checkpoints, so a
     regularized rule's sibling is known even when only the regularized rule is evaluated.
-    Raises ``ValueError`` naming the unknown entries and the valid choices.
+    Raises ``ValueError`` naming the unknown entries and the valid choices; AdamW and Muon are
+    not choices here (they need a real module's tensors: ``flatl2o evaluate --suite realistic``
+    runs them).
     """
     from flatl2o.hub import list_pretrained
 
+    flat = [n for n, b in BASELINES.items() if not b.uses_roles]
     out: dict[str, OptimizerInfo] = {}
     unknown: list[str] = []
     for raw in names:
         name = raw.strip()
         if not name or name in out:
             continue
-        if name in BASELINES:
+        if name in flat:
             b = BASELINES[name]
             out[name] = OptimizerInfo(name=name, kind="baseline", description=b.description)
             continue
@@ -171,8 +176,14 @@ def resolve_optimizers(names: list[str] | tuple[str, ...]) -> dict[str, Optimize
     if unknown:
         raise ValueError(
             f"unknown optimizer(s) {unknown}; choose from the shipped checkpoints "
-            f"{list_pretrained() or '(none shipped)'}, the baselines {list(BASELINES)}, "
+            f"{list_pretrained() or '(none shipped)'}, the baselines {flat}, "
             "or pass a checkpoint folder"
+            + (
+                f" ({', '.join(n for n in BASELINES if n not in flat)} train a real module's "
+                "tensors: flatl2o evaluate --suite realistic)"
+                if any(n.strip() in BASELINES for n in unknown)
+                else ""
+            )
         )
     pool = list(out.values())
     for other in list_pretrained():

@@ -19,6 +19,16 @@ Protocol (docs/method.md §5), the same for every optimizer:
 - a run whose minibatch loss or parameters become non-finite is stopped: its parameters are
   reset to the iterate before the failing step, ``diverged_at`` records the step, and later
   horizons are measured at that iterate.
+
+The optimizee is either a :class:`~flatl2o.meta.tasks.Task` (the MNIST suite: one flat
+``theta``) or a :class:`Workload` (the realistic suite, :mod:`flatl2o.evaluation.workloads`):
+a real ``nn.Module`` whose parameters are trained per tensor, as users do
+(``opt = X(model.parameters())``, or param groups that keep weight decay off biases and norms
+and give Muon the 2-D hidden weights), with its buffers (BatchNorm statistics) and train/eval
+mode. The loop is the same for both; a workload's record adds the parameter norm (at each
+horizon and as a curve), the wall-clock time of the loss curve, the seconds per step and the
+optimizer's state bytes per parameter. ``RunSpec.schedule = "warmup-cosine"`` multiplies every
+group's lr by :func:`warmup_cosine` (a ``LambdaLR``), for baselines and learned rules alike.
 """
 
 from __future__ import annotations
@@ -26,8 +36,9 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -41,9 +52,13 @@ from flatl2o.meta.tasks import Task
 __all__ = [
     "FLATNESS_SEED_OFFSET",
     "NOISE_SEED_OFFSET",
+    "SCHEDULES",
     "RunSpec",
+    "Workload",
     "build_optimizer",
+    "state_bytes",
     "train_run",
+    "warmup_cosine",
 ]
 
 #: Langevin-noise generators are seeded ``NOISE_SEED_OFFSET + EVAL_SEED_OFFSET + seed``.
@@ -53,6 +68,50 @@ NOISE_SEED_OFFSET = 3_000_000
 FLATNESS_SEED_OFFSET = 5_000_000
 
 PURPOSES = ("eval", "tune", "long")
+#: Learning-rate schedules a run can use (``None``: constant).
+SCHEDULES = ("warmup-cosine",)
+#: Warmup-cosine: linear warmup over this fraction of the run, then cosine decay to
+#: ``MIN_LR_FRACTION`` of the peak at the last step (nanoGPT's recipe).
+WARMUP_FRACTION = 0.05
+MIN_LR_FRACTION = 0.1
+
+
+def warmup_cosine(steps: int) -> Callable[[int], float]:
+    """The lr factor of step ``t`` (0-based, as ``LambdaLR`` counts) of a ``steps``-step run."""
+    warmup = max(1, round(WARMUP_FRACTION * steps))
+
+    def factor(t: int) -> float:
+        if t < warmup:
+            return (t + 1) / warmup
+        progress = min(1.0, (t - warmup) / max(1, steps - warmup))
+        return MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class Workload(Protocol):
+    """A realistic optimizee: a real ``nn.Module`` trained per tensor (see the module docstring).
+
+    ``build`` draws the model's initialization from ``generator`` (deterministic given its
+    state); ``param_groups`` tags the model's trainable tensors with a ``role``: ``"hidden"``
+    (2-D hidden weight matrices: Muon's), ``"matrix"`` (other weights of 2 or more dimensions:
+    embeddings, convolutions, the output layer) or ``"vector"`` (biases and normalization
+    parameters: no weight decay). ``evaluate`` runs the model in eval mode on a whole split and
+    returns at least ``{"loss": ...}``.
+    """
+
+    name: str
+    batch_size: int
+
+    def build(self, generator: torch.Generator) -> nn.Module: ...
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]: ...
+
+    def sample_batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]: ...
 
 
 @dataclass(frozen=True)
@@ -77,12 +136,15 @@ class RunSpec:
     eig_iters: int = 20
     flatness_last_only: bool = False
     curve_points: int = 1000
+    schedule: str | None = None
 
     def __post_init__(self) -> None:
         if self.purpose not in PURPOSES:
             raise ValueError(f"purpose must be one of {PURPOSES}, got {self.purpose!r}")
         if not self.horizons or min(self.horizons) < 1:
             raise ValueError(f"horizons must be positive step counts, got {self.horizons}")
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be None or one of {SCHEDULES}, got {self.schedule!r}")
         if self.checkpoint is None and self.optimizer not in BASELINES:
             raise ValueError(
                 f"{self.optimizer!r} is not a baseline ({', '.join(BASELINES)}); a learned "
@@ -90,9 +152,12 @@ class RunSpec:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (also the run's cache key material)."""
+        """JSON-ready form (also the run's cache key material). ``schedule`` appears only when
+        set, so the keys of constant-lr runs made before it existed still match (--resume)."""
         d = asdict(self)
         d["horizons"] = list(self.horizons)
+        if d["schedule"] is None:
+            del d["schedule"]
         return d
 
     def key(self) -> str:
@@ -105,9 +170,17 @@ class RunSpec:
 
 
 def build_optimizer(
-    spec: RunSpec, params: list[nn.Parameter], noise_generator: torch.Generator
+    spec: RunSpec,
+    params: list[nn.Parameter],
+    noise_generator: torch.Generator,
+    groups: list[dict[str, Any]] | None = None,
 ) -> Optimizer:
-    """The optimizer of ``spec`` on ``params`` (a learned rule through ``flatl2o.L2O``)."""
+    """The optimizer of ``spec`` on ``params`` (a learned rule through ``flatl2o.L2O``).
+
+    ``groups`` are the same tensors tagged with their ``role`` (see :class:`Workload`); a
+    baseline whose ``uses_roles`` is set (AdamW, Muon) is built on them, every other optimizer
+    on the plain list, as a user's one-line swap would be.
+    """
     if spec.checkpoint is not None:
         from flatl2o import L2O, load_rule
 
@@ -119,7 +192,26 @@ def build_optimizer(
                 "--resume: finished runs of unchanged checkpoints are reused"
             )
         return L2O(params, rule=rule, nonfinite="raise", **spec.hparams)
-    return BASELINES[spec.optimizer].make(params, dict(spec.hparams), noise_generator)
+    baseline = BASELINES[spec.optimizer]
+    if baseline.uses_roles:
+        tagged = groups or [{"params": params, "role": "matrix"}]
+        return baseline.make(tagged, dict(spec.hparams), noise_generator)
+    return baseline.make(params, dict(spec.hparams), noise_generator)
+
+
+def state_bytes(opt: Optimizer) -> int:
+    """Bytes of the tensors an optimizer keeps between steps (its ``state_dict``'s state)."""
+
+    def walk(x: Any) -> int:
+        if isinstance(x, torch.Tensor):
+            return x.numel() * x.element_size()
+        if isinstance(x, dict):
+            return sum(walk(v) for v in x.values())
+        if isinstance(x, (list, tuple)):
+            return sum(walk(v) for v in x)
+        return 0
+
+    return walk(opt.state_dict().get("state", {}))
 
 
 def _downsample(curve: list[float], points: int) -> tuple[int, list[float | None]]:
@@ -135,12 +227,82 @@ def _downsample(curve: list[float], points: int) -> tuple[int, list[float | None
     return every, out
 
 
-def _measure(task: Task, theta: torch.Tensor, spec: RunSpec, horizon: int) -> dict[str, float]:
+class _FlatRun:
+    """A :class:`Task`'s run: one flat ``nn.Parameter`` (the MNIST suite, unchanged)."""
+
+    extras = False
+
+    def __init__(self, task: Task, gen: torch.Generator) -> None:
+        self.task = task
+        theta0 = task.init_params(gen)
+        self.init_sha = hashlib.sha256(theta0.detach().cpu().numpy().tobytes()).hexdigest()[:16]
+        self.p = nn.Parameter(theta0.clone())
+        self.params = [self.p]
+        self.groups: list[dict[str, Any]] = [{"params": self.params, "role": "matrix"}]
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.task.loss(self.p, x, y)
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        return self.task.evaluate(self.p.detach(), split)
+
+
+class _ModuleRun:
+    """A :class:`Workload`'s run: the module's own parameters, per tensor, and its buffers."""
+
+    extras = True
+
+    def __init__(self, workload: Workload, gen: torch.Generator) -> None:
+        self.workload = workload
+        self.model = workload.build(gen)
+        self.groups = workload.param_groups(self.model)
+        self.params = [p for g in self.groups for p in g["params"]]
+        if len({id(p) for p in self.params}) != len(list(self.model.parameters())):
+            raise ValueError(f"{workload.name}: param_groups must hold every parameter once")
+        digest = hashlib.sha256()
+        for t in self.params:
+            digest.update(t.detach().cpu().numpy().tobytes())
+        self.init_sha = digest.hexdigest()[:16]
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.model.train()
+        return self.workload.loss(self.model, x, y)
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return self.workload.evaluate(self.model, split)
+        finally:
+            self.model.train(was)
+
+    def param_norm(self) -> float:
+        with torch.no_grad():  # in float64: a diverging run's float32 sum of squares overflows
+            return math.sqrt(math.fsum(float(p.double().square().sum()) for p in self.params))
+
+
+def _snapshot(run: _FlatRun | _ModuleRun) -> list[torch.Tensor]:
+    if isinstance(run, _FlatRun):
+        return [run.p.detach().clone()]
+    return [t.detach().clone() for t in (*run.model.parameters(), *run.model.buffers())]
+
+
+def _restore(run: _FlatRun | _ModuleRun, saved: list[torch.Tensor]) -> None:
+    tensors = (
+        [run.p] if isinstance(run, _FlatRun) else [*run.model.parameters(), *run.model.buffers()]
+    )
+    with torch.no_grad():
+        for t, v in zip(tensors, saved, strict=True):
+            t.copy_(v)
+
+
+def _measure(run: _FlatRun | _ModuleRun, spec: RunSpec, horizon: int) -> dict[str, float]:
     if spec.purpose == "tune":  # validation only: tuning must never read the test split
-        val = task.evaluate(theta, "val")
+        val = run.evaluate("val")
         return {"val_loss": val["loss"], "val_accuracy": val.get("accuracy", math.nan)}
-    train = task.evaluate(theta, "train")
-    test = task.evaluate(theta, "test")
+    train = run.evaluate("train")
+    test = run.evaluate("test")
     out = {
         "train_loss": train["loss"],
         "train_accuracy": train.get("accuracy", math.nan),
@@ -148,6 +310,9 @@ def _measure(task: Task, theta: torch.Tensor, spec: RunSpec, horizon: int) -> di
         "test_accuracy": test.get("accuracy", math.nan),
         "gap": test["loss"] - train["loss"],
     }
+    if isinstance(run, _ModuleRun):
+        out["param_norm"] = run.param_norm()
+        return out
     last = horizon == max(spec.horizons)
     if spec.trace_probes > 0 and spec.eig_iters > 0 and (last or not spec.flatness_last_only):
         t0 = time.perf_counter()
@@ -155,19 +320,23 @@ def _measure(task: Task, theta: torch.Tensor, spec: RunSpec, horizon: int) -> di
             FLATNESS_SEED_OFFSET + EVAL_SEED_OFFSET + spec.seed + 7919 * horizon
         )
         flat = measure_flatness(
-            task, theta, probes=spec.trace_probes, iters=spec.eig_iters, generator=gen
+            run.task, run.p.detach(), probes=spec.trace_probes, iters=spec.eig_iters, generator=gen
         )
         out.update(flat.to_dict())
         out["flatness_seconds"] = time.perf_counter() - t0
     return out
 
 
-def train_run(spec: RunSpec, task: Task) -> dict[str, Any]:
+def train_run(spec: RunSpec, task: Task | Workload) -> dict[str, Any]:
     """Run ``spec`` on ``task`` (built for ``spec.task``); return a JSON-ready result record.
 
     The record holds the spec, ``init_sha`` (hash of the initial parameters), ``metrics``
     (``{str(horizon): {...}}``), the loss ``curve`` (window means, ``curve_every`` steps per
-    value), ``grad_evals``, ``diverged_at`` and timings.
+    value), ``grad_evals``, ``diverged_at`` and timings; for a :class:`Workload` also
+    ``norm_curve`` (parameter norm, same windows), ``curve_seconds`` (training seconds at the
+    end of each window), ``seconds_per_step`` (wall-clock) and ``cpu_seconds_per_step`` (this
+    process's CPU time: robust to other load on the machine), ``num_params`` and
+    ``state_bytes_per_param``.
     """
     if task.batch_size != spec.batch_size:
         raise ValueError(f"task batch_size {task.batch_size} != spec {spec.batch_size}")
@@ -175,16 +344,19 @@ def train_run(spec: RunSpec, task: Task) -> dict[str, Any]:
     seed = EVAL_SEED_OFFSET + spec.seed
     gen = torch.Generator().manual_seed(seed)
     noise = torch.Generator().manual_seed(NOISE_SEED_OFFSET + seed)
-    theta0 = task.init_params(gen)
-    init_sha = hashlib.sha256(theta0.detach().cpu().numpy().tobytes()).hexdigest()[:16]
-    p = nn.Parameter(theta0.clone())
-    opt = build_optimizer(spec, [p], noise)
+    run = _FlatRun(task, gen) if isinstance(task, Task) else _ModuleRun(task, gen)
+    opt = build_optimizer(spec, run.params, noise, run.groups)
     fresh = bool(getattr(opt, "fresh_batch_per_closure", False))
     horizons = sorted(set(spec.horizons))
     steps = horizons[-1]
+    sched = None
+    if spec.schedule == "warmup-cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps))
     curve: list[float] = []
+    norms: list[float] = []
+    elapsed: list[float] = []
     metrics: dict[str, dict[str, float]] = {}
-    grad_evals, diverged_at, measure_s = 0, None, 0.0
+    grad_evals, diverged_at, measure_s, measure_cpu = 0, None, 0.0, 0.0
     batch: tuple[torch.Tensor, torch.Tensor] | None = None
     calls = 0
 
@@ -195,33 +367,40 @@ def train_run(spec: RunSpec, task: Task) -> dict[str, Any]:
         calls += 1
         grad_evals += 1
         opt.zero_grad(set_to_none=True)
-        loss = task.loss(p, *batch)
+        loss = run.loss(*batch)
         loss.backward()
         return loss.detach()
 
     for t in range(1, steps + 1):
         if diverged_at is None:
             batch, calls = None, 0
-            before = p.detach().clone()
+            before = _snapshot(run)
             try:
                 loss = float(opt.step(closure))
             except FloatingPointError:  # L2O(nonfinite="raise") on a NaN/inf gradient
                 loss = math.nan
-            if not math.isfinite(loss) or not bool(torch.isfinite(p).all()):
-                with torch.no_grad():
-                    p.copy_(before)
+            if not math.isfinite(loss) or not all(
+                bool(torch.isfinite(q).all()) for q in run.params
+            ):
+                _restore(run, before)
                 diverged_at = t
+            elif sched is not None:
+                sched.step()
             curve.append(loss)
+            if run.extras:
+                norms.append(run.param_norm())
+                elapsed.append(time.perf_counter() - t_start - measure_s)
         if t in horizons:
-            t0 = time.perf_counter()
-            metrics[str(t)] = _measure(task, p.detach(), spec, t)
+            t0, c0 = time.perf_counter(), time.process_time()
+            metrics[str(t)] = _measure(run, spec, t)
             measure_s += time.perf_counter() - t0
+            measure_cpu += time.process_time() - c0
     every, values = _downsample(curve, spec.curve_points)
     total = time.perf_counter() - t_start
-    return {
+    record: dict[str, Any] = {
         "key": spec.key(),
         "spec": spec.to_dict(),
-        "init_sha": init_sha,
+        "init_sha": run.init_sha,
         "metrics": metrics,
         "curve_every": every,
         "curve": values,
@@ -232,3 +411,19 @@ def train_run(spec: RunSpec, task: Task) -> dict[str, Any]:
         "train_seconds": total - measure_s,
         "measure_seconds": measure_s,
     }
+    if run.extras:
+        record["norm_curve"] = _downsample(norms, spec.curve_points)[1]
+        record["curve_seconds"] = (
+            [
+                float(f"{elapsed[min(i + every, len(elapsed)) - 1]:.4g}")
+                for i in range(0, len(elapsed), every)
+            ]
+            if every
+            else []
+        )
+        record["seconds_per_step"] = (total - measure_s) / max(1, len(curve))
+        cpu_train = time.process_time() - cpu_start - measure_cpu
+        record["cpu_seconds_per_step"] = cpu_train / max(1, len(curve))
+        record["num_params"] = sum(q.numel() for q in run.params)
+        record["state_bytes_per_param"] = state_bytes(opt) / record["num_params"]
+    return record

@@ -45,13 +45,14 @@ import torch
 
 from flatl2o.evaluation.baselines import BASELINES
 from flatl2o.evaluation.optimizers import OptimizerInfo, default_optimizers, resolve_optimizers
-from flatl2o.evaluation.runner import RunSpec, train_run
+from flatl2o.evaluation.runner import RunSpec, Workload, train_run
 from flatl2o.evaluation.tuning import (
     MAX_EXTENSIONS,
     TUNE_SEED_BASE,
     advance_tuning,
     plan_trials,
 )
+from flatl2o.evaluation.workloads import WORKLOADS, make_workload
 from flatl2o.hub import checkpoint_location, portable_command
 from flatl2o.meta.tasks import TASKS, Task, make_task
 
@@ -62,6 +63,7 @@ __all__ = [
     "EvalConfig",
     "evaluate",
     "load_results",
+    "run_planned",
     "seen_tasks",
 ]
 
@@ -187,7 +189,13 @@ class EvalConfig:
 
 
 @functools.cache
-def _task(name: str, batch_size: int) -> Task:
+def _task(name: str, batch_size: int) -> Task | Workload:
+    """The optimizee called ``name``: a realistic workload or a flat :class:`Task`."""
+    if name in WORKLOADS:
+        workload = make_workload(name)
+        if workload.batch_size != batch_size:
+            raise ValueError(f"workload {name!r} trains with batch size {workload.batch_size}")
+        return workload
     return make_task(name, batch_size=batch_size)
 
 
@@ -376,6 +384,17 @@ class _Planner:
             runs += self.config.long_seeds
         return runs
 
+    def progress_bounds(self) -> dict[str, dict[tuple[str, str], int]]:
+        """``{phase: {(task, baseline): most runs}}`` of the runs whose number waits on tuning
+        (for :class:`PhaseProgress`)."""
+        bounds: dict[str, dict[tuple[str, str], int]] = {"tuning baselines": {}, "final runs": {}}
+        for task in self.config.tasks:
+            for name in self.to_tune:
+                bounds["tuning baselines"][(task, name)] = self.most_runs("tune", task, name)
+            for name in self.baselines:
+                bounds["final runs"][(task, name)] = self.most_runs("final", task, name)
+        return bounds
+
     def done(self, spec: RunSpec, record: dict[str, Any]) -> list[RunSpec]:
         """Account for a finished run; return the runs it unlocks."""
         if spec.purpose != "tune":
@@ -543,6 +562,44 @@ def evaluate(
         raise ValueError(f"jobs and threads must be >= 1, got jobs={jobs}, threads={threads}")
     names = list(config.optimizers) or default_optimizers()
     infos = resolve_optimizers(names)
+    tasks_used = list(
+        dict.fromkeys([*config.tasks, *(config.long_tasks if config.long_horizon else ())])
+    )
+    planner = _Planner(config, infos)
+
+    def assemble(results: dict[str, list[dict[str, Any]]], env: dict, t0: float, final: bool):
+        return _assemble(config, infos, planner, results, env, t0, command, final)
+
+    return run_planned(
+        planner,
+        lambda: _Costs(tasks_used, config.batch_size, infos),
+        assemble,
+        out=out,
+        jobs=jobs,
+        threads=threads,
+        progress=progress,
+        resume=resume,
+    )
+
+
+def run_planned(
+    planner: Any,
+    costs: Callable[[], Any],
+    assemble: Callable[[dict[str, list[dict[str, Any]]], dict[str, Any], float, bool], dict],
+    *,
+    out: str | os.PathLike[str] | None,
+    jobs: int,
+    threads: int,
+    progress: bool,
+    resume: bool,
+) -> dict[str, Any]:
+    """Execute a planner's runs (``planner.initial()``, then what ``planner.done`` unlocks) and
+    write the results JSON that ``assemble(results, environment, t_start, final)`` builds: the
+    engine shared by this suite and the realistic one (parallel workers, progress bar,
+    ``eval.partial.json`` every 30 s and on an interruption, ``resume``).
+
+    ``costs()`` builds the cost model (``.of(spec)``: estimated seconds) under the run threads.
+    """
     out_dir = Path(out) if out is not None else None
     # the code, torch and settings that compute the runs, read once before any run starts
     # (read at the end, it would name whatever the checkout holds by then)
@@ -553,22 +610,18 @@ def evaluate(
     torch.set_num_threads(threads)
     undo_signal = _sigterm_as_interrupt()
     try:
-        tasks_used = list(
-            dict.fromkeys([*config.tasks, *(config.long_tasks if config.long_horizon else ())])
-        )
-        costs = _Costs(tasks_used, config.batch_size, infos)
-        planner = _Planner(config, infos)
+        cost_model = costs()
         kinds = ("eval", "long", "tune", "reused")
         results: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
         partial = out_dir / "eval.partial.json" if out_dir is not None else None
 
         def snapshot(final: bool) -> dict[str, Any]:
-            return _assemble(config, infos, planner, results, environment, t_start, command, final)
+            return assemble(results, environment, t_start, final)
 
         try:
             _execute(
                 planner,
-                costs,
+                cost_model,
                 previous,
                 results,
                 jobs,
@@ -592,8 +645,8 @@ def evaluate(
 
 
 def _execute(
-    planner: _Planner,
-    costs: _Costs,
+    planner: Any,
+    costs: Any,
     previous: dict[str, dict[str, Any]],
     results: dict[str, list[dict[str, Any]]],
     jobs: int,
@@ -674,20 +727,14 @@ class PhaseProgress:
 
     Runs are planned as tuning proceeds (a grid grows, SAM's trials and a baseline's final runs
     wait for a selection), so a bar's total starts at the most runs the phase can need
-    (:meth:`_Planner.most_runs`) and only shrinks to the exact count as each tuning finishes:
-    a bar never goes backwards."""
+    (the planner's ``progress_bounds()``) and only shrinks to the exact count as each tuning
+    finishes: a bar never goes backwards. ``planner.tuning[task]`` holds the finished tunings."""
 
-    def __init__(self, planner: _Planner, *, enabled: bool = True) -> None:
+    def __init__(self, planner: Any, *, enabled: bool = True) -> None:
         from tqdm.auto import tqdm
 
         self.planner = planner
-        self.bound: dict[str, dict[tuple[str, str], int]] = {"tuning baselines": {}}
-        self.bound["final runs"] = {}
-        for task in planner.config.tasks:  # baselines whose run counts wait for tuning
-            for name in planner.to_tune:
-                self.bound["tuning baselines"][(task, name)] = planner.most_runs("tune", task, name)
-            for name in planner.baselines:
-                self.bound["final runs"][(task, name)] = planner.most_runs("final", task, name)
+        self.bound = planner.progress_bounds()
         self.known: dict[str, dict[tuple[str, str], int]] = {p: {} for p in self.bound}
         self.done = dict.fromkeys(self.bound, 0)
         self.bars = {

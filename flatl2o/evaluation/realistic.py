@@ -1,0 +1,488 @@
+"""The realistic suite: is the default learned optimizer better than AdamW where users train?
+
+``flatl2o evaluate --suite realistic`` runs, on each workload of
+:mod:`flatl2o.evaluation.workloads` (a transformer LM, a BatchNorm ResNet, an MLP regression,
+an LSTM, a fine-tuning), with the evaluation's one runner and execution engine
+(:func:`flatl2o.evaluation.suite.run_planned`: workers, progress, ``--resume``), these arms:
+
+- ``adam``: Adam at lr 1e-3, untuned (what users start with);
+- ``adamw``: AdamW, lr and weight decay tuned, linear warmup + cosine decay (what users run);
+- ``sgd``: SGD with momentum 0.9, lr tuned;
+- ``muon``: ``torch.optim.Muon`` on the 2-D hidden weights, AdamW on the rest, lr tuned
+  (workloads that have 2-D hidden weights: not the CNN, whose hidden weights are convolutions);
+- every shipped checkpoint through ``flatl2o.L2O(model.parameters(), name)`` at lr 1.0 (the
+  default checkpoint among them is the one-line swap, untuned);
+- ``l2o-lr``: the default checkpoint with its lr multiplier tuned;
+- ``l2o-cosine``: the default checkpoint with AdamW's warmup + cosine schedule on its
+  multiplier (peak 1.0, untuned).
+
+Tuning uses the VALIDATION split only (``purpose="tune"`` runs never read the test split) and
+:data:`~flatl2o.evaluation.tuning.TUNE_SEED_BASE` seeds; per horizon the point with the lowest
+mean validation loss over the tune seeds is selected, a point that diverged on any tune seed is
+not eligible. As in the MNIST suite's tuning, a selection at an end of the learning rates
+tried gets one more value beyond that end (the grid's outer ratio), crossed with the other
+values tried, and the selection is made again; one still at an end is recorded in
+``at_edge``. A scheduled arm (``adamw``, ``l2o-cosine``) is a different run at every horizon
+(its schedule ends there); a constant-lr arm is one run measured at every horizon. The long
+horizon reuses the hyper-parameters selected at the largest horizon. A workload's
+``lr_scale`` (fine-tuning: 0.1) scales every tuning grid's learning rates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flatl2o.evaluation.baselines import BASELINES
+from flatl2o.evaluation.runner import RunSpec
+from flatl2o.evaluation.suite import RESULTS_NAME, _timed, run_planned
+from flatl2o.evaluation.tuning import MAX_EXTENSIONS, TUNE_SEED_BASE
+from flatl2o.evaluation.workloads import (
+    STANDARD,
+    STANDARD_TINY,
+    WORKLOADS,
+    describe,
+    make_workload,
+)
+
+__all__ = ["FORMAT", "RealisticConfig", "evaluate_realistic", "load_realistic", "select_by_loss"]
+
+FORMAT = "flatl2o-realistic/1"
+#: Tuning grids of the arms that are not in BASELINES with the grid the suite uses.
+GRIDS: dict[str, dict[str, tuple[float, ...]]] = {
+    "adamw": BASELINES["adamw"].grid,
+    "muon": BASELINES["muon"].grid,
+    "sgd": {"lr": (0.01, 0.03, 0.1, 0.3)},
+    "l2o-lr": {"lr": (0.1, 0.3, 1.0, 3.0)},
+}
+#: Arms built on the default learned checkpoint.
+DEFAULT_ARMS = ("l2o-lr", "l2o-cosine")
+
+
+@dataclass
+class RealisticConfig:
+    """What the realistic suite runs; ``RealisticConfig()`` is the full suite.
+
+    ``checkpoints`` empty means every shipped checkpoint. ``long_arms`` are the arms that also
+    run ``long_horizon`` steps on ``long_workloads`` (``"default"``: the default checkpoint;
+    empty: every arm). The default leaves out the non-default checkpoints: 3 seeds x 20,000
+    steps of five more learned rules would double the suite's time, and they are measured at
+    the other horizons.
+    """
+
+    workloads: tuple[str, ...] = STANDARD
+    seeds: int = 3
+    horizons: tuple[int, ...] = (1000, 5000)
+    long_horizon: int = 20000
+    long_workloads: tuple[str, ...] = ("lm",)
+    long_arms: tuple[str, ...] = ("adam", "adamw", "sgd", "muon", "default", *DEFAULT_ARMS)
+    tune_seeds: int = 1
+    checkpoints: tuple[str, ...] = ()
+    curve_points: int = 100
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> RealisticConfig:
+        """Toy sizes (``-tiny`` workloads, tens of steps) for smoke runs and the tests."""
+        base: dict[str, Any] = dict(
+            workloads=STANDARD_TINY,
+            seeds=2,
+            horizons=(10, 30),
+            long_horizon=60,
+            long_workloads=("lm-tiny",),
+            curve_points=30,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the problem and the fix."""
+        unknown = [w for w in (*self.workloads, *self.long_workloads) if w not in WORKLOADS]
+        if unknown:
+            raise ValueError(f"unknown workload(s) {unknown}; available: {', '.join(WORKLOADS)}")
+        if not self.workloads or self.seeds < 1 or self.tune_seeds < 1:
+            raise ValueError("need at least one workload, seeds >= 1 and tune_seeds >= 1")
+        if not self.horizons or min(self.horizons) < 1:
+            raise ValueError(f"horizons must be positive step counts, got {self.horizons}")
+        if self.long_horizon and self.long_horizon <= max(self.horizons):
+            raise ValueError(f"long_horizon must be 0 (off) or > {max(self.horizons)}")
+        if not set(self.long_workloads) <= set(self.workloads):
+            raise ValueError("long_workloads must be among the workloads (they are tuned there)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _scaled(grid: dict[str, tuple[float, ...]], scale: float) -> list[dict[str, float]]:
+    """Grid points (first key slowest), learning rates times ``scale``."""
+    import itertools
+
+    keys = list(grid)
+    return [
+        {
+            k: float(f"{v * scale:.3g}") if k == "lr" else float(v)
+            for k, v in zip(keys, vs, strict=True)
+        }
+        for vs in itertools.product(*grid.values())
+    ]
+
+
+def select_by_loss(
+    trials: list[dict[str, Any]], horizon: int
+) -> tuple[dict[str, float] | None, list[dict[str, Any]]]:
+    """The tuning records' point with the lowest mean validation loss at ``horizon`` (points
+    that diverged on a tune seed are not eligible), and the per-point summary."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in trials:
+        groups.setdefault(json.dumps(r["spec"]["hparams"], sort_keys=True), []).append(r)
+    summary, best = [], None
+    for hp, runs in groups.items():
+        losses = [
+            r["metrics"][str(horizon)]["val_loss"] for r in runs if str(horizon) in r["metrics"]
+        ]
+        if not losses:
+            continue
+        diverged = sum(
+            1 for r in runs if r["diverged_at"] is not None and r["diverged_at"] <= horizon
+        )
+        mean = math.fsum(losses) / len(losses) if all(map(math.isfinite, losses)) else math.nan
+        summary.append({"hparams": json.loads(hp), "val_loss": mean, "diverged": diverged})
+        if not diverged and math.isfinite(mean) and (best is None or mean < best[0]):
+            best = (mean, json.loads(hp))
+    summary.sort(key=lambda t: json.dumps(t["hparams"], sort_keys=True))
+    return (best[1] if best else None), summary
+
+
+class _Planner:
+    """The realistic suite's runs; tuned arms' evaluations unlock when their tuning ends."""
+
+    def __init__(self, config: RealisticConfig, infos: dict[str, dict[str, Any]]) -> None:
+        self.config = config
+        self.infos = infos
+        self.horizons = tuple(sorted(set(config.horizons)))
+        self.tune_seeds = [TUNE_SEED_BASE + i for i in range(config.tune_seeds)]
+        self.pending: dict[tuple[str, str], int] = {}
+        self.records: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self.points: dict[tuple[str, str], list[dict[str, float]]] = {}
+        self.tuning: dict[str, dict[str, Any]] = {w: {} for w in config.workloads}
+        self.default = next(n for n, i in infos.items() if i.get("default"))
+
+    def arms(self, workload: str) -> list[str]:
+        """The arms run on ``workload`` (Muon only where there are 2-D hidden weights)."""
+        out = ["adam", "adamw", "sgd"]
+        w = make_workload(workload)
+        model = w.factory()
+        if any(g["role"] == "hidden" for g in w.param_groups(model)):
+            out.append("muon")
+        return [*out, *(n for n, i in self.infos.items() if i["kind"] == "learned"), *DEFAULT_ARMS]
+
+    def _long(self, workload: str, arm: str) -> bool:
+        c = self.config
+        chosen = not c.long_arms or arm in c.long_arms
+        chosen = chosen or (arm == self.default and "default" in c.long_arms)
+        return bool(c.long_horizon) and workload in c.long_workloads and chosen
+
+    def _spec(self, workload: str, arm: str, seed: int, horizons, **kw: Any) -> RunSpec:
+        learned = arm in self.infos or arm in DEFAULT_ARMS
+        info = self.infos[arm if arm in self.infos else self.default]
+        fields: dict[str, Any] = dict(
+            checkpoint=info["path"] if learned else None,
+            fingerprint=info["fingerprint"] if learned else None,
+            batch_size=make_workload(workload).batch_size,
+            trace_probes=0,
+            eig_iters=0,
+            curve_points=self.config.curve_points,
+            schedule="warmup-cosine" if arm in ("adamw", "l2o-cosine") else None,
+        )
+        fields.update(kw)
+        return RunSpec(task=workload, optimizer=arm, seed=seed, horizons=tuple(horizons), **fields)
+
+    def _eval(self, workload: str, arm: str, chosen: dict[int, dict[str, float]]) -> list[RunSpec]:
+        """Evaluation (and long) runs of an arm at its per-horizon hyper-parameters."""
+        scheduled = arm in ("adamw", "l2o-cosine")
+        groups: dict[str, list[int]] = {}
+        for h in self.horizons:
+            key = json.dumps(chosen[h], sort_keys=True) + (f"@{h}" if scheduled else "")
+            groups.setdefault(key, []).append(h)
+        specs = [
+            self._spec(workload, arm, s, hs, hparams=chosen[hs[0]])
+            for hs in groups.values()
+            for s in range(self.config.seeds)
+        ]
+        if self._long(workload, arm):
+            last = chosen[self.horizons[-1]]
+            marks = sorted(
+                {*self.horizons, self.config.long_horizon // 2, self.config.long_horizon}
+            )
+            specs += [
+                self._spec(workload, arm, s, marks, purpose="long", hparams=last)
+                for s in range(self.config.seeds)
+            ]
+        return specs
+
+    def _tune(
+        self, workload: str, arm: str, points: list[dict[str, float]] | None = None
+    ) -> list[RunSpec]:
+        """Tuning runs of ``points`` (default: the arm's grid, learning rates scaled)."""
+        key = (workload, arm)
+        if points is None:
+            points = _scaled(GRIDS[arm], make_workload(workload).lr_scale)
+            self.records[key], self.points[key] = [], []
+        self.points[key] += points
+        runs = [(h,) for h in self.horizons] if arm == "adamw" else [self.horizons]
+        specs = [
+            self._spec(workload, arm, s, hs, purpose="tune", hparams=hp, curve_points=0)
+            for hp in points
+            for hs in runs
+            for s in self.tune_seeds
+        ]
+        self.pending[key] = self.pending.get(key, 0) + len(specs)
+        return specs
+
+    def _extension(self, key: tuple[str, str], chosen: dict[int, dict[str, float]]):
+        """Points one lr step beyond an end of the tried values where a selection sits there
+        (at most one step per side: ``MAX_EXTENSIONS``), crossed with the other keys' values."""
+        tried = self.points[key]
+        lrs = sorted({p["lr"] for p in tried})
+        grid = sorted(GRIDS[key[1]]["lr"])
+        base = sorted({p["lr"] for p in _scaled(GRIDS[key[1]], make_workload(key[0]).lr_scale)})
+        new: set[float] = set()
+        for pick in chosen.values():
+            if pick["lr"] == lrs[0] and sum(v < base[0] for v in lrs) < MAX_EXTENSIONS:
+                new.add(float(f"{lrs[0] * grid[0] / grid[1]:.3g}"))
+            if pick["lr"] == lrs[-1] and sum(v > base[-1] for v in lrs) < MAX_EXTENSIONS:
+                new.add(float(f"{lrs[-1] * grid[-1] / grid[-2]:.3g}"))
+        others = {
+            json.dumps({k: v for k, v in p.items() if k != "lr"}, sort_keys=True) for p in tried
+        }
+        return [{"lr": lr, **json.loads(o)} for lr in sorted(new) for o in sorted(others)]
+
+    def initial(self) -> list[RunSpec]:
+        """Untuned arms' runs and every tuning trial."""
+        specs: list[RunSpec] = []
+        for w in self.config.workloads:
+            for arm in self.arms(w):
+                if arm in GRIDS:
+                    specs += self._tune(w, arm)
+                elif arm == "adam":
+                    specs += self._eval(w, arm, {h: {"lr": 1e-3} for h in self.horizons})
+                else:  # checkpoints and l2o-cosine: lr 1.0 as shipped
+                    specs += self._eval(w, arm, {h: {"lr": 1.0} for h in self.horizons})
+        return specs
+
+    def progress_bounds(self) -> dict[str, dict[tuple[str, str], int]]:
+        """``{phase: {(workload, arm): most runs}}`` of the tuned arms, whose run counts wait on
+        their tuning (for :class:`~flatl2o.evaluation.suite.PhaseProgress`): the lr values grow
+        by at most ``MAX_EXTENSIONS`` beyond each end; the final runs need at most one choice
+        per horizon (plus the long runs)."""
+        bounds: dict[str, dict[tuple[str, str], int]] = {"tuning baselines": {}, "final runs": {}}
+        for w in self.config.workloads:
+            for arm in self.arms(w):
+                if arm not in GRIDS:
+                    continue
+                points = 1
+                for k, values in GRIDS[arm].items():
+                    points *= len(values) + (2 * MAX_EXTENSIONS if k == "lr" else 0)
+                per_point = len(self.horizons) if arm == "adamw" else 1
+                bounds["tuning baselines"][(w, arm)] = points * per_point * len(self.tune_seeds)
+                finals = len(self.horizons) * self.config.seeds
+                bounds["final runs"][(w, arm)] = finals + (
+                    self.config.seeds if self._long(w, arm) else 0
+                )
+        return bounds
+
+    def done(self, spec: RunSpec, record: dict[str, Any]) -> list[RunSpec]:
+        """Account for a finished run; return the evaluations a finished tuning unlocks."""
+        if spec.purpose != "tune":
+            return []
+        key = (spec.task, spec.optimizer)
+        self.records[key].append(record)
+        self.pending[key] -= 1
+        if self.pending[key]:
+            return []
+        chosen, trials, edge = {}, {}, {}
+        tried = self.points[key]
+        scale = make_workload(spec.task).lr_scale
+        for h in self.horizons:
+            pick, trials[str(h)] = select_by_loss(self.records[key], h)
+            if pick is None:  # every point diverged: report it, evaluate the smallest lr
+                pick = dict(min(tried, key=lambda p: p["lr"]))
+            chosen[h] = pick
+        more = self._extension(key, chosen)
+        if more:  # a selection sits at an end of the grid: try one step beyond it first
+            return self._tune(spec.task, spec.optimizer, more)
+        for h, pick in chosen.items():
+            edge[str(h)] = [
+                k
+                for k in pick
+                if len({p[k] for p in tried}) > 1
+                and pick[k] in (min(p[k] for p in tried), max(p[k] for p in tried))
+            ]
+        self.tuning[spec.task][spec.optimizer] = {
+            "grid": {
+                k: sorted({p[k] for p in _scaled(GRIDS[spec.optimizer], scale)})
+                for k in GRIDS[spec.optimizer]
+            },
+            "tried": {k: sorted({p[k] for p in tried}) for k in tried[0]},
+            "seeds": self.tune_seeds,
+            "trials": trials,
+            "selected": {str(h): hp for h, hp in chosen.items()},
+            "at_edge": {h: ks for h, ks in edge.items() if ks},
+        }
+        return self._eval(spec.task, spec.optimizer, chosen)
+
+
+class _Costs:
+    """Estimated seconds per run: measured forward/backward seconds per workload, plus the
+    learned rule's step on that many coordinates."""
+
+    def __init__(self, workloads: list[str], infos: dict[str, dict[str, Any]]) -> None:
+        from flatl2o.evaluation.suite import _rule_seconds
+
+        self.step: dict[str, float] = {}
+        self.rule: dict[tuple[str, str], float] = {}
+        for name in workloads:
+            w = make_workload(name)
+            model = w.build(torch.Generator().manual_seed(0))
+            x, y = w.sample_batch(torch.Generator().manual_seed(0))
+            self.step[name] = _timed(functools.partial(_backward, w, model, x, y), repeats=3)
+            for arm, info in infos.items():
+                self.rule[(name, arm)] = _rule_seconds(info["path"], w.num_params)
+        self.default = next(n for n, i in infos.items() if i.get("default"))
+
+    def of(self, spec: RunSpec) -> float:
+        """Estimated seconds of ``spec``."""
+        arm = self.default if spec.optimizer in DEFAULT_ARMS else spec.optimizer
+        rule = self.rule.get((spec.task, arm), 0.0)
+        return max(spec.horizons) * (1.3 * self.step[spec.task] + rule)
+
+
+def _backward(w: Any, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    w.loss(model, x, y).backward()
+
+
+def _learned_infos(checkpoints: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Name -> path, fingerprint, architecture, description of each learned checkpoint."""
+    from flatl2o.evaluation.optimizers import resolve_optimizers
+    from flatl2o.hub import default_pretrained_name, list_pretrained
+
+    names = list(checkpoints) or list_pretrained()
+    default = default_pretrained_name()
+    if default not in names:
+        names.append(default)
+    infos = resolve_optimizers(names)
+    out = {}
+    for n, i in infos.items():
+        if i.kind != "learned":
+            raise ValueError(f"{n!r} is not a learned checkpoint; the baselines are always run")
+        out[n] = {**i.to_dict(), "default": n == default}
+        out[n].pop("recipe")
+    return out
+
+
+def evaluate_realistic(
+    config: RealisticConfig | None = None,
+    *,
+    out: str | os.PathLike[str] | None = None,
+    jobs: int = 1,
+    threads: int = 1,
+    progress: bool = True,
+    resume: bool = False,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Run the realistic suite; return (and write to ``out``/eval.json) its results JSON."""
+    config = config or RealisticConfig()
+    config.validate()
+    if jobs < 1 or threads < 1:
+        raise ValueError(f"jobs and threads must be >= 1, got jobs={jobs}, threads={threads}")
+    infos = _learned_infos(config.checkpoints)
+    planner = _Planner(config, infos)
+
+    def order(r: dict[str, Any]) -> tuple:
+        s = r["spec"]
+        return (s["task"], s["optimizer"], s["horizons"], s["seed"], json.dumps(s["hparams"]))
+
+    def assemble(results: dict, environment: dict, t_start: float, final: bool) -> dict:
+        arms = {w: planner.arms(w) for w in config.workloads}
+        return {
+            "format": FORMAT,
+            "complete": final,
+            "command": command,
+            "config": config.to_dict(),
+            "environment": environment,
+            "default": planner.default,
+            "learned": infos,
+            "arms": arms,
+            "optimizers": _arm_descriptions(infos),
+            "workloads": {w: describe(w) for w in config.workloads},
+            "tuning": planner.tuning,
+            "runs": sorted(results["eval"], key=order),
+            "long_runs": sorted(results["long"], key=order),
+            "tuning_runs": [
+                {k: v for k, v in r.items() if k not in ("curve", "norm_curve", "curve_seconds")}
+                for r in sorted(results["tune"], key=order)
+            ],
+            "timing": {
+                "wall_seconds": time.perf_counter() - t_start,
+                "run_cpu_seconds": {
+                    k: math.fsum(r.get("cpu_seconds", 0.0) for r in results[k])
+                    for k in ("eval", "long", "tune")
+                },
+                "runs_reused": len(results["reused"]),
+            },
+        }
+
+    return run_planned(
+        planner,
+        lambda: _Costs(list(config.workloads), infos),
+        assemble,
+        out=out,
+        jobs=jobs,
+        threads=threads,
+        progress=progress,
+        resume=resume,
+    )
+
+
+def _arm_descriptions(infos: dict[str, dict[str, Any]]) -> dict[str, dict[str, str]]:
+    default = next(n for n, i in infos.items() if i.get("default"))
+    out = {
+        "adam": {"kind": "baseline", "description": "Adam at lr 1e-3, untuned (the user's start)"},
+        "adamw": {"kind": "baseline", "description": BASELINES["adamw"].description},
+        "sgd": {"kind": "baseline", "description": "SGD with momentum 0.9, lr tuned"},
+        "muon": {"kind": "baseline", "description": BASELINES["muon"].description},
+    }
+    for n, i in infos.items():
+        tag = " (the default: `L2O(model.parameters())`, untuned)" if i.get("default") else ""
+        out[n] = {"kind": "learned", "description": f"shipped checkpoint `{n}` at lr 1.0{tag}"}
+    out["l2o-lr"] = {"kind": "learned", "description": f"`{default}` with its lr multiplier tuned"}
+    out["l2o-cosine"] = {
+        "kind": "learned",
+        "description": f"`{default}` with AdamW's warmup + cosine schedule on its multiplier",
+    }
+    return out
+
+
+def load_realistic(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a realistic-suite results JSON (a file or the folder holding it)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / RESULTS_NAME
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"no realistic results at {p}; run `flatl2o evaluate --suite realistic --out DIR`"
+        )
+    data = json.loads(p.read_text())
+    if data.get("format") != FORMAT:
+        raise ValueError(f"{p} is not a realistic-suite results file (format {FORMAT})")
+    return data
