@@ -108,9 +108,7 @@ class L2O(Optimizer):
         state_dtype: torch.dtype = torch.float32,
         **load_options: Any,
     ) -> None:
-        _check_options(
-            lr=lr, weight_decay=weight_decay, chunk_size=chunk_size, nonfinite=nonfinite
-        )
+        _check_options(lr=lr, weight_decay=weight_decay, chunk_size=chunk_size, nonfinite=nonfinite)
         self.backend = check_backend(backend)
         if state_dtype not in STATE_DTYPES:
             raise ValueError(
@@ -122,8 +120,8 @@ class L2O(Optimizer):
         if unknown:
             raise TypeError(
                 f"L2O.__init__() got an unexpected keyword argument {unknown[0]!r}; its options "
-                "are lr, weight_decay, maximize, chunk_size, nonfinite, backend, state_dtype and, for a rule "
-                f"given by name or path, {', '.join(LOAD_OPTIONS)}"
+                "are lr, weight_decay, maximize, chunk_size, nonfinite, backend, state_dtype "
+                f"and, for a rule given by name or path, {', '.join(LOAD_OPTIONS)}"
             )
         if not isinstance(rule, UpdateRule):
             rule = load_rule(default_pretrained_name() if rule is None else rule, **load_options)
