@@ -3,7 +3,9 @@
 Each parameter's coordinates carry the rule's recurrent state in ``self.state[p]`` (fp32
 whatever the parameter's dtype), so ``state_dict``/``load_state_dict`` resume exactly.
 The step is ``p <- p - lr * rule(grad)``; ``lr`` (default 1.0) only rescales the learned
-step, so every ``torch.optim.lr_scheduler`` composes with it unchanged.
+step, so every ``torch.optim.lr_scheduler`` composes with it unchanged. ``weight_decay`` is
+decoupled (AdamW-style), and a coordinate whose gradient has been exactly zero at every step
+so far is never moved (docs/api.md, "Zero gradients").
 """
 
 from __future__ import annotations

@@ -732,8 +732,10 @@ def test_state_dict_hooks_run_where_torch_runs_them(rule: UpdateRule) -> None:
 
 
 def test_unknown_options_and_from_pretrained_device(rule: UpdateRule) -> None:
-    with pytest.raises(TypeError, match=r"unexpected keyword argument 'weight_decay'"):
-        L2O.from_pretrained([_p()], "rnnprop", weight_decay=1e-4)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'eps'"):
+        L2O.from_pretrained([_p()], "rnnprop", eps=1e-8)
+    opt = L2O.from_pretrained([_p()], "rnnprop", weight_decay=1e-4)  # an option now
+    assert opt.param_groups[0]["weight_decay"] == 1e-4
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'betas'"):
         L2O([_p()], rule, betas=(0.9, 0.99))
     opt = L2O.from_pretrained([_p()], "rnnprop", device="cpu", lr=np.float32(0.5))
