@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from flatl2o.distributed import (
+    all_finite_flags,
     finite_flags,
     local_grad,
     local_shard,
@@ -478,10 +479,12 @@ class L2O(Optimizer):
                 f"parameter {index} (shape {tuple(p.shape)}) has {got}, expected tensors of "
                 f"shapes {expected}; load a state dict saved for the same model"
             )
-        for key, value in saved.items():
-            t = torch.as_tensor(value)
-            if not bool(torch.isfinite(t).all()) or (key == "step" and float(t) < 0):
-                what = "a negative step" if key == "step" and t.isfinite() else "NaN or inf"
+        keys = list(saved)
+        finite = all_finite_flags([torch.as_tensor(saved[k]) for k in keys])  # DTensors agree
+        for key, ok in zip(keys, finite, strict=True):
+            negative = key == "step" and ok and float(saved[key]) < 0
+            if not ok or negative:
+                what = "a negative step" if negative else "NaN or inf"
                 raise ValueError(
                     f"loaded state dict holds {what} in state {key!r} of parameter {index} "
                     f"(shape {tuple(p.shape)}): the run that saved it had diverged or the file "
