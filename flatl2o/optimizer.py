@@ -175,7 +175,8 @@ class L2O(Optimizer):
         )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Validate a group (dtypes, duplicates, options) before torch registers it."""
+        """Validate a group (dtypes, options) before torch registers it (and warns about a
+        parameter listed twice, as for every torch optimizer)."""
         if isinstance(param_group, dict) and not isinstance(param_group.get("params"), set):
             # Materialize once: a generator (``model.parameters()``) can only be read once,
             # and torch must see the same parameters we validated.
