@@ -244,7 +244,7 @@ def test_forloop_goes_right_direction(contiguous: bool, with_lrsched: bool) -> N
                 optimizer.step()
                 for scheduler in schedulers:
                     if isinstance(scheduler, ReduceLROnPlateau):
-                        scheduler.step(loss)
+                        scheduler.step(loss.item())
                     else:
                         scheduler.step()
             _assert_direction(optim_input.kwargs, closure().item(), initial)
@@ -268,7 +268,7 @@ def test_param_group_with_lrscheduler_goes_right_direction() -> None:
             loss = optimizer.step(closure)
             for scheduler in schedulers:
                 if isinstance(scheduler, ReduceLROnPlateau):
-                    scheduler.step(loss)
+                    scheduler.step(loss.item())
                 else:
                     scheduler.step()
         assert closure().item() < initial
