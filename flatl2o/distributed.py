@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from flatl2o.optimizer import L2O
 
 __all__ = [
+    "all_finite_flags",
     "all_gather_object",
     "broadcast_object",
     "default_backend",
@@ -163,17 +164,25 @@ def finite_flags(params: Sequence[Tensor]) -> list[bool]:
     combined with one ``all_reduce`` (MIN) per device mesh; every rank then takes the same
     skip/raise decision and no shard of a parameter is updated while another is skipped.
     """
-    flags = []
-    for p in params:
-        grad = local_grad(p)
-        grad = torch.view_as_real(grad) if grad.is_complex() else grad
-        flags.append(_all_finite(grad))
+    return _agreed_finite([local_grad(p) for p in params], params)
+
+
+def all_finite_flags(tensors: Sequence[Tensor]) -> list[bool]:
+    """Whether each tensor (a loaded optimizer state, say) is all finite, agreed on by all
+    ranks for DTensors in the same way as :func:`finite_flags`."""
+    return _agreed_finite([local_shard(t) for t in tensors], tensors)
+
+
+def _agreed_finite(local: Sequence[Tensor], owners: Sequence[Tensor]) -> list[bool]:
+    """``_all_finite`` of each ``local`` tensor, combined over the ranks of its owner's mesh
+    where the owner is a DTensor."""
+    flags = [_all_finite(torch.view_as_real(t) if t.is_complex() else t) for t in local]
     if not flags:
         return []
     meshes: dict[Any, list[int]] = {}
-    for i, p in enumerate(params):
-        if is_dtensor(p):
-            meshes.setdefault(p.device_mesh, []).append(i)
+    for i, owner in enumerate(owners):
+        if is_dtensor(owner):
+            meshes.setdefault(owner.device_mesh, []).append(i)
     if meshes:
         import torch.distributed as dist
 

@@ -3,7 +3,9 @@
 Each parameter's coordinates carry the rule's recurrent state in ``self.state[p]`` (fp32
 whatever the parameter's dtype), so ``state_dict``/``load_state_dict`` resume exactly.
 The step is ``p <- p - lr * rule(grad)``; ``lr`` (default 1.0) only rescales the learned
-step, so every ``torch.optim.lr_scheduler`` composes with it unchanged.
+step, so every ``torch.optim.lr_scheduler`` composes with it unchanged. ``weight_decay`` is
+decoupled (AdamW-style), and a coordinate whose gradient has been exactly zero at every step
+so far is never moved (docs/api.md, "Zero gradients").
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from flatl2o.distributed import (
+    all_finite_flags,
     finite_flags,
     local_grad,
     local_shard,
@@ -56,6 +59,11 @@ STATE_DTYPES = (torch.float32, torch.bfloat16)
 #: coordinate for a 2x20 LSTM rule) independently of the model size.
 DEFAULT_CHUNK_SIZE = 16384
 
+#: The options every param group carries (the constructor's defaults fill in missing ones).
+GROUP_OPTIONS = ("lr", "weight_decay", "maximize", "chunk_size", "nonfinite")
+#: Param-group options that :func:`_check_options` validates.
+CHECKED_OPTIONS = ("lr", "weight_decay", "chunk_size", "nonfinite")
+
 #: Keyword arguments of :func:`flatl2o.load_rule` that ``L2O(params, "name", ...)`` forwards.
 LOAD_OPTIONS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "device")
 
@@ -68,6 +76,10 @@ class L2O(Optimizer):
         rule: an :class:`~flatl2o.rules.UpdateRule`, or a name / folder / Hub repo id given
             to :func:`flatl2o.load_rule`. ``None`` uses the default shipped checkpoint.
         lr: multiplier of the learned step (default 1.0; the rule sets the scale).
+        weight_decay: decoupled (AdamW-style) weight decay: each step first shrinks a
+            parameter that has a gradient by ``1 - lr * rule.config.output_scale *
+            weight_decay`` (``lr * output_scale`` is the rule's effective learning rate, so the
+            number used with AdamW means the same strength; see docs/api.md). Default 0.
         maximize: maximize the objective instead of minimizing it.
         chunk_size: coordinates evaluated at once by the reference step (and converted at
             once for non-fp32 parameters by the fast kernels): the memory bound of one step,
@@ -91,6 +103,7 @@ class L2O(Optimizer):
         rule: UpdateRule | str | os.PathLike[str] | None = None,
         lr: float | Tensor = 1.0,
         *,
+        weight_decay: float = 0.0,
         maximize: bool = False,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         nonfinite: str = "skip",
@@ -98,7 +111,7 @@ class L2O(Optimizer):
         state_dtype: torch.dtype = torch.float32,
         **load_options: Any,
     ) -> None:
-        _check_options(lr=lr, chunk_size=chunk_size, nonfinite=nonfinite)
+        _check_options(lr=lr, weight_decay=weight_decay, chunk_size=chunk_size, nonfinite=nonfinite)
         self.backend = check_backend(backend)
         if state_dtype not in STATE_DTYPES:
             raise ValueError(
@@ -110,8 +123,8 @@ class L2O(Optimizer):
         if unknown:
             raise TypeError(
                 f"L2O.__init__() got an unexpected keyword argument {unknown[0]!r}; its options "
-                "are lr, maximize, chunk_size, nonfinite, backend, state_dtype and, for a rule "
-                f"given by name or path, {', '.join(LOAD_OPTIONS)}"
+                "are lr, weight_decay, maximize, chunk_size, nonfinite, backend, state_dtype "
+                f"and, for a rule given by name or path, {', '.join(LOAD_OPTIONS)}"
             )
         if not isinstance(rule, UpdateRule):
             rule = load_rule(default_pretrained_name() if rule is None else rule, **load_options)
@@ -122,7 +135,13 @@ class L2O(Optimizer):
         self.rule = rule
         self._device_rules: dict[torch.device, tuple[tuple[Any, ...], UpdateRule]] = {}
         self._kernels: dict[torch.device, tuple[tuple[Any, ...], StepKernel]] = {}
-        defaults = dict(lr=lr, maximize=maximize, chunk_size=chunk_size, nonfinite=nonfinite)
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            chunk_size=chunk_size,
+            nonfinite=nonfinite,
+        )
         super().__init__(params, defaults)
 
     @classmethod
@@ -156,7 +175,8 @@ class L2O(Optimizer):
         )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Validate a group (dtypes, duplicates, options) before torch registers it."""
+        """Validate a group (dtypes, options) before torch registers it (and warns about a
+        parameter listed twice, as for every torch optimizer)."""
         if isinstance(param_group, dict) and not isinstance(param_group.get("params"), set):
             # Materialize once: a generator (``model.parameters()``) can only be read once,
             # and torch must see the same parameters we validated.
@@ -164,7 +184,6 @@ class L2O(Optimizer):
             params = [params] if isinstance(params, Tensor) else list(params)
             param_group["params"] = params
             tensors = [p[1] if isinstance(p, tuple) else p for p in params]  # named params
-            seen: set[int] = set()
             for p in tensors:
                 if not isinstance(p, Tensor):
                     continue  # torch's own check below reports it
@@ -174,15 +193,8 @@ class L2O(Optimizer):
                         f"parameter of dtype {p.dtype}; convert it with .float() or leave it "
                         "out of the optimizer"
                     )
-                if id(p) in seen:
-                    raise ValueError(
-                        "optimizer contains a parameter group with duplicate parameters; "
-                        "pass each parameter once"
-                    )
-                seen.add(id(p))
-            _check_options(
-                **{k: param_group[k] for k in ("lr", "chunk_size", "nonfinite") if k in param_group}
-            )
+            # a parameter listed twice in a group is torch's to handle: it warns, as for Adam
+            _check_options(**{k: param_group[k] for k in CHECKED_OPTIONS if k in param_group})
         super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ pickling
@@ -203,6 +215,12 @@ class L2O(Optimizer):
             self.backend = "auto"
         if not hasattr(self, "state_dtype"):
             self.state_dtype = torch.float32
+        # a group saved without an option (an older flatl2o, or a key dropped on purpose)
+        # gets this optimizer's default for it, as torch's optimizers do
+        for group in self.param_groups:
+            for key in GROUP_OPTIONS:
+                if key in self.defaults:
+                    group.setdefault(key, self.defaults[key])
         self._device_rules = {}
         self._kernels = {}
 
@@ -318,6 +336,12 @@ class L2O(Optimizer):
                     "or rebuild the optimizer"
                 )
 
+    def _effective_lr(self, group: dict[str, Any]) -> float:
+        """``lr * output_scale``: the learning rate the rule's step amounts to (its output is
+        a per-coordinate step of at most about ``output_scale``), which weight decay uses so
+        that AdamW's ``weight_decay`` means the same shrink per unit of learning rate."""
+        return float(group["lr"]) * float(self.rule.config.output_scale)
+
     def _update(self, p: Tensor, group: dict[str, Any], kernel: StepKernel) -> None:
         local, local_g = local_shard(p), local_grad(p)  # a DTensor's (FSDP2) local shard
         param = torch.view_as_real(local) if local.is_complex() else local
@@ -326,6 +350,8 @@ class L2O(Optimizer):
         step = int(full_state["step"].item()) + 1  # counted once the update has been made
         state = local_state(full_state, self.rule.state_shapes())  # the shard's rows (views)
         if local.numel() > 0:  # an empty FSDP2 shard (fewer rows than ranks): nothing to do
+            if group["weight_decay"]:  # decoupled, before the learned step, as AdamW does
+                param.mul_(1.0 - self._effective_lr(group) * group["weight_decay"])
             names = list(self.rule.state_shapes())
             flat_grad = grad.reshape(-1)
             flat_param = param.view(-1) if param.is_contiguous() else param.reshape(-1)
@@ -409,7 +435,7 @@ class L2O(Optimizer):
             for saved, group in zip(saved_groups, self.param_groups, strict=True)
         )
         for saved in saved_groups:
-            _check_options(**{k: saved[k] for k in ("lr", "chunk_size", "nonfinite") if k in saved})
+            _check_options(**{k: saved[k] for k in CHECKED_OPTIONS if k in saved})
         if same_layout:  # otherwise torch's own check below raises
             for index, (saved_id, p) in enumerate(pairs):
                 self._check_loaded_state(index, p, saved_state.get(saved_id, {}))
@@ -423,7 +449,9 @@ class L2O(Optimizer):
             saved = saved_state.get(saved_id)
             if saved:
                 self.state[p] = {
-                    key: value.detach().to(
+                    key: torch.as_tensor(value)  # a Python-number step, as torch accepts
+                    .detach()
+                    .to(
                         "cpu" if key == "step" else p.device,
                         torch.float32 if key == "step" else self.state_dtype,
                         copy=True,
@@ -432,17 +460,38 @@ class L2O(Optimizer):
                 }
 
     def _check_loaded_state(self, index: int, p: Tensor, saved: dict[str, Any]) -> None:
-        """Refuse a per-parameter state that does not fit ``p`` before anything is loaded."""
+        """Refuse a per-parameter state that does not fit ``p``, or holds NaN/inf, before
+        anything is loaded (the backends would disagree on it: the C kernel is built with
+        finite math)."""
         if not saved:
             return
         expected = {"step": ()} | self._state_shapes_of(p)
-        got = {k: tuple(v.shape) if isinstance(v, Tensor) else v for k, v in saved.items()}
+        got: dict[str, Any] = {}
+        for key, value in saved.items():
+            if isinstance(value, Tensor):
+                got[key] = tuple(value.shape)
+            elif key == "step" and isinstance(value, numbers.Real) and not isinstance(value, bool):
+                got[key] = ()  # torch's optimizers accept a Python-number step
+            else:
+                got[key] = f"a {type(value).__name__}, not a tensor"
         if got != expected:
             raise ValueError(
                 f"loaded state dict does not match the optimizer's parameters: the state of "
-                f"parameter {index} (shape {tuple(p.shape)}) has shapes {got}, expected "
-                f"{expected}; load a state dict saved for the same model"
+                f"parameter {index} (shape {tuple(p.shape)}) has {got}, expected tensors of "
+                f"shapes {expected}; load a state dict saved for the same model"
             )
+        keys = list(saved)
+        finite = all_finite_flags([torch.as_tensor(saved[k]) for k in keys])  # DTensors agree
+        for key, ok in zip(keys, finite, strict=True):
+            negative = key == "step" and ok and float(saved[key]) < 0
+            if not ok or negative:
+                what = "a negative step" if negative else "NaN or inf"
+                raise ValueError(
+                    f"loaded state dict holds {what} in state {key!r} of parameter {index} "
+                    f"(shape {tuple(p.shape)}): the run that saved it had diverged or the file "
+                    "is damaged; load an earlier state dict, or drop that parameter's entry "
+                    "from state_dict['state'] to restart its recurrent state"
+                )
 
 
 @contextlib.contextmanager
@@ -487,6 +536,12 @@ def _check_options(**options: Any) -> None:
         value = float(lr.detach()) if isinstance(lr, Tensor) else float(lr)
         if not 0.0 <= value or not math.isfinite(value):
             raise ValueError(f"Invalid learning rate: {lr}")
+    if "weight_decay" in options:
+        wd = options["weight_decay"]
+        if not isinstance(wd, numbers.Real) or isinstance(wd, bool):
+            raise TypeError(f"weight_decay must be a float, got {type(wd).__name__}")
+        if not 0.0 <= wd or not math.isfinite(wd):
+            raise ValueError(f"Invalid weight_decay value: {wd}")
     if "chunk_size" in options:
         c = options["chunk_size"]
         if not isinstance(c, int) or isinstance(c, bool) or c < 1:

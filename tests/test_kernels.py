@@ -23,6 +23,7 @@ from flatl2o.kernels import (
     resolve_backend,
     rule_program,
 )
+from flatl2o.kernels.accuracy import contract_violations, untouched_case
 from flatl2o.rules import L2ODM, UpdateRule
 
 RULE_NAMES = ["l2o-dm", "rnnprop"]
@@ -358,12 +359,52 @@ def test_optimizer_follows_rule_weight_changes(monkeypatch: pytest.MonkeyPatch) 
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+# ------------------------------------------------------------- the zero-gradient contract
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("build", ["reference", *BUILDS])
+@pytest.mark.parametrize("name", RULE_NAMES)
+def test_zero_gradient_contract(name: str, build: str, state_dtype: torch.dtype) -> None:
+    """Rows with a zero gradient (either sign) and the initial state keep every bit of their
+    parameter and state; every other row moves (the definition: reference.untouched)."""
+    rule = _rule(name)
+    if build == "reference":
+        kernel = ReferenceKernel(rule)
+    else:
+        kernel = cpu.CPUKernel(rule_program(rule), lib=_build(build))
+    assert contract_violations(kernel, rule, state_dtype=state_dtype) == []
+    # bf16 parameters take the converted (delta) path of the CPU kernel
+    grad, state, param, keep = untouched_case(rule, 100)
+    param = param.to(torch.bfloat16)
+    start = param.clone()
+    kernel.update(param, grad, state, 1, 1.0, False, 32)
+    assert torch.equal(param[keep], start[keep]) and (param[~keep] != start[~keep]).any()
+
+
+@pytest.mark.parametrize("name", RULE_NAMES)
+def test_reference_step_is_the_rule_where_the_contract_does_not_apply(name: str) -> None:
+    """The mask changes nothing else: rows with a gradient or a non-initial state get exactly
+    the rule module's output (one chunk, a whole number of ROW_TILEs: the same BLAS calls)."""
+    rule = _rule(name)
+    n = 4 * 64
+    grad, state, param, keep = untouched_case(rule, n)
+    expected_state = {k: v.clone() for k, v in state.items()}
+    with torch.no_grad():
+        delta, new = rule(grad, expected_state, 1)
+    expected = param - 0.5 * delta
+    ReferenceKernel(rule).update(param, grad, state, 1, 0.5, False, n)
+    assert keep.any() and (~keep).any()
+    assert torch.equal(param[~keep], expected[~keep])
+    for k in state:
+        assert torch.equal(state[k][~keep], new[k][~keep]), k
+
+
 # ---------------------------------------------------------------------------------- Triton
 _TRITON_SCRIPT = """
 import torch, sys
 sys.path.insert(0, {root!r})
 from flatl2o.kernels import KernelUnavailable, ReferenceKernel, rule_program
 from flatl2o.kernels import triton_step
+from flatl2o.kernels.accuracy import contract_violations
 from flatl2o import make_rule
 
 
@@ -403,11 +444,21 @@ def check(name, opts, variant, sdt, c_scale=1.0, precision="ieee"):
         torch.testing.assert_close(st[k].float(), ref[k], rtol=tol, atol=tol, msg=k)
 
 
+def check_contract(name, opts, variant, sdt):
+    # the zero-gradient contract (flatl2o.kernels.reference.untouched), every bit
+    triton_step.VARIANT, triton_step.PRECISION = variant, "ieee"
+    rule = make_rule(name, **opts)
+    kern = triton_step.TritonKernel(rule_program(rule), torch.device("cpu"))
+    bad = contract_violations(kern, rule, n=150, state_dtype=sdt)
+    assert not bad, (name, opts, variant, sdt, bad)
+
+
 cases = [("l2o-dm", {{}}), ("rnnprop", {{}}), ("rnnprop", dict(num_layers=1, hidden_size=9))]
 for name, opts in cases:
     for variant in triton_step.VARIANTS:
         for sdt in (torch.float32, torch.bfloat16):
             check(name, opts, variant, sdt)
+            check_contract(name, opts, variant, sdt)
     check(name, opts, "packed", torch.float32, c_scale=1e30)
     # the interpreter multiplies TF32 parts exactly: this checks the split (a wrong one
     # is off by ~2^-11), not the tensor cores

@@ -528,8 +528,17 @@ def test_empty_parameter_list(rule: UpdateRule) -> None:
 
 def test_duplicate_parameters(rule: UpdateRule) -> None:
     p = _p()
-    with pytest.raises(ValueError, match="parameter group with duplicate parameters"):
-        L2O([p, p], rule)
+    # twice in one group: torch warns (code that runs with Adam must run with L2O) ...
+    with pytest.warns(UserWarning, match="parameter group with duplicate parameters"):
+        opt = L2O([p, p], rule)
+    with pytest.warns(UserWarning, match="parameter group with duplicate parameters"):
+        adam = torch.optim.Adam([q := p.detach().clone().requires_grad_(), q])
+    p.grad, q.grad = torch.ones(3), torch.ones(3)
+    opt.step()
+    adam.step()
+    assert opt.state[p]["step"].item() == 2.0  # ... and, like Adam, steps it twice
+    assert adam.state[q]["step"].item() == 2.0
+    # ... in two groups: torch raises
     with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
         L2O([{"params": [p]}, {"params": [p], "lr": 0.5}], rule)
     opt = L2O([p], rule)
@@ -723,8 +732,10 @@ def test_state_dict_hooks_run_where_torch_runs_them(rule: UpdateRule) -> None:
 
 
 def test_unknown_options_and_from_pretrained_device(rule: UpdateRule) -> None:
-    with pytest.raises(TypeError, match=r"unexpected keyword argument 'weight_decay'"):
-        L2O.from_pretrained([_p()], "rnnprop", weight_decay=1e-4)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'eps'"):
+        L2O.from_pretrained([_p()], "rnnprop", eps=1e-8)
+    opt = L2O.from_pretrained([_p()], "rnnprop", weight_decay=1e-4)  # an option now
+    assert opt.param_groups[0]["weight_decay"] == 1e-4
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'betas'"):
         L2O([_p()], rule, betas=(0.9, 0.99))
     opt = L2O.from_pretrained([_p()], "rnnprop", device="cpu", lr=np.float32(0.5))
@@ -866,3 +877,173 @@ def test_rule_copy_on_another_device_follows_the_rule(rule: UpdateRule) -> None:
     cpu_p.grad = grad.cpu()
     L2O([cpu_p], rule).step()
     torch.testing.assert_close(second, cpu_p.detach(), rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------- the zero-gradient contract
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_always_zero_gradient_coordinates_never_move(
+    rule: UpdateRule, state_dtype: torch.dtype
+) -> None:
+    """A padding row, masked (pruned) weights and a parameter whose gradient is a zero tensor
+    (``zero_grad(set_to_none=False)`` on a parameter the loss does not use) keep their values
+    and their initial state over many steps, as with Adam; every other coordinate moves."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 4, padding_idx=0)
+    lin = nn.Linear(4, 3)
+    mask = (torch.rand(3, 4) > 0.5).float()
+    unused = nn.Parameter(torch.randn(5))
+    params = [emb.weight, lin.weight, lin.bias, unused]
+    opt = L2O(params, rule, state_dtype=state_dtype)
+    before = [p.detach().clone() for p in params]
+    for i in range(30):
+        opt.zero_grad(set_to_none=False)
+        gen = torch.Generator().manual_seed(i)
+        ids = torch.randint(0, 10, (8, 5), generator=gen)
+        ids[:, 0] = 0  # the padding row is looked up but gets no gradient
+        out = nn.functional.linear(emb(ids), lin.weight * mask, lin.bias)
+        out.pow(2).mean().backward()
+        unused.grad = torch.zeros_like(unused)
+        opt.step()
+    still = [emb.weight[0], lin.weight[mask == 0], unused]
+    first = [before[0][0], before[1][mask == 0], before[3]]
+    for now, then in zip(still, first, strict=True):
+        assert torch.equal(now, then)
+    coords = {  # rows of the state: one per coordinate
+        0: torch.arange(4),
+        1: torch.nonzero(mask.flatten() == 0).flatten(),
+        3: torch.arange(5),
+    }
+    for index, rows in coords.items():
+        for key, value in opt.state[params[index]].items():
+            if key != "step":
+                kept = value[rows]
+                assert torch.equal(kept, torch.zeros_like(kept)), key
+                assert not torch.signbit(kept).any(), key
+    assert (emb.weight[1:] != before[0][1:]).all()
+    assert (lin.weight[mask == 1] != before[1][mask == 1]).all()
+
+
+def test_zero_gradient_after_nonzero_ones_still_steps(rule: UpdateRule) -> None:
+    """Only coordinates that never had a gradient are left alone: one whose state has moved
+    takes the rule's step on a zero gradient (so does Adam's, through its moments)."""
+    p = nn.Parameter(torch.zeros(4))
+    opt = L2O([p], rule)
+    p.grad = torch.tensor([1.0, -1.0, 0.5, 0.0])
+    opt.step()
+    moved = p.detach().clone()
+    p.grad = torch.zeros(4)
+    opt.step()
+    assert (p[:3] != moved[:3]).all()
+    assert p[3] == 0.0
+
+
+# --------------------------------------------------------------------------- weight decay
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_decay_is_decoupled_and_scaled_by_the_effective_lr(
+    rule: UpdateRule, dtype: torch.dtype
+) -> None:
+    """``p <- p * (1 - lr * output_scale * wd)``, then the learned step (which does not
+    depend on p): the same as the plain optimizer on the shrunk parameter, bit for bit."""
+    lr, wd = 0.5, 0.3
+    factor = 1 - lr * rule.config.output_scale * wd
+    start = torch.randn(37).to(dtype)
+    a = nn.Parameter(start.clone())
+    b = nn.Parameter(start.clone())
+    opt_a = L2O([a], rule, lr=lr, weight_decay=wd)
+    opt_b = L2O([b], rule, lr=lr)
+    for i in range(3):
+        grad = torch.randn(37, generator=torch.Generator().manual_seed(i)).to(dtype)
+        grad[::5] = 0.0  # decoupled decay shrinks zero-gradient coordinates too (as AdamW)
+        a.grad, b.grad = grad.clone(), grad.clone()
+        with torch.no_grad():
+            b.mul_(factor)
+        opt_a.step()
+        opt_b.step()
+        assert torch.equal(a, b)
+    assert opt_a.state_dict()["param_groups"][0]["weight_decay"] == wd
+
+
+def test_weight_decay_options(rule: UpdateRule) -> None:
+    p = _p()
+    with pytest.raises(ValueError, match=r"^Invalid weight_decay value: -0\.1$"):
+        L2O([p], rule, weight_decay=-0.1)
+    with pytest.raises(ValueError, match="Invalid weight_decay value: nan"):
+        L2O([{"params": [p], "weight_decay": float("nan")}], rule)
+    no_grad = _p()
+    opt = L2O([{"params": [p], "weight_decay": 0.5}, {"params": [no_grad]}], rule, lr=0.1)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.5, 0.0]
+    kept = no_grad.detach().clone()
+    p.grad = torch.ones(3)
+    opt.step()
+    assert torch.equal(no_grad, kept)  # no gradient: neither decayed nor stepped (as AdamW)
+
+
+# ------------------------------------------------------------------ loading state dicts
+
+
+def test_load_state_dict_fills_missing_group_options_with_defaults(rule: UpdateRule) -> None:
+    """A group saved without an option (an older flatl2o had no ``weight_decay``) loads and
+    steps with the constructor's default for it, as torch's optimizers do."""
+    model = _model()
+    opt = L2O(model.parameters(), rule, lr=0.5)
+    _train(model, opt, range(2))
+    sd = opt.state_dict()
+    for key in ("maximize", "weight_decay", "chunk_size", "nonfinite"):
+        del sd["param_groups"][0][key]
+    target = L2O(_model().parameters(), rule, weight_decay=0.25, maximize=True)
+    target.load_state_dict(sd)
+    group = target.param_groups[0]
+    assert (group["lr"], group["weight_decay"], group["maximize"]) == (0.5, 0.25, True)
+    assert group["chunk_size"] == target.defaults["chunk_size"]
+    _train(model, target, range(2, 3))
+
+
+@pytest.mark.parametrize("step", [2, 2.0], ids=["int", "float"])
+def test_load_state_dict_with_a_python_number_step(rule: UpdateRule, step: float) -> None:
+    """torch's optimizers accept a plain-number ``step`` in a loaded state (older state
+    dicts); the resumed run is the same as from the tensor."""
+    model = _model()
+    opt = L2O(model.parameters(), rule)
+    _train(model, opt, range(2))
+    sd = opt.state_dict()
+    plain = copy.deepcopy(sd)
+    for state in plain["state"].values():
+        state["step"] = step
+    a, b = _model(), _model()
+    a.load_state_dict(model.state_dict())
+    b.load_state_dict(model.state_dict())
+    opt_a, opt_b = L2O(a.parameters(), rule), L2O(b.parameters(), rule)
+    opt_a.load_state_dict(sd)
+    opt_b.load_state_dict(plain)
+    assert all(st["step"].dtype == torch.float32 for st in opt_b.state.values())
+    _train(a, opt_a, range(2, 4))
+    _train(b, opt_b, range(2, 4))
+    _assert_params_equal(a, b)
+    _assert_snapshots_equal(_snapshot(opt_a), _snapshot(opt_b))
+    plain["state"][0]["h0"] = "zeros"
+    with pytest.raises(ValueError, match="'h0': 'a str, not a tensor'") as info:
+        L2O(_model().parameters(), rule).load_state_dict(plain)
+    assert "has shapes" not in str(info.value)  # the values are not called shapes
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_load_state_dict_refuses_a_nonfinite_state(rule: UpdateRule, value: float) -> None:
+    """The C kernel is built with finite math, so NaN/inf in a loaded state would give
+    backend-dependent results: refused at load time, before anything is loaded."""
+    model = _model()
+    opt = L2O(model.parameters(), rule)
+    _train(model, opt, range(2))
+    sd = opt.state_dict()
+    sd["state"][2]["c1"][1, 3] = value
+    target = L2O(_model().parameters(), rule)
+    with pytest.raises(ValueError, match=r"NaN or inf in state 'c1' of parameter 2 \(shape"):
+        target.load_state_dict(sd)
+    assert len(target.state) == 0
+    sd["state"][2]["c1"][1, 3] = 0.0
+    sd["state"][0]["step"] = torch.tensor(-1.0)
+    with pytest.raises(ValueError, match="a negative step in state 'step' of parameter 0"):
+        target.load_state_dict(sd)

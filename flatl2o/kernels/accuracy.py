@@ -66,3 +66,48 @@ def drift_from_float64(
         for name, (p, state) in runs.items()
     }
     return drift, p64.abs().max().item()
+
+
+def untouched_case(
+    rule: UpdateRule, n: int, seed: int = 3
+) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
+    """CPU ``(grad, state, param, keep)`` for the zero-gradient contract
+    (:func:`flatl2o.kernels.reference.untouched`): :func:`check_inputs` with exact zeros (of
+    both signs) in half the gradients and the initial (all-zero) state in a third of the
+    rows; ``keep`` marks the rows with both, which a step must leave exactly as they are."""
+    grad, state, param = check_inputs(rule, n, seed)
+    grad[::2] = 0.0
+    grad[::4] = -0.0
+    fresh = torch.zeros(n, dtype=torch.bool)
+    fresh[::3] = True
+    for v in state.values():
+        v[fresh] = 0.0
+    return grad, state, param, fresh & (grad == 0)
+
+
+def contract_violations(
+    kernel: object,
+    rule: UpdateRule,
+    n: int = 300,
+    state_dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> list[str]:
+    """What ``kernel`` gets wrong of the zero-gradient contract in three steps (the second
+    with ``maximize``) on :func:`untouched_case`: kept rows must not change by a bit (their
+    state stays +0.0) and every other row must move. Empty when it keeps the contract."""
+    grad, state, param, keep = untouched_case(rule, n)
+    grad, param, keep = grad.to(device), param.to(device), keep.to(device)
+    state = {k: v.to(device, state_dtype) for k, v in state.items()}
+    start = param.clone()
+    for t in (1, 2, 3):
+        kernel.update(param, grad, state, t, 0.5, t == 2, 64)  # type: ignore[attr-defined]
+    bad = []
+    if not torch.equal(param[keep], start[keep]):
+        bad.append("a zero-gradient coordinate at its initial state moved")
+    for k, v in state.items():
+        rows = v[keep]
+        if not bool((rows.eq(0) & ~torch.signbit(rows)).all()):
+            bad.append(f"state {k!r} of a zero-gradient coordinate left its initial value")
+    if not bool((param[~keep] != start[~keep]).all()):
+        bad.append("a coordinate with a gradient or a non-initial state did not move")
+    return bad

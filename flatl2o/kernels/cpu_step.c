@@ -267,6 +267,68 @@ static void scratch_tile(const flatl2o_args *a, int64_t i0, int n,
     }
 }
 
+/* 1 if the `count` state values from index `off` are all exactly +0.0 (bits all zero: the
+ * initial state). An integer test: this file is compiled with -ffinite-math-only. */
+static inline int zero_bits(const flatl2o_args *a, const void *p, int64_t off, int count) {
+    uint32_t any = 0;
+    if (a->state_bf16) {
+        const uint16_t *q = (const uint16_t *)p + off;
+        for (int k = 0; k < count; ++k) any |= q[k];
+    } else {
+        const uint32_t *q = (const uint32_t *)p + off;
+        for (int k = 0; k < count; ++k) any |= q[k];
+    }
+    return any == 0;
+}
+
+/* The zero-gradient contract (flatl2o.kernels.reference.untouched): bit t is set when
+ * coordinate i0 + t has a gradient of exactly 0 (either sign) and all of its state exactly
+ * +0.0. Such a coordinate is left as it is (parameter and state), so a coordinate whose
+ * gradient has been 0 at every step so far never moves. The state is read only for zero
+ * gradients. */
+static uint32_t untouched_mask(const flatl2o_args *a, int64_t i0, int n) {
+    uint32_t mask = 0;
+    for (int t = 0; t < n; ++t) {
+        fbits u;
+        u.f = a->grad[i0 + t];
+        mask |= (uint32_t)((u.i & 0x7fffffff) == 0) << t;
+    }
+    const int H = a->hidden;
+    for (int t = 0; t < n && mask; ++t) {
+        if (!(mask >> t & 1u)) continue;
+        const int64_t i = i0 + t;
+        int zero = a->prep == 0 || (zero_bits(a, a->m, i, 1) && zero_bits(a, a->v, i, 1));
+        for (int l = 0; l < a->layers && zero; ++l)
+            zero = zero_bits(a, a->h[l], i * H, H) && zero_bits(a, a->c[l], i * H, H);
+        if (!zero) mask &= ~(1u << t);
+    }
+    return mask;
+}
+
+/* Undo the step for the coordinates of `mask`: their parameter from `saved` (or a zero
+ * delta) and their state back to +0.0, which it was (see untouched_mask). */
+static void leave_untouched(const flatl2o_args *a, int64_t i0, int n, uint32_t mask,
+                            const float saved[TILE]) {
+    const int H = a->hidden;
+    const size_t size = a->state_bf16 ? 2 : 4;
+    for (int t = 0; t < n; ++t) {
+        if (!(mask >> t & 1u)) continue;
+        const int64_t i = i0 + t;
+        if (a->param)
+            a->param[i] = saved[t];
+        else
+            a->delta[i] = 0.0f;
+        if (a->prep != 0) {
+            memset((char *)a->m + i * size, 0, size);
+            memset((char *)a->v + i * size, 0, size);
+        }
+        for (int l = 0; l < a->layers; ++l) {
+            memset((char *)a->h[l] + i * H * size, 0, H * size);
+            memset((char *)a->c[l] + i * H * size, 0, H * size);
+        }
+    }
+}
+
 /* 2^f on [-1/2, 1/2]: degree-5 minimax polynomial (relative error 7.5e-8), shared by the
  * AVX-512 and AVX2 paths (Horner from the highest coefficient) */
 #define EXP2_C5 1.3276472454890609e-3f
@@ -674,14 +736,13 @@ static void packed_core(const flatl2o_args *s, int n) {
     full_tile(s, 0);
 }
 
-/* One rule step for `count` coordinates. Returns 0, or -1 for an unsupported shape. */
-int flatl2o_step(const flatl2o_args *a, int64_t count) {
-    if (unsupported(a)) return -1;
-    const int64_t full = a->state_bf16 ? 0 : count / TILE * TILE;
-    for (int64_t i0 = 0; i0 < full; i0 += TILE) full_tile(a, i0);
-    for (int64_t i0 = full; i0 < count; i0 += TILE)
-        scratch_tile(a, i0, count - i0 < TILE ? (int)(count - i0) : TILE, packed_core);
-    return 0;
+/* The step for the n <= TILE coordinates from i0: whole fp32 tiles in place, the rest (a
+ * last partial tile, every tile of a bf16 state) on fp32 copies. */
+static void one_tile(const flatl2o_args *a, int64_t i0, int n) {
+    if (n == TILE && !a->state_bf16)
+        full_tile(a, i0);
+    else
+        scratch_tile(a, i0, n, packed_core);
 }
 
 int flatl2o_layout(void) { return 1; }
@@ -762,8 +823,8 @@ static inline void matvec_tile(const float *W, const float *bias, int R, int K,
     }
 }
 
-/* The fp32 step for `count` coordinates, tile by tile (partial tiles handled in place). */
-static void portable_rows(const flatl2o_args *a, int64_t count) {
+/* The fp32 step for the n <= TILE coordinates from i0 (a partial tile handled in place). */
+static void portable_tile(const flatl2o_args *a, int64_t i0, int n) {
     const int H = a->hidden, L = a->layers;
 
     float in[MAX_INPUT + MAX_HIDDEN][TILE]; /* [x ; h] of the current layer */
@@ -771,92 +832,100 @@ static void portable_rows(const flatl2o_args *a, int64_t count) {
     float cell[MAX_HIDDEN][TILE];
     float out[TILE];
 
-    for (int64_t i0 = 0; i0 < count; i0 += TILE) {
-        const int n = count - i0 < TILE ? (int)(count - i0) : TILE;
-        const int k0 = prepare_inputs(a, i0, n, in);
+    const int k0 = prepare_inputs(a, i0, n, in);
 
-        /* ---- LSTM stack ---- */
-        for (int l = 0; l < L; ++l) {
-            const int K = l == 0 ? k0 : H;
-            float *hs = a->h[l], *cs = a->c[l];
-            if (n == TILE) { /* full tile: strided (gather) loads, t innermost to vectorize */
-                const float *hb = hs + i0 * H, *cb = cs + i0 * H;
-                for (int j = 0; j < H; ++j)
-                    for (int t = 0; t < TILE; ++t) {
-                        in[K + j][t] = hb[t * H + j];
-                        cell[j][t] = cb[t * H + j];
-                    }
-            } else {
+    /* ---- LSTM stack ---- */
+    for (int l = 0; l < L; ++l) {
+        const int K = l == 0 ? k0 : H;
+        float *hs = a->h[l], *cs = a->c[l];
+        if (n == TILE) { /* full tile: strided (gather) loads, t innermost to vectorize */
+            const float *hb = hs + i0 * H, *cb = cs + i0 * H;
+            for (int j = 0; j < H; ++j)
                 for (int t = 0; t < TILE; ++t) {
-                    if (t < n) {
-                        const float *hr = hs + (i0 + t) * H, *cr = cs + (i0 + t) * H;
-                        for (int j = 0; j < H; ++j) {
-                            in[K + j][t] = hr[j];
-                            cell[j][t] = cr[j];
-                        }
-                    } else {
-                        for (int j = 0; j < H; ++j) in[K + j][t] = cell[j][t] = 0.0f;
-                    }
+                    in[K + j][t] = hb[t * H + j];
+                    cell[j][t] = cb[t * H + j];
                 }
-            }
-#ifndef FLATL2O_PROFILE_SKIP_MATVEC
-            matvec_tile(a->w[l], a->b[l], 4 * H, K + H, in, gates);
-#else /* benchmarks/cpu_profile.py only: time the step without the gate products */
-            for (int r = 0; r < 4 * H; ++r)
-                for (int t = 0; t < TILE; ++t) gates[r][t] = in[r % (K + H)][t];
-#endif
-            for (int j = 0; j < H; ++j) {
-                for (int t = 0; t < TILE; ++t) {
-                    const float ig = sigmoid_poly(gates[j][t]);
-                    const float fg = sigmoid_poly(gates[H + j][t]);
-                    const float gg = tanh_poly(gates[2 * H + j][t]);
-                    const float og = sigmoid_poly(gates[3 * H + j][t]);
-                    const float c = fg * cell[j][t] + ig * gg;
-                    cell[j][t] = c;
-                    in[j][t] = og * tanh_poly(c); /* next layer's input (and new h) */
-                }
-            }
-            if (n == TILE) {
-                float *hb = hs + i0 * H, *cb = cs + i0 * H;
-                for (int j = 0; j < H; ++j)
-                    for (int t = 0; t < TILE; ++t) {
-                        hb[t * H + j] = in[j][t];
-                        cb[t * H + j] = cell[j][t];
-                    }
-            } else {
-                for (int t = 0; t < n; ++t) {
-                    float *hr = hs + (i0 + t) * H, *cr = cs + (i0 + t) * H;
+        } else {
+            for (int t = 0; t < TILE; ++t) {
+                if (t < n) {
+                    const float *hr = hs + (i0 + t) * H, *cr = cs + (i0 + t) * H;
                     for (int j = 0; j < H; ++j) {
-                        hr[j] = in[j][t];
-                        cr[j] = cell[j][t];
+                        in[K + j][t] = hr[j];
+                        cell[j][t] = cr[j];
                     }
+                } else {
+                    for (int j = 0; j < H; ++j) in[K + j][t] = cell[j][t] = 0.0f;
                 }
             }
         }
-
-        /* ---- read-out ---- */
-        for (int t = 0; t < TILE; ++t) out[t] = a->b_out;
+#ifndef FLATL2O_PROFILE_SKIP_MATVEC
+        matvec_tile(a->w[l], a->b[l], 4 * H, K + H, in, gates);
+#else /* benchmarks/cpu_profile.py only: time the step without the gate products */
+        for (int r = 0; r < 4 * H; ++r)
+            for (int t = 0; t < TILE; ++t) gates[r][t] = in[r % (K + H)][t];
+#endif
         for (int j = 0; j < H; ++j) {
-            const float wj = a->w_out[j];
-            for (int t = 0; t < TILE; ++t) out[t] += wj * in[j][t];
+            for (int t = 0; t < TILE; ++t) {
+                const float ig = sigmoid_poly(gates[j][t]);
+                const float fg = sigmoid_poly(gates[H + j][t]);
+                const float gg = tanh_poly(gates[2 * H + j][t]);
+                const float og = sigmoid_poly(gates[3 * H + j][t]);
+                const float c = fg * cell[j][t] + ig * gg;
+                cell[j][t] = c;
+                in[j][t] = og * tanh_poly(c); /* next layer's input (and new h) */
+            }
         }
-        write_step(a, i0, n, out);
+        if (n == TILE) {
+            float *hb = hs + i0 * H, *cb = cs + i0 * H;
+            for (int j = 0; j < H; ++j)
+                for (int t = 0; t < TILE; ++t) {
+                    hb[t * H + j] = in[j][t];
+                    cb[t * H + j] = cell[j][t];
+                }
+        } else {
+            for (int t = 0; t < n; ++t) {
+                float *hr = hs + (i0 + t) * H, *cr = cs + (i0 + t) * H;
+                for (int j = 0; j < H; ++j) {
+                    hr[j] = in[j][t];
+                    cr[j] = cell[j][t];
+                }
+            }
+        }
     }
+
+    /* ---- read-out ---- */
+    for (int t = 0; t < TILE; ++t) out[t] = a->b_out;
+    for (int j = 0; j < H; ++j) {
+        const float wj = a->w_out[j];
+        for (int t = 0; t < TILE; ++t) out[t] += wj * in[j][t];
+    }
+    write_step(a, i0, n, out);
 }
 
-static void portable_core(const flatl2o_args *s, int n) { portable_rows(s, n); }
+static void portable_core(const flatl2o_args *s, int n) { portable_tile(s, 0, n); }
 
-/* One rule step for `count` coordinates. Returns 0, or -1 for an unsupported shape. */
-int flatl2o_step(const flatl2o_args *a, int64_t count) {
-    if (unsupported(a)) return -1;
-    if (!a->state_bf16) {
-        portable_rows(a, count);
-        return 0;
-    }
-    for (int64_t i0 = 0; i0 < count; i0 += TILE)
-        scratch_tile(a, i0, count - i0 < TILE ? (int)(count - i0) : TILE, portable_core);
-    return 0;
+/* The step for the n <= TILE coordinates from i0 (a bf16 state on fp32 copies). */
+static void one_tile(const flatl2o_args *a, int64_t i0, int n) {
+    if (!a->state_bf16)
+        portable_tile(a, i0, n);
+    else
+        scratch_tile(a, i0, n, portable_core);
 }
 
 int flatl2o_layout(void) { return 0; }
 #endif
+
+/* One rule step for `count` coordinates, tile by tile, leaving alone the coordinates of the
+ * zero-gradient contract (untouched_mask). Returns 0, or -1 for an unsupported shape. */
+int flatl2o_step(const flatl2o_args *a, int64_t count) {
+    if (unsupported(a)) return -1;
+    for (int64_t i0 = 0; i0 < count; i0 += TILE) {
+        const int n = count - i0 < TILE ? (int)(count - i0) : TILE;
+        const uint32_t keep = untouched_mask(a, i0, n);
+        float saved[TILE];
+        if (keep && a->param) memcpy(saved, a->param + i0, n * sizeof(float));
+        one_tile(a, i0, n);
+        if (keep) leave_untouched(a, i0, n, keep, saved);
+    }
+    return 0;
+}

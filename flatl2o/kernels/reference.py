@@ -30,6 +30,20 @@ def apply_step(target: Tensor, delta: Tensor, lr: float) -> None:
         target.copy_(work.add_(delta.to(work.dtype), alpha=-lr))
 
 
+def untouched(grad: Tensor, state: dict[str, Tensor]) -> Tensor:
+    """The zero-gradient contract: which coordinates (rows) a step leaves exactly as they are,
+    parameter and state. A row is left alone when its gradient is exactly 0 (either sign) and
+    every value of its state is exactly +0.0, the initial state (``UpdateRule.init_state``).
+    By induction, a coordinate whose gradient has been 0 at every step so far (a padding row,
+    a masked weight) never moves and keeps its initial state, as with Adam or SGD; every other
+    coordinate takes the rule's step. The CPU and Triton kernels test the same bits."""
+    keep = grad == 0
+    for v in state.values():
+        zero = (v == 0) & ~torch.signbit(v)
+        keep &= zero.reshape(v.shape[0], -1).all(dim=1)
+    return keep
+
+
 class ReferenceKernel:
     """Runs the rule module chunk by chunk (transient memory bounded by ``chunk_size``)."""
 
@@ -59,6 +73,7 @@ class ReferenceKernel:
             views = {k: v[start:stop] for k, v in state.items()}
             # reduced-precision state (bf16) is computed in fp32 and rounded when stored
             exact = {k: v if v.dtype == torch.float32 else v.float() for k, v in views.items()}
+            keep = untouched(g, exact)
             pad = -(stop - start) % ROW_TILE
             if pad:  # only the last chunk of a parameter; see ROW_TILE
                 g = torch.cat((g, g.new_zeros(pad)))
@@ -69,6 +84,7 @@ class ReferenceKernel:
                 rows = exact
             delta, new_state = self.rule(g, rows, step)
             for k, v in views.items():
-                v.copy_(new_state[k][: stop - start])
-            delta = delta[: stop - start]
+                rows_kept = keep.view(-1, *(1,) * (v.dim() - 1))
+                v.copy_(torch.where(rows_kept, exact[k], new_state[k][: stop - start]))
+            delta = torch.where(keep, 0.0, delta[: stop - start])
             apply_step(param[start:stop], delta, lr)

@@ -308,6 +308,17 @@ if triton is not None:
         return (1.0 - ec) * _rcp((1.0 + eo) * (1.0 + ec), FAST), c
 
     @triton.jit
+    def _zero_bits(x):
+        """Per element: exactly +0.0 (bits all zero: the initial state)."""
+        return x.to(tl.float32).to(tl.int32, bitcast=True) == 0
+
+    @triton.jit
+    def _zero_rows(ptr, soff, mask):
+        """Per row: all of ``ptr[soff]`` (masked) is exactly +0.0."""
+        x = tl.load(ptr + soff, mask=mask, other=0.0)
+        return tl.sum((~_zero_bits(x)).to(tl.int32), axis=1) == 0
+
+    @triton.jit
     def _block(
         blk,
         grad_ptr,
@@ -366,6 +377,20 @@ if triton is not None:
         g = tl.load(grad_ptr + rows, mask=rm, other=0.0).to(tl.float32)
         g = tl.where(negate != 0, -g, g)
 
+        # the zero-gradient contract (flatl2o.kernels.reference.untouched): a coordinate with
+        # a zero gradient and an all-(+0.0) state is left as it is, so nothing of it is stored;
+        # its state is read here only for zero gradients (masked loads)
+        keep = (g == 0.0) & rm
+        if PREP != 0:
+            keep = keep & _zero_bits(tl.load(m_ptr + rows, mask=keep, other=0.0))
+            keep = keep & _zero_bits(tl.load(v_ptr + rows, mask=keep, other=0.0))
+        hm = keep[:, None] & (j < H)[None, :]
+        keep = keep & _zero_rows(h0_ptr, soff, hm) & _zero_rows(c0_ptr, soff, hm)
+        if LAYERS == 2:
+            keep = keep & _zero_rows(h1_ptr, soff, hm) & _zero_rows(c1_ptr, soff, hm)
+        go = rm & ~keep  # the coordinates that take the step
+        sg = go[:, None] & (j < H)[None, :]
+
         # ---- preprocessing: the input of layer 0 ----
         if PREP == 0:  # L2O-DM: [clamp(log(|g|+eps)/k, min=-1), clamp(g*e^k, -1, 1)]
             x0 = tl.maximum(tl.log(tl.abs(g) + dm_eps) * dm_inv_k, -1.0)
@@ -376,8 +401,8 @@ if triton is not None:
             v = tl.load(v_ptr + rows, mask=rm, other=0.0).to(tl.float32)
             m = beta1 * m + (1.0 - beta1) * g
             v = beta2 * v + (1.0 - beta2) * g * g
-            tl.store(m_ptr + rows, m.to(m_ptr.dtype.element_ty), mask=rm)
-            tl.store(v_ptr + rows, v.to(v_ptr.dtype.element_ty), mask=rm)
+            tl.store(m_ptr + rows, m.to(m_ptr.dtype.element_ty), mask=go)
+            tl.store(v_ptr + rows, v.to(v_ptr.dtype.element_ty), mask=go)
             d = tl.sqrt(v * inv_bc2) + rp_eps
             x0 = m * inv_bc1 / d
             x1 = g / d
@@ -396,8 +421,8 @@ if triton is not None:
             x, h, c, w0_ptr, b0_ptr, wx0_ptr, wh0_ptr, bp0_ptr, I, IP, H, HP, PACKED, PREC,
             PREP == 0, FAST,
         )  # fmt: skip
-        tl.store(h0_ptr + soff, h.to(h0_ptr.dtype.element_ty), mask=sm)
-        tl.store(c0_ptr + soff, c.to(c0_ptr.dtype.element_ty), mask=sm)
+        tl.store(h0_ptr + soff, h.to(h0_ptr.dtype.element_ty), mask=sg)
+        tl.store(c0_ptr + soff, c.to(c0_ptr.dtype.element_ty), mask=sg)
         if LAYERS == 2:
             h2 = tl.load(h1_ptr + soff, mask=sm, other=0.0).to(tl.float32)
             c2 = tl.load(c1_ptr + soff, mask=sm, other=0.0).to(tl.float32)
@@ -405,8 +430,8 @@ if triton is not None:
                 h, h2, c2, w1_ptr, b1_ptr, wx1_ptr, wh1_ptr, bp1_ptr, H, HP, H, HP, PACKED, PREC,
                 False, FAST,
             )  # fmt: skip
-            tl.store(h1_ptr + soff, h.to(h1_ptr.dtype.element_ty), mask=sm)
-            tl.store(c1_ptr + soff, c.to(c1_ptr.dtype.element_ty), mask=sm)
+            tl.store(h1_ptr + soff, h.to(h1_ptr.dtype.element_ty), mask=sg)
+            tl.store(c1_ptr + soff, c.to(c1_ptr.dtype.element_ty), mask=sg)
 
         # ---- read-out and update ----
         wo = tl.load(wout_ptr + j, mask=j < H, other=0.0)
@@ -415,7 +440,7 @@ if triton is not None:
             out = _tanh(out)
         out = out * scale
         p = tl.load(param_ptr + rows, mask=rm, other=0.0).to(tl.float32)
-        tl.store(param_ptr + rows, (p - lr * out).to(param_ptr.dtype.element_ty), mask=rm)
+        tl.store(param_ptr + rows, (p - lr * out).to(param_ptr.dtype.element_ty), mask=go)
 
     @triton.jit
     def _step_kernel(
@@ -671,7 +696,7 @@ class TritonKernel:
         :class:`KernelUnavailable` with the worst differences when they exceed fp32-level
         tolerances (TF32's when ``precision="tf32"``): CI runs this GPU code only in
         Triton's interpreter, so a GPU it has never run on gets checked before use."""
-        from flatl2o.kernels.accuracy import check_inputs
+        from flatl2o.kernels.accuracy import check_inputs, contract_violations
         from flatl2o.kernels.reference import ReferenceKernel
 
         key = (str(self.device), self.config, tuple(sorted(self.constexprs.items())))
@@ -704,6 +729,13 @@ class TritonKernel:
                 f"the Triton kernel ({self.config}) disagrees with the reference rule on "
                 f"{self.device}: {what} - please report this with your GPU model; "
                 "backend='reference' is correct"
+            )
+        broken = contract_violations(self, rule, device=self.device)
+        if broken:
+            raise KernelUnavailable(
+                f"the Triton kernel ({self.config}) breaks the zero-gradient contract on "
+                f"{self.device}: {'; '.join(broken)} - please report this with your GPU "
+                "model; backend='reference' is correct"
             )
         _VERIFIED.add(key)
 
