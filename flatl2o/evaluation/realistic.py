@@ -44,7 +44,13 @@ import torch
 
 from flatl2o.evaluation.baselines import BASELINES
 from flatl2o.evaluation.runner import RunSpec
-from flatl2o.evaluation.suite import RESULTS_NAME, _timed, run_planned
+from flatl2o.evaluation.suite import (
+    RESULTS_NAME,
+    _published_info,
+    _published_run,
+    _timed,
+    run_planned,
+)
 from flatl2o.evaluation.tuning import MAX_EXTENSIONS, TUNE_SEED_BASE
 from flatl2o.evaluation.workloads import (
     STANDARD,
@@ -161,6 +167,10 @@ def select_by_loss(
             best = (mean, json.loads(hp))
     summary.sort(key=lambda t: json.dumps(t["hparams"], sort_keys=True))
     return (best[1] if best else None), summary
+
+
+#: Per-step curves, kept for the evaluation runs only (the tuning runs' would bloat the JSON).
+_CURVES = ("curve", "norm_curve", "curve_seconds")
 
 
 class _Planner:
@@ -421,15 +431,15 @@ def evaluate_realistic(
             "config": config.to_dict(),
             "environment": environment,
             "default": planner.default,
-            "learned": infos,
+            "learned": {n: _published_info(i) for n, i in infos.items()},
             "arms": arms,
             "optimizers": _arm_descriptions(infos),
             "workloads": {w: describe(w) for w in config.workloads},
             "tuning": planner.tuning,
-            "runs": sorted(results["eval"], key=order),
-            "long_runs": sorted(results["long"], key=order),
+            "runs": [_published_run(r) for r in sorted(results["eval"], key=order)],
+            "long_runs": [_published_run(r) for r in sorted(results["long"], key=order)],
             "tuning_runs": [
-                {k: v for k, v in r.items() if k not in ("curve", "norm_curve", "curve_seconds")}
+                _published_run({k: v for k, v in r.items() if k not in _CURVES})
                 for r in sorted(results["tune"], key=order)
             ],
             "timing": {
