@@ -48,8 +48,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from _results import write_result  # noqa: E402
 
+from flatl2o.hessian import hessian_eig, hessian_trace  # noqa: E402
 from flatl2o.meta.recipe import Recipe, load_recipe  # noqa: E402
-from flatl2o.meta.regularizers import hessian_eig, hessian_trace, make_regularizer  # noqa: E402
+from flatl2o.meta.regularizers import make_regularizer  # noqa: E402
 from flatl2o.meta.rollout import evaluate_rule, loss_and_grad, rollout  # noqa: E402
 from flatl2o.meta.tasks import Task  # noqa: E402
 from flatl2o.meta.trainer import MetaTrainer, adam_teacher_step  # noqa: E402

@@ -13,13 +13,17 @@ from torch import nn
 
 from flatl2o.evaluation import EvalConfig, evaluate, suite
 from flatl2o.evaluation.baselines import BASELINES, SAM, EntropySGD
-from flatl2o.evaluation.flatness import hutchinson_trace, top_eigenvalue
+from flatl2o.evaluation.flatness import (
+    full_split_loss,
+    hutchinson_trace,
+    measure_flatness,
+    top_eigenvalue,
+)
 from flatl2o.evaluation.optimizers import resolve_optimizers
 from flatl2o.evaluation.report import flatness_points, paired, render_markdown
 from flatl2o.evaluation.runner import RunSpec, train_run
 from flatl2o.evaluation.tuning import tune
 from flatl2o.meta.data import Dataset, Split, load_digits
-from flatl2o.meta.regularizers import hessian_trace
 from flatl2o.meta.rollout import EVAL_SEED_OFFSET, evaluate_rule
 from flatl2o.meta.tasks import make_task
 
@@ -155,7 +159,7 @@ def test_entropy_sgd_noise_follows_its_generator():
 # ------------------------------------------------------------------------ flatness
 
 
-def test_flatness_readouts_match_regularizer_and_exact_eigenvalues():
+def test_flatness_readouts_match_the_exact_hessian():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(40, 5, generator=gen, dtype=DT)
     y = torch.randint(0, 3, (40,), generator=gen)
@@ -164,10 +168,15 @@ def test_flatness_readouts_match_regularizer_and_exact_eigenvalues():
     def loss_fn(w: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(torch.tanh(x @ w.view(5, 3)) * 3, y)
 
-    mean, se = hutchinson_trace(loss_fn, w0, probes=7, generator=torch.Generator().manual_seed(3))
-    ref = hessian_trace(loss_fn, w0, probes=7, generator=torch.Generator().manual_seed(3))
-    assert mean == pytest.approx(float(ref), rel=1e-12) and se > 0
     hess = torch.autograd.functional.hessian(loss_fn, w0)
+    mean, se = hutchinson_trace(loss_fn, w0, probes=7, generator=torch.Generator().manual_seed(3))
+    probes = torch.Generator().manual_seed(3)  # the same Rademacher draws, through dense H
+    exact = []
+    for _ in range(7):
+        v = torch.randint(0, 2, (15,), generator=probes).to(DT) * 2 - 1
+        exact.append(float(v @ hess @ v))
+    assert mean == pytest.approx(math.fsum(exact) / 7, rel=1e-12)
+    assert se == pytest.approx(torch.tensor(exact, dtype=DT).std().item() / math.sqrt(7), rel=1e-9)
     eigs = torch.linalg.eigvalsh(hess)
     top = eigs[eigs.abs().argmax()]
     lam, resid = top_eigenvalue(loss_fn, w0, iters=150, generator=torch.Generator().manual_seed(1))
@@ -185,6 +194,21 @@ def test_flatness_readouts_match_regularizer_and_exact_eigenvalues():
 @pytest.fixture(scope="module")
 def digits_task():
     return make_task("digits-mlp")
+
+
+def test_measure_flatness_is_both_readouts_on_one_graph_and_one_generator(digits_task):
+    """measure_flatness = hutchinson_trace, then top_eigenvalue continuing the same generator,
+    on the full split's loss at a detached copy of the iterate (the suite's flatness cells)."""
+    theta = digits_task.init_params(torch.Generator().manual_seed(0)).requires_grad_(True)
+    got = measure_flatness(
+        digits_task, theta, probes=3, iters=4, generator=torch.Generator().manual_seed(5)
+    )
+    gen = torch.Generator().manual_seed(5)
+    loss_fn = full_split_loss(digits_task)
+    trace = hutchinson_trace(loss_fn, theta, probes=3, generator=gen)
+    eig = top_eigenvalue(loss_fn, theta, iters=4, generator=gen)
+    assert (got.trace, got.trace_se, got.top_eig, got.top_eig_residual) == (*trace, *eig)
+    assert theta.grad is None
 
 
 def test_metrics_are_measured_on_full_splits_and_gap_is_test_minus_train(digits_task):

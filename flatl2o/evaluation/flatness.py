@@ -1,12 +1,11 @@
 """Flatness readouts at a final iterate: Hessian trace and top eigenvalue of the full-split loss.
 
-Both use Hessian-vector products by double backward through one kept gradient graph of the
-loss over the WHOLE split (not a minibatch), so the probes share the expensive first backward.
-They are evaluation readouts, not regularizers: nothing is differentiable and the random
-vectors come from the ``generator`` passed in (the suite seeds it per run, identically for
-every optimizer). The meta-training regularizers in :mod:`flatl2o.meta.regularizers` compute
-the same quantities on a minibatch; a test checks that :func:`hutchinson_trace` equals
-``hessian_trace`` given the same generator state.
+The estimators are :mod:`flatl2o.hessian`'s (the same code the meta-training regularizers
+use), run on the loss over the WHOLE split (not a minibatch) at a detached copy of the iterate,
+through one kept gradient graph shared by all probes. This module adds what a readout reports
+beside the estimate: the Hutchinson mean's standard error and the power iteration's signed
+eigenvalue with its residual. Nothing is differentiable and the random vectors come from the
+``generator`` passed in (the suite seeds it per run, identically for every optimizer).
 """
 
 from __future__ import annotations
@@ -18,6 +17,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from flatl2o.hessian import Hessian
 
 if TYPE_CHECKING:
     from flatl2o.meta.tasks import Task
@@ -33,40 +34,20 @@ __all__ = [
 LossFn = Callable[[Tensor], Tensor]
 
 
-def _grad_graph(loss_fn: LossFn, theta: Tensor) -> tuple[Tensor, Tensor]:
-    x = theta.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        (g,) = torch.autograd.grad(loss_fn(x), x, create_graph=True)
-    return x, g
-
-
-def _hvp(g: Tensor, x: Tensor, v: Tensor) -> Tensor:
-    if not g.requires_grad:  # the loss is linear in theta: H = 0
-        return torch.zeros_like(x)
-    with torch.enable_grad():
-        (hv,) = torch.autograd.grad(g, x, grad_outputs=v, retain_graph=True, allow_unused=True)
-    return torch.zeros_like(x) if hv is None else hv
-
-
 def hutchinson_trace(
     loss_fn: LossFn, theta: Tensor, *, probes: int, generator: torch.Generator
 ) -> tuple[float, float]:
     """Hutchinson estimate of tr H(theta) and its standard error over Rademacher probes.
 
     Returns ``(mean of v^T H v, std of v^T H v / sqrt(probes))``; the error is 0 for one probe
-    (not estimable) and the probes are drawn exactly as ``flatl2o.meta.regularizers``'
-    ``hessian_trace`` draws them.
+    (not estimable). The probes are :meth:`flatl2o.hessian.Hessian.probe_values`', drawn as the
+    ``hessian-trace`` regularizer draws them.
     """
-    return _trace(*_grad_graph(loss_fn, theta), probes=probes, generator=generator)
+    return _trace(Hessian(loss_fn, theta.detach()), probes=probes, generator=generator)
 
 
-def _trace(x: Tensor, g: Tensor, *, probes: int, generator: torch.Generator) -> tuple[float, float]:
-    if probes < 1:
-        raise ValueError(f"probes must be >= 1, got {probes}")
-    values = []
-    for _ in range(probes):
-        v = torch.randint(0, 2, x.shape, generator=generator, device=x.device).to(x.dtype) * 2 - 1
-        values.append(float(v @ _hvp(g, x, v)))
+def _trace(hess: Hessian, *, probes: int, generator: torch.Generator) -> tuple[float, float]:
+    values = [float(q) for q in hess.probe_values(probes, generator=generator)]
     mean = math.fsum(values) / probes
     if probes == 1:
         return mean, 0.0
@@ -82,26 +63,18 @@ def top_eigenvalue(
     Starts from a Gaussian vector and runs ``iters`` iterations ``v <- Hv / ||Hv||``; returns
     ``(v^T H v, ||Hv - (v^T H v) v|| / |v^T H v|)``: the signed Rayleigh quotient of the final
     unit vector and its relative residual (small once v is an eigenvector; large means more
-    iterations were needed or the top two eigenvalues are close). Costs ``iters + 1`` HVPs.
+    iterations were needed or the top two eigenvalues are close); ``(0.0, 0.0)`` if Hv = 0.
+    Costs ``iters + 1`` HVPs.
     """
-    return _power(*_grad_graph(loss_fn, theta), iters=iters, generator=generator)
+    return _eigenvalue(Hessian(loss_fn, theta.detach()), iters=iters, generator=generator)
 
 
-def _power(x: Tensor, g: Tensor, *, iters: int, generator: torch.Generator) -> tuple[float, float]:
-    if iters < 1:
-        raise ValueError(f"iters must be >= 1, got {iters}")
-    v = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-    v = v / v.norm()
-    for _ in range(iters):
-        w = _hvp(g, x, v)
-        norm = w.norm()
-        if norm == 0:
-            return 0.0, 0.0
-        v = w / norm
-    hv = _hvp(g, x, v)
+def _eigenvalue(hess: Hessian, *, iters: int, generator: torch.Generator) -> tuple[float, float]:
+    v, hv = hess.power_iteration(iters, generator=generator)
     lam = float(v @ hv)
-    resid = float((hv - lam * v).norm()) / abs(lam) if lam != 0 else 0.0
-    return lam, resid
+    if lam == 0:  # v is in the null space (e.g. a loss linear in theta)
+        return 0.0, 0.0
+    return lam, float((hv - lam * v).norm()) / abs(lam)
 
 
 @dataclass(frozen=True)
@@ -144,7 +117,7 @@ def measure_flatness(
     split: str = "train",
 ) -> FlatnessReadout:
     """Hutchinson trace (``probes``) and top eigenvalue (``iters``) of the full ``split`` loss."""
-    x, g = _grad_graph(full_split_loss(task, split), theta)  # one graph for all HVPs
-    trace, se = _trace(x, g, probes=probes, generator=generator)
-    lam, resid = _power(x, g, iters=iters, generator=generator)
+    hess = Hessian(full_split_loss(task, split), theta.detach())  # one graph for all HVPs
+    trace, se = _trace(hess, probes=probes, generator=generator)
+    lam, resid = _eigenvalue(hess, iters=iters, generator=generator)
     return FlatnessReadout(trace, se, lam, resid)

@@ -2,12 +2,13 @@
 
 Every regularizer takes a closure ``loss_fn(theta) -> scalar`` (the optimizee minibatch loss)
 and a flat parameter vector ``theta`` of shape ``(n,)``. When ``theta`` requires grad and grad
-mode is on, the returned value is differentiable in ``theta`` (Hessian terms use double
-backward with ``create_graph=True``), so its gradient reaches whatever ``theta`` depends on,
-e.g. the learned optimizer's weights. When ``theta`` does not require grad (an evaluation
-readout) the Hessian-vector products are taken w.r.t. a detached copy and no higher-order
-graph is kept. Random probes are drawn fresh on every call from the ``generator`` passed in;
-nothing is cached between calls. Dtypes are used as given.
+mode is on, the returned value is differentiable in ``theta``, so its gradient reaches whatever
+``theta`` depends on, e.g. the learned optimizer's weights; otherwise no graph is kept (an
+evaluation readout). The three Hessian measures are :mod:`flatl2o.hessian`'s estimators (double
+backward with ``create_graph=True``); the local entropy is defined here. Random probes and
+noise are drawn fresh on every call from the ``generator`` passed in; nothing is cached between
+calls. Dtypes are used as given. This module adds the recipe-facing parts: the name table
+``REGULARIZERS``, option validation (:func:`make_regularizer`) and the schedules.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from flatl2o.hessian import hessian_eig, hessian_esd, hessian_trace
+
 __all__ = [
     "REGULARIZERS",
+    "SCHEDULES",
     "hessian_eig",
     "hessian_esd",
     "hessian_trace",
-    "hvp",
     "local_entropy",
     "make_regularizer",
     "regularized_steps",
@@ -33,153 +36,6 @@ __all__ = [
 ]
 
 LossFn = Callable[[Tensor], Tensor]
-
-
-def _tracks_grad(theta: Tensor) -> bool:
-    """Whether the result must carry a graph back to theta (grad mode on and theta needs grad)."""
-    return torch.is_grad_enabled() and theta.requires_grad
-
-
-def _grad_with_graph(loss_fn: LossFn, theta: Tensor) -> tuple[Tensor, Tensor]:
-    """Return (x, ∇loss(x)) with the gradient's graph kept, so several HVPs can share it.
-
-    ``x`` is ``theta`` itself when it requires grad (keeping its upstream graph), else a
-    detached copy that requires grad (HVPs then work, but nothing upstream is reached).
-    """
-    x = theta if theta.requires_grad else theta.detach().requires_grad_(True)
-    with torch.enable_grad():
-        (g,) = torch.autograd.grad(loss_fn(x), x, create_graph=True)
-    return x, g
-
-
-def _hvp_from_grad(g: Tensor, x: Tensor, v: Tensor, *, create_graph: bool) -> Tensor:
-    """H v by differentiating the kept gradient ``g`` of the loss at ``x`` along ``v``."""
-    if not g.requires_grad:  # loss is linear in x: the Hessian is zero
-        return torch.zeros_like(x)
-    with torch.enable_grad():
-        (hv,) = torch.autograd.grad(
-            g, x, grad_outputs=v, retain_graph=True, create_graph=create_graph, allow_unused=True
-        )
-    return torch.zeros_like(x) if hv is None else hv
-
-
-def _rademacher(like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """A fresh vector of independent ±1 entries shaped, typed and placed like ``like``."""
-    bits = torch.randint(0, 2, like.shape, generator=generator, device=like.device)
-    return bits.to(like.dtype) * 2 - 1
-
-
-def hvp(loss_fn: LossFn, theta: Tensor, v: Tensor, *, create_graph: bool = True) -> Tensor:
-    """Hessian-vector product H(theta) v by double backward (differentiable if create_graph).
-
-    If ``theta`` does not require grad the product is taken at a detached copy, so the result
-    is correct but carries no graph back to ``theta``'s (non-existent) history.
-    """
-    x, g = _grad_with_graph(loss_fn, theta)
-    return _hvp_from_grad(g, x, v, create_graph=create_graph)
-
-
-def hessian_trace(
-    loss_fn: LossFn, theta: Tensor, *, probes: int = 1, generator: torch.Generator | None
-) -> Tensor:
-    """Hutchinson estimate of tr H(theta): mean of vᵀHv over fresh Rademacher probes v.
-
-    Unbiased; its variance per probe is 2·Σ_{i≠j} H_ij². The gradient is computed once and
-    shared by all probes.
-    """
-    if probes < 1:
-        raise ValueError(f"probes must be >= 1, got {probes}")
-    keep = _tracks_grad(theta)
-    x, g = _grad_with_graph(loss_fn, theta)
-    total = theta.new_zeros(())
-    for _ in range(probes):
-        v = _rademacher(x, generator)
-        total = total + v @ _hvp_from_grad(g, x, v, create_graph=keep)
-    return total / probes if keep else (total / probes).detach()
-
-
-def hessian_eig(
-    loss_fn: LossFn, theta: Tensor, *, iters: int = 10, generator: torch.Generator | None
-) -> Tensor:
-    """|λ| of the top-magnitude Hessian eigenvalue by power iteration ("spectral norm" flatness).
-
-    Power iteration runs on detached vectors from a fresh Gaussian start; the returned value is
-    |vᵀHv| for the final unit vector v, differentiable in theta (by Hellmann-Feynman its
-    gradient is that of the eigenvalue once v has converged). Costs iters + 1 HVPs.
-    """
-    if iters < 1:
-        raise ValueError(f"iters must be >= 1, got {iters}")
-    keep = _tracks_grad(theta)
-    x, g = _grad_with_graph(loss_fn, theta)
-    v = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-    v = v / v.norm()
-    for _ in range(iters):
-        w = _hvp_from_grad(g, x, v, create_graph=False)
-        norm = w.norm()
-        if norm == 0:  # v is in the null space: the Rayleigh quotient below is 0
-            break
-        v = w / norm
-    lam = (v @ _hvp_from_grad(g, x, v, create_graph=keep)).abs()
-    return lam if keep else lam.detach()
-
-
-def _lanczos(
-    x: Tensor, g: Tensor, *, steps: int, generator: torch.Generator | None, create_graph: bool
-) -> tuple[list[Tensor], list[float]]:
-    """Lanczos with full reorthogonalization: (alphas, betas) of the tridiagonal matrix T.
-
-    The basis vectors q_i are detached constants; each α_i = q_iᵀ H q_i keeps its graph when
-    ``create_graph``. The new direction is H q_i with its components along all previous q
-    removed (classical Gram-Schmidt applied twice), which in exact arithmetic is the
-    three-term recurrence H q_i − α_i q_i − β_{i-1} q_{i-1}. Stops after ``min(steps, n)``
-    steps, or earlier when β is negligible (the Krylov subspace is invariant).
-    """
-    n = x.numel()
-    q = _rademacher(x, generator)
-    q = q / q.norm()
-    basis, alphas, betas = [q], [], []
-    tol = math.sqrt(torch.finfo(x.dtype).eps)
-    scale = 0.0  # running estimate of ||H|| to make the breakdown test relative
-    k = min(steps, n)
-    for i in range(k):
-        hq = _hvp_from_grad(g, x, q, create_graph=create_graph)
-        alphas.append(q @ hq)
-        if i + 1 == k:
-            break
-        w = hq.detach()
-        stacked = torch.stack(basis)
-        for _ in range(2):
-            w = w - stacked.T @ (stacked @ w)
-        beta = w.norm().item()
-        scale = max(scale, hq.detach().norm().item())
-        if beta <= tol * scale:
-            break
-        betas.append(beta)
-        q = w / beta
-        basis.append(q)
-    return alphas, betas
-
-
-def hessian_esd(
-    loss_fn: LossFn, theta: Tensor, *, steps: int = 10, generator: torch.Generator | None
-) -> Tensor:
-    """Sum of the Ritz values of k Lanczos steps: the public research code's "ESD" option.
-
-    Runs k = min(steps, n) Lanczos steps on H(theta) from a fresh normalized Rademacher start
-    with full reorthogonalization and returns trace(T_k) = Σ α_i, where α_i = q_iᵀ H q_i with
-    the q_i detached and each α_i differentiable in theta. With k = n this is exactly tr H
-    (up to rounding). With k < n it is tr(Q_kᵀ H Q_k), the trace of H restricted to the
-    Krylov subspace, which Lanczos fills first with the extreme eigenvalues, so it is
-    dominated by them (it lies between the sums of the k smallest and k largest eigenvalues);
-    it is not an unbiased trace estimate. Stops early if β ≈ 0 (invariant subspace).
-    """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    keep = _tracks_grad(theta)
-    x, g = _grad_with_graph(loss_fn, theta)
-    alphas, _ = _lanczos(x, g, steps=steps, generator=generator, create_graph=keep)
-    total = torch.stack(alphas).sum()
-    return total if keep else total.detach()
 
 
 def local_entropy(
