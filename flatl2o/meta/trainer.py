@@ -55,6 +55,7 @@ from flatl2o.hub import (
     render_model_card,
     retarget_model_card,
 )
+from flatl2o.meta.plots import plot_log
 from flatl2o.meta.recipe import (
     REGULARIZER_SEED_OFFSET,
     SLOT_SEED_STRIDE,
@@ -1047,41 +1048,6 @@ def _git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def plot_log(log: Path, out: Path) -> Path | None:
-    """Plot meta-loss, regularizer and validation loss from a run's JSONL log (if matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    if not log.is_file():
-        return None
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    keys = [
-        k
-        for k in ("meta_loss", "regularizer", "imitation", "val_loss")
-        if any(r.get(k) is not None for r in records)
-    ]
-    if not keys:
-        return None
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
-    for ax, key in zip(axes[0], keys, strict=True):
-        pts = [(r["iteration"], r[key]) for r in records if r.get(key) is not None]
-        # a line needs two points: a series of one or two is drawn with visible markers
-        marker = "o" if len(pts) < 3 else "." if key == "val_loss" else None
-        ax.plot(*zip(*pts, strict=True), marker=marker)
-        ax.set_title(key)
-        ax.set_xlabel("trajectory")
-        if key != "regularizer" and all(v > 0 for _, v in pts):
-            ax.set_yscale("log")  # only when every value can be drawn on a log axis
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
 
 
 def meta_train(
