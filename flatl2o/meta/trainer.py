@@ -37,20 +37,16 @@ from torch import Tensor, nn
 
 from flatl2o import distributed
 from flatl2o.checkpoint import (
-    CHECKPOINT_FILES,
-    MODEL_CARD_NAME,
     CheckpointError,
     atomic_write_bytes,
     atomic_write_text,
     safetensors_header,
     save_rule,
-    write_checkpoint_files,
 )
 from flatl2o.hub import (
     checkpoint_location,
     load_rule,
     render_model_card,
-    retarget_model_card,
 )
 from flatl2o.meta.card import (
     card_body,
@@ -59,6 +55,7 @@ from flatl2o.meta.card import (
     render_checkpoint_card,
     user_task_line,
 )
+from flatl2o.meta.export import EXPORTED_FILES, export_name, export_run
 from flatl2o.meta.plots import plot_log
 from flatl2o.meta.recipe import (
     REGULARIZER_SEED_OFFSET,
@@ -107,8 +104,6 @@ _STATE_KEYS = (
     "recipe",
 )
 LOG_NAME = "log.jsonl"
-#: What a shipped checkpoint folder holds (see ``pretrained/``).
-EXPORTED_FILES = CHECKPOINT_FILES
 
 
 class InexactResumeWarning(UserWarning):
@@ -752,23 +747,8 @@ class MetaTrainer:
         return self.out
 
     def export(self, folder: str | os.PathLike[str]) -> Path:
-        """Copy the shippable files (checkpoint, card, recipe, metrics, log, plot) to a folder.
-
-        The folder then holds this run's set and nothing of an earlier checkpoint: a file of
-        :data:`EXPORTED_FILES` that the run does not have is removed from it
-        (:func:`flatl2o.checkpoint.write_checkpoint_files`); other files are left alone.
-        """
-        folder = Path(folder)
-        files: dict[str, str | bytes] = {
-            name: (self.out / name).read_bytes()
-            for name in EXPORTED_FILES
-            if (self.out / name).is_file()
-        }
-        if MODEL_CARD_NAME in files:  # the card's usage line loads the exported copy
-            card = bytes(files[MODEL_CARD_NAME]).decode("utf-8")
-            files[MODEL_CARD_NAME] = retarget_model_card(card, export_name(folder))
-        write_checkpoint_files(folder, files)
-        return folder
+        """Copy the shippable files to a folder (:func:`flatl2o.meta.export.export_run`)."""
+        return export_run(self.out, folder)
 
     def _card_body(self, metrics: dict[str, Any]) -> str:
         """The card's sections for this run (:func:`flatl2o.meta.card.card_body`)."""
@@ -781,13 +761,6 @@ class MetaTrainer:
             processes=self.world_size,
             task=user_task_line(self.task) if self.custom_task else None,
         )
-
-
-def export_name(folder: str | os.PathLike[str]) -> str:
-    """How to load an exported folder: its shipped name if it is ``pretrained/<name>`` of this
-    flatl2o (source checkout or wheel), else its path, relative where it can be
-    (:func:`flatl2o.hub.checkpoint_location`)."""
-    return checkpoint_location(folder)
 
 
 def _run_files(folder: Path) -> list[str]:
