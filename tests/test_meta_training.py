@@ -768,16 +768,16 @@ class _Killed(BaseException):
 def _kill_when_writing_state_json(monkeypatch, iteration: int) -> None:
     """Make the trainer die when it writes ``trainer_state/state.json`` for ``iteration``,
     after that checkpoint's ``state.safetensors`` was written."""
-    import flatl2o.meta.trainer as trainer_module
+    import flatl2o.meta.run_state as run_state
 
-    real = trainer_module.atomic_write_text
+    real = run_state.atomic_write_text
 
     def write(path, text):
         if Path(path).name == "state.json" and json.loads(text)["iteration"] == iteration:
             raise _Killed
         return real(path, text)
 
-    monkeypatch.setattr(trainer_module, "atomic_write_text", write)
+    monkeypatch.setattr(run_state, "atomic_write_text", write)
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:

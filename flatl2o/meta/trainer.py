@@ -18,29 +18,22 @@ rounding). Only rank 0 validates, logs and writes files; decisions are broadcast
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shlex
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as safetensors_load
-from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from flatl2o import distributed
 from flatl2o.checkpoint import (
     CheckpointError,
-    atomic_write_bytes,
     atomic_write_text,
-    safetensors_header,
     save_rule,
 )
 from flatl2o.hub import (
@@ -63,12 +56,24 @@ from flatl2o.meta.recipe import (
     VAL_SEED_OFFSET,
     Recipe,
     RecipeError,
-    recipe_from_dict,
 )
 from flatl2o.meta.regularizers import make_regularizer, regularized_unroll
 from flatl2o.meta.rollout import evaluate_rule, rollout
+from flatl2o.meta.run_state import (
+    LOG_NAME,
+    TRAINER_DIR,
+    InexactResumeWarning,
+    ResumeError,
+    append_log,
+    apply_state,
+    check_fresh_folder,
+    read_state,
+    rule_from_config,
+    strict_json,
+    write_state,
+)
 from flatl2o.meta.tasks import Task, make_task
-from flatl2o.rules import ConfigError, RuleConfig, State, UpdateRule, build_rule, make_rule
+from flatl2o.rules import State, UpdateRule, make_rule
 
 __all__ = [
     "EXPORTED_FILES",
@@ -88,41 +93,6 @@ __all__ = [
     "slot_seed",
     "strict_json",
 ]
-
-TRAINER_DIR = "trainer_state"
-#: The resumable checkpoint: tensors, with every counter in its metadata (one atomic file).
-STATE_FILE = "state.safetensors"
-STATE_METADATA_KEY = "flatl2o_trainer_state"
-#: Counters a checkpoint must hold to be resumed.
-_STATE_KEYS = (
-    "iteration",
-    "stage",
-    "best_val",
-    "bad_validations",
-    "log_lines",
-    "param_groups",
-    "recipe",
-)
-LOG_NAME = "log.jsonl"
-
-
-class InexactResumeWarning(UserWarning):
-    """A resume allowed to continue with other arithmetic (thread count, torch version)."""
-
-
-#: What a checkpoint records of the arithmetic that produced it (see :func:`arithmetic`).
-ARITHMETIC_NAMES = {"threads": "torch intra-op threads", "torch": "torch version"}
-
-
-def arithmetic() -> dict[str, Any]:
-    """The settings, besides the recipe, that change a run's bits: torch's intra-op thread
-    count (it splits float reductions differently) and the torch version."""
-    return {"threads": torch.get_num_threads(), "torch": torch.__version__}
-
-
-class ResumeError(RuntimeError):
-    """A run folder that cannot be used as asked: nothing (or a damaged or different
-    checkpoint) to resume, or an earlier run in the way of a new one."""
 
 
 def slot_seed(seed: int, slot: int) -> int:
@@ -180,7 +150,17 @@ class MetaTrainer:
         payload: Any = None
         if self.rank == 0:
             try:
-                payload = self._read_state() if resume else self._check_fresh_folder()
+                payload = (
+                    read_state(
+                        self.out,
+                        recipe,
+                        world_size=self.world_size,
+                        meta_batch=meta_batch,
+                        exact_resume=exact_resume,
+                    )
+                    if resume
+                    else check_fresh_folder(self.out)
+                )
             except ResumeError as e:
                 payload = e
         payload = distributed.broadcast_object(payload)
@@ -216,7 +196,7 @@ class MetaTrainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(train.seed)
             if saved_config is not None:  # the checkpoint has the weights: no init_from needed
-                self.rule = _rule_from_config(saved_config, self.out)
+                self.rule = rule_from_config(saved_config, self.out)
             elif recipe.rule.init_from:
                 self.rule = load_rule(recipe.rule.init_from)
                 if self.rule.architecture != recipe.rule.architecture:
@@ -243,7 +223,20 @@ class MetaTrainer:
         self.bad_validations = 0
         self.log_lines = 0
         if resume:
-            self._apply_state(*payload)
+            counters = apply_state(
+                self.out,
+                *payload,
+                rule=self.rule,
+                meta_opt=self.meta_opt,
+                generators=self.generators,
+                reg_generators=self.reg_generators or [],
+                first_slot=first,
+            )
+            self.iteration = counters["iteration"]
+            self.stage = counters["stage"]
+            self.best_val = counters["best_val"]
+            self.bad_validations = counters["bad_validations"]
+            self.log_lines = counters["log_lines"]
         self._ddp: nn.Module | None = None
         if self.world_size > 1:  # after a resume: DDP starts from rank 0's (loaded) weights
             from torch.nn.parallel import DistributedDataParallel
@@ -476,13 +469,11 @@ class MetaTrainer:
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.rank == 0:
-            with open(self.out / LOG_NAME, "a", encoding="utf-8") as f:
-                f.write(strict_json(record) + "\n")
+            append_log(self.out, record)
         self.log_lines += 1
 
-    # ------------------------------------------------------------- checkpoints
     def _save_state(self) -> None:
-        """Everything needed to continue exactly: rule, meta-optimizer, RNGs, counters.
+        """Checkpoint everything needed to continue exactly (:func:`run_state.write_state`).
 
         Every rank's slot generators are gathered to rank 0, which writes; the ranks' rules
         are checked to be identical first (DDP keeps them so; this catches a broken setup).
@@ -502,208 +493,23 @@ class MetaTrainer:
             )
         if self.rank != 0:
             return
-        tensors: dict[str, Tensor] = {
-            f"rule.{k}": v.detach().clone().contiguous() for k, v in self.rule.state_dict().items()
-        }
-        opt = self.meta_opt.state_dict()
-        for idx, st in opt["state"].items():
-            for key, value in st.items():
-                tensors[f"opt.{idx}.{key}"] = value.detach().clone().reshape(value.shape)
-        slot_states = [state for _, states, _ in gathered for state in states]
-        tensors["rng"] = slot_states[0]  # slot 0: the run's generator in a single process
-        for j, state in enumerate(slot_states[1:], start=1):
-            tensors[f"rng.{j}"] = state
-        reg_states = [state for _, _, states in gathered for state in states]
-        for j, state in enumerate(reg_states):  # [regularizer].rng = "own" only
-            tensors[f"reg_rng.{j}"] = state
-        meta = {
-            "iteration": self.iteration,
-            "stage": self.stage,
-            "best_val": self.best_val,
-            "bad_validations": self.bad_validations,
-            "log_lines": self.log_lines,
-            "param_groups": opt["param_groups"],
-            "recipe": self.recipe.to_dict(),
-            "slots": len(slot_states),
-            "world_size": self.world_size,
-            "meta_batch": self.meta_batch,
-            **arithmetic(),
-        }
-        meta["rule_config"] = self.rule.config.to_dict()
-        text = json.dumps(meta, indent=1)
-        folder = self.out / TRAINER_DIR
-        # one atomic file holds everything a resume reads (counters in the metadata), so a
-        # kill at any instant leaves either the previous checkpoint or this one, never a mix;
-        # state.json is a human-readable copy of the counters, written after it
-        data = safetensors_bytes(tensors, metadata={STATE_METADATA_KEY: text})
-        atomic_write_bytes(folder / STATE_FILE, data)
-        atomic_write_text(folder / "state.json", text)
-
-    def _check_fresh_folder(self) -> None:
-        """Refuse to start a new run in a folder that holds an earlier run or checkpoint: its
-        log would be appended to and its files overwritten."""
-        if (self.out / TRAINER_DIR).exists():
-            raise ResumeError(
-                f"{self.out} already holds a run; pass resume=True (--resume) to continue it, "
-                f"or choose another --out (or delete {self.out} to start over)"
-            )
-        found = _run_files(self.out)
-        if found:
-            raise ResumeError(
-                f"{self.out} already holds files of an earlier run or checkpoint "
-                f"({', '.join(found)}) and no checkpoint to resume, so a new run would append to "
-                f"its log and overwrite its files; choose another --out, or delete {self.out} "
-                "to start over"
-            )
-
-    def _apply_state(self, meta: dict[str, Any], tensors: dict[str, Tensor]) -> None:
-        """Load a checkpoint read by :meth:`_read_state` into the rule, meta-optimizer,
-        generators and counters (every rank)."""
-        source = self.out / TRAINER_DIR / STATE_FILE
-        try:
-            self.rule.load_state_dict(
-                {k[5:]: v for k, v in tensors.items() if k.startswith("rule.")}, strict=True
-            )
-            opt_state: dict[int, dict[str, Tensor]] = {}
-            for key, value in tensors.items():
-                if key.startswith("opt."):
-                    _, idx, name = key.split(".", 2)
-                    opt_state.setdefault(int(idx), {})[name] = value
-            self.meta_opt.load_state_dict(
-                {"state": opt_state, "param_groups": meta["param_groups"]}
-            )
-            first = self.rank * self.meta_batch
-            for j, gen in enumerate(self.generators, start=first):
-                gen.set_state(tensors["rng" if j == 0 else f"rng.{j}"])
-            for j, gen in enumerate(self.reg_generators or [], start=first):
-                gen.set_state(tensors[f"reg_rng.{j}"])
-            self.iteration = int(meta["iteration"])
-            self.stage = int(meta["stage"])
-            self.best_val = float(meta["best_val"])
-            self.bad_validations = int(meta["bad_validations"])
-            self.log_lines = int(meta["log_lines"])
-        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
-            raise _damaged(
-                self.out,
-                source,
-                f"it does not fit this run ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''})",
-            ) from None
-
-    def _read_state(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
-        """The saved counters and tensors, after checking they are complete and fit this run;
-        drops log records written after the checkpoint. Any problem is a :class:`ResumeError`."""
-        folder = self.out / TRAINER_DIR
-        path = folder / STATE_FILE
-        if not path.is_file():
-            if not (folder / "state.json").is_file():
-                again = (
-                    f"delete {self.out} (or choose another --out) and start again"
-                    if _run_files(self.out)
-                    else "start it again"
-                )
-                raise ResumeError(
-                    f"nothing to resume in {self.out}: no {TRAINER_DIR}/{STATE_FILE} (the run "
-                    f"saved no checkpoint yet); {again} without --resume"
-                )
-            raise _damaged(self.out, path, "it is missing (only state.json is there)")
-        try:
-            data = path.read_bytes()
-            meta = _state_metadata(data)
-            tensors = safetensors_load(data)
-        except (OSError, ValueError, SafetensorError) as e:
-            raise _damaged(self.out, path, f"it cannot be read ({e})") from None
-        if meta is None:  # written by an older flatl2o: counters only in state.json
-            path = folder / "state.json"
-            meta = self._legacy_meta(path, tensors)
-        missing = sorted(set(_STATE_KEYS) - set(meta))
-        if missing:
-            raise _damaged(self.out, path, f"its counters lack {missing}")
-        saved_recipe = _with_defaults(meta["recipe"])
-        if saved_recipe != self.recipe.to_dict():
-            changed = _recipe_differences(saved_recipe, self.recipe.to_dict())
-            raise ResumeError(
-                f"{self.out} was started with a different recipe ({'; '.join(changed)}); resume "
-                f"with the same recipe and overrides (saved copy: {self.out / 'recipe.toml'})"
-            )
-        slots = self.world_size * self.meta_batch
-        if meta.get("slots", 1) != slots:
-            raise ResumeError(
-                f"{self.out} was meta-trained with {meta.get('slots', 1)} optimizees per meta-step "
-                f"(processes x meta_batch: {meta.get('world_size', 1)} x "
-                f"{meta.get('meta_batch', 1)}), this run has {slots} ({self.world_size} x "
-                f"{self.meta_batch}); resume with the same product of --nproc-per-node and "
-                "--meta-batch"
-            )
-        self._check_arithmetic(meta)
-        log = self.out / LOG_NAME
-        if log.is_file():  # drop records written after the checkpoint we resume from
-            lines = log.read_text(encoding="utf-8").splitlines(keepends=True)
-            atomic_write_text(log, "".join(lines[: int(meta["log_lines"])]))
-        return meta, tensors
-
-    def _check_arithmetic(self, meta: dict[str, Any]) -> None:
-        """Refuse (or, with ``exact_resume=False``, warn about) a resume whose thread count or
-        torch version differs from the saved run's: float sums are then grouped differently, so
-        the run would not end bit-for-bit where an uninterrupted one ends. A checkpoint written
-        before these were recorded is resumed unchecked."""
-        now = arithmetic()
-        changed = {k: (meta[k], now[k]) for k in now if k in meta and meta[k] != now[k]}
-        if not changed:
-            return
-        what = "; ".join(
-            f"{ARITHMETIC_NAMES[k]}: saved {a}, now {b}" for k, (a, b) in changed.items()
+        write_state(
+            self.out,
+            rule=self.rule,
+            meta_opt=self.meta_opt,
+            slot_states=[state for _, states, _ in gathered for state in states],
+            reg_states=[state for _, _, states in gathered for state in states],
+            counters={
+                "iteration": self.iteration,
+                "stage": self.stage,
+                "best_val": self.best_val,
+                "bad_validations": self.bad_validations,
+                "log_lines": self.log_lines,
+            },
+            recipe=self.recipe,
+            world_size=self.world_size,
+            meta_batch=self.meta_batch,
         )
-        fixes = []
-        if "threads" in changed:
-            n = meta["threads"]
-            fixes.append(
-                f"--threads {n} (torch.set_num_threads({n}) in Python; OMP_NUM_THREADS={n} "
-                "sets the default)"
-            )
-        if "torch" in changed:
-            fixes.append(f"torch {meta['torch']}")
-        fix = "run with " + " and ".join(fixes)
-        if self.exact_resume:
-            raise ResumeError(
-                f"{self.out} was checkpointed with other arithmetic ({what}), so the resumed run "
-                f"would not be bit-for-bit the uninterrupted one; {fix}, or pass "
-                "--allow-inexact-resume (exact_resume=False) to continue anyway"
-            )
-        warnings.warn(
-            f"resuming {self.out} with other arithmetic ({what}): the run continues, but its "
-            "result will not be bit-for-bit that of an uninterrupted run",
-            InexactResumeWarning,
-            stacklevel=2,
-        )
-
-    def _legacy_meta(self, path: Path, tensors: dict[str, Tensor]) -> dict[str, Any]:
-        """The counters of a checkpoint written before they moved into the safetensors file,
-        accepted only where the meta-optimizer's step count proves the two files belong together."""
-        try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
-            iteration = int(meta["iteration"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise _damaged(self.out, path, f"it cannot be read ({type(e).__name__}: {e})") from None
-        lengths = set(self.recipe.curriculum.lengths or [self.recipe.train.trajectory])
-        if len(lengths) != 1:
-            raise ResumeError(
-                f"{self.out}: the checkpoint was written by an older flatl2o that kept its "
-                "counters apart from its tensors, and with a multi-stage curriculum they cannot "
-                f"be checked to match; delete {self.out} (or choose another --out) and start again"
-            )
-        expected = iteration * (lengths.pop() // self.recipe.train.unroll)
-        steps = {
-            float(v) for k, v in tensors.items() if k.startswith("opt.") and k.endswith(".step")
-        }
-        if steps != {float(expected)}:
-            raise ResumeError(
-                f"{self.out}: {TRAINER_DIR}/state.json (iteration {iteration}) and {STATE_FILE} "
-                f"(meta-steps {sorted(steps)}, expected {expected}) come from different "
-                "checkpoints (the run was killed between their writes), so resuming would not "
-                f"reproduce the run; delete {self.out} (or choose another --out) and start again"
-            )
-        return meta
 
     # ------------------------------------------------------------------ output
     def final_rule(self) -> UpdateRule:
@@ -761,95 +567,6 @@ class MetaTrainer:
             processes=self.world_size,
             task=user_task_line(self.task) if self.custom_task else None,
         )
-
-
-def _run_files(folder: Path) -> list[str]:
-    """The files and folders of a run or checkpoint that ``folder`` already holds."""
-    names = (*EXPORTED_FILES, "best", TRAINER_DIR)
-    return [name for name in names if (folder / name).exists()]
-
-
-def _damaged(out: Path, path: Path, why: str) -> ResumeError:
-    """The error for a checkpoint file that cannot be resumed from."""
-    return ResumeError(
-        f"cannot resume {out}: the checkpoint {path} is damaged or incomplete: {why}; the run "
-        f"cannot continue from it exactly: delete {out} (or choose another --out) and start again"
-    )
-
-
-def _state_metadata(data: bytes) -> dict[str, Any] | None:
-    """The counters stored in a trainer checkpoint's safetensors metadata (``None``: an older
-    checkpoint without them). Raises ``ValueError`` on a malformed header."""
-    header, _ = safetensors_header(data)
-    metadata = header.get("__metadata__")
-    text = metadata.get(STATE_METADATA_KEY) if isinstance(metadata, dict) else None
-    if text is None:
-        return None
-    meta = json.loads(text) if isinstance(text, str) else None
-    if not isinstance(meta, dict):
-        raise ValueError("its counters are not a JSON object")
-    return meta
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (recipe keys as overrides spell them)."""
-    if not isinstance(data, dict) or not data:
-        return {prefix: data}
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
-    return flat
-
-
-def _with_defaults(saved: Any) -> Any:
-    """A saved recipe with the keys added to recipes since it was written filled in with
-    their defaults (which reproduce the behaviour it was trained with), so a run started by
-    an older flatl2o still resumes; anything unreadable is returned as it is."""
-    try:
-        return recipe_from_dict(saved).to_dict()
-    except (RecipeError, TypeError, AttributeError, ValueError):
-        return saved
-
-
-def _recipe_differences(saved: Any, current: dict[str, Any]) -> list[str]:
-    """The recipe keys whose values differ, as ``key: saved X, now Y``."""
-    if not isinstance(saved, dict):
-        return ["the saved recipe is not a table"]
-    old, new = _flatten(saved), _flatten(current)
-
-    def show(values: dict[str, Any], key: str) -> str:
-        return repr(values[key]) if key in values else "absent"
-
-    return [
-        f"{key}: saved {show(old, key)}, now {show(new, key)}"
-        for key in sorted(set(old) | set(new))
-        if key not in old or key not in new or old[key] != new[key]
-    ]
-
-
-def _rule_from_config(config: Any, out: Path) -> UpdateRule:
-    """A fresh rule of the architecture a checkpoint was saved with (weights loaded later)."""
-    try:
-        return build_rule(RuleConfig.from_dict(config, source="rule_config"))
-    except ConfigError as e:
-        raise _damaged(out, out / TRAINER_DIR / STATE_FILE, str(e)) from None
-
-
-def _finite_or_none(value: Any) -> Any:
-    """``value`` with every non-finite float (inf, -inf, nan) replaced by ``None``."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
-    return value
-
-
-def strict_json(value: Any, **kwargs: Any) -> str:
-    """Strict JSON (RFC 8259): non-finite floats, which ``json.dumps`` would write as the
-    non-standard ``Infinity`` / ``NaN`` tokens, are written as ``null``."""
-    return json.dumps(_finite_or_none(value), allow_nan=False, **kwargs)
 
 
 def meta_train(
