@@ -49,6 +49,7 @@ from flatl2o.meta.card import (
     user_task_line,
 )
 from flatl2o.meta.export import EXPORTED_FILES, export_name, export_run
+from flatl2o.meta.objective import MetaObjective, adam_teacher_step
 from flatl2o.meta.plots import plot_log
 from flatl2o.meta.recipe import (
     REGULARIZER_SEED_OFFSET,
@@ -98,28 +99,6 @@ __all__ = [
 def slot_seed(seed: int, slot: int) -> int:
     """Seed of optimizee slot ``slot``'s generator: ``seed + slot * 2**32`` (slot 0: ``seed``)."""
     return seed + slot * SLOT_SEED_STRIDE
-
-
-class _Objective(nn.Module):
-    """Holds the rule and runs a meta-objective as its forward, so that DDP all-reduces
-    (averages) the rule's meta-gradient over ranks in that objective's backward."""
-
-    def __init__(self, rule: UpdateRule) -> None:
-        super().__init__()
-        self.rule = rule
-
-    def forward(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return fn(*args)
-
-
-def adam_teacher_step(
-    grad: Tensor, m: Tensor, v: Tensor, t: int, lr: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One step of the analytic teacher (Adam, betas 0.9/0.999): ``(step, m, v)``."""
-    m = 0.9 * m + 0.1 * grad
-    v = 0.999 * v + 0.001 * grad * grad
-    step = lr * (m / (1 - 0.9**t)) / (torch.sqrt(v / (1 - 0.999**t)) + 1e-8)
-    return step, m, v
 
 
 class MetaTrainer:
@@ -196,25 +175,33 @@ class MetaTrainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(train.seed)
             if saved_config is not None:  # the checkpoint has the weights: no init_from needed
-                self.rule = rule_from_config(saved_config, self.out)
+                rule = rule_from_config(saved_config, self.out)
             elif recipe.rule.init_from:
-                self.rule = load_rule(recipe.rule.init_from)
-                if self.rule.architecture != recipe.rule.architecture:
+                rule = load_rule(recipe.rule.init_from)
+                if rule.architecture != recipe.rule.architecture:
                     raise RecipeError(
                         f"[rule].init_from {recipe.rule.init_from!r} is a "
-                        f"{self.rule.architecture!r} rule but [rule].architecture is "
+                        f"{rule.architecture!r} rule but [rule].architecture is "
                         f"{recipe.rule.architecture!r}; make them agree (e.g. override "
-                        f"rule.architecture={self.rule.architecture})"
+                        f"rule.architecture={rule.architecture})"
                     )
             else:
-                self.rule = make_rule(recipe.rule.architecture, **recipe.rule.options)
-        self.rule.train()
-        self.meta_opt = torch.optim.Adam(self.rule.parameters(), lr=train.meta_lr)
+                rule = make_rule(recipe.rule.architecture, **recipe.rule.options)
+        rule.train()
+        self.meta_opt = torch.optim.Adam(rule.parameters(), lr=train.meta_lr)
         reg = recipe.regularizer
         self.regularizer = (
             make_regularizer(reg.name, **reg.options)
             if reg.name != "none" and reg.alpha > 0
             else None
+        )
+        self.objective = MetaObjective(
+            rule,
+            self.task,
+            recipe,
+            regularizer=self.regularizer,
+            generators=self.generators,
+            reg_generators=self.reg_generators,
         )
         self.lengths = recipe.curriculum.lengths or [train.trajectory]
         self.iteration = 0
@@ -241,33 +228,32 @@ class MetaTrainer:
         if self.world_size > 1:  # after a resume: DDP starts from rank 0's (loaded) weights
             from torch.nn.parallel import DistributedDataParallel
 
-            self._ddp = DistributedDataParallel(_Objective(self.rule), broadcast_buffers=False)
+            self._ddp = DistributedDataParallel(self.objective, broadcast_buffers=False)
 
     # ------------------------------------------------------------------ training
+    @property
+    def rule(self) -> UpdateRule:
+        """The rule being meta-trained (held by :attr:`objective`, which DDP wraps)."""
+        return self.objective.rule
+
+    @rule.setter
+    def rule(self, rule: UpdateRule) -> None:
+        self.objective.rule = rule
+
     def meta_loss_term(self, loss: Tensor) -> Tensor:
         """One optimizee loss as it enters the meta-objective (plain or log)."""
-        return torch.log(loss) if self.recipe.train.meta_loss == "log" else loss
+        return self.objective.meta_loss_term(loss)
 
-    def _objective(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)``; under torchrun through DDP, whose backward averages the meta-gradient."""
-        return fn(*args) if self._ddp is None else self._ddp(fn, *args)
-
-    def _slots(self, theta: Tensor) -> tuple[Tensor, ...]:
-        """The optimizees of this process in the concatenated parameter vector."""
-        return (theta,) if self.meta_batch == 1 else theta.split(self.task.num_params)
-
-    def _slot_grads(self, losses: list[Tensor], parts: tuple[Tensor, ...], **kw: Any) -> Tensor:
-        """Each optimizee's loss gradient, concatenated like ``theta``."""
-        grads = torch.autograd.grad(losses, parts, **kw)
-        return grads[0] if len(grads) == 1 else torch.cat(grads)
+    def _objective(self, kind: str, *args: Any) -> Any:
+        """The ``kind`` objective of :class:`MetaObjective`; under torchrun through DDP, whose
+        backward averages the meta-gradient."""
+        return self.objective(kind, *args) if self._ddp is None else self._ddp(kind, *args)
 
     def unroll(
         self, theta: Tensor, state: State, step: int, regularize: bool
     ) -> tuple[Tensor, State, dict[str, float]]:
         """One truncated unroll of ``unroll`` steps and its meta-step."""
-        meta, reg_value, theta, state = self._objective(
-            self.unroll_objective, theta, state, step, regularize
-        )
+        meta, reg_value, theta, state = self._objective("unroll", theta, state, step, regularize)
         alpha = self.recipe.regularizer.alpha
         self._meta_step(meta + alpha * reg_value if reg_value is not None else meta)
         metrics = {"meta_loss": float(meta.detach())}
@@ -278,50 +264,14 @@ class MetaTrainer:
     def unroll_objective(
         self, theta: Tensor, state: State, step: int, regularize: bool
     ) -> tuple[Tensor, Tensor | None, Tensor, State]:
-        """Run one unroll differentiably: ``(mean meta-loss, mean R or None, theta, state)``.
-
-        ``theta`` holds this process's ``meta_batch`` optimizees one after the other; the
-        meta-loss and R are means over all of them.
-        """
-        train, reg = self.recipe.train, self.recipe.regularizer
-        theta = theta.detach().requires_grad_(True)
-        state = {k: v.detach() for k, v in state.items()}
-        terms: list[Tensor] = []
-        regs: list[Tensor] = []
-        for t in range(train.unroll + 1):
-            parts = self._slots(theta)
-            losses = []
-            for j, (part, gen) in enumerate(zip(parts, self.generators, strict=True)):
-                x, y = self.task.sample_batch(gen)
-                loss = self.task.loss(part, x, y)
-                losses.append(loss)
-                if t > 0:  # theta_0 of an unroll does not depend on the rule
-                    terms.append(self.meta_loss_term(loss))
-                    if regularize and (step + t) % reg.every == 0:
-
-                        def batch_loss(th: Tensor, x: Tensor = x, y: Tensor = y) -> Tensor:
-                            return self.task.loss(th, x, y)
-
-                        draws = gen if self.reg_generators is None else self.reg_generators[j]
-                        regs.append(self.regularizer(batch_loss, part, generator=draws))
-            if t == train.unroll:
-                break
-            grad = self._slot_grads(
-                losses, parts, create_graph=train.second_order, retain_graph=True
-            )
-            if not train.second_order:
-                grad = grad.detach()
-            delta, state = self.rule(grad, state, step + t + 1)
-            theta = theta - delta
-        meta = torch.stack(terms).mean()
-        reg_value = torch.stack(regs).mean() if regs else None
-        return meta, reg_value, theta, state
+        """Run one unroll differentiably (:meth:`MetaObjective.unroll_objective`)."""
+        return self.objective.unroll_objective(theta, state, step, regularize)
 
     def imitation_unroll(
         self, theta: Tensor, state: State, step: int
     ) -> tuple[Tensor, State, dict[str, float]]:
         """An unroll that trains the rule to reproduce Adam's steps along Adam's trajectory."""
-        objective, theta, state = self._objective(self.imitation_objective, theta, state, step)
+        objective, theta, state = self._objective("imitation", theta, state, step)
         self._meta_step(objective)
         return (
             theta,
@@ -332,27 +282,8 @@ class MetaTrainer:
     def imitation_objective(
         self, theta: Tensor, state: State, step: int
     ) -> tuple[Tensor, Tensor, State]:
-        """The imitation unroll's objective, ``theta`` moved by the teacher, and the rule state."""
-        train = self.recipe.train
-        theta = theta.detach()
-        state = {k: v.detach() for k, v in state.items()}
-        m = torch.zeros_like(theta)
-        v = torch.zeros_like(theta)
-        terms: list[Tensor] = []
-        for t in range(train.unroll):
-            with torch.enable_grad():
-                th = theta.clone().requires_grad_(True)
-                parts = self._slots(th)
-                losses = []
-                for part, gen in zip(parts, self.generators, strict=True):
-                    x, y = self.task.sample_batch(gen)
-                    losses.append(self.task.loss(part, x, y))
-                grad = self._slot_grads(losses, parts)
-            teacher, m, v = adam_teacher_step(grad, m, v, t + 1, train.imitation_lr)
-            delta, state = self.rule(grad, state, step + t + 1)
-            terms.append(torch.mean((delta - teacher) ** 2) / train.imitation_lr**2)
-            theta = theta - teacher
-        return torch.stack(terms).mean(), theta, state
+        """The imitation unroll's objective (:meth:`MetaObjective.imitation_objective`)."""
+        return self.objective.imitation_objective(theta, state, step)
 
     def _meta_step(self, objective: Tensor) -> None:
         self.meta_opt.zero_grad(set_to_none=True)
