@@ -118,9 +118,6 @@ def read_state(
         tensors = safetensors_load(data)
     except (OSError, ValueError, SafetensorError) as e:
         raise _damaged(out, path, f"it cannot be read ({e})") from None
-    if meta is None:  # written by an older flatl2o: counters only in state.json
-        path = folder / "state.json"
-        meta = _legacy_meta(out, recipe, path, tensors)
     missing = sorted(set(_STATE_KEYS) - set(meta))
     if missing:
         raise _damaged(out, path, f"its counters lack {missing}")
@@ -180,35 +177,6 @@ def check_arithmetic(out: Path, meta: dict[str, Any], *, exact_resume: bool) -> 
         InexactResumeWarning,
         stacklevel=4,
     )
-
-
-def _legacy_meta(
-    out: Path, recipe: Recipe, path: Path, tensors: dict[str, Tensor]
-) -> dict[str, Any]:
-    """The counters of a checkpoint written before they moved into the safetensors file,
-    accepted only where the meta-optimizer's step count proves the two files belong together."""
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-        iteration = int(meta["iteration"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise _damaged(out, path, f"it cannot be read ({type(e).__name__}: {e})") from None
-    lengths = set(recipe.curriculum.lengths or [recipe.train.trajectory])
-    if len(lengths) != 1:
-        raise ResumeError(
-            f"{out}: the checkpoint was written by an older flatl2o that kept its "
-            "counters apart from its tensors, and with a multi-stage curriculum they cannot "
-            f"be checked to match; delete {out} (or choose another --out) and start again"
-        )
-    expected = iteration * (lengths.pop() // recipe.train.unroll)
-    steps = {float(v) for k, v in tensors.items() if k.startswith("opt.") and k.endswith(".step")}
-    if steps != {float(expected)}:
-        raise ResumeError(
-            f"{out}: {TRAINER_DIR}/state.json (iteration {iteration}) and {STATE_FILE} "
-            f"(meta-steps {sorted(steps)}, expected {expected}) come from different "
-            "checkpoints (the run was killed between their writes), so resuming would not "
-            f"reproduce the run; delete {out} (or choose another --out) and start again"
-        )
-    return meta
 
 
 def apply_state(
@@ -327,14 +295,14 @@ def _damaged(out: Path, path: Path, why: str) -> ResumeError:
     )
 
 
-def _state_metadata(data: bytes) -> dict[str, Any] | None:
-    """The counters stored in a trainer checkpoint's safetensors metadata (``None``: an older
-    checkpoint without them). Raises ``ValueError`` on a malformed header."""
+def _state_metadata(data: bytes) -> dict[str, Any]:
+    """The counters stored in a trainer checkpoint's safetensors metadata. Raises
+    ``ValueError`` on a malformed header or when they are missing."""
     header, _ = safetensors_header(data)
     metadata = header.get("__metadata__")
     text = metadata.get(STATE_METADATA_KEY) if isinstance(metadata, dict) else None
     if text is None:
-        return None
+        raise ValueError(f"its metadata holds no counters ({STATE_METADATA_KEY})")
     meta = json.loads(text) if isinstance(text, str) else None
     if not isinstance(meta, dict):
         raise ValueError("its counters are not a JSON object")
