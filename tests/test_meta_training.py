@@ -768,16 +768,16 @@ class _Killed(BaseException):
 def _kill_when_writing_state_json(monkeypatch, iteration: int) -> None:
     """Make the trainer die when it writes ``trainer_state/state.json`` for ``iteration``,
     after that checkpoint's ``state.safetensors`` was written."""
-    import flatl2o.meta.trainer as trainer_module
+    import flatl2o.meta.run_state as run_state
 
-    real = trainer_module.atomic_write_text
+    real = run_state.atomic_write_text
 
     def write(path, text):
         if Path(path).name == "state.json" and json.loads(text)["iteration"] == iteration:
             raise _Killed
         return real(path, text)
 
-    monkeypatch.setattr(trainer_module, "atomic_write_text", write)
+    monkeypatch.setattr(run_state, "atomic_write_text", write)
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -816,31 +816,26 @@ def test_a_kill_between_the_checkpoint_writes_resumes_exactly(tmp_path, monkeypa
 
 
 def _strip_counters(folder: Path) -> None:
-    """Rewrite a checkpoint as flatl2o wrote it before the counters moved into the tensors file."""
+    """Rewrite a checkpoint's tensors file without the counters in its metadata."""
     from safetensors.torch import load_file, save_file
 
     path = folder / "trainer_state" / "state.safetensors"
     save_file(load_file(str(path)), str(path))
 
 
-def test_an_older_checkpoint_pair_resumes_when_it_matches_and_is_refused_when_torn(
-    tmp_path, finished_run
-):
+def test_a_checkpoint_without_counters_is_not_resumed_from_state_json(tmp_path, finished_run):
+    """The counters are read from state.safetensors only (one atomic file); state.json is a
+    copy, so a tensors file without them is damaged even next to a matching state.json
+    (the format that kept them only in state.json was never released)."""
     import shutil
 
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    _strip_counters(out)
+    assert json.loads((out / "trainer_state" / "state.json").read_text())["iteration"] == 4
     recipe = recipe_from_dict(tiny(train={"imitation_prob": 0.3}))
-    # a consistent old-format pair: counters only in state.json -> resumes (and finishes)
-    legacy = tmp_path / "legacy"
-    shutil.copytree(finished_run, legacy)
-    _strip_counters(legacy)
-    trainer = MetaTrainer(recipe, legacy, resume=True, progress=False)
-    assert trainer.iteration == 4
-    # a torn old-format pair: state.json of iteration 2 next to the tensors of iteration 4
-    state = json.loads((legacy / "trainer_state" / "state.json").read_text())
-    state["iteration"] = 2
-    (legacy / "trainer_state" / "state.json").write_text(json.dumps(state))
-    with pytest.raises(ResumeError, match=r"come from different checkpoints"):
-        MetaTrainer(recipe, legacy, resume=True, progress=False)
+    with pytest.raises(ResumeError, match=r"damaged or incomplete: .*holds no counters"):
+        MetaTrainer(recipe, out, resume=True, progress=False)
 
 
 def _corrupt(folder: Path, case: str) -> None:
@@ -871,19 +866,8 @@ def _corrupt(folder: Path, case: str) -> None:
         else:
             del tensors["rng"]
         save_file(tensors, str(tensors_path), metadata=metadata)
-    elif case.startswith("old format"):
+    elif case == "no counters":
         _strip_counters(folder)
-        json_path = state / "state.json"
-        if case == "old format, empty state.json":
-            json_path.write_text("")
-        elif case == "old format, truncated state.json":
-            json_path.write_text(json_path.read_text()[:200])
-        elif case == "old format, missing key":
-            meta = json.loads(json_path.read_text())
-            del meta["log_lines"]
-            json_path.write_text(json.dumps(meta))
-        elif case == "old format, missing state.json":
-            json_path.unlink()
     else:  # pragma: no cover
         raise AssertionError(case)
 
@@ -898,10 +882,7 @@ def _corrupt(folder: Path, case: str) -> None:
         "missing tensors",
         "missing counter",
         "missing rng tensor",
-        "old format, empty state.json",
-        "old format, truncated state.json",
-        "old format, missing key",
-        "old format, missing state.json",
+        "no counters",
     ],
 )
 def test_a_damaged_checkpoint_is_a_one_line_resume_error(tmp_path, capsys, finished_run, case):

@@ -18,120 +18,87 @@ rounding). Only rank 0 validates, logs and writes files; decisions are broadcast
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 import shlex
-import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as safetensors_load
-from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from flatl2o import distributed
 from flatl2o.checkpoint import (
-    CHECKPOINT_FILES,
-    MODEL_CARD_NAME,
     CheckpointError,
-    atomic_write_bytes,
     atomic_write_text,
-    safetensors_header,
     save_rule,
-    write_checkpoint_files,
 )
 from flatl2o.hub import (
     checkpoint_location,
     load_rule,
-    portable_command,
     render_model_card,
-    retarget_model_card,
 )
+from flatl2o.meta.card import (
+    card_body,
+    git_commit,
+    refresh_model_card,
+    render_checkpoint_card,
+    user_task_line,
+)
+from flatl2o.meta.export import EXPORTED_FILES, export_name, export_run
+from flatl2o.meta.objective import MetaObjective, adam_teacher_step
+from flatl2o.meta.plots import plot_log
 from flatl2o.meta.recipe import (
     REGULARIZER_SEED_OFFSET,
     SLOT_SEED_STRIDE,
     VAL_SEED_OFFSET,
     Recipe,
     RecipeError,
-    load_recipe,
-    recipe_from_dict,
 )
 from flatl2o.meta.regularizers import make_regularizer, regularized_unroll
 from flatl2o.meta.rollout import evaluate_rule, rollout
-from flatl2o.meta.tasks import Task, make_task
-from flatl2o.rules import ConfigError, RuleConfig, State, UpdateRule, build_rule, make_rule
-
-TRAINER_DIR = "trainer_state"
-#: The resumable checkpoint: tensors, with every counter in its metadata (one atomic file).
-STATE_FILE = "state.safetensors"
-STATE_METADATA_KEY = "flatl2o_trainer_state"
-#: Counters a checkpoint must hold to be resumed.
-_STATE_KEYS = (
-    "iteration",
-    "stage",
-    "best_val",
-    "bad_validations",
-    "log_lines",
-    "param_groups",
-    "recipe",
+from flatl2o.meta.run_state import (
+    LOG_NAME,
+    TRAINER_DIR,
+    InexactResumeWarning,
+    ResumeError,
+    append_log,
+    apply_state,
+    check_fresh_folder,
+    read_state,
+    rule_from_config,
+    strict_json,
+    write_state,
 )
-LOG_NAME = "log.jsonl"
-#: What a shipped checkpoint folder holds (see ``pretrained/``).
-EXPORTED_FILES = CHECKPOINT_FILES
+from flatl2o.meta.tasks import Task, make_task
+from flatl2o.rules import State, UpdateRule, make_rule
 
-
-class InexactResumeWarning(UserWarning):
-    """A resume allowed to continue with other arithmetic (thread count, torch version)."""
-
-
-#: What a checkpoint records of the arithmetic that produced it (see :func:`arithmetic`).
-ARITHMETIC_NAMES = {"threads": "torch intra-op threads", "torch": "torch version"}
-
-
-def arithmetic() -> dict[str, Any]:
-    """The settings, besides the recipe, that change a run's bits: torch's intra-op thread
-    count (it splits float reductions differently) and the torch version."""
-    return {"threads": torch.get_num_threads(), "torch": torch.__version__}
-
-
-class ResumeError(RuntimeError):
-    """A run folder that cannot be used as asked: nothing (or a damaged or different
-    checkpoint) to resume, or an earlier run in the way of a new one."""
+__all__ = [
+    "EXPORTED_FILES",
+    "LOG_NAME",
+    "TRAINER_DIR",
+    "InexactResumeWarning",
+    "MetaTrainer",
+    "ResumeError",
+    "adam_teacher_step",
+    "card_body",
+    "export_name",
+    "meta_train",
+    "plot_log",
+    "refresh_model_card",
+    "regularized_unroll",
+    "render_checkpoint_card",
+    "slot_seed",
+    "strict_json",
+]
 
 
 def slot_seed(seed: int, slot: int) -> int:
     """Seed of optimizee slot ``slot``'s generator: ``seed + slot * 2**32`` (slot 0: ``seed``)."""
     return seed + slot * SLOT_SEED_STRIDE
-
-
-class _Objective(nn.Module):
-    """Holds the rule and runs a meta-objective as its forward, so that DDP all-reduces
-    (averages) the rule's meta-gradient over ranks in that objective's backward."""
-
-    def __init__(self, rule: UpdateRule) -> None:
-        super().__init__()
-        self.rule = rule
-
-    def forward(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return fn(*args)
-
-
-def adam_teacher_step(
-    grad: Tensor, m: Tensor, v: Tensor, t: int, lr: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One step of the analytic teacher (Adam, betas 0.9/0.999): ``(step, m, v)``."""
-    m = 0.9 * m + 0.1 * grad
-    v = 0.999 * v + 0.001 * grad * grad
-    step = lr * (m / (1 - 0.9**t)) / (torch.sqrt(v / (1 - 0.999**t)) + 1e-8)
-    return step, m, v
 
 
 class MetaTrainer:
@@ -162,7 +129,17 @@ class MetaTrainer:
         payload: Any = None
         if self.rank == 0:
             try:
-                payload = self._read_state() if resume else self._check_fresh_folder()
+                payload = (
+                    read_state(
+                        self.out,
+                        recipe,
+                        world_size=self.world_size,
+                        meta_batch=meta_batch,
+                        exact_resume=exact_resume,
+                    )
+                    if resume
+                    else check_fresh_folder(self.out)
+                )
             except ResumeError as e:
                 payload = e
         payload = distributed.broadcast_object(payload)
@@ -176,7 +153,7 @@ class MetaTrainer:
         )
         self.progress = progress
         self.command = command or " ".join(shlex.quote(a) for a in sys.argv)
-        self.git_commit = _git_commit()  # the code that trains, not the code at the end
+        self.git_commit = git_commit()  # the code that trains, not the code at the end
         train = recipe.train
         first = self.rank * meta_batch  # this process unrolls slots first .. first+meta_batch-1
         self.generators = [
@@ -198,25 +175,33 @@ class MetaTrainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(train.seed)
             if saved_config is not None:  # the checkpoint has the weights: no init_from needed
-                self.rule = _rule_from_config(saved_config, self.out)
+                rule = rule_from_config(saved_config, self.out)
             elif recipe.rule.init_from:
-                self.rule = load_rule(recipe.rule.init_from)
-                if self.rule.architecture != recipe.rule.architecture:
+                rule = load_rule(recipe.rule.init_from)
+                if rule.architecture != recipe.rule.architecture:
                     raise RecipeError(
                         f"[rule].init_from {recipe.rule.init_from!r} is a "
-                        f"{self.rule.architecture!r} rule but [rule].architecture is "
+                        f"{rule.architecture!r} rule but [rule].architecture is "
                         f"{recipe.rule.architecture!r}; make them agree (e.g. override "
-                        f"rule.architecture={self.rule.architecture})"
+                        f"rule.architecture={rule.architecture})"
                     )
             else:
-                self.rule = make_rule(recipe.rule.architecture, **recipe.rule.options)
-        self.rule.train()
-        self.meta_opt = torch.optim.Adam(self.rule.parameters(), lr=train.meta_lr)
+                rule = make_rule(recipe.rule.architecture, **recipe.rule.options)
+        rule.train()
+        self.meta_opt = torch.optim.Adam(rule.parameters(), lr=train.meta_lr)
         reg = recipe.regularizer
         self.regularizer = (
             make_regularizer(reg.name, **reg.options)
             if reg.name != "none" and reg.alpha > 0
             else None
+        )
+        self.objective = MetaObjective(
+            rule,
+            self.task,
+            recipe,
+            regularizer=self.regularizer,
+            generators=self.generators,
+            reg_generators=self.reg_generators,
         )
         self.lengths = recipe.curriculum.lengths or [train.trajectory]
         self.iteration = 0
@@ -225,38 +210,50 @@ class MetaTrainer:
         self.bad_validations = 0
         self.log_lines = 0
         if resume:
-            self._apply_state(*payload)
+            counters = apply_state(
+                self.out,
+                *payload,
+                rule=self.rule,
+                meta_opt=self.meta_opt,
+                generators=self.generators,
+                reg_generators=self.reg_generators or [],
+                first_slot=first,
+            )
+            self.iteration = counters["iteration"]
+            self.stage = counters["stage"]
+            self.best_val = counters["best_val"]
+            self.bad_validations = counters["bad_validations"]
+            self.log_lines = counters["log_lines"]
         self._ddp: nn.Module | None = None
         if self.world_size > 1:  # after a resume: DDP starts from rank 0's (loaded) weights
             from torch.nn.parallel import DistributedDataParallel
 
-            self._ddp = DistributedDataParallel(_Objective(self.rule), broadcast_buffers=False)
+            self._ddp = DistributedDataParallel(self.objective, broadcast_buffers=False)
 
     # ------------------------------------------------------------------ training
+    @property
+    def rule(self) -> UpdateRule:
+        """The rule being meta-trained (held by :attr:`objective`, which DDP wraps)."""
+        return self.objective.rule
+
+    @rule.setter
+    def rule(self, rule: UpdateRule) -> None:
+        self.objective.rule = rule
+
     def meta_loss_term(self, loss: Tensor) -> Tensor:
         """One optimizee loss as it enters the meta-objective (plain or log)."""
-        return torch.log(loss) if self.recipe.train.meta_loss == "log" else loss
+        return self.objective.meta_loss_term(loss)
 
-    def _objective(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)``; under torchrun through DDP, whose backward averages the meta-gradient."""
-        return fn(*args) if self._ddp is None else self._ddp(fn, *args)
-
-    def _slots(self, theta: Tensor) -> tuple[Tensor, ...]:
-        """The optimizees of this process in the concatenated parameter vector."""
-        return (theta,) if self.meta_batch == 1 else theta.split(self.task.num_params)
-
-    def _slot_grads(self, losses: list[Tensor], parts: tuple[Tensor, ...], **kw: Any) -> Tensor:
-        """Each optimizee's loss gradient, concatenated like ``theta``."""
-        grads = torch.autograd.grad(losses, parts, **kw)
-        return grads[0] if len(grads) == 1 else torch.cat(grads)
+    def _objective(self, kind: str, *args: Any) -> Any:
+        """The ``kind`` objective of :class:`MetaObjective`; under torchrun through DDP, whose
+        backward averages the meta-gradient."""
+        return self.objective(kind, *args) if self._ddp is None else self._ddp(kind, *args)
 
     def unroll(
         self, theta: Tensor, state: State, step: int, regularize: bool
     ) -> tuple[Tensor, State, dict[str, float]]:
         """One truncated unroll of ``unroll`` steps and its meta-step."""
-        meta, reg_value, theta, state = self._objective(
-            self.unroll_objective, theta, state, step, regularize
-        )
+        meta, reg_value, theta, state = self._objective("unroll", theta, state, step, regularize)
         alpha = self.recipe.regularizer.alpha
         self._meta_step(meta + alpha * reg_value if reg_value is not None else meta)
         metrics = {"meta_loss": float(meta.detach())}
@@ -267,50 +264,14 @@ class MetaTrainer:
     def unroll_objective(
         self, theta: Tensor, state: State, step: int, regularize: bool
     ) -> tuple[Tensor, Tensor | None, Tensor, State]:
-        """Run one unroll differentiably: ``(mean meta-loss, mean R or None, theta, state)``.
-
-        ``theta`` holds this process's ``meta_batch`` optimizees one after the other; the
-        meta-loss and R are means over all of them.
-        """
-        train, reg = self.recipe.train, self.recipe.regularizer
-        theta = theta.detach().requires_grad_(True)
-        state = {k: v.detach() for k, v in state.items()}
-        terms: list[Tensor] = []
-        regs: list[Tensor] = []
-        for t in range(train.unroll + 1):
-            parts = self._slots(theta)
-            losses = []
-            for j, (part, gen) in enumerate(zip(parts, self.generators, strict=True)):
-                x, y = self.task.sample_batch(gen)
-                loss = self.task.loss(part, x, y)
-                losses.append(loss)
-                if t > 0:  # theta_0 of an unroll does not depend on the rule
-                    terms.append(self.meta_loss_term(loss))
-                    if regularize and (step + t) % reg.every == 0:
-
-                        def batch_loss(th: Tensor, x: Tensor = x, y: Tensor = y) -> Tensor:
-                            return self.task.loss(th, x, y)
-
-                        draws = gen if self.reg_generators is None else self.reg_generators[j]
-                        regs.append(self.regularizer(batch_loss, part, generator=draws))
-            if t == train.unroll:
-                break
-            grad = self._slot_grads(
-                losses, parts, create_graph=train.second_order, retain_graph=True
-            )
-            if not train.second_order:
-                grad = grad.detach()
-            delta, state = self.rule(grad, state, step + t + 1)
-            theta = theta - delta
-        meta = torch.stack(terms).mean()
-        reg_value = torch.stack(regs).mean() if regs else None
-        return meta, reg_value, theta, state
+        """Run one unroll differentiably (:meth:`MetaObjective.unroll_objective`)."""
+        return self.objective.unroll_objective(theta, state, step, regularize)
 
     def imitation_unroll(
         self, theta: Tensor, state: State, step: int
     ) -> tuple[Tensor, State, dict[str, float]]:
         """An unroll that trains the rule to reproduce Adam's steps along Adam's trajectory."""
-        objective, theta, state = self._objective(self.imitation_objective, theta, state, step)
+        objective, theta, state = self._objective("imitation", theta, state, step)
         self._meta_step(objective)
         return (
             theta,
@@ -321,27 +282,8 @@ class MetaTrainer:
     def imitation_objective(
         self, theta: Tensor, state: State, step: int
     ) -> tuple[Tensor, Tensor, State]:
-        """The imitation unroll's objective, ``theta`` moved by the teacher, and the rule state."""
-        train = self.recipe.train
-        theta = theta.detach()
-        state = {k: v.detach() for k, v in state.items()}
-        m = torch.zeros_like(theta)
-        v = torch.zeros_like(theta)
-        terms: list[Tensor] = []
-        for t in range(train.unroll):
-            with torch.enable_grad():
-                th = theta.clone().requires_grad_(True)
-                parts = self._slots(th)
-                losses = []
-                for part, gen in zip(parts, self.generators, strict=True):
-                    x, y = self.task.sample_batch(gen)
-                    losses.append(self.task.loss(part, x, y))
-                grad = self._slot_grads(losses, parts)
-            teacher, m, v = adam_teacher_step(grad, m, v, t + 1, train.imitation_lr)
-            delta, state = self.rule(grad, state, step + t + 1)
-            terms.append(torch.mean((delta - teacher) ** 2) / train.imitation_lr**2)
-            theta = theta - teacher
-        return torch.stack(terms).mean(), theta, state
+        """The imitation unroll's objective (:meth:`MetaObjective.imitation_objective`)."""
+        return self.objective.imitation_objective(theta, state, step)
 
     def _meta_step(self, objective: Tensor) -> None:
         self.meta_opt.zero_grad(set_to_none=True)
@@ -458,13 +400,11 @@ class MetaTrainer:
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.rank == 0:
-            with open(self.out / LOG_NAME, "a", encoding="utf-8") as f:
-                f.write(strict_json(record) + "\n")
+            append_log(self.out, record)
         self.log_lines += 1
 
-    # ------------------------------------------------------------- checkpoints
     def _save_state(self) -> None:
-        """Everything needed to continue exactly: rule, meta-optimizer, RNGs, counters.
+        """Checkpoint everything needed to continue exactly (:func:`run_state.write_state`).
 
         Every rank's slot generators are gathered to rank 0, which writes; the ranks' rules
         are checked to be identical first (DDP keeps them so; this catches a broken setup).
@@ -484,208 +424,23 @@ class MetaTrainer:
             )
         if self.rank != 0:
             return
-        tensors: dict[str, Tensor] = {
-            f"rule.{k}": v.detach().clone().contiguous() for k, v in self.rule.state_dict().items()
-        }
-        opt = self.meta_opt.state_dict()
-        for idx, st in opt["state"].items():
-            for key, value in st.items():
-                tensors[f"opt.{idx}.{key}"] = value.detach().clone().reshape(value.shape)
-        slot_states = [state for _, states, _ in gathered for state in states]
-        tensors["rng"] = slot_states[0]  # slot 0: the run's generator in a single process
-        for j, state in enumerate(slot_states[1:], start=1):
-            tensors[f"rng.{j}"] = state
-        reg_states = [state for _, _, states in gathered for state in states]
-        for j, state in enumerate(reg_states):  # [regularizer].rng = "own" only
-            tensors[f"reg_rng.{j}"] = state
-        meta = {
-            "iteration": self.iteration,
-            "stage": self.stage,
-            "best_val": self.best_val,
-            "bad_validations": self.bad_validations,
-            "log_lines": self.log_lines,
-            "param_groups": opt["param_groups"],
-            "recipe": self.recipe.to_dict(),
-            "slots": len(slot_states),
-            "world_size": self.world_size,
-            "meta_batch": self.meta_batch,
-            **arithmetic(),
-        }
-        meta["rule_config"] = self.rule.config.to_dict()
-        text = json.dumps(meta, indent=1)
-        folder = self.out / TRAINER_DIR
-        # one atomic file holds everything a resume reads (counters in the metadata), so a
-        # kill at any instant leaves either the previous checkpoint or this one, never a mix;
-        # state.json is a human-readable copy of the counters, written after it
-        data = safetensors_bytes(tensors, metadata={STATE_METADATA_KEY: text})
-        atomic_write_bytes(folder / STATE_FILE, data)
-        atomic_write_text(folder / "state.json", text)
-
-    def _check_fresh_folder(self) -> None:
-        """Refuse to start a new run in a folder that holds an earlier run or checkpoint: its
-        log would be appended to and its files overwritten."""
-        if (self.out / TRAINER_DIR).exists():
-            raise ResumeError(
-                f"{self.out} already holds a run; pass resume=True (--resume) to continue it, "
-                f"or choose another --out (or delete {self.out} to start over)"
-            )
-        found = _run_files(self.out)
-        if found:
-            raise ResumeError(
-                f"{self.out} already holds files of an earlier run or checkpoint "
-                f"({', '.join(found)}) and no checkpoint to resume, so a new run would append to "
-                f"its log and overwrite its files; choose another --out, or delete {self.out} "
-                "to start over"
-            )
-
-    def _apply_state(self, meta: dict[str, Any], tensors: dict[str, Tensor]) -> None:
-        """Load a checkpoint read by :meth:`_read_state` into the rule, meta-optimizer,
-        generators and counters (every rank)."""
-        source = self.out / TRAINER_DIR / STATE_FILE
-        try:
-            self.rule.load_state_dict(
-                {k[5:]: v for k, v in tensors.items() if k.startswith("rule.")}, strict=True
-            )
-            opt_state: dict[int, dict[str, Tensor]] = {}
-            for key, value in tensors.items():
-                if key.startswith("opt."):
-                    _, idx, name = key.split(".", 2)
-                    opt_state.setdefault(int(idx), {})[name] = value
-            self.meta_opt.load_state_dict(
-                {"state": opt_state, "param_groups": meta["param_groups"]}
-            )
-            first = self.rank * self.meta_batch
-            for j, gen in enumerate(self.generators, start=first):
-                gen.set_state(tensors["rng" if j == 0 else f"rng.{j}"])
-            for j, gen in enumerate(self.reg_generators or [], start=first):
-                gen.set_state(tensors[f"reg_rng.{j}"])
-            self.iteration = int(meta["iteration"])
-            self.stage = int(meta["stage"])
-            self.best_val = float(meta["best_val"])
-            self.bad_validations = int(meta["bad_validations"])
-            self.log_lines = int(meta["log_lines"])
-        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
-            raise _damaged(
-                self.out,
-                source,
-                f"it does not fit this run ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''})",
-            ) from None
-
-    def _read_state(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
-        """The saved counters and tensors, after checking they are complete and fit this run;
-        drops log records written after the checkpoint. Any problem is a :class:`ResumeError`."""
-        folder = self.out / TRAINER_DIR
-        path = folder / STATE_FILE
-        if not path.is_file():
-            if not (folder / "state.json").is_file():
-                again = (
-                    f"delete {self.out} (or choose another --out) and start again"
-                    if _run_files(self.out)
-                    else "start it again"
-                )
-                raise ResumeError(
-                    f"nothing to resume in {self.out}: no {TRAINER_DIR}/{STATE_FILE} (the run "
-                    f"saved no checkpoint yet); {again} without --resume"
-                )
-            raise _damaged(self.out, path, "it is missing (only state.json is there)")
-        try:
-            data = path.read_bytes()
-            meta = _state_metadata(data)
-            tensors = safetensors_load(data)
-        except (OSError, ValueError, SafetensorError) as e:
-            raise _damaged(self.out, path, f"it cannot be read ({e})") from None
-        if meta is None:  # written by an older flatl2o: counters only in state.json
-            path = folder / "state.json"
-            meta = self._legacy_meta(path, tensors)
-        missing = sorted(set(_STATE_KEYS) - set(meta))
-        if missing:
-            raise _damaged(self.out, path, f"its counters lack {missing}")
-        saved_recipe = _with_defaults(meta["recipe"])
-        if saved_recipe != self.recipe.to_dict():
-            changed = _recipe_differences(saved_recipe, self.recipe.to_dict())
-            raise ResumeError(
-                f"{self.out} was started with a different recipe ({'; '.join(changed)}); resume "
-                f"with the same recipe and overrides (saved copy: {self.out / 'recipe.toml'})"
-            )
-        slots = self.world_size * self.meta_batch
-        if meta.get("slots", 1) != slots:
-            raise ResumeError(
-                f"{self.out} was meta-trained with {meta.get('slots', 1)} optimizees per meta-step "
-                f"(processes x meta_batch: {meta.get('world_size', 1)} x "
-                f"{meta.get('meta_batch', 1)}), this run has {slots} ({self.world_size} x "
-                f"{self.meta_batch}); resume with the same product of --nproc-per-node and "
-                "--meta-batch"
-            )
-        self._check_arithmetic(meta)
-        log = self.out / LOG_NAME
-        if log.is_file():  # drop records written after the checkpoint we resume from
-            lines = log.read_text(encoding="utf-8").splitlines(keepends=True)
-            atomic_write_text(log, "".join(lines[: int(meta["log_lines"])]))
-        return meta, tensors
-
-    def _check_arithmetic(self, meta: dict[str, Any]) -> None:
-        """Refuse (or, with ``exact_resume=False``, warn about) a resume whose thread count or
-        torch version differs from the saved run's: float sums are then grouped differently, so
-        the run would not end bit-for-bit where an uninterrupted one ends. A checkpoint written
-        before these were recorded is resumed unchecked."""
-        now = arithmetic()
-        changed = {k: (meta[k], now[k]) for k in now if k in meta and meta[k] != now[k]}
-        if not changed:
-            return
-        what = "; ".join(
-            f"{ARITHMETIC_NAMES[k]}: saved {a}, now {b}" for k, (a, b) in changed.items()
+        write_state(
+            self.out,
+            rule=self.rule,
+            meta_opt=self.meta_opt,
+            slot_states=[state for _, states, _ in gathered for state in states],
+            reg_states=[state for _, _, states in gathered for state in states],
+            counters={
+                "iteration": self.iteration,
+                "stage": self.stage,
+                "best_val": self.best_val,
+                "bad_validations": self.bad_validations,
+                "log_lines": self.log_lines,
+            },
+            recipe=self.recipe,
+            world_size=self.world_size,
+            meta_batch=self.meta_batch,
         )
-        fixes = []
-        if "threads" in changed:
-            n = meta["threads"]
-            fixes.append(
-                f"--threads {n} (torch.set_num_threads({n}) in Python; OMP_NUM_THREADS={n} "
-                "sets the default)"
-            )
-        if "torch" in changed:
-            fixes.append(f"torch {meta['torch']}")
-        fix = "run with " + " and ".join(fixes)
-        if self.exact_resume:
-            raise ResumeError(
-                f"{self.out} was checkpointed with other arithmetic ({what}), so the resumed run "
-                f"would not be bit-for-bit the uninterrupted one; {fix}, or pass "
-                "--allow-inexact-resume (exact_resume=False) to continue anyway"
-            )
-        warnings.warn(
-            f"resuming {self.out} with other arithmetic ({what}): the run continues, but its "
-            "result will not be bit-for-bit that of an uninterrupted run",
-            InexactResumeWarning,
-            stacklevel=2,
-        )
-
-    def _legacy_meta(self, path: Path, tensors: dict[str, Tensor]) -> dict[str, Any]:
-        """The counters of a checkpoint written before they moved into the safetensors file,
-        accepted only where the meta-optimizer's step count proves the two files belong together."""
-        try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
-            iteration = int(meta["iteration"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise _damaged(self.out, path, f"it cannot be read ({type(e).__name__}: {e})") from None
-        lengths = set(self.recipe.curriculum.lengths or [self.recipe.train.trajectory])
-        if len(lengths) != 1:
-            raise ResumeError(
-                f"{self.out}: the checkpoint was written by an older flatl2o that kept its "
-                "counters apart from its tensors, and with a multi-stage curriculum they cannot "
-                f"be checked to match; delete {self.out} (or choose another --out) and start again"
-            )
-        expected = iteration * (lengths.pop() // self.recipe.train.unroll)
-        steps = {
-            float(v) for k, v in tensors.items() if k.startswith("opt.") and k.endswith(".step")
-        }
-        if steps != {float(expected)}:
-            raise ResumeError(
-                f"{self.out}: {TRAINER_DIR}/state.json (iteration {iteration}) and {STATE_FILE} "
-                f"(meta-steps {sorted(steps)}, expected {expected}) come from different "
-                "checkpoints (the run was killed between their writes), so resuming would not "
-                f"reproduce the run; delete {self.out} (or choose another --out) and start again"
-            )
-        return meta
 
     # ------------------------------------------------------------------ output
     def final_rule(self) -> UpdateRule:
@@ -729,38 +484,11 @@ class MetaTrainer:
         return self.out
 
     def export(self, folder: str | os.PathLike[str]) -> Path:
-        """Copy the shippable files (checkpoint, card, recipe, metrics, log, plot) to a folder.
-
-        The folder then holds this run's set and nothing of an earlier checkpoint: a file of
-        :data:`EXPORTED_FILES` that the run does not have is removed from it
-        (:func:`flatl2o.checkpoint.write_checkpoint_files`); other files are left alone.
-        """
-        folder = Path(folder)
-        files: dict[str, str | bytes] = {
-            name: (self.out / name).read_bytes()
-            for name in EXPORTED_FILES
-            if (self.out / name).is_file()
-        }
-        if MODEL_CARD_NAME in files:  # the card's usage line loads the exported copy
-            card = bytes(files[MODEL_CARD_NAME]).decode("utf-8")
-            files[MODEL_CARD_NAME] = retarget_model_card(card, export_name(folder))
-        write_checkpoint_files(folder, files)
-        return folder
+        """Copy the shippable files to a folder (:func:`flatl2o.meta.export.export_run`)."""
+        return export_run(self.out, folder)
 
     def _card_body(self, metrics: dict[str, Any]) -> str:
-        if self.custom_task:  # passed to meta_train(task=...): [task] was not used
-            batches = (
-                f"batch {self.task.batch_size}"
-                if self.task.dataset is not None
-                else "batches from its sampler"
-            )
-            task = (
-                f"a user-defined task `{self.task.name}` ({self.task.num_params} parameters, "
-                f"{batches}; passed to `meta_train(task=...)`, so the recipe's `[task]` "
-                "section was not used)"
-            )
-        else:
-            task = None
+        """The card's sections for this run (:func:`flatl2o.meta.card.card_body`)."""
         return card_body(
             self.recipe,
             metrics,
@@ -768,320 +496,8 @@ class MetaTrainer:
             git_commit=self.git_commit,
             optimizees=self.world_size * self.meta_batch,
             processes=self.world_size,
-            task=task,
+            task=user_task_line(self.task) if self.custom_task else None,
         )
-
-
-def card_body(
-    recipe: Recipe,
-    metrics: dict[str, Any],
-    *,
-    command: str,
-    git_commit: str,
-    optimizees: int = 1,
-    processes: int = 1,
-    task: str | None = None,
-    root: str | os.PathLike[str] | None = None,
-) -> str:
-    """The model card's "How it was made" and accuracy sections for a run of ``recipe``.
-
-    ``command`` is shown with its absolute paths made portable, relative to ``root`` (the
-    folder it ran in; default the current one, see :func:`flatl2o.hub.portable_command`);
-    ``task`` replaces the recipe's ``[task]`` line for a task passed to
-    ``meta_train(task=...)``.
-    """
-    r = recipe
-    reg = r.regularizer
-    regline = (
-        f"`{reg.name}` with alpha={reg.alpha}, schedule={reg.schedule}, every={reg.every}, "
-        f"options={reg.options}"
-        + (", rng=own (its own generator: the sibling's minibatches)" if reg.rng == "own" else "")
-        if reg.name != "none" and reg.alpha > 0
-        else "none (plain meta-training)"
-    )
-    task = task or f"`{r.task.name}` (batch {r.task.batch_size})"
-    lengths = r.curriculum.lengths or [r.train.trajectory]
-    lines = [
-        "## How it was made",
-        "",
-        r.description.strip() or "Meta-trained with flatl2o.",
-        "",
-        f"- Task: {task}, "
-        f"{r.train.iterations} trajectories, unroll {r.train.unroll}, "
-        f"curriculum {lengths}, meta-lr {r.train.meta_lr}, "
-        f"imitation probability {r.train.imitation_prob}.",
-        *(
-            [
-                f"- Optimizees per meta-step: {optimizees} "
-                f"({processes} processes x meta_batch {optimizees // processes})."
-            ]
-            if optimizees > 1
-            else []
-        ),
-        f"- Regularizer: {regline}.",
-        f"- Command: `{portable_command(command, root=root)}`",
-        # a commit id in backticks; a note about the commit (older cards) as it was written
-        f"- Git commit: {git_commit if ' ' in git_commit.strip() else f'`{git_commit}`'}",
-        "- Recipe: `recipe.toml` in this folder; the log is `log.jsonl`.",
-    ]
-    if metrics:
-        ev = r.evaluation
-        val = all(f"val_accuracy@{h}" in metrics for h in ev.horizons)
-        lines += [
-            "",
-            f"## Accuracy on the seen task ({ev.seeds} seeds, mean ± std)",
-            "",
-            *(
-                [
-                    "Compare or choose hyper-parameters (e.g. the regularizer's strength) on "
-                    "the validation columns; the test columns are for reporting only.",
-                    "",
-                    "| steps | val accuracy | val loss | test accuracy | test loss | train loss |",
-                    "|---|---|---|---|---|---|",
-                ]
-                if val
-                else ["| steps | test accuracy | test loss | train loss |", "|---|---|---|---|"]
-            ),
-        ]
-        for h in ev.horizons:
-            cells = [
-                f"{_num(metrics[f'test_accuracy@{h}'])} ± "
-                f"{_num(metrics[f'test_accuracy_std@{h}'])}",
-                _num(metrics[f"test_loss@{h}"]),
-                _num(metrics[f"train_loss@{h}"]),
-            ]
-            if val:
-                cells[:0] = [
-                    f"{_num(metrics[f'val_accuracy@{h}'])} ± "
-                    f"{_num(metrics.get(f'val_accuracy_std@{h}'))}",
-                    _num(metrics[f"val_loss@{h}"]),
-                ]
-            lines.append(f"| {h} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-#: Sections of a model card that :func:`card_body` and :func:`flatl2o.hub.render_model_card`
-#: write (older flatl2o titled the accuracy section "Test accuracy on the seen task ...").
-_RENDERED_SECTIONS = re.compile(
-    r"^## (Metrics|How it was made|(Test a|A)ccuracy on the seen task\b.*)$"
-)
-_CARD_FIELD = re.compile(r"^- (?P<key>Command|Git commit|Optimizees per meta-step): (?P<value>.*)$")
-
-
-def refresh_model_card(
-    folder: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None
-) -> str:
-    """Rewrite ``README.md`` of a meta-training checkpoint folder with
-    :func:`render_checkpoint_card`; return the new card."""
-    card = render_checkpoint_card(folder, root=root)
-    atomic_write_text(Path(folder) / MODEL_CARD_NAME, card)
-    return card
-
-
-def render_checkpoint_card(
-    folder: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None
-) -> str:
-    """The model card of a meta-training checkpoint folder, rendered again (nothing written).
-
-    The card is made from the folder's own files (rule, ``recipe.toml``, ``metrics.json``) by
-    the renderer every new run uses, so it shows today's layout and never a build machine's
-    path; the command, git commit and optimizee count are read from the old card (the only
-    place that records them; its absolute paths are made relative to ``root``, the folder it
-    was run in, default the current one), and sections the renderer does not write (notes
-    added to a shipped card) are kept, in their place.
-    """
-    folder = Path(folder)
-    old = (folder / MODEL_CARD_NAME).read_text(encoding="utf-8")
-    rule = load_rule(folder)
-    recipe = load_recipe(folder / "recipe.toml")
-    metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
-    fields: dict[str, str] = {}
-    notes: list[str] = []
-    keep = False
-    for line in old.split("\n"):
-        if line.startswith("## "):
-            keep = _RENDERED_SECTIONS.match(line) is None
-        if keep:
-            notes.append(line)
-        match = _CARD_FIELD.match(line)
-        if match is not None:
-            fields[match["key"]] = match["value"]
-    optimizees = processes = 1
-    counts = re.match(r"(\d+) \((\d+) processes", fields.get("Optimizees per meta-step", ""))
-    if counts is not None:
-        optimizees, processes = int(counts[1]), int(counts[2])
-
-    def unquoted(value: str) -> str:
-        match = re.fullmatch(r"`([^`]*)`", value)
-        return match[1] if match is not None else value
-
-    body = card_body(
-        recipe,
-        metrics,
-        command=unquoted(fields.get("Command", "`unknown`")),
-        git_commit=unquoted(fields.get("Git commit", "`unknown`")),
-        optimizees=optimizees,
-        processes=processes,
-        root=root,
-    )
-    extra = "\n".join(notes).strip()
-    return render_model_card(
-        rule,
-        title=recipe.name,
-        load_from=checkpoint_location(folder),
-        metrics=metrics,
-        body=f"{extra}\n\n{body}" if extra else body,
-    )
-
-
-def _num(value: Any) -> str:
-    """A model-card table number: 4 decimals (``inf``/``nan`` as such), ``n/a`` when missing."""
-    return f"{value:.4f}" if isinstance(value, float | int) else "n/a"
-
-
-def export_name(folder: str | os.PathLike[str]) -> str:
-    """How to load an exported folder: its shipped name if it is ``pretrained/<name>`` of this
-    flatl2o (source checkout or wheel), else its path, relative where it can be
-    (:func:`flatl2o.hub.checkpoint_location`)."""
-    return checkpoint_location(folder)
-
-
-def _run_files(folder: Path) -> list[str]:
-    """The files and folders of a run or checkpoint that ``folder`` already holds."""
-    names = (*EXPORTED_FILES, "best", TRAINER_DIR)
-    return [name for name in names if (folder / name).exists()]
-
-
-def _damaged(out: Path, path: Path, why: str) -> ResumeError:
-    """The error for a checkpoint file that cannot be resumed from."""
-    return ResumeError(
-        f"cannot resume {out}: the checkpoint {path} is damaged or incomplete: {why}; the run "
-        f"cannot continue from it exactly: delete {out} (or choose another --out) and start again"
-    )
-
-
-def _state_metadata(data: bytes) -> dict[str, Any] | None:
-    """The counters stored in a trainer checkpoint's safetensors metadata (``None``: an older
-    checkpoint without them). Raises ``ValueError`` on a malformed header."""
-    header, _ = safetensors_header(data)
-    metadata = header.get("__metadata__")
-    text = metadata.get(STATE_METADATA_KEY) if isinstance(metadata, dict) else None
-    if text is None:
-        return None
-    meta = json.loads(text) if isinstance(text, str) else None
-    if not isinstance(meta, dict):
-        raise ValueError("its counters are not a JSON object")
-    return meta
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (recipe keys as overrides spell them)."""
-    if not isinstance(data, dict) or not data:
-        return {prefix: data}
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
-    return flat
-
-
-def _with_defaults(saved: Any) -> Any:
-    """A saved recipe with the keys added to recipes since it was written filled in with
-    their defaults (which reproduce the behaviour it was trained with), so a run started by
-    an older flatl2o still resumes; anything unreadable is returned as it is."""
-    try:
-        return recipe_from_dict(saved).to_dict()
-    except (RecipeError, TypeError, AttributeError, ValueError):
-        return saved
-
-
-def _recipe_differences(saved: Any, current: dict[str, Any]) -> list[str]:
-    """The recipe keys whose values differ, as ``key: saved X, now Y``."""
-    if not isinstance(saved, dict):
-        return ["the saved recipe is not a table"]
-    old, new = _flatten(saved), _flatten(current)
-
-    def show(values: dict[str, Any], key: str) -> str:
-        return repr(values[key]) if key in values else "absent"
-
-    return [
-        f"{key}: saved {show(old, key)}, now {show(new, key)}"
-        for key in sorted(set(old) | set(new))
-        if key not in old or key not in new or old[key] != new[key]
-    ]
-
-
-def _rule_from_config(config: Any, out: Path) -> UpdateRule:
-    """A fresh rule of the architecture a checkpoint was saved with (weights loaded later)."""
-    try:
-        return build_rule(RuleConfig.from_dict(config, source="rule_config"))
-    except ConfigError as e:
-        raise _damaged(out, out / TRAINER_DIR / STATE_FILE, str(e)) from None
-
-
-def _finite_or_none(value: Any) -> Any:
-    """``value`` with every non-finite float (inf, -inf, nan) replaced by ``None``."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
-    return value
-
-
-def strict_json(value: Any, **kwargs: Any) -> str:
-    """Strict JSON (RFC 8259): non-finite floats, which ``json.dumps`` would write as the
-    non-standard ``Infinity`` / ``NaN`` tokens, are written as ``null``."""
-    return json.dumps(_finite_or_none(value), allow_nan=False, **kwargs)
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).resolve().parent,
-            timeout=10,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def plot_log(log: Path, out: Path) -> Path | None:
-    """Plot meta-loss, regularizer and validation loss from a run's JSONL log (if matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    if not log.is_file():
-        return None
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    keys = [
-        k
-        for k in ("meta_loss", "regularizer", "imitation", "val_loss")
-        if any(r.get(k) is not None for r in records)
-    ]
-    if not keys:
-        return None
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
-    for ax, key in zip(axes[0], keys, strict=True):
-        pts = [(r["iteration"], r[key]) for r in records if r.get(key) is not None]
-        # a line needs two points: a series of one or two is drawn with visible markers
-        marker = "o" if len(pts) < 3 else "." if key == "val_loss" else None
-        ax.plot(*zip(*pts, strict=True), marker=marker)
-        ax.set_title(key)
-        ax.set_xlabel("trajectory")
-        if key != "regularizer" and all(v > 0 for _, v in pts):
-            ax.set_yscale("log")  # only when every value can be drawn on a log axis
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
 
 
 def meta_train(
