@@ -4,11 +4,12 @@
     MKL_ENABLE_INSTRUCTIONS=AVX2 python benchmarks/cpu_profile.py --no-avx512
         # the AVX2 path, against the matmul rate of an AVX2-only machine
 
-Builds profiling variants of flatl2o/kernels/cpu_step.c (``-DFLATL2O_PROFILE_...``: the
-gate products replaced by a copy, or the exp/reciprocal-based sigmoid/tanh replaced by
-linear stand-ins; their numbers are wrong and only their time is used) and times each on
-1M coordinates, next to one thread's fp32 matmul rate (a 1024x1024 matmul) and Adam.
-Differences between variants attribute the step's time.
+Builds profiling variants of flatl2o/kernels/cpu_step.c (the edits in EDITS, applied to a
+copy of the source here, so the shipped kernel carries no profiling code: the gate products
+replaced by a copy, or the exp/reciprocal-based sigmoid/tanh replaced by linear stand-ins;
+their numbers are wrong and only their time is used) and times each on 1M coordinates, next
+to one thread's fp32 matmul rate (a 1024x1024 matmul) and Adam. Differences between
+variants attribute the step's time.
 
 Every measurement is the best of ``--reps`` runs, and the runs are interleaved (matmul,
 Adam, every variant of both rules, then again): on a shared machine interference only
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,15 +34,82 @@ from flatl2o import make_rule
 from flatl2o.kernels import cpu, rule_program
 
 N = 1_000_000
+#: Profiling edits of cpu_step.c, as (text, replacement) pairs, each text found exactly once.
+#: "cheap nonlinear": sigmoid/tanh become linear (no exp/reciprocal); "skip matvec": the gate
+#: products become a copy of the inputs (no FMAs), in each of the three code paths.
+EDITS = {
+    "cheap nonlinear": [
+        (
+            "static inline float sigmoid_poly(float x) { return 1.0f / (1.0f + exp_poly(-x)); }",
+            "static inline float sigmoid_poly(float x) { return 0.5f + 0.25f * x; }",
+        ),
+        (
+            "static inline float tanh_poly(float x) "
+            "{ return 1.0f - 2.0f / (1.0f + exp_poly(2.0f * x)); }",
+            "static inline float tanh_poly(float x) { return 0.5f * x; }",
+        ),
+        (
+            "static inline __m512 sig2(__m512 t) {\n",
+            "static inline __m512 sig2(__m512 t) {\n"
+            "    return _mm512_fmadd_ps(t, _mm512_set1_ps(-0.25f), _mm512_set1_ps(0.5f));\n",
+        ),
+        (
+            "static inline __m256 sig2(__m256 t) {\n",
+            "static inline __m256 sig2(__m256 t) {\n"
+            "    return _mm256_fmadd_ps(t, _mm256_set1_ps(-0.25f), _mm256_set1_ps(0.5f));\n",
+        ),
+    ],
+    "skip matvec": [
+        ("    const float *w = W + V0 * 16;\n", "#if 0\n    const float *w = W + V0 * 16;\n"),
+        (
+            "    for (int t = 0; t < CB; ++t)\n"
+            "        for (int v = 0; v < NV_; ++v) _mm512_storeu_ps(",
+            "#else\n"
+            "    (void)W, (void)K, (void)H, (void)xs;\n"
+            "    for (int t = 0; t < CB; ++t)\n"
+            "        for (int v = 0; v < NV_; ++v)\n"
+            "            acc[t][v] =\n"
+            "                _mm512_add_ps(acc[t][v], _mm512_set1_ps(x[t][0] + h[t][V0 + v]));\n"
+            "#endif\n"
+            "    for (int t = 0; t < CB; ++t)\n"
+            "        for (int v = 0; v < NV_; ++v) _mm512_storeu_ps(",
+        ),
+        ("    const float *w = W + Y0 * 8;\n", "#if 0\n    const float *w = W + Y0 * 8;\n"),
+        (
+            "    for (int v = 0; v < NY_; ++v) G[Y0 + v] = acc[v];\n",
+            "#else\n"
+            "    (void)W, (void)K, (void)H, (void)xs;\n"
+            "    for (int v = 0; v < NY_; ++v)\n"
+            "        acc[v] = _mm256_add_ps(acc[v], _mm256_set1_ps(x[0] + h[(Y0 + v) % H]));\n"
+            "#endif\n"
+            "    for (int v = 0; v < NY_; ++v) G[Y0 + v] = acc[v];\n",
+        ),
+        (
+            "        matvec_tile(a->w[l], a->b[l], 4 * H, K + H, in, gates);\n",
+            "        for (int r = 0; r < 4 * H; ++r)\n"
+            "            for (int t = 0; t < TILE; ++t) gates[r][t] = in[r % (K + H)][t];\n",
+        ),
+    ],
+}
 VARIANTS = {
     "full step": (),
-    "no exp/reciprocal nonlinearities": ("FLATL2O_PROFILE_CHEAP_NONLINEAR",),
-    "no gate products": ("FLATL2O_PROFILE_SKIP_MATVEC",),
-    "neither (loads, stores, pre/post-processing)": (
-        "FLATL2O_PROFILE_CHEAP_NONLINEAR",
-        "FLATL2O_PROFILE_SKIP_MATVEC",
-    ),
+    "no exp/reciprocal nonlinearities": ("cheap nonlinear",),
+    "no gate products": ("skip matvec",),
+    "neither (loads, stores, pre/post-processing)": ("cheap nonlinear", "skip matvec"),
 }
+
+
+def profiling_source(edits: tuple[str, ...], directory: Path) -> Path:
+    """cpu_step.c with the named EDITS applied, written to ``directory``."""
+    text = cpu.SOURCE.read_text()
+    for name in edits:
+        for old, new in EDITS[name]:
+            if text.count(old) != 1:
+                raise SystemExit(f"cpu_step.c changed: update EDITS[{name!r}] ({old[:60]!r})")
+            text = text.replace(old, new)
+    path = directory / ("cpu_step-" + "-".join(e.replace(" ", "_") for e in edits) + ".c")
+    path.write_text(text)
+    return path
 
 
 def gate_flops(rule) -> int:
@@ -71,10 +140,15 @@ def main() -> None:
     p.grad = torch.randn(N)
     adam = torch.optim.Adam([p], foreach=True)
     cases = {"matmul": lambda: a @ b, "adam": adam.step}
+    with tempfile.TemporaryDirectory() as tmp:  # the libraries are cached by cpu._build
+        libs = {
+            label: cpu._build(extra, source=profiling_source(edits, Path(tmp)))
+            for label, edits in VARIANTS.items()
+        }
     for name in ("l2o-dm", "rnnprop"):
         rule = make_rule(name)
-        for label, defines in VARIANTS.items():
-            kernel = cpu.CPUKernel(rule_program(rule), lib=cpu._build(defines + extra))
+        for label, lib in libs.items():
+            kernel = cpu.CPUKernel(rule_program(rule), lib=lib)
             state, g, w = rule.init_state(N), torch.randn(N), torch.randn(N)
             steps = iter(range(1, 10**6))
             cases[(name, label)] = lambda k=kernel, s=state, i=steps, w=w, g=g: k.update(

@@ -18,11 +18,14 @@ time and the step's peak memory beyond the state.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import os
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -80,8 +83,7 @@ def state_bytes(rule, dtype: torch.dtype) -> int:
 def check(device: torch.device, n: int, precisions: list[str]) -> list[dict]:
     """Triton vs the reference module over 3 steps, random state, spread-out gradients."""
     out = []
-    default = (ts.VARIANT, ts.PRECISION)
-    config = ts.default_config(device)
+    config = ts.launch_config(device)
     # every variant with fp32 state; the device's default one also with bf16 state and every
     # precision
     cases = [(v, torch.float32, "ieee") for v in ts.VARIANTS]
@@ -90,13 +92,13 @@ def check(device: torch.device, n: int, precisions: list[str]) -> list[dict]:
     for name in RULES:
         rule = rule_for(name, device)
         for variant, sdt, prec in cases:
-            ts.VARIANT, ts.PRECISION = variant, prec
             g, init, p = check_inputs(rule, n, seed=1)
             g, p = g.to(device), p.to(device)
             st = {k: v.to(device, sdt, copy=True) for k, v in init.items()}
             st_ref = {k: v.to(device, sdt).float().clone() for k, v in init.items()}
             p_ref = p.clone()
-            kern = ts.TritonKernel(rule_program(rule), device)
+            launch = ts.launch_config(device, variant=variant, precision=prec)
+            kern = ts.TritonKernel(rule_program(rule), device, launch)
             ref = ReferenceKernel(rule)
             worst_p = worst_s = 0.0
             for step in range(1, 4):
@@ -119,7 +121,6 @@ def check(device: torch.device, n: int, precisions: list[str]) -> list[dict]:
             )
             print("check", row, flush=True)
             out.append(row)
-    ts.VARIANT, ts.PRECISION = default
     return out
 
 
@@ -132,7 +133,7 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
 
 
 #: (variant, precision, block, warps, ptxas register cap; 0 = ptxas's choice) timed on l2o-dm
-#: with fp32 state after the device's default (ts.default_config), in this order: the
+#: with fp32 state after the device's default (ts.launch_config), in this order: the
 #: configurations benchmarks/triton_resources.py bounds lowest on sm_90 (3xtf32 with
 #: register caps trading occupancy for spills: 255 -> 213 registers, 8 warps/SM; 168 -> 12;
 #: 128 -> 16), Triton's own tf32x3, then fp32 FMA (the default without TF32 tensor cores;
@@ -153,9 +154,26 @@ SWEEP = [
 CONFIG_FIELDS = ("variant", "precision", "block", "warps", "maxnreg")
 
 
-def _configure(variant: str, prec: str, block: int, warps: int, maxnreg: int) -> None:
-    ts.VARIANT, ts.PRECISION, ts.BLOCK, ts.NUM_WARPS = variant, prec, block, warps
-    ts.MAXNREG = maxnreg
+def _launch(device: torch.device, config: tuple) -> ts.LaunchConfig:
+    """A (variant, precision, block, warps, maxnreg) tuple as a validated LaunchConfig."""
+    return ts.launch_config(device, **dict(zip(CONFIG_FIELDS, config, strict=True)))
+
+
+@contextlib.contextmanager
+def _environment(config: tuple) -> Iterator[None]:
+    """$FLATL2O_TRITON_CONFIG set to ``config`` inside the block (how the kernels that L2O
+    builds get a configuration, as a user would choose one), restored after it."""
+    old = os.environ.get(ts.CONFIG_ENV)
+    os.environ[ts.CONFIG_ENV] = ",".join(
+        f"{k}={v}" for k, v in zip(CONFIG_FIELDS, config, strict=True)
+    )
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ts.CONFIG_ENV, None)
+        else:
+            os.environ[ts.CONFIG_ENV] = old
 
 
 def bench(device: torch.device, n: int, reps: int, sweep: bool, budget: float) -> list[dict]:
@@ -175,14 +193,12 @@ def bench(device: torch.device, n: int, reps: int, sweep: bool, budget: float) -
         del opt
     adam = rows[0]["seconds"]
     del pa
-    settings = (ts.VARIANT, ts.PRECISION, ts.BLOCK, ts.NUM_WARPS, ts.MAXNREG)
-    c = ts.default_config(device)
+    c = ts.launch_config(device)
     default = (c.variant, c.precision, c.block, c.warps, c.maxnreg)
 
     def run(name: str, sdt: torch.dtype, config: tuple) -> dict:
-        _configure(*config)
         rule = rule_for(name, device)
-        kern = ts.TritonKernel(rule_program(rule), device)
+        kern = ts.TritonKernel(rule_program(rule), device, _launch(device, config))
         st = {k: v.to(sdt) for k, v in rule.init_state(n, device=device).items()}
         moved = n * (4 + 8 + 2 * state_bytes(rule, sdt))  # grad r, param r+w, state r+w
         row = dict(what="flatl2o-triton", rule=name, state=str(sdt), n=n)
@@ -222,7 +238,6 @@ def bench(device: torch.device, n: int, reps: int, sweep: bool, budget: float) -
     rows.append(run("rnnprop", torch.float32, config))
     rows.append(run("l2o-dm", torch.bfloat16, config))
     rows.append(run("rnnprop", torch.bfloat16, config))
-    _configure(*settings)
     return rows
 
 
@@ -365,13 +380,11 @@ def main() -> None:
         key=lambda r: r["seconds"],
         default=None,
     )
-    settings = (ts.VARIANT, ts.PRECISION, ts.BLOCK, ts.NUM_WARPS, ts.MAXNREG)
-    if best is not None:  # the whole optimizer step with the fastest kernel configuration
-        _configure(*(best[k] for k in CONFIG_FIELDS))
-    result["optimizer_step"] = optimizer_step(
-        device, 1 if args.quick else 8, 32 if args.quick else 1024, 2 if args.quick else 5
-    )
-    _configure(*settings)
+    # the whole optimizer step with the fastest kernel configuration
+    with _environment(tuple(best[k] for k in CONFIG_FIELDS)) if best else contextlib.nullcontext():
+        result["optimizer_step"] = optimizer_step(
+            device, 1 if args.quick else 8, 32 if args.quick else 1024, 2 if args.quick else 5
+        )
     result["reference"] = reference_time(
         device, 1000 if args.quick else 10_000_000, 1 if args.quick else 3
     )

@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import triton
 
+from benchmarks.triton_aot import compile_kernel, launch_ints
 from flatl2o.kernels import rule_program
 from flatl2o.kernels import triton_step as ts
-from flatl2o.kernels.triton_aot import compile_kernel, launch_ints
 from flatl2o.rules import make_rule
 
 CONFIGS = [  # (variant, precision, block, warps, maxnreg: 0 = ptxas's own choice)

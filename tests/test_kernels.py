@@ -4,6 +4,8 @@ on CUDA where a GPU exists), plus how a backend is chosen and what happens witho
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import subprocess
 import sys
@@ -167,6 +169,100 @@ def test_portable_c_build_matches_reference(name: str) -> None:
         rule = _rule(name, hidden_size=hidden, num_layers=layers)
         kernel = cpu.CPUKernel(rule_program(rule), lib=lib)
         _assert_matches_reference(kernel, rule, 333, maximize=True)
+
+
+# -------------------------------------------------- the C ABI and the packed layouts, declared once
+@pytest.mark.parametrize("build", BUILDS)
+def test_c_argument_struct_is_read_from_the_library(build: str) -> None:
+    """The ctypes mirror of the argument struct is built from the table each build exports
+    (cpu_step.c: ARGS) and has exactly the fields the Python side writes, at the compiler's
+    offsets, with the compiler's size."""
+    lib = _build(build)
+    struct = cpu.args_type(lib)
+    names = [f[0] for f in struct._fields_]
+    assert set(names) == cpu.ARGS_WRITTEN and len(names) == len(cpu.ARGS_WRITTEN)
+    assert ctypes.sizeof(struct) == lib.flatl2o_args_size()
+    assert struct.h.size == struct.w.size == cpu.MAX_LAYERS * ctypes.sizeof(ctypes.c_void_p)
+
+
+def _edited_source(tmp_path: Path, old: str, new: str) -> Path:
+    """cpu_step.c with one edit, as a later version of the C side might make it."""
+    text = cpu.SOURCE.read_text()
+    assert text.count(old) == 1
+    path = tmp_path / "cpu_step.c"
+    path.write_text(text.replace(old, new))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "why"),
+    [
+        # a type changed in C but not its kind: Python would write a float into a double
+        ("FIELD(float, lr, 'f')", "FIELD(double, lr, 'f')", "field 'lr' is 8 bytes of kind 'f'"),
+        # a field added in C that Python does not set
+        (
+            "FIELD(int32_t, negate, 'i')",
+            "FIELD(int32_t, negate, 'i') FIELD(int32_t, threads, 'i')",
+            r"unknown: \['threads'\]",
+        ),
+    ],
+    ids=["type", "new-field"],
+)
+def test_a_library_of_another_argument_layout_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, old: str, new: str, why: str
+) -> None:
+    """The loader compares the library's own description of its argument struct with what
+    it writes and refuses a mismatch with one line, before any call."""
+    monkeypatch.setenv("FLATL2O_CACHE_DIR", str(tmp_path / "cache"))
+    source = _edited_source(tmp_path, old, new)
+    with pytest.raises(KernelUnavailable, match=why) as e:
+        cpu._build(("FLATL2O_PORTABLE",), source=source)
+    assert "does not match this flatl2o" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_library_that_is_not_the_kernel_is_refused() -> None:
+    """Any other shared library (here the C library itself) is refused, not called."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    with pytest.raises(KernelUnavailable, match="exports no argument table") as e:
+        cpu.CPUKernel(rule_program(_rule("l2o-dm")), lib=libc)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", RULE_NAMES)
+@pytest.mark.parametrize("hidden", [1, 7, 16, 20, 33])
+def test_packed_layouts_follow_their_declaration(name: str, hidden: int) -> None:
+    """layout.pack's two packed layouts against their definitions (layout.py's doc): every
+    gate row g of layer l lands in its slot multiplied by GATE_SCALES[g] (the one constant):
+    for the C kernels rounded once from float64, for the Triton tiles scaled in fp32."""
+    from flatl2o.kernels import layout
+
+    program = rule_program(_rule(name, hidden_size=hidden, num_layers=2))
+    vec, tiles = layout.pack(program, "vectors16"), layout.pack(program, "tiles")
+    full = hidden // 16
+    for i, (w, b, k) in enumerate(
+        zip(program.layer_weights, program.layer_biases, program.layer_inputs, strict=True)
+    ):
+        for g, scale in enumerate(layout.GATE_SCALES):
+            for unit in range(hidden):
+                if unit < 16 * full:
+                    slot = (4 * (unit // 16) + g) * 16 + unit % 16
+                else:
+                    s, u = divmod(unit - 16 * full, 4)
+                    slot = (4 * full + s) * 16 + 4 * g + u
+                row = w[g * hidden + unit]
+                assert torch.equal(vec.weights[i][:, slot], (row.double() * scale).float())
+                assert vec.biases[i][slot] == (b[g * hidden + unit].double() * scale).float()
+                s32 = torch.tensor(scale, dtype=torch.float32)
+                assert torch.equal(tiles.weights[i][g, :k, unit], row[:k] * s32)
+                assert torch.equal(tiles.recurrent[i][g, :hidden, unit], row[k:] * s32)
+                assert tiles.biases[i][g, unit] == b[g * hidden + unit] * s32
+        for t in (tiles.weights[i], tiles.recurrent[i]):  # 3xTF32 parts sum to the weights
+            assert torch.equal(t[4:8], layout.tf32_round(t[:4]))
+            assert torch.equal(t[8:], layout.tf32_round(t[:4] - t[4:8]))
+    rows = layout.pack(program, "rows")
+    assert rows.weights is program.layer_weights and rows.w_out is program.w_out
+    with pytest.raises(ValueError, match="Invalid layout: 'cols'"):
+        layout.pack(program, "cols")
 
 
 @pytest.mark.parametrize("name", RULE_NAMES)
@@ -407,9 +503,15 @@ from flatl2o.kernels import triton_step
 from flatl2o.kernels.accuracy import contract_violations
 from flatl2o import make_rule
 
+cpu = torch.device("cpu")
+
+
+def kernel(rule, variant, precision="ieee"):
+    config = triton_step.launch_config(cpu, variant=variant, precision=precision)
+    return triton_step.TritonKernel(rule_program(rule), cpu, config)
+
 
 def check(name, opts, variant, sdt, c_scale=1.0, precision="ieee"):
-    triton_step.VARIANT, triton_step.PRECISION = variant, precision
     torch.manual_seed(0)
     rule = make_rule(name, **opts)
     with torch.no_grad():
@@ -427,7 +529,7 @@ def check(name, opts, variant, sdt, c_scale=1.0, precision="ieee"):
     ref = {{k: v.to(sdt).float() for k, v in init.items()}}
     p = torch.randn(n, generator=gen)
     pr = p.clone()
-    kern = triton_step.TritonKernel(rule_program(rule), torch.device("cpu"))
+    kern = kernel(rule, variant, precision)
     for t in (1, 2):
         kern.update(p, g, st, t, 0.5, t == 2, 0)
         ReferenceKernel(rule).update(pr, g, ref, t, 0.5, t == 2, 1 << 16)
@@ -446,9 +548,8 @@ def check(name, opts, variant, sdt, c_scale=1.0, precision="ieee"):
 
 def check_contract(name, opts, variant, sdt):
     # the zero-gradient contract (flatl2o.kernels.reference.untouched), every bit
-    triton_step.VARIANT, triton_step.PRECISION = variant, "ieee"
     rule = make_rule(name, **opts)
-    kern = triton_step.TritonKernel(rule_program(rule), torch.device("cpu"))
+    kern = kernel(rule, variant)
     bad = contract_violations(kern, rule, n=150, state_dtype=sdt)
     assert not bad, (name, opts, variant, sdt, bad)
 
@@ -465,13 +566,12 @@ for name, opts in cases:
     check(name, opts, "persistent", torch.float32, precision="3xtf32")
 
 # the one-time check make_kernel runs on a GPU: passes as is, catches 0.1% off weights
-triton_step.VARIANT, triton_step.PRECISION = "packed", "ieee"
 rule = make_rule("rnnprop")
-good = triton_step.TritonKernel(rule_program(rule), torch.device("cpu"))
+good = kernel(rule, "packed")
 good.verify(rule, n=300)
 assert len(triton_step._VERIFIED) == 1
 triton_step._VERIFIED.clear()
-bad = triton_step.TritonKernel(rule_program(rule), torch.device("cpu"))
+bad = kernel(rule, "packed")
 for t in bad.tiles[1][:2]:
     t.mul_(1.001)
 try:
@@ -499,30 +599,62 @@ def test_triton_kernel_matches_reference_in_interpreter() -> None:
 
 def test_triton_launch_config_per_device_and_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     """TF32 tensor cores (compute capability 8.0+) get 3xTF32 on 64 x 4 (168-register cap),
-    others fp32 FMA on 32 x 2 (255); module settings (or FLATL2O_TRITON_* at import)
-    override; bad ones are refused."""
+    others fp32 FMA on 32 x 2 (255); explicit settings override, and the block, warps and
+    register cap follow an overridden precision; bad ones are refused, naming the setting."""
+    from flatl2o.kernels import triton_step as ts
+
+    monkeypatch.delenv(ts.CONFIG_ENV, raising=False)
+    cuda = torch.device("cuda")
+    assert ts.launch_config(torch.device("cpu")) == ts.LaunchConfig("packed", "ieee", 32, 2, 255)
+    for capability, expected in [((9, 0), ("3xtf32", 64, 4, 168)), ((7, 5), ("ieee", 32, 2, 255))]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=capability: c)
+        config = ts.launch_config(cuda)
+        assert (config.precision, config.block, config.warps, config.maxnreg) == expected
+        assert ts.default_config(cuda) == config
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # AMD: no PTX, no TF32 default
+    assert ts.launch_config(cuda).precision == "ieee" and ts.plain_math()
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert ts.launch_config(cuda, precision="tf32x3", maxnreg=0) == ts.LaunchConfig(
+        "packed", "tf32x3", 64, 4, 0
+    )
+    assert ts.launch_config(cuda, precision="ieee").block == 32
+    with pytest.raises(ValueError, match=r"precision='3xtf32' \(from the argument\).*packed or"):
+        ts.launch_config(cuda, variant="strided", precision="3xtf32")
+    with pytest.raises(ValueError, match=r"block=48 .*power of two >= 16"):
+        ts.launch_config(cuda, block=48)
+    with pytest.raises(ValueError, match=r"variant='fused' .*choose one of"):
+        ts.launch_config(cuda, variant="fused")
+
+
+def test_triton_config_environment_is_read_when_a_kernel_is_built(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """$FLATL2O_TRITON_CONFIG (the one environment override, for the kernels L2O builds) is
+    read by launch_config, i.e. when a kernel is built, not when the module is imported;
+    explicit settings beat it, default_config ignores it, and a malformed value is refused
+    with a one-line error naming the variable."""
     from flatl2o.kernels import triton_step as ts
 
     cuda = torch.device("cuda")
-    assert ts.default_config(torch.device("cpu")) == ts.LaunchConfig("packed", "ieee", 32, 2, 255)
-    for capability, expected in [((9, 0), ("3xtf32", 64, 4, 168)), ((7, 5), ("ieee", 32, 2, 255))]:
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=capability: c)
-        config = ts.default_config(cuda)
-        assert (config.precision, config.block, config.warps, config.maxnreg) == expected
-    monkeypatch.setattr(torch.version, "hip", "6.2")  # AMD: no PTX, no TF32 default
-    assert ts.default_config(cuda).precision == "ieee" and ts.plain_math()
-    monkeypatch.setattr(torch.version, "hip", None)
-    monkeypatch.setattr(ts, "PRECISION", "tf32x3")
-    monkeypatch.setattr(ts, "MAXNREG", 0)
-    assert ts.default_config(cuda) == ts.LaunchConfig("packed", "tf32x3", 64, 4, 0)
-    monkeypatch.setattr(ts, "VARIANT", "strided")
-    monkeypatch.setattr(ts, "PRECISION", "3xtf32")
-    with pytest.raises(ValueError, match="'3xtf32' with the packed or persistent variant"):
-        ts.default_config(cuda)
-    monkeypatch.setattr(ts, "VARIANT", "packed")
-    monkeypatch.setattr(ts, "BLOCK", 48)
-    with pytest.raises(ValueError, match="FLATL2O_TRITON_BLOCK must be a power of two"):
-        ts.default_config(cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: (9, 0))
+    monkeypatch.setenv(ts.CONFIG_ENV, " variant = strided, precision=ieee ,warps=4")
+    assert ts.launch_config(cuda) == ts.LaunchConfig("strided", "ieee", 32, 4, 255)
+    assert ts.launch_config(cuda, warps=8).warps == 8
+    assert ts.default_config(cuda) == ts.LaunchConfig("packed", "3xtf32", 64, 4, 168)
+    if ts.triton is not None:  # the kernel takes the configuration when it is built
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        kern = ts.TritonKernel(rule_program(make_rule("l2o-dm")), torch.device("cpu"))
+        assert kern.config == ts.LaunchConfig("strided", "ieee", 32, 4, 255)
+    monkeypatch.setenv(ts.CONFIG_ENV, "precision=3xtf32,variant=strided")
+    with pytest.raises(ValueError, match=r"from \$FLATL2O_TRITON_CONFIG"):
+        ts.launch_config(cuda)
+    for bad, why in [("block=big", "takes an integer"), ("blocks=64", "name=value pairs")]:
+        monkeypatch.setenv(ts.CONFIG_ENV, bad)
+        with pytest.raises(ValueError, match=why) as e:
+            ts.launch_config(cuda)
+        assert "\n" not in str(e.value)
+    monkeypatch.setenv(ts.CONFIG_ENV, "")
+    assert ts.launch_config(cuda) == ts.default_config(cuda)
 
 
 def test_triton_verify_turns_a_kernel_that_cannot_run_into_a_fallback(
@@ -558,12 +690,13 @@ def test_triton_kernel_compiles_for_h200_with_one_instruction_gate_math(
     reciprocals), no division."""
     pytest.importorskip("triton", reason="Triton is optional: pip install triton")
     from flatl2o.kernels import triton_step
-    from flatl2o.kernels.triton_aot import compile_kernel, launch_ints
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.triton_aot import compile_kernel, launch_ints
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("ahead-of-time compilation needs Triton's compiler, not its interpreter")
-    monkeypatch.setattr(triton_step, "PRECISION", precision)
-    config = triton_step.default_config(torch.device("cpu"))
+    config = triton_step.launch_config(torch.device("cpu"), precision=precision)
     consts = triton_step.launch_constexprs(rule_program(make_rule(name)), config, False)
     ints = launch_ints(100_000, config.block)
     k = compile_kernel(triton_step._step_kernel, consts, config.warps, config.maxnreg, 90, ints)
@@ -741,3 +874,18 @@ def test_compiled_finite_check_finds_every_nonfinite_value() -> None:
     assert cpu.all_finite(x.double()) is None
     assert cpu.all_finite(x[::2]) is None
     assert cpu.all_finite(torch.empty(0)) is True
+
+
+def test_profiling_builds_apply_to_the_shipped_source(tmp_path: Path) -> None:
+    """benchmarks/cpu_profile.py keeps its profiling variants as edits of cpu_step.c (the
+    shipped kernel carries no profiling code); each edit still finds its place exactly once
+    and every variant compiles."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import cpu_profile
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert "PROFILE" not in cpu.SOURCE.read_text()
+    for edits in cpu_profile.VARIANTS.values():
+        source = cpu_profile.profiling_source(edits, tmp_path)
+        assert cpu._build(("FLATL2O_PORTABLE",), source=source).flatl2o_layout() == 0

@@ -4,6 +4,12 @@
 - ``cpu``: a compiled C kernel that fuses the whole step per tile of coordinates.
 - ``triton``: a Triton GPU kernel that does the same per block of coordinates.
 
+The fast kernels read a rule through ``program`` (its weights, copied once) and ``layout``
+(those weights laid out for each kernel, every layout declared once). The C kernel's
+argument struct is declared once, in ``cpu_step.c``, and checked when a library is loaded;
+the Triton kernel's launch configuration is chosen when a kernel is built
+(``triton_step.launch_config``).
+
 ``backend="auto"`` (the default of :class:`flatl2o.L2O`, overridable with the environment
 variable ``FLATL2O_BACKEND``) takes ``triton`` on CUDA and ``cpu`` on the CPU when they can
 run this rule, and the reference path otherwise, with one warning saying why.

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import math
 import os
 import platform
 import shutil
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor
 
 from flatl2o.kernels.errors import KernelUnavailable
+from flatl2o.kernels.layout import C_LAYOUTS, pack
 from flatl2o.kernels.program import PREP_DM, RuleProgram, dm_exp_k
 from flatl2o.kernels.reference import apply_step
 
@@ -39,42 +39,6 @@ MAX_HIDDEN = 64
 MAX_INPUT = 64
 #: Below this many coordinates per thread, splitting across threads costs more than it saves.
 MIN_COORDS_PER_THREAD = 8192
-
-
-class _Args(ctypes.Structure):
-    _fields_ = [
-        ("grad", ctypes.c_void_p),
-        ("param", ctypes.c_void_p),
-        ("delta", ctypes.c_void_p),
-        ("lr", ctypes.c_float),
-        ("negate", ctypes.c_int32),
-        ("prep", ctypes.c_int32),
-        ("dm_inv_k", ctypes.c_float),
-        ("dm_eps", ctypes.c_float),
-        ("dm_exp_k", ctypes.c_float),
-        ("m", ctypes.c_void_p),
-        ("v", ctypes.c_void_p),
-        ("beta1", ctypes.c_float),
-        ("beta2", ctypes.c_float),
-        ("inv_bc1", ctypes.c_float),
-        ("inv_bc2", ctypes.c_float),
-        ("rp_eps", ctypes.c_float),
-        ("in_size", ctypes.c_int32),
-        ("w_in", ctypes.c_void_p),
-        ("b_in", ctypes.c_void_p),
-        ("layers", ctypes.c_int32),
-        ("hidden", ctypes.c_int32),
-        ("h", ctypes.c_void_p * MAX_LAYERS),
-        ("c", ctypes.c_void_p * MAX_LAYERS),
-        ("w", ctypes.c_void_p * MAX_LAYERS),
-        ("b", ctypes.c_void_p * MAX_LAYERS),
-        ("k", ctypes.c_int32 * MAX_LAYERS),
-        ("w_out", ctypes.c_void_p),
-        ("b_out", ctypes.c_float),
-        ("out_tanh", ctypes.c_int32),
-        ("scale", ctypes.c_float),
-        ("state_bf16", ctypes.c_int32),
-    ]
 
 
 _lock = threading.Lock()
@@ -122,15 +86,17 @@ def _flag_sets() -> list[list[str]]:
     return [base + native, base]  # the portable set when the compiler refuses `native`
 
 
-def _build(defines: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """Compile (or reuse from the cache) the kernel; ``defines`` are for profiling builds."""
+def _build(defines: tuple[str, ...] = (), source: Path = SOURCE) -> ctypes.CDLL:
+    """Compile (or reuse from the cache) and :func:`load` the kernel. ``defines`` select
+    another code path (``FLATL2O_PORTABLE``, ``FLATL2O_NO_AVX512``: tests) or a profiling
+    build (benchmarks/cpu_profile.py); ``source``: another version of ``cpu_step.c``."""
     cc = _compiler()
     if cc is None:
         raise KernelUnavailable(
             "no C compiler found (tried $CC, cc, gcc, clang); install one (e.g. gcc) for the "
             "fast CPU step, or pass backend='reference' to silence this"
         )
-    source = SOURCE.read_bytes()
+    text = Path(source).read_bytes()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     errors = []
     for flags in _flag_sets():
@@ -138,7 +104,7 @@ def _build(defines: tuple[str, ...] = ()) -> ctypes.CDLL:
         key = hashlib.sha256(
             b"\0".join(
                 [
-                    source,
+                    text,
                     version.encode(),
                     " ".join(flags).encode(),
                     platform.machine().encode(),
@@ -152,22 +118,93 @@ def _build(defines: tuple[str, ...] = ()) -> ctypes.CDLL:
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
             os.close(fd)
             proc = subprocess.run(
-                [cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True
+                [cc, *flags, str(source), "-o", tmp], capture_output=True, text=True
             )
             if proc.returncode != 0:
                 os.unlink(tmp)
                 errors.append(f"{cc} {' '.join(flags)}: {proc.stderr.strip()[-500:]}")
                 continue
             os.replace(tmp, target)  # atomic: concurrent processes never load a partial file
-        lib = ctypes.CDLL(str(target))
-        lib.flatl2o_step.argtypes = [ctypes.POINTER(_Args), ctypes.c_int64]
-        lib.flatl2o_step.restype = ctypes.c_int
-        lib.flatl2o_all_finite_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64]
-        lib.flatl2o_all_finite_f32.restype = ctypes.c_int
-        lib.flatl2o_layout.argtypes = []
-        lib.flatl2o_layout.restype = ctypes.c_int
-        return lib
+        return load(target)
     raise KernelUnavailable("compiling the CPU kernel failed:\n" + "\n".join(errors))
+
+
+#: ctypes type of each ``kind`` in the library's argument table (cpu_step.c: ARGS).
+_KINDS = {ord("p"): ctypes.c_void_p, ord("f"): ctypes.c_float, ord("i"): ctypes.c_int32}
+#: The argument fields this module writes (CPUKernel._args and _run); the library must have
+#: each, and has no other (tests/test_kernels.py checks both against the C declaration).
+ARGS_WRITTEN = frozenset(
+    "grad param delta lr negate prep dm_inv_k dm_eps dm_exp_k m v beta1 beta2 inv_bc1 "
+    "inv_bc2 rp_eps in_size w_in b_in layers hidden h c w b k w_out b_out out_tanh scale "
+    "state_bf16".split()
+)
+_args_types: dict[int, type[ctypes.Structure]] = {}
+
+
+def load(path: str | Path) -> ctypes.CDLL:
+    """Load a compiled ``cpu_step.c`` and check its argument layout (:func:`args_type`)."""
+    lib = ctypes.CDLL(str(path))
+    args_type(lib)
+    return lib
+
+
+def args_type(lib: ctypes.CDLL) -> type[ctypes.Structure]:
+    """The ctypes mirror of ``lib``'s argument struct, built from the table the library
+    exports (the struct is declared once, in cpu_step.c) and checked field by field against
+    the compiler's offsets and size. A library that does not match this module is refused
+    with :class:`KernelUnavailable` (one line) and never called."""
+    key = lib._handle
+    if key in _args_types:
+        return _args_types[key]
+
+    def refuse(why: str) -> KernelUnavailable:
+        return KernelUnavailable(
+            f"the CPU kernel library {lib._name} does not match this flatl2o ({why}); delete "
+            f"it (it is rebuilt at first use, cache: {cache_dir()}) or pass backend='reference'"
+        )
+
+    try:
+        count_fn, field_fn, size_fn = (
+            lib.flatl2o_abi_fields,
+            lib.flatl2o_abi_field,
+            lib.flatl2o_args_size,
+        )
+    except AttributeError:
+        raise refuse("it exports no argument table, flatl2o_abi_fields") from None
+    count_fn.argtypes, count_fn.restype = [], ctypes.c_int32
+    field_fn.argtypes = [ctypes.c_int32, ctypes.POINTER(ctypes.c_int64)]
+    field_fn.restype = ctypes.c_char_p
+    size_fn.argtypes, size_fn.restype = [], ctypes.c_int64
+    fields, offsets = [], {}
+    for i in range(count_fn()):
+        out = (ctypes.c_int64 * 4)()
+        name = field_fn(i, out).decode()
+        offset, size, count, kind = out
+        ctype = _KINDS.get(kind)
+        if ctype is None or ctypes.sizeof(ctype) != size:
+            raise refuse(f"field {name!r} is {size} bytes of kind {chr(kind)!r}")
+        fields.append((name, ctype * count if count > 1 else ctype))
+        offsets[name] = offset
+    if set(offsets) != ARGS_WRITTEN:
+        missing, extra = sorted(ARGS_WRITTEN - set(offsets)), sorted(set(offsets) - ARGS_WRITTEN)
+        raise refuse(f"argument fields missing: {missing}, unknown: {extra}")
+    struct = type("FlatL2OArgs", (ctypes.Structure,), {"_fields_": fields})
+    for name, offset in offsets.items():
+        if getattr(struct, name).offset != offset:
+            raise refuse(
+                f"field {name!r} is at offset {offset} in the library, "
+                f"{getattr(struct, name).offset} in ctypes"
+            )
+    if ctypes.sizeof(struct) != size_fn():
+        raise refuse(f"the argument struct is {size_fn()} bytes, {ctypes.sizeof(struct)} in ctypes")
+    lib.flatl2o_step.argtypes = [ctypes.POINTER(struct), ctypes.c_int64]
+    lib.flatl2o_step.restype = ctypes.c_int
+    lib.flatl2o_all_finite_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.flatl2o_all_finite_f32.restype = ctypes.c_int
+    lib.flatl2o_layout.argtypes = []
+    lib.flatl2o_layout.restype = ctypes.c_int
+    _args_types[key] = struct
+    return struct
 
 
 def _cpu_model() -> str:
@@ -225,55 +262,6 @@ def _executor(size: int) -> ThreadPoolExecutor:
         return _pool
 
 
-#: ``flatl2o_layout()`` of a library built with the AVX-512 or AVX2 path (see cpu_step.c).
-LAYOUT_PACKED = 1
-#: Gate pre-activations are pre-multiplied so every gate is ``1 / (1 + 2^t)``:
-#: sigmoid(x) = 1 / (1 + 2^(-x log2 e)), tanh(x) = 2 / (1 + 2^(-2x log2 e)) - 1.
-_GATE_SCALE = (-math.log2(math.e), -math.log2(math.e), -2 * math.log2(math.e), -math.log2(math.e))
-
-
-def pack_program(program: RuleProgram) -> tuple[list[Tensor], list[Tensor], Tensor]:
-    """Layer weights, biases and read-out weights in the AVX-512/AVX2 kernels' packed layout.
-
-    With ``A = H // 16`` full blocks and ``Q = ceil((H % 16) / 4)`` tail quads, a
-    coordinate's gates are ``NV = 4A + Q`` vectors of 16: vector ``4b + g`` is gate ``g`` of
-    units ``16b .. 16b+15``; vector ``4A + s`` holds gate ``g`` of unit ``16A + 4s + u`` in
-    lane ``4g + u``. Weights become ``(k + H, NV, 16)`` (each input's column vectors
-    together), scaled per gate by ``_GATE_SCALE`` (computed in float64, rounded once).
-    """
-    h = program.hidden
-    full, tail = h // 16, -(-(h % 16) // 4)
-    nv = 4 * full + tail
-    # slot[r] = flat index (vector * 16 + lane) of gate row r = g * H + unit
-    slot = torch.empty(4 * h, dtype=torch.long)
-    for g in range(4):
-        for unit in range(h):
-            b, u = divmod(unit, 16)
-            if b < full:
-                slot[g * h + unit] = (4 * b + g) * 16 + u
-            else:
-                s, u = divmod(unit - 16 * full, 4)
-                slot[g * h + unit] = (4 * full + s) * 16 + 4 * g + u
-    scale = torch.tensor(_GATE_SCALE, dtype=torch.float64).repeat_interleave(h)
-    weights, biases = [], []
-    for w, b in zip(program.layer_weights, program.layer_biases, strict=True):
-        cols = w.shape[1]
-        wp = torch.zeros(nv * 16, cols, dtype=torch.float64)
-        wp[slot] = w.double() * scale[:, None]
-        weights.append(wp.t().contiguous().float())  # (k + H, NV * 16)
-        bp = torch.zeros(nv * 16, dtype=torch.float64)
-        bp[slot] = b.double() * scale
-        biases.append(bp.float())
-    w_out = torch.zeros(16 * (full + tail), dtype=torch.float32)
-    w_out[: 16 * full] = program.w_out[: 16 * full]
-    for s in range(tail):
-        quad = torch.zeros(4, dtype=torch.float32)
-        units = program.w_out[16 * full + 4 * s : 16 * full + 4 * s + 4]
-        quad[: units.numel()] = units
-        w_out[16 * (full + s) : 16 * (full + s + 1)] = quad.repeat(4)
-    return weights, biases, w_out
-
-
 def supports(program: RuleProgram) -> bool:
     """Whether the compiled kernel handles this rule's sizes."""
     widest = max([*program.layer_inputs, program.w_in.shape[0] if program.w_in is not None else 0])
@@ -298,20 +286,15 @@ class CPUKernel:
                 f"{MAX_HIDDEN} and input width {MAX_INPUT}; this rule runs on the reference path"
             )
         self.lib = library() if lib is None else lib
+        self.args_type = args_type(self.lib)  # refuses a library of another layout
         self.program = program.to(torch.device("cpu"))
-        self._set_layout()
+        # the weights in the layout the loaded library reads, kept alive on self
+        packed = pack(self.program, C_LAYOUTS[self.lib.flatl2o_layout()])
+        self.weights, self.biases, self.w_out = packed.weights, packed.biases, packed.w_out
 
-    def _set_layout(self) -> None:
-        """The weights in the layout the loaded library expects (kept alive on ``self``)."""
+    def _args(self, step: int, lr: float, maximize: bool) -> ctypes.Structure:
         p = self.program
-        if self.lib.flatl2o_layout() == LAYOUT_PACKED:
-            self.weights, self.biases, self.w_out = pack_program(p)
-        else:
-            self.weights, self.biases, self.w_out = p.layer_weights, p.layer_biases, p.w_out
-
-    def _args(self, step: int, lr: float, maximize: bool) -> _Args:
-        p = self.program
-        a = _Args()
+        a = self.args_type()
         a.lr, a.negate, a.prep = lr, int(maximize), p.prep
         a.layers, a.hidden = p.layers, p.hidden
         for i in range(p.layers):
@@ -401,7 +384,7 @@ class CPUKernel:
 
     def _run(
         self,
-        base: _Args,
+        base: ctypes.Structure,
         state: dict[str, Tensor],
         grad: Tensor,
         param: Tensor | None,
@@ -417,7 +400,7 @@ class CPUKernel:
         jobs = []
         for lo in range(0, count, per):
             hi = min(lo + per, count)
-            a = _Args.from_buffer_copy(base)
+            a = self.args_type.from_buffer_copy(base)
             a.grad = grad.data_ptr() + 4 * lo
             if param is not None:
                 a.param = param.data_ptr() + 4 * lo

@@ -8,7 +8,7 @@
  *
  * Three implementations of the LSTM stack, chosen at compile time:
  *  - AVX-512 (x86 with AVX-512F and DQ, the machines this project benchmarks on): weights are
- *    re-packed by cpu.py (flatl2o_layout() == 1) so that one coordinate's gate
+ *    re-packed by layout.py ("vectors16", flatl2o_layout() == 1) so that one coordinate's gate
  *    pre-activations are whole vectors; gate products are a register-blocked 4-coordinate x
  *    5-vector FMA tile that reads the recurrent state in place (no transposes), and sigmoid /
  *    tanh are 1 / (1 + 2^t) with a degree-5 polynomial 2^f, vscalef and rcp14 plus one Newton
@@ -22,6 +22,7 @@
  * Built at first use by flatl2o/kernels/cpu.py with the system C compiler; the reference
  * torch path is used when no compiler is available.
  */
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -30,38 +31,79 @@
 #define MAX_HIDDEN 64
 #define MAX_INPUT 64
 
+/* The argument struct of flatl2o_step, declared once, here. ARGS(FIELD, ARRAY) expands to
+ * the struct's members and to the table flatl2o_abi_field() exports, from which
+ * flatl2o/kernels/cpu.py builds its ctypes mirror at load and checks every offset and the
+ * size (flatl2o_args_size) against the compiler's: a library whose layout differs from what
+ * the Python side writes is refused, never called. FIELD(type, name, kind) / ARRAY(type,
+ * name, kind, count); kind is the ctypes type: 'p' pointer, 'f' float, 'i' int32_t. */
+#define ARGS(FIELD, ARRAY)                                                                    \
+    /* per-coordinate arrays, already offset to the first coordinate of this call */         \
+    FIELD(const float *, grad, 'p')  /* gradient (fp32) */                                    \
+    FIELD(float *, param, 'p')       /* fp32 parameter to update in place, or NULL */         \
+    FIELD(float *, delta, 'p')       /* where to write the step when param is NULL */         \
+    FIELD(float, lr, 'f')            /* param -= lr * step */                                 \
+    FIELD(int32_t, negate, 'i')      /* maximize: the rule sees -grad */                      \
+                                                                                              \
+    FIELD(int32_t, prep, 'i')        /* 0: L2O-DM log/sign, 1: RNNprop Adam-normalized */     \
+    FIELD(float, dm_inv_k, 'f')                                                               \
+    FIELD(float, dm_eps, 'f')                                                                 \
+    FIELD(float, dm_exp_k, 'f')                                                               \
+    FIELD(float *, m, 'p')           /* RNNprop moving averages (n) */                        \
+    FIELD(float *, v, 'p')                                                                    \
+    FIELD(float, beta1, 'f')                                                                  \
+    FIELD(float, beta2, 'f')                                                                  \
+    FIELD(float, inv_bc1, 'f')                                                                \
+    FIELD(float, inv_bc2, 'f')                                                                \
+    FIELD(float, rp_eps, 'f')                                                                 \
+    FIELD(int32_t, in_size, 'i')     /* RNNprop ELU input layer width (0: none) */            \
+    FIELD(const float *, w_in, 'p')  /* (in_size, 2) */                                       \
+    FIELD(const float *, b_in, 'p')  /* (in_size) */                                          \
+                                                                                              \
+    FIELD(int32_t, layers, 'i')                                                               \
+    FIELD(int32_t, hidden, 'i')                                                               \
+    ARRAY(float *, h, 'p', MAX_LAYERS)  /* (n, hidden) row-major */                           \
+    ARRAY(float *, c, 'p', MAX_LAYERS)                                                        \
+    /* layer weights: the "rows" layout (4*hidden, k_l + hidden) = [W_ih | W_hh], gate order  \
+     * i,f,g,o, or the "vectors16" layout of flatl2o_layout() == 1 (flatl2o/kernels/layout.py) \
+     */                                                                                       \
+    ARRAY(const float *, w, 'p', MAX_LAYERS)                                                  \
+    ARRAY(const float *, b, 'p', MAX_LAYERS)  /* (4*hidden): b_ih + b_hh, or packed */        \
+    ARRAY(int32_t, k, 'i', MAX_LAYERS)        /* input width of layer l */                    \
+                                                                                              \
+    FIELD(const float *, w_out, 'p')  /* (hidden), or packed */                               \
+    FIELD(float, b_out, 'f')                                                                  \
+    FIELD(int32_t, out_tanh, 'i')                                                             \
+    FIELD(float, scale, 'f')                                                                  \
+    /* 1: m, v, h[l], c[l] hold bfloat16 (uint16) instead of float (packed paths only): rows  \
+     * are widened to fp32 per tile, computed as fp32, and rounded (to nearest even) when     \
+     * stored, exactly as torch converts them */                                              \
+    FIELD(int32_t, state_bf16, 'i')
+
+#define DECLARE_FIELD(type, name, kind) type name;
+#define DECLARE_ARRAY(type, name, kind, count) type name[count];
 typedef struct {
-    /* per-coordinate arrays, already offset to the first coordinate of this call */
-    const float *grad;  /* gradient (fp32) */
-    float *param;       /* fp32 parameter to update in place, or NULL */
-    float *delta;       /* where to write the step when param is NULL */
-    float lr;           /* param -= lr * step */
-    int32_t negate;     /* maximize: the rule sees -grad */
-
-    int32_t prep;       /* 0: L2O-DM log/sign, 1: RNNprop Adam-normalized */
-    float dm_inv_k, dm_eps, dm_exp_k;
-    float *m, *v;       /* RNNprop moving averages (n) */
-    float beta1, beta2, inv_bc1, inv_bc2, rp_eps;
-    int32_t in_size;            /* RNNprop ELU input layer width (0: none) */
-    const float *w_in, *b_in;   /* (in_size, 2), (in_size) */
-
-    int32_t layers, hidden;
-    float *h[MAX_LAYERS], *c[MAX_LAYERS];  /* (n, hidden) row-major */
-    /* layer weights: portable layout (4*hidden, k_l + hidden) = [W_ih | W_hh], gate order
-     * i,f,g,o, or the packed layout of flatl2o_layout() == 1 (see below) */
-    const float *w[MAX_LAYERS];
-    const float *b[MAX_LAYERS];  /* (4*hidden): b_ih + b_hh, or packed */
-    int32_t k[MAX_LAYERS];       /* input width of layer l */
-
-    const float *w_out;  /* (hidden), or packed */
-    float b_out;
-    int32_t out_tanh;
-    float scale;
-    /* 1: m, v, h[l], c[l] hold bfloat16 (uint16) instead of float (packed paths only): rows
-     * are widened to fp32 per tile, computed as fp32, and rounded (to nearest even) when
-     * stored, exactly as torch converts them */
-    int32_t state_bf16;
+    ARGS(DECLARE_FIELD, DECLARE_ARRAY)
 } flatl2o_args;
+
+typedef struct {
+    const char *name;
+    int64_t offset, size, count, kind; /* size: of one element */
+} abi_field;
+#define DESCRIBE_FIELD(type, name, kind) {#name, offsetof(flatl2o_args, name), sizeof(type), 1, kind},
+#define DESCRIBE_ARRAY(type, name, kind, count) \
+    {#name, offsetof(flatl2o_args, name), sizeof(type), count, kind},
+static const abi_field ABI_FIELDS[] = {ARGS(DESCRIBE_FIELD, DESCRIBE_ARRAY)};
+
+/* The argument struct as the compiler laid it out: its size, its number of fields, and
+ * field i's name, with (offset, element size, count, kind) written to out. */
+int64_t flatl2o_args_size(void) { return (int64_t)sizeof(flatl2o_args); }
+int32_t flatl2o_abi_fields(void) { return (int32_t)(sizeof ABI_FIELDS / sizeof ABI_FIELDS[0]); }
+const char *flatl2o_abi_field(int32_t i, int64_t out[4]) {
+    const abi_field *f = &ABI_FIELDS[i];
+    out[0] = f->offset, out[1] = f->size, out[2] = f->count, out[3] = f->kind;
+    return f->name;
+}
 
 typedef union { float f; int32_t i; } fbits;
 
@@ -101,14 +143,8 @@ static inline float log_poly(float x) {
     return m + y + 0.693359375f * fe;
 }
 
-#ifdef FLATL2O_PROFILE_CHEAP_NONLINEAR
-/* benchmarks/cpu_profile.py only: wrong numbers, used to time the step without exp/div */
-static inline float sigmoid_poly(float x) { return 0.5f + 0.25f * x; }
-static inline float tanh_poly(float x) { return 0.5f * x; }
-#else
 static inline float sigmoid_poly(float x) { return 1.0f / (1.0f + exp_poly(-x)); }
 static inline float tanh_poly(float x) { return 1.0f - 2.0f / (1.0f + exp_poly(2.0f * x)); }
-#endif
 
 
 /* The rule's network input for the TILE coordinates from i0 (n of them real, the rest zero),
@@ -344,7 +380,7 @@ static void leave_untouched(const flatl2o_args *a, int64_t i0, int n, uint32_t m
 #define FLATL2O_PACKED_PATH 1
 #include <immintrin.h>
 
-/* Packed layout (built by flatl2o/kernels/cpu.py: pack_program). With H hidden units,
+/* Packed layout ("vectors16", built by flatl2o/kernels/layout.py: pack). With H hidden units,
  * A = H / 16 full blocks and Q = ceil((H % 16) / 4) tail quads, one coordinate's 4H gate
  * pre-activations are NV = 4A + Q vectors of 16:
  *   vector 4b + g (g = i, f, g, o): gate g of units 16b .. 16b+15;
@@ -365,9 +401,6 @@ static void leave_untouched(const flatl2o_args *a, int64_t i0, int n, uint32_t m
  * Newton step (a division costs more). 2^round(t) is clamped at 2^100 (results under 2^-100
  * round to that). */
 static inline __m512 sig2(__m512 t) {
-#ifdef FLATL2O_PROFILE_CHEAP_NONLINEAR /* benchmarks/cpu_profile.py only: wrong numbers */
-    return _mm512_fmadd_ps(t, _mm512_set1_ps(-0.25f), _mm512_set1_ps(0.5f));
-#else
     const __m512 one = _mm512_set1_ps(1.0f);
     /* f = t - round(t) in one instruction (vreduceps, exact; 0 for t = +-inf, so a saturated
      * gate or an absurd state value gives 0 or 1, not NaN), and round(t) = t - f exactly */
@@ -384,7 +417,6 @@ static inline __m512 sig2(__m512 t) {
         _mm512_add_ps(_mm512_scalef_ps(p, _mm512_min_ps(n, _mm512_set1_ps(100.0f))), one);
     const __m512 r = _mm512_rcp14_ps(d);
     return _mm512_fmadd_ps(r, _mm512_fnmadd_ps(d, r, one), r);
-#endif
 }
 
 /* tanh(c) = 2 / (1 + e^(-2c)) - 1 */
@@ -404,7 +436,6 @@ static inline __attribute__((always_inline)) void gate_tile(
         const __m512 b = _mm512_loadu_ps(bias + (V0 + v) * 16);
         for (int t = 0; t < CB; ++t) acc[t][v] = b;
     }
-#ifndef FLATL2O_PROFILE_SKIP_MATVEC
     const float *w = W + V0 * 16;
     const int stride = nv * 16;
     for (int j = 0; j < K; ++j, w += stride) {
@@ -423,12 +454,6 @@ static inline __attribute__((always_inline)) void gate_tile(
             for (int t = 0; t < CB; ++t) acc[t][v] = _mm512_fmadd_ps(wv, hb[t], acc[t][v]);
         }
     }
-#else /* benchmarks/cpu_profile.py only: time the step without the gate products */
-    (void)W, (void)K, (void)H, (void)xs;
-    for (int t = 0; t < CB; ++t)
-        for (int v = 0; v < NV_; ++v)
-            acc[t][v] = _mm512_add_ps(acc[t][v], _mm512_set1_ps(x[t][0] + h[t][V0 + v]));
-#endif
     for (int t = 0; t < CB; ++t)
         for (int v = 0; v < NV_; ++v) _mm512_storeu_ps(G + (t * nv + V0 + v) * 16, acc[t][v]);
 }
@@ -555,9 +580,6 @@ static void lstm_block(const flatl2o_args *a, int l, int K, const float *const x
  * 2^round(t) * p(t - round(t)) with the AVX-512 path's degree-5 polynomial and the power
  * of two built in the exponent bits, then the reciprocal by rcp (12 bits) + one Newton step. */
 static inline __m256 sig2(__m256 t) {
-#ifdef FLATL2O_PROFILE_CHEAP_NONLINEAR /* benchmarks/cpu_profile.py only: wrong numbers */
-    return _mm256_fmadd_ps(t, _mm256_set1_ps(-0.25f), _mm256_set1_ps(0.5f));
-#else
     const __m256 one = _mm256_set1_ps(1.0f);
     t = _mm256_min_ps(_mm256_set1_ps(126.0f), t); /* NaN is the second operand: kept */
     t = _mm256_max_ps(_mm256_set1_ps(-126.0f), t);
@@ -574,7 +596,6 @@ static inline __m256 sig2(__m256 t) {
     const __m256 d = _mm256_fmadd_ps(p, _mm256_castsi256_ps(e), one);
     const __m256 r = _mm256_rcp_ps(d);
     return _mm256_fmadd_ps(r, _mm256_fnmadd_ps(d, r, one), r);
-#endif
 }
 
 static inline __m256 tanh2(__m256 c) {
@@ -588,7 +609,6 @@ static inline __attribute__((always_inline)) void gate_tile(
     int H, const float *x, int xs, const float *h, __m256 G[MAX_NY]) {
     __m256 acc[NYG];
     for (int v = 0; v < NY_; ++v) acc[v] = _mm256_loadu_ps(bias + (Y0 + v) * 8);
-#ifndef FLATL2O_PROFILE_SKIP_MATVEC
     const float *w = W + Y0 * 8;
     const int stride = ny * 8;
     for (int j = 0; j < K; ++j, w += stride) {
@@ -601,11 +621,6 @@ static inline __attribute__((always_inline)) void gate_tile(
         for (int v = 0; v < NY_; ++v)
             acc[v] = _mm256_fmadd_ps(_mm256_loadu_ps(w + v * 8), hb, acc[v]);
     }
-#else /* benchmarks/cpu_profile.py only: time the step without the gate products */
-    (void)W, (void)K, (void)H, (void)xs;
-    for (int v = 0; v < NY_; ++v)
-        acc[v] = _mm256_add_ps(acc[v], _mm256_set1_ps(x[0] + h[(Y0 + v) % H]));
-#endif
     for (int v = 0; v < NY_; ++v) G[Y0 + v] = acc[v];
 }
 
@@ -858,12 +873,7 @@ static void portable_tile(const flatl2o_args *a, int64_t i0, int n) {
                 }
             }
         }
-#ifndef FLATL2O_PROFILE_SKIP_MATVEC
         matvec_tile(a->w[l], a->b[l], 4 * H, K + H, in, gates);
-#else /* benchmarks/cpu_profile.py only: time the step without the gate products */
-        for (int r = 0; r < 4 * H; ++r)
-            for (int t = 0; t < TILE; ++t) gates[r][t] = in[r % (K + H)][t];
-#endif
         for (int j = 0; j < H; ++j) {
             for (int t = 0; t < TILE; ++t) {
                 const float ig = sigmoid_poly(gates[j][t]);

@@ -11,7 +11,7 @@ Triton is optional: without it (or without CUDA) ``backend="auto"`` uses the ref
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from flatl2o.kernels.errors import KernelUnavailable
+from flatl2o.kernels.layout import pack, padded
 from flatl2o.kernels.program import PREP_DM, RuleProgram, dm_exp_k
 from flatl2o.rules import UpdateRule
 
@@ -29,41 +30,32 @@ except ImportError:  # optional dependency
     triton = None
     tl = None
 
-#: Launch configuration. Each setting left ``None`` is chosen per device when a kernel is
-#: built (default_config); a value here, or in the environment variable named, applies to
-#: every kernel built after it is set (benchmarks/gpu_check.py sweeps them this way).
-#:
-#: VARIANT - how a program gets the LSTM weights: ``"strided"`` loads its gate tiles from the
-#: ``[W_ih | W_hh]`` rows with strided loads (the layout last timed on an H200);
-#: ``"packed"`` from tiles pre-packed on the host (pack_tiles), every load contiguous;
-#: ``"persistent"`` packed, on a grid of PROGRAMS_PER_SM programs per multiprocessor, each
-#: looping over blocks. FLATL2O_TRITON_VARIANT.
+#: How a program gets the LSTM weights (LaunchConfig.variant): ``"strided"`` loads its gate
+#: tiles from the ``[W_ih | W_hh]`` rows with strided loads (the layout last timed on an
+#: H200); ``"packed"`` from tiles pre-packed on the host (layout.py: ``"tiles"``), every load
+#: contiguous; ``"persistent"`` packed, on a grid of PROGRAMS_PER_SM programs per
+#: multiprocessor, each looping over blocks.
 VARIANTS = ("strided", "packed", "persistent")
-VARIANT = os.environ.get("FLATL2O_TRITON_VARIANT")
 PROGRAMS_PER_SM = 4
-#: PRECISION - of the gate products: ``"ieee"`` plain fp32 FMA; ``"tf32x3"`` Triton's
-#: fp32-accurate use of tensor cores (both operands split into TF32 parts inside every
-#: ``tl.dot``); ``"3xtf32"`` the same arithmetic with the weights split once on the host and
-#: each layer's inputs once per block (packed variants only); ``"tf32"`` one TF32 pass
-#: (10-bit mantissa products: NOT fp32-accurate). FLATL2O_TRITON_PRECISION.
+#: Arithmetic of the gate products (LaunchConfig.precision): ``"ieee"`` plain fp32 FMA;
+#: ``"tf32x3"`` Triton's fp32-accurate use of tensor cores (both operands split into TF32
+#: parts inside every ``tl.dot``); ``"3xtf32"`` the same arithmetic with the weights split
+#: once on the host and each layer's inputs once per block (packed variants only);
+#: ``"tf32"`` one TF32 pass (10-bit mantissa products: NOT fp32-accurate).
 PRECISIONS = ("ieee", "tf32x3", "3xtf32", "tf32")
-PRECISION = os.environ.get("FLATL2O_TRITON_PRECISION")
-#: BLOCK, NUM_WARPS - coordinates and warps per program. FLATL2O_TRITON_BLOCK / _WARPS.
-BLOCK = int(os.environ["FLATL2O_TRITON_BLOCK"]) if "FLATL2O_TRITON_BLOCK" in os.environ else None
-NUM_WARPS = (
-    int(os.environ["FLATL2O_TRITON_WARPS"]) if "FLATL2O_TRITON_WARPS" in os.environ else None
-)
-#: MAXNREG - register cap passed to ptxas; 0 leaves it to ptxas, which often settles on 32
-#: registers for this kernel and spills 5-9 KB per thread (benchmarks/triton_resources.py).
-#: FLATL2O_TRITON_MAXNREG.
-MAXNREG = (
-    int(os.environ["FLATL2O_TRITON_MAXNREG"]) if "FLATL2O_TRITON_MAXNREG" in os.environ else None
-)
+#: The environment variable that overrides the per-device defaults of every kernel built
+#: while it is set (read when a kernel is built, never at import): comma-separated
+#: ``name=value`` settings of LaunchConfig, e.g. ``variant=strided,precision=ieee,block=32``.
+CONFIG_ENV = "FLATL2O_TRITON_CONFIG"
 
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """How the kernel is compiled and launched on one device (see the settings above)."""
+    """How the kernel is compiled and launched on one device: ``variant`` (VARIANTS),
+    ``precision`` (PRECISIONS), ``block`` coordinates and ``warps`` warps per program,
+    ``maxnreg`` the register cap passed to ptxas (0 leaves it to ptxas, which often settles
+    on 32 registers for this kernel and spills 5-9 KB per thread:
+    benchmarks/triton_resources.py)."""
 
     variant: str
     precision: str
@@ -72,9 +64,12 @@ class LaunchConfig:
     maxnreg: int
 
 
+_SETTINGS = {f.name: f.type for f in dataclasses.fields(LaunchConfig)}
+
+
 def default_config(device: torch.device) -> LaunchConfig:
-    """The configuration for ``device``, module settings (or their environment variables)
-    first. Defaults chosen WITHOUT timing them on a GPU, from the kernel compiled for sm_90
+    """The configuration for ``device`` when nothing is overridden. Defaults chosen WITHOUT
+    timing them on a GPU, from the kernel compiled for sm_90
     (benchmarks/triton_resources.py): GPUs with TF32 tensor cores (compute capability 8.0+)
     get "3xtf32" on 64 coordinates x 4 warps with a 168-register cap (about 5,200
     instructions per coordinate, 136 B of spills, 12 resident warps per SM: the no-stall
@@ -82,32 +77,93 @@ def default_config(device: torch.device) -> LaunchConfig:
     the occupancy at which the previous kernel ran 6-10x its bound); older GPUs fp32 FMA on
     32 x 2 with a 255 cap (about 19,100 instructions: at most 27% of copy bandwidth).
     benchmarks/gpu.sh times these against the alternatives."""
-    tensor_cores = (  # TF32 on NVIDIA; AMD GPUs take fp32 FMA
-        device.type == "cuda" and not _amd() and torch.cuda.get_device_capability(device) >= (8, 0)
-    )
-    precision = PRECISION or ("3xtf32" if tensor_cores else "ieee")
-    fp32_fma = precision == "ieee"
+    return launch_config(device, _environment=False)
+
+
+def launch_config(
+    device: torch.device,
+    *,
+    variant: str | None = None,
+    precision: str | None = None,
+    block: int | None = None,
+    warps: int | None = None,
+    maxnreg: int | None = None,
+    _environment: bool = True,
+) -> LaunchConfig:
+    """The configuration a kernel on ``device`` is built with: the settings given here, then
+    those of ``$FLATL2O_TRITON_CONFIG`` (CONFIG_ENV), then the device's defaults
+    (default_config; block, warps and register cap follow the precision). Invalid settings
+    raise ValueError naming the setting and where it came from."""
+    given = {
+        k: v
+        for k, v in dict(
+            variant=variant, precision=precision, block=block, warps=warps, maxnreg=maxnreg
+        ).items()
+        if v is not None
+    }
+    env = _environment_settings() if _environment else {}
+    source = {k: "the argument" for k in given} | {
+        k: f"${CONFIG_ENV}" for k in env if k not in given
+    }
+    s = {**env, **given}
+    if "precision" not in s:
+        tensor_cores = (  # TF32 on NVIDIA; AMD GPUs take fp32 FMA
+            device.type == "cuda"
+            and not _amd()
+            and torch.cuda.get_device_capability(device) >= (8, 0)
+        )
+        s["precision"] = "3xtf32" if tensor_cores else "ieee"
+    fp32_fma = s["precision"] == "ieee"
     config = LaunchConfig(
-        variant=VARIANT or "packed",
-        precision=precision,
-        block=BLOCK or (32 if fp32_fma else 64),
-        warps=NUM_WARPS or (2 if fp32_fma else 4),
-        maxnreg=(255 if fp32_fma else 168) if MAXNREG is None else MAXNREG,
+        variant=s.get("variant", "packed"),
+        precision=s["precision"],
+        block=s.get("block", 32 if fp32_fma else 64),
+        warps=s.get("warps", 2 if fp32_fma else 4),
+        maxnreg=s.get("maxnreg", 255 if fp32_fma else 168),
     )
+
+    def bad(name: str, rule: str) -> ValueError:
+        where = source.get(name, "the default")
+        return ValueError(
+            f"Invalid Triton launch setting {name}={getattr(config, name)!r} (from {where}): {rule}"
+        )
+
     if config.variant not in VARIANTS:
-        raise ValueError(
-            f"FLATL2O_TRITON_VARIANT must be one of {VARIANTS}, got {config.variant!r}"
-        )
-    if config.precision not in PRECISIONS or (
-        config.precision == "3xtf32" and config.variant == "strided"
-    ):
-        raise ValueError(
-            f"FLATL2O_TRITON_PRECISION must be one of {PRECISIONS} ('3xtf32' with the packed "
-            f"or persistent variant), got {config.precision!r} with {config.variant!r}"
-        )
+        raise bad("variant", f"choose one of {VARIANTS}")
+    if config.precision not in PRECISIONS:
+        raise bad("precision", f"choose one of {PRECISIONS}")
+    if config.precision == "3xtf32" and config.variant == "strided":
+        raise bad("precision", "'3xtf32' needs the packed or persistent variant")
     if config.block < 16 or config.block & (config.block - 1):
-        raise ValueError(f"FLATL2O_TRITON_BLOCK must be a power of two >= 16, got {config.block}")
+        raise bad("block", "use a power of two >= 16")
+    if config.warps < 1 or config.warps & (config.warps - 1):
+        raise bad("warps", "use a power of two")
+    if not 0 <= config.maxnreg <= 255:
+        raise bad("maxnreg", "use 0 (ptxas decides) up to 255")
     return config
+
+
+def _environment_settings() -> dict[str, str | int]:
+    """The settings of ``$FLATL2O_TRITON_CONFIG`` (empty when it is unset or blank)."""
+    text = os.environ.get(CONFIG_ENV, "").strip()
+    settings: dict[str, str | int] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, sep, value = (x.strip() for x in item.partition("="))
+        if not sep or name not in _SETTINGS:
+            raise ValueError(
+                f"Invalid ${CONFIG_ENV} item {item!r}: write name=value pairs separated by "
+                f"commas, names from {tuple(_SETTINGS)}, or unset it"
+            )
+        if _SETTINGS[name] in (int, "int"):
+            try:
+                settings[name] = int(value)
+            except ValueError:
+                raise ValueError(
+                    f"Invalid ${CONFIG_ENV} item {item!r}: {name} takes an integer"
+                ) from None
+        else:
+            settings[name] = value
+    return settings
 
 
 def _has_maxnreg() -> bool:
@@ -126,10 +182,6 @@ def _amd() -> bool:
     """A ROCm build of torch: its GPUs are device type "cuda" but take no PTX and no ptxas
     options."""
     return torch.version.hip is not None
-
-
-def _pow2(x: int, floor: int = 16) -> int:
-    return max(floor, 1 << (int(x) - 1).bit_length())
 
 
 if triton is not None:
@@ -196,7 +248,7 @@ if triton is not None:
     def _dot_tiles(
         a, t_ptr, q: tl.constexpr, acc, KP: tl.constexpr, HP: tl.constexpr, PREC: tl.constexpr
     ):
-        """``acc + a @ tile q`` of a packed tensor (pack_tiles). "3xtf32": ``a`` is its
+        """``acc + a @ tile q`` of a packed tensor (layout.py: "tiles"). "3xtf32": ``a`` is its
         _tf32_split, multiplied with the weights' TF32 parts (tiles q + 4 and q + 8)."""
         if PREC == "3xtf32":
             a_big, a_small = a
@@ -229,7 +281,7 @@ if triton is not None:
         """Gate ``q`` (0..3 = i, f, g, o) as the exponent ``t`` of ``sigmoid = 1 / (1 + 2^t)``
         (``tanh = (1 - 2^t) / (1 + 2^t)`` for g): ``z = x W_ih[q]^T + h W_hh[q]^T + b[q]``
         times -log2(e) (-2 log2(e) for g; capped at T_MAX). Packed tiles come pre-scaled
-        (pack_tiles); strided ones are scaled here. Weights are loaded just before use (from
+        (layout.py: "tiles"); strided ones are scaled here. Weights are loaded just before use (from
         L1/L2: a layer's are a few KB). With RANK1, ``x`` is L2O-DM's two input columns
         ``(x0, x1)``, added as two outer products instead of a dot over 16 zero-padded
         columns."""
@@ -507,45 +559,6 @@ if triton is not None:
             it += 1
 
 
-#: What pack_tiles multiplies gates i, f, g, o by: the kernel evaluates sigmoid(z) as
-#: 1 / (1 + 2^t) and tanh(z) as (1 - 2^t) / (1 + 2^t) with t = -log2(e) z (-2 log2(e) z for g).
-GATE_SCALES = (-math.log2(math.e), -math.log2(math.e), -2 * math.log2(math.e), -math.log2(math.e))
-
-
-def tf32_round(x: Tensor) -> Tensor:
-    """fp32 ``x`` rounded to TF32 (10 mantissa bits), to nearest, ties to even."""
-    bits = x.float().view(torch.int32)
-    bits = (bits + 0xFFF + ((bits >> 13) & 1)) & -8192
-    return bits.view(torch.float32)
-
-
-def pack_tiles(program: RuleProgram) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """Per layer: input tiles (12, KP, HP), recurrent tiles (12, HP, HP) and biases (4, HP),
-    gate order i, f, g, o, transposed (``tile[q][k][j] = W[q*H + j][k]``), zero-padded (so
-    the kernel loads each tile contiguously) and multiplied by GATE_SCALES[q] (so the kernel
-    does not scale each pre-activation). Tiles 0-3 are these weights; "3xtf32" reads their
-    TF32-rounded parts from tiles 4-7 and the rounded rest from tiles 8-11."""
-    h, hp = program.hidden, _pow2(program.hidden)
-    out = []
-    for w, b, k in zip(
-        program.layer_weights, program.layer_biases, program.layer_inputs, strict=True
-    ):
-        kp = _pow2(k)
-        scales = torch.tensor(GATE_SCALES, dtype=w.dtype, device=w.device)
-        gates = w.reshape(4, h, k + h) * scales[:, None, None]
-        wx = w.new_zeros(12, kp, hp)
-        wx[:4, :k, :h] = gates[:, :, :k].transpose(1, 2)
-        wh = w.new_zeros(12, hp, hp)
-        wh[:4, :h, :h] = gates[:, :, k:].transpose(1, 2)
-        for t in (wx, wh):
-            t[4:8] = tf32_round(t[:4])
-            t[8:] = tf32_round(t[:4] - t[4:8])
-        bp = b.new_zeros(4, hp)
-        bp[:, :h] = b.reshape(4, h) * scales[:, None]
-        out.append((wx.contiguous(), wh.contiguous(), bp.contiguous()))
-    return out
-
-
 #: Coordinates of TritonKernel.verify's check (not a multiple of any block size).
 VERIFY_COORDS = 4099
 _VERIFIED: set[tuple] = set()
@@ -572,9 +585,9 @@ def launch_constexprs(program: RuleProgram, config: LaunchConfig, plain: bool) -
         PREP=program.prep,
         LAYERS=program.layers,
         H=program.hidden,
-        HP=_pow2(program.hidden),
+        HP=padded(program.hidden),
         I=inputs,
-        IP=_pow2(inputs),
+        IP=padded(inputs),
         OUT_TANH=program.out_tanh,
         BLOCK=config.block,
         PREC=config.precision,
@@ -597,7 +610,11 @@ class TritonKernel:
 
     name = "triton"
 
-    def __init__(self, program: RuleProgram, device: torch.device) -> None:
+    def __init__(
+        self, program: RuleProgram, device: torch.device, config: LaunchConfig | None = None
+    ) -> None:
+        """``config``: how to compile and launch it; default :func:`launch_config` (the
+        device's defaults, or ``$FLATL2O_TRITON_CONFIG``'s settings when that is set)."""
         why = available()
         if why is not None:
             raise KernelUnavailable(why)
@@ -609,9 +626,12 @@ class TritonKernel:
             raise KernelUnavailable("the Triton kernel supports hidden sizes up to 128")
         self.program = program.to(device)
         self.device = device
-        self.config = default_config(device)
+        self.config = launch_config(device) if config is None else config
         self.constexprs = launch_constexprs(self.program, self.config, plain_math())
-        self.tiles = pack_tiles(self.program)
+        # both layouts: the strided variant reads the rows, the packed ones the tiles
+        self.rows = pack(self.program, "rows")
+        tiles = pack(self.program, "tiles")
+        self.tiles = list(zip(tiles.weights, tiles.recurrent, tiles.biases, strict=True))
         self.last_compiled = None  # the compiled kernel of the last launch (registers, spills)
 
     def update(
@@ -642,8 +662,9 @@ class TritonKernel:
         dm = p.prep == PREP_DM
         h1 = state["h1"] if p.layers == 2 else state["h0"]
         c1 = state["c1"] if p.layers == 2 else state["c0"]
-        w1 = p.layer_weights[1] if p.layers == 2 else p.layer_weights[0]
-        b1 = p.layer_biases[1] if p.layers == 2 else p.layer_biases[0]
+        rows = self.rows
+        w1 = rows.weights[1] if p.layers == 2 else rows.weights[0]
+        b1 = rows.biases[1] if p.layers == 2 else rows.biases[0]
         dummy = p.w_out
         cfg = self.config
         blocks = triton.cdiv(n, cfg.block)
@@ -663,8 +684,8 @@ class TritonKernel:
             state["c0"],
             h1,
             c1,
-            p.layer_weights[0],
-            p.layer_biases[0],
+            rows.weights[0],
+            rows.biases[0],
             w1,
             b1,
             *tiles0,

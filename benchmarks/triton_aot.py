@@ -2,8 +2,9 @@
 
 Triton ships ptxas and cuobjdump, so the kernel can be compiled for, say, sm_90 (H100/H200) on
 any Linux x86-64 machine. That is how CI checks that the GPU-only code (inline PTX, register
-cap) compiles, and how ``benchmarks/triton_resources.py`` reads registers, spills and machine
-instructions before a GPU is available to time the kernel.
+cap) compiles (tests/test_kernels.py), and how ``benchmarks/triton_resources.py`` reads
+registers, spills and machine instructions before a GPU is available to time the kernel. A
+measuring tool, not part of the optimizer: it lives here, outside the installed package.
 """
 
 from __future__ import annotations
