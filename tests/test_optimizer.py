@@ -1077,5 +1077,5 @@ def test_dcp_state_dict_wrappers_take_any_l2o_and_refuse_other_optimizers(rule: 
     with pytest.raises(ValueError, match="loaded state dict was produced by the"):
         distributed.set_optimizer_state_dict(model, other, saved)
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(TypeError, match="expected a flatl2o.L2O optimizer, got SGD"):
+    with pytest.raises(TypeError, match=r"expected a flatl2o\.L2O optimizer, got SGD"):
         distributed.get_optimizer_state_dict(model, sgd)
