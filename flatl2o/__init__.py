@@ -5,6 +5,7 @@ Replace ``torch.optim.Adam(model.parameters())`` with
 (``flatl2o.L2O(model.parameters())`` uses it; docs/quickstart.md, "Which checkpoint").
 """
 
+from flatl2o._version import __version__ as __version__
 from flatl2o.checkpoint import CheckpointError
 from flatl2o.hub import (
     CheckpointNotFoundError,
@@ -25,8 +26,6 @@ from flatl2o.rules import (
     UpdateRule,
     make_rule,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "L2O",

@@ -30,8 +30,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from flatl2o.rules import RuleConfig, UpdateRule, build_rule
-from flatl2o.rules.base import ConfigError
+from flatl2o._version import __version__
+from flatl2o.rules import ConfigError, RuleConfig, UpdateRule, build_rule
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -202,8 +202,6 @@ def save_rule(
     a hash of the config (:data:`CONFIG_DIGEST_KEY`), so a save killed between the two files
     is refused on load instead of pairing new weights with the old config.
     """
-    from flatl2o import __version__
-
     directory = Path(directory).expanduser()
     config = {**rule.config.to_dict(), "flatl2o_version": __version__}
     try:

@@ -22,17 +22,17 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
 from flatl2o.kernels.cpu import all_finite as cpu_all_finite
+from flatl2o.rules import UpdateRule
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    from flatl2o.optimizer import L2O
 
 __all__ = [
     "all_finite_flags",
@@ -204,8 +204,21 @@ def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
 
 
 # ------------------------------------------------------------------ checkpoint (DCP)
+class RuleOptimizer(Protocol):
+    """What the DCP wrappers need of a :class:`flatl2o.L2O` (this module sits below the
+    optimizer, which imports it, so it names the optimizer by its interface)."""
+
+    rule: UpdateRule
+    state: Any
+    param_groups: list[dict[str, Any]]
+
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+    def _init_state(self, p: Tensor) -> dict[str, Any]: ...
+
+
 def get_optimizer_state_dict(
-    model: nn.Module, optimizer: L2O, *, options: StateDictOptions | None = None
+    model: nn.Module, optimizer: RuleOptimizer, *, options: StateDictOptions | None = None
 ) -> dict[str, Any]:
     """``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` for an ``L2O``.
 
@@ -224,7 +237,7 @@ def get_optimizer_state_dict(
 
 def set_optimizer_state_dict(
     model: nn.Module,
-    optimizer: L2O,
+    optimizer: RuleOptimizer,
     state_dict: dict[str, Any],
     *,
     options: StateDictOptions | None = None,
@@ -233,14 +246,13 @@ def set_optimizer_state_dict(
     ``torch.distributed.checkpoint.load``); ``L2O.load_state_dict`` checks its rule."""
     from torch.distributed.checkpoint import state_dict as dsd
 
-    from flatl2o.optimizer import L2O
-
     state_dict = dict(state_dict)
     info = state_dict.pop("rule", None)
     _init_missing_state(optimizer)
+    load_with_rule = type(optimizer).load_state_dict
 
     def load(state_dict: dict[str, Any]) -> None:  # torch passes it by keyword
-        L2O.load_state_dict(optimizer, {**state_dict, "rule": info})
+        load_with_rule(optimizer, {**state_dict, "rule": info})
 
     # torch calls optimizer.load_state_dict with "state" and "param_groups" only: put the
     # rule entry back (the same instance-attribute patch torch's own helpers use).
@@ -251,11 +263,13 @@ def set_optimizer_state_dict(
         del optimizer.load_state_dict
 
 
-def _init_missing_state(optimizer: L2O) -> None:
+def _init_missing_state(optimizer: RuleOptimizer) -> None:
     """Give every trainable parameter its fresh state, as its first ``step`` would."""
-    from flatl2o.optimizer import L2O
-
-    if not isinstance(optimizer, L2O):
+    if not (
+        isinstance(optimizer, Optimizer)
+        and isinstance(getattr(optimizer, "rule", None), UpdateRule)
+        and callable(getattr(optimizer, "_init_state", None))
+    ):
         raise TypeError(
             f"expected a flatl2o.L2O optimizer, got {type(optimizer).__name__}; use "
             "torch.distributed.checkpoint.state_dict's functions for other optimizers"

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from flatl2o._version import __version__
 from flatl2o.checkpoint import (
     CHECKPOINT_FILES,
     CONFIG_NAME,
@@ -33,6 +34,7 @@ from flatl2o.checkpoint import (
     save_rule,
 )
 from flatl2o.rules import UpdateRule
+from flatl2o.rules.base import provide_persistence
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 #: Where shipped checkpoints live: inside an installed wheel, or the source checkout.
@@ -113,8 +115,6 @@ def _download(
     """
     from huggingface_hub import hf_hub_download
 
-    from flatl2o import __version__
-
     def fetch(filename: str, rev: str | None) -> Path:
         return Path(
             hf_hub_download(
@@ -175,7 +175,7 @@ def _probe(
             token=token,
             timeout=constants.HF_HUB_ETAG_TIMEOUT,
             library_name=LIBRARY_NAME,
-            library_version=_version(),
+            library_version=__version__,
         )
     except HfHubHTTPError:
         raise
@@ -558,7 +558,7 @@ def _upload(
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
 
     load_rule_from_dir(folder)  # refuse to publish something that does not load
-    api = HfApi(token=token, library_name=LIBRARY_NAME, library_version=_version())
+    api = HfApi(token=token, library_name=LIBRARY_NAME, library_version=__version__)
     api.create_repo(repo_id, private=private, exist_ok=True)
     if (
         revision is not None
@@ -646,12 +646,6 @@ def portable_command(command: str, *, root: str | os.PathLike[str] | None = None
     return shlex.join(words) if changed else command
 
 
-def _version() -> str:
-    from flatl2o import __version__
-
-    return __version__
-
-
 #: The usage line of a model card rendered without a known location (shown as written).
 UNKNOWN_LOCATION = "path/to/this/folder"
 _USAGE = re.compile(r'(L2O\.from_pretrained\(model\.parameters\(\), )"[^"\n]*"(\))')
@@ -721,3 +715,8 @@ def _metric_text(value: object) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return f"{value:.4g}"
     return str(value)
+
+
+# UpdateRule.save_pretrained / from_pretrained / push_to_hub run these functions; the rules are
+# the bottom layer and cannot import this module (see flatl2o.rules.base.provide_persistence).
+provide_persistence(save=save_rule, load=load_rule, push=push_to_hub)

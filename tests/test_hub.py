@@ -91,6 +91,18 @@ def test_push_then_load_round_trip(fake_hub: FakeHub, hf_env, upload_path, arch)
         assert blob.read_bytes() == fake_hub.file(REPO, name)
 
 
+def test_rule_methods_push_and_load_through_the_hub(fake_hub: FakeHub, hf_env):
+    """``UpdateRule.push_to_hub`` / ``from_pretrained`` (the rules' persistence methods, which
+    ``flatl2o.hub`` provides from the layer above the rules) reach the Hub like the functions."""
+    rule = _rule("l2o-dm", seed=3)
+    url = rule.push_to_hub(REPO, token=TOKEN)
+    assert url == f"{fake_hub.endpoint}/{REPO}/commit/{fake_hub.repos[REPO].branches['main']}"
+    assert flatl2o.UpdateRule.from_pretrained(REPO).fingerprint() == rule.fingerprint()
+    assert flatl2o.L2ODM.from_pretrained(REPO).fingerprint() == rule.fingerprint()
+    with pytest.raises(TypeError, match=f"{REPO!r} holds a L2ODM rule, not a RNNprop"):
+        flatl2o.rules.RNNprop.from_pretrained(REPO)
+
+
 def test_weights_are_fetched_at_the_commit_of_the_config(fake_hub: FakeHub, hf_env):
     _push(_rule())
     sha = fake_hub.repos[REPO].branches["main"]

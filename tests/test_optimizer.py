@@ -1047,3 +1047,35 @@ def test_load_state_dict_refuses_a_nonfinite_state(rule: UpdateRule, value: floa
     sd["state"][0]["step"] = torch.tensor(-1.0)
     with pytest.raises(ValueError, match="a negative step in state 'step' of parameter 0"):
         target.load_state_dict(sd)
+
+
+def test_dcp_state_dict_wrappers_take_any_l2o_and_refuse_other_optimizers(rule: UpdateRule):
+    """``flatl2o.distributed`` sits below the optimizer and names it by its interface: an L2O
+    subclass resumes bit for bit through the DCP wrappers (which load through the subclass's
+    ``load_state_dict``, so the rule check runs), and a torch optimizer is refused by name."""
+    from flatl2o import distributed
+
+    class Resumable(L2O):
+        loads = 0
+
+        def load_state_dict(self, state_dict: dict) -> None:
+            type(self).loads += 1
+            super().load_state_dict(state_dict)
+
+    model = _model()
+    opt = Resumable(model.parameters(), rule)
+    _train(model, opt, range(2))
+    saved = distributed.get_optimizer_state_dict(model, opt)
+    assert saved["rule"] == opt.state_dict()["rule"]
+    again = Resumable(model.parameters(), rule)
+    distributed.set_optimizer_state_dict(model, again, saved)
+    assert Resumable.loads == 1 and "load_state_dict" not in vars(again)
+    _assert_snapshots_equal(_snapshot(again), _snapshot(opt))
+    other = L2O(
+        model.parameters(), make_rule("rnnprop" if rule.architecture != "rnnprop" else "l2o-dm")
+    )
+    with pytest.raises(ValueError, match="loaded state dict was produced by the"):
+        distributed.set_optimizer_state_dict(model, other, saved)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"expected a flatl2o\.L2O optimizer, got SGD"):
+        distributed.get_optimizer_state_dict(model, sgd)

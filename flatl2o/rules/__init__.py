@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flatl2o.rules.base import (
     FORMAT_VERSION,
+    RULES,
     ConfigError,
     LSTMStack,
     RuleConfig,
@@ -13,11 +14,9 @@ from flatl2o.rules.base import (
 from flatl2o.rules.dm import L2ODM, DMConfig
 from flatl2o.rules.rnnprop import RNNprop, RNNpropConfig
 
-#: Architecture name (as written in ``config.json``) -> rule class.
-RULES: dict[str, type[UpdateRule]] = {
-    DMConfig.architecture: L2ODM,
-    RNNpropConfig.architecture: RNNprop,
-}
+#: Architecture name (as written in ``config.json``) -> rule class: the registry declared in
+#: ``flatl2o.rules.base`` (where ``RuleConfig.from_dict`` reads it) is filled here.
+RULES.update({DMConfig.architecture: L2ODM, RNNpropConfig.architecture: RNNprop})
 
 
 def build_rule(config: RuleConfig) -> UpdateRule:

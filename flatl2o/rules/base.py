@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import sys
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -24,6 +25,11 @@ from torch import Tensor, nn
 FORMAT_VERSION = 1
 
 State = dict[str, Tensor]
+
+#: Architecture name (as written in ``config.json``) -> rule class. Declared here, where
+#: :meth:`RuleConfig.from_dict` reads it, and filled by ``flatl2o.rules`` with the architectures
+#: it imports, so that no module of the package imports the package back.
+RULES: dict[str, type[UpdateRule]] = {}
 
 
 class ConfigError(ValueError):
@@ -92,8 +98,6 @@ class RuleConfig:
     @staticmethod
     def from_dict(data: dict[str, Any], *, source: str = "config") -> RuleConfig:
         """Build the right config subclass from a ``config.json`` dict, strictly."""
-        from flatl2o.rules import RULES  # registry lives with the rules
-
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: a rule config must be a JSON object, got {data!r}")
         data = dict(data)
@@ -230,21 +234,19 @@ class UpdateRule(nn.Module):
             digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
 
-    # Hub-style persistence (same shape as huggingface_hub's ModelHubMixin).
+    # Hub-style persistence (the shape of huggingface_hub's ModelHubMixin), implemented by the
+    # persistence layer above the rules: see provide_persistence.
     def save_pretrained(self, save_directory: str, *, model_card: str | None = None) -> None:
         """Write ``config.json``, ``model.safetensors`` and a model card into a folder; the card,
         recipe, metrics, log and plot of an earlier checkpoint there are removed
         (:func:`flatl2o.checkpoint.save_rule`)."""
-        from flatl2o.checkpoint import save_rule
-
-        save_rule(self, save_directory, model_card=model_card)
+        _persistence("save")(self, save_directory, model_card=model_card)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, **kwargs: Any) -> UpdateRule:
-        """Load a rule from a local folder, a shipped checkpoint name or a Hub repo id."""
-        from flatl2o.hub import load_rule
-
-        rule = load_rule(name_or_path, **kwargs)
+        """Load a rule from a local folder, a shipped checkpoint name or a Hub repo id
+        (:func:`flatl2o.hub.load_rule`)."""
+        rule = _persistence("load")(name_or_path, **kwargs)
         if cls is not UpdateRule and not isinstance(rule, cls):
             raise TypeError(
                 f"{name_or_path!r} holds a {type(rule).__name__} rule, not a {cls.__name__}"
@@ -252,10 +254,36 @@ class UpdateRule(nn.Module):
         return rule
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
-        """Upload this rule (config, weights, model card) to a Hub repo; returns the commit URL."""
-        from flatl2o.hub import push_to_hub
-
-        return push_to_hub(self, repo_id, **kwargs)
+        """Upload this rule (config, weights, model card) to a Hub repo; returns the commit URL
+        (:func:`flatl2o.hub.push_to_hub`)."""
+        return _persistence("push")(self, repo_id, **kwargs)
 
     def extra_repr(self) -> str:
         return f"config={self.config}"
+
+
+#: save / load / push, provided by the persistence layer (``flatl2o.hub``) when it is imported.
+_PERSISTENCE: dict[str, Callable[..., Any]] = {}
+
+
+def provide_persistence(
+    *,
+    save: Callable[..., None],
+    load: Callable[..., UpdateRule],
+    push: Callable[..., str],
+) -> None:
+    """Install the functions behind :meth:`UpdateRule.save_pretrained`, ``from_pretrained`` and
+    ``push_to_hub``. Persistence sits above the rules (it builds rules from ``config.json``), so
+    the rules cannot import it; ``flatl2o.hub`` calls this when imported, which importing any part
+    of flatl2o does (the package's ``__init__`` imports it)."""
+    _PERSISTENCE.update(save=save, load=load, push=push)
+
+
+def _persistence(name: str) -> Callable[..., Any]:
+    try:
+        return _PERSISTENCE[name]
+    except KeyError:
+        raise RuntimeError(
+            "no checkpoint support is installed for flatl2o's rules; import flatl2o (or "
+            "flatl2o.hub) before saving or loading a rule"
+        ) from None
