@@ -37,7 +37,6 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,10 +44,10 @@ import torch
 from flatl2o.evaluation.baselines import BASELINES
 from flatl2o.evaluation.runner import RunSpec
 from flatl2o.evaluation.suite import (
-    RESULTS_NAME,
     _published_info,
     _published_run,
     _timed,
+    read_results,
     run_planned,
 )
 from flatl2o.evaluation.tuning import MAX_EXTENSIONS, TUNE_SEED_BASE
@@ -485,14 +484,9 @@ def _arm_descriptions(infos: dict[str, dict[str, Any]]) -> dict[str, dict[str, s
 
 def load_realistic(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a realistic-suite results JSON (a file or the folder holding it)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / RESULTS_NAME
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"no realistic results at {p}; run `flatl2o evaluate --suite realistic --out DIR`"
-        )
-    data = json.loads(p.read_text())
-    if data.get("format") != FORMAT:
-        raise ValueError(f"{p} is not a realistic-suite results file (format {FORMAT})")
-    return data
+    return read_results(
+        path,
+        FORMAT,
+        missing="no realistic results at {}; run `flatl2o evaluate --suite realistic --out DIR`",
+        wrong="{} is not a realistic-suite results file (format {})",
+    )

@@ -475,16 +475,27 @@ def _environment(jobs: int, threads: int) -> dict[str, Any]:
 
 def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a results JSON written by :func:`evaluate` (a file or the folder holding it)."""
+    return read_results(
+        path,
+        FORMAT,
+        missing="no evaluation results at {}; run `flatl2o evaluate --out DIR` first",
+        wrong="{} is not a flatl2o evaluation results file (format {})",
+    )
+
+
+def read_results(
+    path: str | os.PathLike[str], fmt: str, *, missing: str, wrong: str
+) -> dict[str, Any]:
+    """A suite's results JSON (a file or the folder holding it) whose ``format`` is ``fmt``;
+    ``missing`` / ``wrong`` word the errors (formatted with the path, and the format)."""
     p = Path(path)
     if p.is_dir():
         p = p / RESULTS_NAME
     if not p.is_file():
-        raise FileNotFoundError(
-            f"no evaluation results at {p}; run `flatl2o evaluate --out DIR` first"
-        )
+        raise FileNotFoundError(missing.format(p))
     data = json.loads(p.read_text())
-    if data.get("format") != FORMAT:
-        raise ValueError(f"{p} is not a flatl2o evaluation results file (format {FORMAT})")
+    if data.get("format") != fmt:
+        raise ValueError(wrong.format(p, fmt))
     return data
 
 
