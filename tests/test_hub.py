@@ -642,7 +642,7 @@ def test_push_folder_expands_the_home_folder(fake_hub: FakeHub, hf_env, tmp_path
 
 def test_uploads_never_include_temporary_files(fake_hub: FakeHub, hf_env, tmp_path):
     """An interrupted save's ``.model.safetensors.*.tmp`` (or anything else) is not sent."""
-    from flatl2o.hub import _upload
+    from flatl2o.hub.upload import _upload
 
     folder = flatl2o.checkpoint.save_rule(_rule(), tmp_path / "run")
     (folder / ".model.safetensors.host-1-abcdefgh.tmp").write_bytes(b"x" * 1000)
@@ -764,3 +764,15 @@ def test_push_deletes_the_repos_copies_of_files_the_folder_lacks(
     files = _head_files(fake_hub)
     assert "metrics.json" not in files and b"\n# b\n" in files[MODEL_CARD_NAME]
     assert "notes.md" in files  # not a checkpoint file: left alone
+
+
+# ------------------------------------------------------------------ module size (issue 18)
+#: The persistence layer's modules, each one job (docs/architecture.md).
+_PERSISTENCE = [Path(flatl2o.checkpoint.__file__), *Path(flatl2o.hub.__file__).parent.glob("*.py")]
+
+
+@pytest.mark.parametrize("path", _PERSISTENCE, ids=lambda p: p.name)
+def test_persistence_modules_stay_small(path: Path):
+    """No persistence module over 600 lines (``flatl2o/hub.py`` was 722, doing five jobs)."""
+    lines = len(path.read_text(encoding="utf-8").splitlines())
+    assert lines <= 600, f"{path} has {lines} lines; split it by job"
