@@ -135,6 +135,16 @@ def test_the_evaluation_snippet_starts_workers_under_the_main_guard() -> None:
     assert block.fragment is None
 
 
+def _lines_matching(pattern: re.Pattern[str], files: list[Path]) -> list[str]:
+    """Every line of ``files`` that ``pattern`` finds something in, as ``path:line: text``."""
+    return [
+        f"{path.relative_to(REPO)}:{n}: {line.strip()}"
+        for path in files
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if pattern.search(line)
+    ]
+
+
 # ----------------------------------------------------------------- item 11: which checkpoint
 _DOC_FILES = [
     *PAGES,
@@ -147,12 +157,7 @@ _BEST_CLAIM = re.compile(
 
 def test_no_checkpoint_is_called_the_best(capsys: pytest.CaptureFixture[str]) -> None:
     """No measured figure makes one shipped checkpoint the best, so no text may say so."""
-    found = [
-        f"{path.relative_to(REPO)}:{n}: {line.strip()}"
-        for path in _DOC_FILES
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-        if _BEST_CLAIM.search(line)
-    ]
+    found = _lines_matching(_BEST_CLAIM, _DOC_FILES)
     assert not found, found
     from flatl2o.cli import build_parser
 
@@ -223,12 +228,7 @@ def test_docs_and_docstrings_cite_nothing_outside_the_repository() -> None:
         *sorted((REPO / "benchmarks").rglob("*.py")),
         *(p for p in sorted((REPO / "tests").glob("*.py")) if p.name != Path(__file__).name),
     ]
-    found = [
-        f"{path.relative_to(REPO)}:{n}: {line.strip()}"
-        for path in files
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-        if _OUTSIDE.search(line)
-    ]
+    found = _lines_matching(_OUTSIDE, files)
     assert not found, found
 
 

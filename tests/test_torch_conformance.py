@@ -728,44 +728,33 @@ def test_load_state_dict_pre_post_hook() -> None:
         assert optim.state["ran_load_state_dict_post_hook"]
 
 
-def test_step_post_hook() -> None:
-    data = 0
+def _check_step_hook(register: str) -> None:
+    """A hook added with ``optimizer.<register>`` runs once per step until it is removed."""
+    calls = 0
 
-    def post_hook(opt: Optimizer, args: tuple, kwargs: dict) -> None:
-        nonlocal data
-        data += 2
+    def hook(opt: Optimizer, args: tuple, kwargs: dict) -> None:
+        nonlocal calls
+        calls += 1
 
     params = [torch.tensor([1.0, 1.0])]
     for optim_input in _inputs():
         optim = L2O_INFO.optim_cls(params, **optim_input.kwargs)
-        data = 2
-        handle = optim.register_step_post_hook(post_hook)
+        calls = 0
+        handle = getattr(optim, register)(hook)
         optim.step()
         optim.step()
-        assert data == 6
+        assert calls == 2
         handle.remove()
         optim.step()
-        assert data == 6
+        assert calls == 2
+
+
+def test_step_post_hook() -> None:
+    _check_step_hook("register_step_post_hook")
 
 
 def test_step_pre_hook() -> None:
-    data = 0
-
-    def pre_hook(opt: Optimizer, args: tuple, kwargs: dict) -> None:
-        nonlocal data
-        data += 2
-
-    params = [torch.tensor([1.0, 1.0])]
-    for optim_input in _inputs():
-        optim = L2O_INFO.optim_cls(params, **optim_input.kwargs)
-        data = 5
-        handle = optim.register_step_pre_hook(pre_hook)
-        optim.step()
-        optim.step()
-        assert data == 9
-        handle.remove()
-        optim.step()
-        assert data == 9
+    _check_step_hook("register_step_pre_hook")
 
 
 def test_step_all_hooks() -> None:
