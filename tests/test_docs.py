@@ -363,6 +363,21 @@ def test_the_demo_extra_is_the_demo_s_needs_and_no_developer_stack() -> None:
     assert demo <= _resolve("dev", extras)  # the test install is a superset
 
 
+def test_the_version_is_declared_once() -> None:
+    """pyproject.toml declares no version of its own: the build reads ``flatl2o/_version.py``
+    (hatch's version source), the one place the package, its checkpoints and the Hub client
+    read it from, so a release bumps one line."""
+    with open(REPO / "pyproject.toml", "rb") as f:
+        pyproject = tomllib.load(f)
+    assert "version" not in pyproject["project"]
+    assert "version" in pyproject["project"]["dynamic"]
+    source = REPO / pyproject["tool"]["hatch"]["version"]["path"]
+    assert source == Path(flatl2o._version.__file__)
+    # hatch's default pattern for a version file
+    found = re.findall(r"""(?m)^__version__ *= *(['"])v?(.+?)\1""", source.read_text("utf-8"))
+    assert [version for _, version in found] == [flatl2o.__version__]
+
+
 def test_the_demo_runs_without_the_developer_stack(tmp_path: Path) -> None:
     """``flatl2o demo`` with every dev-only package made unimportable (as in the first
     command's install)."""
