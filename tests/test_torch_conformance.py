@@ -728,6 +728,39 @@ def test_load_state_dict_pre_post_hook() -> None:
         assert optim.state["ran_load_state_dict_post_hook"]
 
 
+def _hooks_added_by_hooks(optim: Optimizer) -> list[str]:
+    """What runs when a state-dict pre-hook adds a post-hook, and a load pre-hook adds a load
+    post-hook, then the state dict is saved twice and loaded twice."""
+    calls: list[str] = []
+
+    def add_post(opt: Optimizer) -> None:
+        calls.append("pre")
+        if "post" not in calls:
+            opt.register_state_dict_post_hook(lambda opt, sd: calls.append("post"))
+
+    def add_load_post(opt: Optimizer, sd: dict[str, Any]) -> None:
+        calls.append("load pre")
+        if "load post" not in calls:
+            opt.register_load_state_dict_post_hook(lambda opt: calls.append("load post"))
+
+    optim.register_state_dict_pre_hook(add_post)
+    optim.register_load_state_dict_pre_hook(add_load_post)
+    state_dict = optim.state_dict()
+    optim.state_dict()
+    optim.load_state_dict(state_dict)
+    optim.load_state_dict(state_dict)
+    return calls
+
+
+def test_hooks_registered_by_hooks_stay_registered() -> None:
+    """A hook that a hook registers is kept and runs, as with torch's own optimizers (L2O once
+    swapped torch's hook dicts out while torch's method ran, and lost such hooks)."""
+    expected = _hooks_added_by_hooks(torch.optim.Adam([torch.rand(2, 3, requires_grad=True)]))
+    assert expected.count("post") == 2 and expected.count("load post") == 2
+    for optim_input in _inputs():
+        assert _hooks_added_by_hooks(_fresh(optim_input)) == expected, optim_input.desc
+
+
 def _check_step_hook(register: str) -> None:
     """A hook added with ``optimizer.<register>`` runs once per step until it is removed."""
     calls = 0
