@@ -553,6 +553,24 @@ def test_retarget_fixes_cards_with_the_old_placeholder():
     assert retarget_model_card("a custom card\n", "x") == "a custom card\n"
 
 
+def test_retarget_edits_the_body_never_the_metadata():
+    """A card whose YAML metadata quotes the usage line (or holds the old title as a comment)
+    gets its body's snippet and title retargeted and its metadata left byte for byte."""
+    from flatl2o.hub import retarget_model_card
+
+    front = (
+        "---\nlibrary_name: flatl2o\n# PATH_OR_REPO_ID\n"
+        "usage: 'flatl2o.L2O.from_pretrained(model.parameters(), \"alice/old\")'\n---\n"
+    )
+    body = (
+        "\n# PATH_OR_REPO_ID\n\n```python\n"
+        'opt = flatl2o.L2O.from_pretrained(model.parameters(), "alice/old")\n```\n'
+    )
+    new = retarget_model_card(front + body, "bob/new")
+    assert new == front + body.replace("PATH_OR_REPO_ID", "bob/new").replace("alice/old", "bob/new")
+    assert ModelCard(new).data.to_dict() == ModelCard(front + body).data.to_dict()
+
+
 # ----------------------------------------------------------------------------- audit fixes
 def test_damaged_cache_copy_advises_force_download(fake_hub: FakeHub, hf_env):
     """``hf_hub_download`` re-links a deleted snapshot file to the same damaged blob: the

@@ -6,7 +6,8 @@ One module per job, all re-exported here so that ``flatl2o.hub.<name>`` is the p
 - :mod:`flatl2o.hub.download`: :func:`load_rule` (a local folder, a shipped name, or a Hub
   repo downloaded with ``huggingface_hub.hf_hub_download``);
 - :mod:`flatl2o.hub.upload`: :func:`push_to_hub`, :func:`push_folder_to_hub`;
-- :mod:`flatl2o.hub.model_card`: :func:`render_model_card`, :func:`retarget_model_card`;
+- :mod:`flatl2o.hub.model_card`: :func:`render_model_card`, :func:`retarget_model_card`,
+  :func:`split_front_matter`;
 - :mod:`flatl2o.hub.paths`: how published files name paths (:func:`portable_path`,
   :func:`portable_command`, :func:`checkpoint_location`).
 
@@ -18,7 +19,12 @@ from __future__ import annotations
 
 from flatl2o.checkpoint import save_rule
 from flatl2o.hub.download import load_rule
-from flatl2o.hub.model_card import UNKNOWN_LOCATION, render_model_card, retarget_model_card
+from flatl2o.hub.model_card import (
+    UNKNOWN_LOCATION,
+    render_model_card,
+    retarget_model_card,
+    split_front_matter,
+)
 from flatl2o.hub.names import (
     DEFAULT_PRETRAINED,
     LIBRARY_NAME,
@@ -57,6 +63,7 @@ __all__ = [
     "render_model_card",
     "retarget_model_card",
     "shipped_dir",
+    "split_front_matter",
 ]
 
 # UpdateRule.save_pretrained / from_pretrained / push_to_hub run these functions; the rules are

@@ -10,17 +10,33 @@ from flatl2o.rules import UpdateRule
 
 #: The usage line of a model card rendered without a known location (shown as written).
 UNKNOWN_LOCATION = "path/to/this/folder"
+# The card's own lines that retarget_model_card edits. huggingface_hub models a card's YAML
+# metadata (ModelCardData) but keeps its Markdown body as one string, so the body's usage
+# line and title are found by pattern, in the body only (split_front_matter).
 _USAGE = re.compile(r'(L2O\.from_pretrained\(model\.parameters\(\), )"[^"\n]*"(\))')
 _LEGACY_TITLE = re.compile(r"^# PATH_OR_REPO_ID$", re.MULTILINE)
+
+
+def split_front_matter(card: str) -> tuple[str, str]:
+    """``card`` as (its YAML front matter, ``---`` lines included, or ``""``; its Markdown
+    body), split where huggingface_hub's ``ModelCard`` splits it, so that edits of the body
+    never touch the metadata (which is not parsed: a card is split as it is)."""
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
+    match = REGEX_YAML_BLOCK.search(card)
+    end = match.end() if match is not None else 0
+    return card[:end], card[end:]
 
 
 def retarget_model_card(card: str, load_from: str) -> str:
     """``card`` with the usage snippet of :func:`render_model_card` loading ``load_from`` (a
     folder, shipped name or Hub repo id) instead; cards written by older versions also get
-    their ``# PATH_OR_REPO_ID`` title replaced. A card without that snippet is returned as is.
+    their ``# PATH_OR_REPO_ID`` title replaced. Only the Markdown body is edited, never the
+    YAML metadata; a card without that snippet is returned as is.
     """
-    card = _USAGE.sub(lambda m: f"{m.group(1)}{json.dumps(load_from)}{m.group(2)}", card, 1)
-    return _LEGACY_TITLE.sub(lambda _: f"# {load_from}", card, 1)
+    front, body = split_front_matter(card)
+    body = _USAGE.sub(lambda m: f"{m.group(1)}{json.dumps(load_from)}{m.group(2)}", body, 1)
+    return front + _LEGACY_TITLE.sub(lambda _: f"# {load_from}", body, 1)
 
 
 def render_model_card(
