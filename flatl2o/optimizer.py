@@ -10,15 +10,13 @@ so far is never moved (docs/api.md, "Zero gradients").
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import numbers
 import os
 import sys
 import warnings
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -376,18 +374,20 @@ class L2O(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state dict plus a ``"rule"`` entry identifying the rule (which
         the state-dict post-hooks see, like every other entry)."""
-        with _hooks_held(self, "_optimizer_state_dict_post_hooks") as (post_hooks,):
-            sd = super().state_dict()
-        sd["rule"] = {
-            "architecture": self.rule.architecture,
-            "fingerprint": self.rule.fingerprint(),
-            "config": self.rule.config.to_dict(),
-        }
-        for hook in post_hooks.values():
-            result = hook(self, sd)
-            if result is not None:
-                sd = result
-        return sd
+
+        def add_rule(opt: Optimizer, sd: dict[str, Any]) -> None:
+            sd["rule"] = {
+                "architecture": self.rule.architecture,
+                "fingerprint": self.rule.fingerprint(),
+                "config": self.rule.config.to_dict(),
+            }
+
+        # first of the post-hooks for this call only, so that every user hook sees the entry
+        handle = self.register_state_dict_post_hook(add_rule, prepend=True)
+        try:
+            return super().state_dict()
+        finally:
+            handle.remove()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore exactly: the recurrent state stays fp32 even for bf16/fp16 parameters.
@@ -397,18 +397,31 @@ class L2O(Optimizer):
         independently. Load pre-hooks run first and see the whole dict (``"rule"`` included);
         post-hooks run last, on the loaded state, as in torch.
         """
-        hooks = ("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
-        with _hooks_held(self, *hooks) as (pre_hooks, post_hooks):
-            self._load_state_dict(state_dict, pre_hooks)
-        for hook in post_hooks.values():
-            hook(self)
+        restore: list[Callable[[], None]] = []
 
-    def _load_state_dict(self, state_dict: dict[str, Any], pre_hooks: OrderedDict) -> None:
-        state_dict = state_dict.copy()
-        for hook in pre_hooks.values():
-            result = hook(self, state_dict)
-            if result is not None:
-                state_dict = result
+        def check(opt: Optimizer, sd: dict[str, Any]) -> dict[str, Any]:
+            sd, finish = self._prepare_load(sd)
+            restore.append(finish)
+            return sd
+
+        # for this call only: the check runs after the user's pre-hooks (on what they
+        # returned) and the state is restored before the user's post-hooks see it
+        handles = (
+            self.register_load_state_dict_pre_hook(check),
+            self.register_load_state_dict_post_hook(lambda opt: restore.pop()(), prepend=True),
+        )
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _prepare_load(
+        self, state_dict: dict[str, Any]
+    ) -> tuple[dict[str, Any], Callable[[], None]]:
+        """Check ``state_dict`` (after the user's load pre-hooks) before anything is loaded;
+        return what torch's load should restore (the groups, and state of no parameter) and
+        the function that then copies the parameters' state, once, in ``state_dtype``."""
         state_dict = dict(state_dict)
         info = state_dict.pop("rule", None)
         if not isinstance(info, dict) or "fingerprint" not in info:
@@ -444,20 +457,23 @@ class L2O(Optimizer):
         # parameter's dtype: a second full copy of the state)
         paired = {saved_id for saved_id, _ in pairs}
         unpaired = {k: v for k, v in saved_state.items() if k not in paired}
-        super().load_state_dict({**state_dict, "state": unpaired})
-        for saved_id, p in pairs:
-            saved = saved_state.get(saved_id)
-            if saved:
-                self.state[p] = {
-                    key: torch.as_tensor(value)  # a Python-number step, as torch accepts
-                    .detach()
-                    .to(
-                        "cpu" if key == "step" else p.device,
-                        torch.float32 if key == "step" else self.state_dtype,
-                        copy=True,
-                    )
-                    for key, value in saved.items()
-                }
+
+        def restore_paired() -> None:
+            for saved_id, p in pairs:
+                saved = saved_state.get(saved_id)
+                if saved:
+                    self.state[p] = {
+                        key: torch.as_tensor(value)  # a Python-number step, as torch accepts
+                        .detach()
+                        .to(
+                            "cpu" if key == "step" else p.device,
+                            torch.float32 if key == "step" else self.state_dtype,
+                            copy=True,
+                        )
+                        for key, value in saved.items()
+                    }
+
+        return {**state_dict, "state": unpaired}, restore_paired
 
     def _check_loaded_state(self, index: int, p: Tensor, saved: dict[str, Any]) -> None:
         """Refuse a per-parameter state that does not fit ``p``, or holds NaN/inf, before
@@ -492,20 +508,6 @@ class L2O(Optimizer):
                     "is damaged; load an earlier state dict, or drop that parameter's entry "
                     "from state_dict['state'] to restart its recurrent state"
                 )
-
-
-@contextlib.contextmanager
-def _hooks_held(opt: Optimizer, *names: str) -> Iterator[tuple[OrderedDict, ...]]:
-    """Hold back ``opt``'s hook dicts ``names`` while torch's method runs, so that L2O can run
-    them itself at torch's point in the sequence (after its own additions); yields them."""
-    held = tuple(getattr(opt, name) for name in names)
-    for name in names:
-        setattr(opt, name, OrderedDict())
-    try:
-        yield held
-    finally:
-        for name, hooks in zip(names, held, strict=True):
-            setattr(opt, name, hooks)
 
 
 def _user_stacklevel() -> int:

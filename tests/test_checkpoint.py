@@ -672,7 +672,13 @@ def test_pickle_disguised_as_safetensors_is_rejected(saved, tmp_path, no_unpickl
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("module", ["flatl2o.checkpoint", "flatl2o.hub"])
+_HUB_MODULES = sorted(
+    "flatl2o.hub" + ("" if p.stem == "__init__" else f".{p.stem}")
+    for p in Path(flatl2o.hub.__file__).parent.glob("*.py")
+)
+
+
+@pytest.mark.parametrize("module", ["flatl2o.checkpoint", *_HUB_MODULES])
 def test_loader_source_has_no_pickle_path(module):
     """No ``import pickle`` and no ``torch.load``/``pickle.load`` call anywhere in the loader."""
     import ast

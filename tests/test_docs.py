@@ -12,6 +12,7 @@ comment ``<!-- fragment: why -->`` on the line before it; it must still compile.
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 import json
 import os
@@ -135,6 +136,16 @@ def test_the_evaluation_snippet_starts_workers_under_the_main_guard() -> None:
     assert block.fragment is None
 
 
+def _lines_matching(pattern: re.Pattern[str], files: list[Path]) -> list[str]:
+    """Every line of ``files`` that ``pattern`` finds something in, as ``path:line: text``."""
+    return [
+        f"{path.relative_to(REPO)}:{n}: {line.strip()}"
+        for path in files
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if pattern.search(line)
+    ]
+
+
 # ----------------------------------------------------------------- item 11: which checkpoint
 _DOC_FILES = [
     *PAGES,
@@ -147,12 +158,7 @@ _BEST_CLAIM = re.compile(
 
 def test_no_checkpoint_is_called_the_best(capsys: pytest.CaptureFixture[str]) -> None:
     """No measured figure makes one shipped checkpoint the best, so no text may say so."""
-    found = [
-        f"{path.relative_to(REPO)}:{n}: {line.strip()}"
-        for path in _DOC_FILES
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-        if _BEST_CLAIM.search(line)
-    ]
+    found = _lines_matching(_BEST_CLAIM, _DOC_FILES)
     assert not found, found
     from flatl2o.cli import build_parser
 
@@ -223,12 +229,7 @@ def test_docs_and_docstrings_cite_nothing_outside_the_repository() -> None:
         *sorted((REPO / "benchmarks").rglob("*.py")),
         *(p for p in sorted((REPO / "tests").glob("*.py")) if p.name != Path(__file__).name),
     ]
-    found = [
-        f"{path.relative_to(REPO)}:{n}: {line.strip()}"
-        for path in files
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-        if _OUTSIDE.search(line)
-    ]
+    found = _lines_matching(_OUTSIDE, files)
     assert not found, found
 
 
@@ -363,6 +364,21 @@ def test_the_demo_extra_is_the_demo_s_needs_and_no_developer_stack() -> None:
     assert demo <= _resolve("dev", extras)  # the test install is a superset
 
 
+def test_the_version_is_declared_once() -> None:
+    """pyproject.toml declares no version of its own: the build reads ``flatl2o/_version.py``
+    (hatch's version source), the one place the package, its checkpoints and the Hub client
+    read it from, so a release bumps one line."""
+    with open(REPO / "pyproject.toml", "rb") as f:
+        pyproject = tomllib.load(f)
+    assert "version" not in pyproject["project"]
+    assert "version" in pyproject["project"]["dynamic"]
+    source = REPO / pyproject["tool"]["hatch"]["version"]["path"]
+    assert source == Path(flatl2o._version.__file__)
+    # hatch's default pattern for a version file
+    found = re.findall(r"""(?m)^__version__ *= *(['"])v?(.+?)\1""", source.read_text("utf-8"))
+    assert [version for _, version in found] == [flatl2o.__version__]
+
+
 def test_the_demo_runs_without_the_developer_stack(tmp_path: Path) -> None:
     """``flatl2o demo`` with every dev-only package made unimportable (as in the first
     command's install)."""
@@ -378,3 +394,107 @@ def test_the_demo_runs_without_the_developer_stack(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert DEFAULT_PRETRAINED in proc.stdout
+
+
+# ----------------------------------------------------------------- docs/api.md against the code
+API_PAGE = REPO / "docs" / "api.md"
+
+
+def _api_object(dotted: str) -> object:
+    """The object a dotted name of the page names: the longest importable module prefix, then
+    attributes (``flatl2o.L2O.from_pretrained``)."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(dotted)
+
+
+def _page_parameters(signature: str) -> list[str] | None:
+    """Parameter names of a signature as the page writes it (``f(a, b=1, *, c=None) -> T``),
+    ``*args``/``**kwargs`` as written; ``None`` when it is not a call signature."""
+    text = " ".join(signature.split())
+    if re.match(r"[\w.]+\(", text) is None:
+        return None
+    names, depth, current = [], 0, ""
+    for char in text[text.index("(") + 1 :]:
+        depth += char in "([{"
+        depth -= char in ")]}"
+        if depth < 0:  # the closing parenthesis: what follows is the return type
+            break
+        if char == "," and depth == 0:
+            name = current.strip().split("=")[0].split(":")[0].strip()
+            if name and name != "*" and name != "...":
+                names.append(name)
+            current = ""
+        else:
+            current += char
+    name = current.strip().split("=")[0].split(":")[0].strip()
+    return [*names, name] if name and name not in {"*", "..."} else names
+
+
+def _code_parameters(obj: object) -> list[str]:
+    """Parameter names of ``obj``'s signature, ``*args``/``**kwargs`` marked as on the page."""
+    star = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.VAR_KEYWORD: "**"}
+    return [
+        star.get(p.kind, "") + name
+        for name, p in inspect.signature(obj).parameters.items()
+        if name not in {"self", "cls"}
+    ]
+
+
+def _api_entries() -> list[tuple[str, str, str | None]]:
+    """(where, dotted name, signature as written or None) for every entry of the page: each
+    ``flatl2o.x.y`` it mentions, each top-level bullet ``- `name...` `` under a module's
+    heading, and each heading's signature block."""
+    text = API_PAGE.read_text(encoding="utf-8")
+    entries = [(m, m, None) for m in sorted(set(re.findall(r"\bflatl2o(?:\.[A-Za-z_]\w*)+", text)))]
+    module = heading = None
+    for match in re.finditer(r"(?m)^(#{2,4} .*|- `[^`]*`|```\n[^`]*?```)", text):
+        item = match[1]
+        line = text.count("\n", 0, match.start()) + 1
+        if item.startswith("#"):
+            named = re.fullmatch(r"#+ `(flatl2o[\w.]*)(?:\(.*)?`(?: .*)?", item)
+            heading = named[1] if named else None
+            module = heading if heading and inspect.ismodule(_api_object(heading)) else None
+        elif item.startswith("```") and heading and module is None:
+            entries.append((f"api.md:{line}", heading, item.strip("`\n")))
+            heading = None
+        elif item.startswith("- `") and module:
+            span = item[3:-1]
+            name = re.match(r"[A-Za-z_]\w*(?![\w./:])", span)
+            if name is not None:
+                entries.append((f"api.md:{line}", f"{module}.{name[0]}", span))
+    return entries
+
+
+def test_every_name_on_the_api_page_exists_with_the_signature_it_shows() -> None:
+    """docs/api.md is checked against the code: every name it lists exists, is documented
+    (a docstring) and, where the page shows a signature, takes the parameters it shows."""
+    problems = []
+    for where, dotted, signature in _api_entries():
+        try:
+            obj = _api_object(dotted)
+        except (ImportError, AttributeError) as e:
+            problems.append(f"{where}: {dotted} does not exist ({e})")
+            continue
+        if (inspect.isfunction(obj) or inspect.isclass(obj)) and not inspect.getdoc(obj):
+            problems.append(f"{where}: {dotted} has no docstring")
+        shown = _page_parameters(signature) if signature else None
+        if shown is not None and callable(obj) and shown != _code_parameters(obj):
+            problems.append(f"{where}: {dotted} shows {shown}, takes {_code_parameters(obj)}")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("module", ["flatl2o", "flatl2o.hub"])
+def test_every_public_name_is_on_the_api_page(module: str) -> None:
+    """Each name of ``flatl2o.__all__`` and ``flatl2o.hub.__all__`` is described on the page."""
+    text = API_PAGE.read_text(encoding="utf-8")
+    names = importlib.import_module(module).__all__
+    missing = [n for n in names if not re.search(rf"(`|\.){re.escape(n)}\b", text)]
+    assert not missing, f"docs/api.md does not describe {module}.{missing}"

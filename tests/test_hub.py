@@ -553,6 +553,24 @@ def test_retarget_fixes_cards_with_the_old_placeholder():
     assert retarget_model_card("a custom card\n", "x") == "a custom card\n"
 
 
+def test_retarget_edits_the_body_never_the_metadata():
+    """A card whose YAML metadata quotes the usage line (or holds the old title as a comment)
+    gets its body's snippet and title retargeted and its metadata left byte for byte."""
+    from flatl2o.hub import retarget_model_card
+
+    front = (
+        "---\nlibrary_name: flatl2o\n# PATH_OR_REPO_ID\n"
+        "usage: 'flatl2o.L2O.from_pretrained(model.parameters(), \"alice/old\")'\n---\n"
+    )
+    body = (
+        "\n# PATH_OR_REPO_ID\n\n```python\n"
+        'opt = flatl2o.L2O.from_pretrained(model.parameters(), "alice/old")\n```\n'
+    )
+    new = retarget_model_card(front + body, "bob/new")
+    assert new == front + body.replace("PATH_OR_REPO_ID", "bob/new").replace("alice/old", "bob/new")
+    assert ModelCard(new).data.to_dict() == ModelCard(front + body).data.to_dict()
+
+
 # ----------------------------------------------------------------------------- audit fixes
 def test_damaged_cache_copy_advises_force_download(fake_hub: FakeHub, hf_env):
     """``hf_hub_download`` re-links a deleted snapshot file to the same damaged blob: the
@@ -642,7 +660,7 @@ def test_push_folder_expands_the_home_folder(fake_hub: FakeHub, hf_env, tmp_path
 
 def test_uploads_never_include_temporary_files(fake_hub: FakeHub, hf_env, tmp_path):
     """An interrupted save's ``.model.safetensors.*.tmp`` (or anything else) is not sent."""
-    from flatl2o.hub import _upload
+    from flatl2o.hub.upload import _upload
 
     folder = flatl2o.checkpoint.save_rule(_rule(), tmp_path / "run")
     (folder / ".model.safetensors.host-1-abcdefgh.tmp").write_bytes(b"x" * 1000)
@@ -764,3 +782,15 @@ def test_push_deletes_the_repos_copies_of_files_the_folder_lacks(
     files = _head_files(fake_hub)
     assert "metrics.json" not in files and b"\n# b\n" in files[MODEL_CARD_NAME]
     assert "notes.md" in files  # not a checkpoint file: left alone
+
+
+# ------------------------------------------------------------------ module size (issue 18)
+#: The persistence layer's modules, each one job (docs/architecture.md).
+_PERSISTENCE = [Path(flatl2o.checkpoint.__file__), *Path(flatl2o.hub.__file__).parent.glob("*.py")]
+
+
+@pytest.mark.parametrize("path", _PERSISTENCE, ids=lambda p: p.name)
+def test_persistence_modules_stay_small(path: Path):
+    """No persistence module over 600 lines (``flatl2o/hub.py`` was 722, doing five jobs)."""
+    lines = len(path.read_text(encoding="utf-8").splitlines())
+    assert lines <= 600, f"{path} has {lines} lines; split it by job"

@@ -728,44 +728,66 @@ def test_load_state_dict_pre_post_hook() -> None:
         assert optim.state["ran_load_state_dict_post_hook"]
 
 
-def test_step_post_hook() -> None:
-    data = 0
+def _hooks_added_by_hooks(optim: Optimizer) -> list[str]:
+    """What runs when a state-dict pre-hook adds a post-hook, and a load pre-hook adds a load
+    post-hook, then the state dict is saved twice and loaded twice."""
+    calls: list[str] = []
 
-    def post_hook(opt: Optimizer, args: tuple, kwargs: dict) -> None:
-        nonlocal data
-        data += 2
+    def add_post(opt: Optimizer) -> None:
+        calls.append("pre")
+        if "post" not in calls:
+            opt.register_state_dict_post_hook(lambda opt, sd: calls.append("post"))
+
+    def add_load_post(opt: Optimizer, sd: dict[str, Any]) -> None:
+        calls.append("load pre")
+        if "load post" not in calls:
+            opt.register_load_state_dict_post_hook(lambda opt: calls.append("load post"))
+
+    optim.register_state_dict_pre_hook(add_post)
+    optim.register_load_state_dict_pre_hook(add_load_post)
+    state_dict = optim.state_dict()
+    optim.state_dict()
+    optim.load_state_dict(state_dict)
+    optim.load_state_dict(state_dict)
+    return calls
+
+
+def test_hooks_registered_by_hooks_stay_registered() -> None:
+    """A hook that a hook registers is kept and runs, as with torch's own optimizers (L2O once
+    swapped torch's hook dicts out while torch's method ran, and lost such hooks)."""
+    expected = _hooks_added_by_hooks(torch.optim.Adam([torch.rand(2, 3, requires_grad=True)]))
+    assert expected.count("post") == 2 and expected.count("load post") == 2
+    for optim_input in _inputs():
+        assert _hooks_added_by_hooks(_fresh(optim_input)) == expected, optim_input.desc
+
+
+def _check_step_hook(register: str) -> None:
+    """A hook added with ``optimizer.<register>`` runs once per step until it is removed."""
+    calls = 0
+
+    def hook(opt: Optimizer, args: tuple, kwargs: dict) -> None:
+        nonlocal calls
+        calls += 1
 
     params = [torch.tensor([1.0, 1.0])]
     for optim_input in _inputs():
         optim = L2O_INFO.optim_cls(params, **optim_input.kwargs)
-        data = 2
-        handle = optim.register_step_post_hook(post_hook)
+        calls = 0
+        handle = getattr(optim, register)(hook)
         optim.step()
         optim.step()
-        assert data == 6
+        assert calls == 2
         handle.remove()
         optim.step()
-        assert data == 6
+        assert calls == 2
+
+
+def test_step_post_hook() -> None:
+    _check_step_hook("register_step_post_hook")
 
 
 def test_step_pre_hook() -> None:
-    data = 0
-
-    def pre_hook(opt: Optimizer, args: tuple, kwargs: dict) -> None:
-        nonlocal data
-        data += 2
-
-    params = [torch.tensor([1.0, 1.0])]
-    for optim_input in _inputs():
-        optim = L2O_INFO.optim_cls(params, **optim_input.kwargs)
-        data = 5
-        handle = optim.register_step_pre_hook(pre_hook)
-        optim.step()
-        optim.step()
-        assert data == 9
-        handle.remove()
-        optim.step()
-        assert data == 9
+    _check_step_hook("register_step_pre_hook")
 
 
 def test_step_all_hooks() -> None:

@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from flatl2o.checkpoint import MODEL_CARD_NAME, atomic_write_text
-from flatl2o.hub import checkpoint_location, load_rule, portable_command, render_model_card
+from flatl2o.hub import (
+    checkpoint_location,
+    load_rule,
+    portable_command,
+    render_model_card,
+    split_front_matter,
+)
 from flatl2o.meta.recipe import Recipe, load_recipe
 from flatl2o.meta.tasks import Task
 
@@ -123,6 +129,8 @@ def card_body(
 
 #: Sections of a model card that :func:`card_body` and :func:`flatl2o.hub.render_model_card`
 #: write (older flatl2o titled the accuracy section "Test accuracy on the seen task ...").
+#: These and the fields below are lines of the card's Markdown body, which huggingface_hub
+#: keeps as one string (it models only the YAML metadata), so they are found by pattern.
 _RENDERED_SECTIONS = re.compile(
     r"^## (Metrics|How it was made|(Test a|A)ccuracy on the seen task\b.*)$"
 )
@@ -159,7 +167,7 @@ def render_checkpoint_card(
     fields: dict[str, str] = {}
     notes: list[str] = []
     keep = False
-    for line in old.split("\n"):
+    for line in split_front_matter(old)[1].split("\n"):  # the body; the metadata is re-made
         if line.startswith("## "):
             keep = _RENDERED_SECTIONS.match(line) is None
         if keep:
