@@ -116,7 +116,7 @@ def test_digits_split() -> None:
 
 
 def test_load_dataset_by_name_and_unknown_name(mnist: Dataset) -> None:
-    assert set(DATASETS) == {"mnist5k", "digits", "mnist"}
+    assert set(DATASETS) == {"mnist5k", "digits", "mnist", "text", "friedman"}
     assert load_dataset("mnist5k") is mnist
     assert load_dataset("digits", seed=0) is load_digits(0)
     with pytest.raises(ValueError, match=r"unknown dataset 'cifar'.*digits.*mnist.*mnist5k"):

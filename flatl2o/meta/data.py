@@ -23,16 +23,24 @@ Conventions shared by all loaders (docs/method.md §5):
 
 ``load_mnist5k()`` with the default ``seed=0`` is THE fixed split of the project
 (3,500 train / 500 validation / 1,000 test = 350 / 50 / 100 per class).
+
+Two loaders are not image classification: :func:`load_text` (byte-level language modelling on
+Python sources of the installed torch: ``x`` and ``y`` are int64 byte windows, ``y`` shifted by
+one) and :func:`load_friedman` (regression: ``y`` float32 targets, standardized like the
+features with train-split statistics only).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import itertools
 import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,8 +53,11 @@ __all__ = [
     "Split",
     "load_dataset",
     "load_digits",
+    "load_friedman",
     "load_mnist5k",
     "load_mnist_full",
+    "load_text",
+    "read_text_corpus",
     "sample_batch",
     "stratified_split_indices",
 ]
@@ -66,7 +77,8 @@ class DatasetUnavailableError(RuntimeError):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Split:
-    """One split of a dataset: inputs ``x`` (float32) and class labels ``y`` (int64)."""
+    """One split of a dataset: inputs ``x`` (float32; int64 byte ids for text) and targets ``y``
+    (int64 class labels or next bytes; float32 for regression)."""
 
     x: Tensor
     y: Tensor
@@ -89,7 +101,8 @@ class Split:
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """A classification dataset with fixed train / validation / test splits."""
+    """A dataset with fixed train / validation / test splits (``num_classes``: the model's
+    output size: classes, 256 byte values for text, 1 for regression)."""
 
     name: str
     train: Split
@@ -394,8 +407,136 @@ def _build_mnist_full(
     )
 
 
+# ------------------------------------------------------------------------------------ text
+
+#: The meta-training language model's corpus: these Python sources of the installed torch. Not
+#: the realistic evaluation suite's ``optim/*.py``, so meta-training never sees its text.
+META_TEXT_GLOB = "nn/modules/*.py"
+
+
+@functools.cache
+def read_text_corpus(pattern: str = META_TEXT_GLOB) -> tuple[bytes, dict[str, Any]]:
+    """The bytes of the installed torch's files ``torch/<pattern>`` (sorted by name,
+    concatenated) and what they are: torch version, file names, byte count, SHA-256.
+
+    Text that is on every machine with torch, so the language-model task runs offline.
+    """
+    root = Path(torch.__file__).resolve().parent
+    files = sorted(root.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no {pattern} under {root}: the text corpus is missing")
+    text = b"".join(f.read_bytes() for f in files)
+    info = {
+        "source": f"torch {torch.__version__}: torch/{pattern}",
+        "files": [f.name for f in files],
+        "bytes": len(text),
+        "sha256": hashlib.sha256(text).hexdigest(),
+    }
+    return text, info
+
+
+def load_text(pattern: str = META_TEXT_GLOB, context: int = 32) -> Dataset:
+    """Byte-level language modelling on :func:`read_text_corpus` ``(pattern)``.
+
+    The byte stream is split by position into train / validation / test (90 / 5 / 5 %), each
+    cut into non-overlapping windows of ``context + 1`` bytes: ``x`` is a window's first
+    ``context`` bytes and ``y`` its last ``context`` (the next byte at every position), both
+    int64 of shape ``(N, context)``. Cached per (pattern, context).
+    """
+    if context < 1:
+        raise ValueError(f"context must be a positive number of bytes, got {context}")
+    return _text_cached(pattern, int(context))
+
+
+def _build_text(pattern: str, context: int) -> Dataset:
+    """Uncached body of :func:`load_text`."""
+    text, _ = read_text_corpus(pattern)
+    data = torch.from_numpy(np.frombuffer(text, dtype=np.uint8).astype(np.int64))
+    n = data.numel()
+    cuts = [0, int(0.9 * n), int(0.95 * n), n]
+    splits = []
+    for a, b in itertools.pairwise(cuts):
+        part = data[a:b]
+        count = (part.numel() - 1) // context
+        if count < 1:
+            raise ValueError(f"the text corpus torch/{pattern} is too short for context {context}")
+        starts = torch.arange(count) * context
+        windows = part[starts[:, None] + torch.arange(context + 1)[None, :]]
+        splits.append(Split(windows[:, :-1].contiguous(), windows[:, 1:].contiguous(), starts + a))
+    return Dataset(f"text:{pattern}", *splits, num_classes=256, input_shape=(context,))
+
+
+# ------------------------------------------------------------------------------ regression
+
+
+def load_friedman(seed: int = 0) -> Dataset:
+    """scikit-learn's Friedman #1 regression problem, a fixed sample of 2,000 examples.
+
+    ``make_friedman1(n_samples=2000, n_features=10, noise=1.0, random_state=0)``: 10 features
+    uniform on [0, 1], of which 5 enter ``y = 10 sin(pi x1 x2) + 20 (x3 - 0.5)^2 + 10 x4 + 5 x5``
+    plus Gaussian noise. Split by a permutation seeded by ``seed`` into 1,400 / 200 / 400;
+    features standardized per feature and the target standardized, all with train-split
+    statistics only (nothing leaks from held-out data). Offline (generated, not downloaded),
+    and not the realistic evaluation suite's diabetes data. Cached per seed.
+    """
+    return _friedman_cached(int(seed))
+
+
+def _build_friedman(seed: int) -> Dataset:
+    """Uncached body of :func:`load_friedman`."""
+    try:
+        from sklearn.datasets import make_friedman1
+    except ImportError as err:  # pragma: no cover - scikit-learn is in the 'meta' extra
+        raise ImportError(
+            "load_friedman needs scikit-learn: pip install 'flatl2o[meta]' "
+            "(or: pip install scikit-learn)"
+        ) from err
+    x, y = make_friedman1(n_samples=2000, n_features=10, noise=1.0, random_state=0)
+    return standardized_regression("friedman1", x, y, (0.1, 0.2), seed)
+
+
+def standardized_regression(
+    name: str, x: np.ndarray, y: np.ndarray, fractions: tuple[float, float], seed: int
+) -> Dataset:
+    """A regression :class:`Dataset` from arrays: a seeded permutation split into train /
+    validation / test (``fractions`` = validation and test shares), features standardized per
+    feature and the target standardized, with the TRAIN split's mean and std only."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    gen = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(len(y), generator=gen)
+    n_val, n_test = (round(f * len(y)) for f in fractions)
+    parts = {
+        "val": perm[:n_val],
+        "test": perm[n_val : n_val + n_test],
+        "train": perm[n_val + n_test :],
+    }
+    tr = parts["train"].numpy()
+    x_mean, x_std = x[tr].mean(0), x[tr].std(0)
+    y_mean, y_std = float(y[tr].mean()), float(y[tr].std())
+    if not (np.all(x_std > 0) and y_std > 0):
+        raise ValueError(f"{name}: a feature or the target is constant on the train split")
+
+    def make(idx: Tensor) -> Split:
+        i = idx.numpy()
+        xs = torch.from_numpy(((x[i] - x_mean) / x_std).astype(np.float32))
+        ys = torch.from_numpy(((y[i] - y_mean) / y_std).astype(np.float32))
+        return Split(xs, ys, idx)
+
+    return Dataset(
+        name,
+        make(parts["train"]),
+        make(parts["val"]),
+        make(parts["test"]),
+        num_classes=1,
+        input_shape=(x.shape[1],),
+    )
+
+
 _mnist5k_cached = functools.cache(_build_mnist5k)
 _digits_cached = functools.cache(_build_digits)
+_text_cached = functools.cache(_build_text)
+_friedman_cached = functools.cache(_build_friedman)
 _MNIST_FULL_CACHE: dict[tuple[str | None, str | None, int], Dataset] = {}
 
 #: Dataset loaders by name.
@@ -403,11 +544,13 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "mnist5k": load_mnist5k,
     "digits": load_digits,
     "mnist": load_mnist_full,
+    "text": load_text,
+    "friedman": load_friedman,
 }
 
 
 def load_dataset(name: str, **kwargs) -> Dataset:
-    """Load a dataset by name ("mnist5k", "digits", "mnist"); kwargs go to its loader."""
+    """Load a dataset by name (a key of :data:`DATASETS`); kwargs go to its loader."""
     try:
         loader = DATASETS[name]
     except KeyError:

@@ -35,10 +35,20 @@ class RuleSection:
 
 @dataclasses.dataclass
 class TaskSection:
-    """The optimizee task meta-trained on (a name from ``flatl2o.meta.tasks.TASKS``)."""
+    """The optimizee task(s) meta-trained on (names from ``flatl2o.meta.tasks.TASKS``).
+
+    ``name`` is the task that validation and the final evaluation use, and the one meta-trained
+    on when ``families`` is empty; a non-empty ``families`` is the distribution drawn from per
+    trajectory (:class:`flatl2o.meta.tasks.TaskDistribution`), each family at its own default
+    batch size. ``batch_scales`` and ``scale_range`` (task augmentation) apply either way.
+    """
 
     name: str = "mnist-mlp-sigmoid"
     batch_size: int = 128
+    families: list[str] = dataclasses.field(default_factory=list)  # [] = name only
+    weights: list[float] = dataclasses.field(default_factory=list)  # [] = equal weights
+    batch_scales: list[float] = dataclasses.field(default_factory=list)  # [] = own batch size
+    scale_range: list[float] = dataclasses.field(default_factory=list)  # [] = no rescaling
 
 
 @dataclasses.dataclass
@@ -173,6 +183,15 @@ _TOML_ESCAPES = {
 }
 
 
+#: The item type of each list key that is not a list of positive ints.
+_LIST_ITEMS: dict[tuple[str, str], type] = {
+    ("task", "families"): str,
+    ("task", "weights"): float,
+    ("task", "batch_scales"): float,
+    ("task", "scale_range"): float,
+}
+
+
 def _coerce(where: str, section: str, key: str, value: Any, default: Any) -> Any:
     name = f"[{section}].{key}" if section else key
     expected = type(default)
@@ -180,9 +199,18 @@ def _coerce(where: str, section: str, key: str, value: Any, default: Any) -> Any
         return float(value)
     if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
         raise RecipeError(f"{where}: {name} must be {expected.__name__}, got {value!r}")
-    if expected is list and not all(
-        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
-    ):
+    if expected is not list:
+        return value
+    item = _LIST_ITEMS.get((section, key), int)
+    if item is str:
+        if not all(isinstance(v, str) for v in value):
+            raise RecipeError(f"{where}: {name} must be a list of strings, got {value!r}")
+        return value
+    if item is float:
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise RecipeError(f"{where}: {name} must be a list of numbers, got {value!r}")
+        return [float(v) for v in value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
         raise RecipeError(f"{where}: {name} must be a list of positive ints, got {value!r}")
     return value
 
@@ -349,9 +377,39 @@ def validate(
     except ConfigError as e:
         fail(f"[rule].options: {e}", "rule.options", "rule.architecture")
     # [task]
-    if recipe.task.name not in TASKS:
-        fail(f"unknown task {recipe.task.name!r}; known: {sorted(TASKS)}", "task.name")
+    task = recipe.task
+    if task.name not in TASKS:
+        fail(f"unknown task {task.name!r}; known: {sorted(TASKS)}", "task.name")
     at_least("task", "batch_size", 1)
+    for family in task.families:
+        if family not in TASKS:
+            fail(
+                f"[task].families: unknown task {family!r}; known: {sorted(TASKS)}", "task.families"
+            )
+    if len(set(task.families)) != len(task.families):
+        fail(
+            f"[task].families lists a task twice: {task.families}; weigh it with [task].weights",
+            "task.families",
+        )
+    if task.weights and len(task.weights) != len(task.families):
+        fail(
+            f"[task].weights has {len(task.weights)} entries but [task].families has "
+            f"{len(task.families)}; give one weight per family, or [] for equal weights",
+            "task.weights",
+            "task.families",
+        )
+    for key in ("weights", "batch_scales", "scale_range"):
+        values = getattr(task, key)
+        if not all(math.isfinite(v) and v > 0 for v in values):
+            fail(f"[task].{key} must hold finite numbers > 0, got {values}", f"task.{key}")
+    if task.scale_range and (
+        len(task.scale_range) != 2 or task.scale_range[0] > task.scale_range[1]
+    ):
+        fail(
+            f"[task].scale_range must be [low, high] with low <= high (per-tensor scales are "
+            f"drawn log-uniformly between them), or [] for none; got {task.scale_range}",
+            "task.scale_range",
+        )
     # [train]
     t = recipe.train
     if not 0 <= t.seed < SLOT_SEED_STRIDE:

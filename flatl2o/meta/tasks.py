@@ -10,27 +10,43 @@ regularizers need double backward). :class:`Task` provides that on top of an ord
 values are never read by :meth:`Task.logits` / :meth:`Task.loss`.
 
 Buffers (e.g. BatchNorm running statistics) and frozen parameters (``requires_grad=False``)
-are not part of ``theta``: the module's own tensors are used, unchanged. The module runs in
-whatever mode (train / eval) it is in; :meth:`Task.evaluate` switches it to eval mode for the
-evaluation and restores the previous mode.
+are not part of ``theta``: the module's own tensors are used. The module runs in whatever mode
+(train / eval) it is in; :meth:`Task.evaluate` switches it to eval mode for the evaluation and
+restores the previous mode. A BatchNorm that tracks running statistics updates them in place
+in train mode (torch does that inside ``functional_call``), which is state outside ``theta``
+that a checkpoint of a meta-training run does not hold; the built-in BatchNorm task therefore
+uses ``track_running_stats=False`` (batch statistics in training and evaluation, no buffers),
+so its loss is a pure function of ``theta`` and the batch.
+
+Task augmentation (Celo): :meth:`Task.variant` gives the same task in reparameterized
+coordinates ``phi`` with ``theta_T = s_T * phi_T`` per trainable tensor ``T``: the loss as a
+function of ``theta`` is unchanged, while the optimizer sees parameters of scale ``1/s_T`` and
+gradients of scale ``s_T``. :class:`TaskDistribution` draws a task, a batch size and the scales
+per meta-training trajectory.
 
 THE project initializer (:meth:`Task.init_params`), used for meta-training and evaluation alike
 (docs/method.md §3): LeCun normal, i.e. every weight of a Linear or Conv layer is drawn
 from N(0, 1/fan_in) with fan_in = in_features (Linear) or in_channels/groups * prod(kernel_size)
-(Conv), and every bias is zero. Normalization layers get weight 1 and bias 0. Any other
-trainable parameter keeps the value the module currently holds (so user modules with custom
-parameters keep their own initialization). Draws follow ``named_parameters()`` order from the
+(Conv), and every bias is zero. Recurrent layers (RNN, LSTM, GRU) get the same LeCun normal
+weights per gate matrix (fan_in = its input width) and zero biases; embeddings N(0, 1) (torch's
+own choice). Normalization layers get weight 1 and bias 0. Any other trainable parameter keeps
+the value the module currently holds (so user modules with custom parameters keep their own
+initialization). Draws follow ``named_parameters()`` order from the
 given ``torch.Generator``, so the result is deterministic given the generator's state.
 
 Built-in optimizees are registered with :func:`register_task`; :func:`make_task` builds one by
 name. Adding an optimizee is one small factory ``(dataset=None, batch_size=128) -> Task``.
+Built-in tasks cover MLPs of several widths, depths and activations (MNIST-5k, 8x8 digits), a
+plain and a residual BatchNorm CNN, an LSTM, byte-level transformer language models and an MLP
+regression (docs/meta-training.md lists them with their cost).
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -40,10 +56,12 @@ from torch.func import functional_call
 
 from flatl2o.meta import data as _data
 from flatl2o.meta.data import Dataset
+from flatl2o.meta.models import ResNet, RowLSTM, TinyGPT
 
 __all__ = [
     "TASKS",
     "Task",
+    "TaskDistribution",
     "lecun_init_",
     "make_task",
     "register_task",
@@ -64,6 +82,10 @@ class Task:
     batch_size: int
     num_params: int
     param_shapes: dict[str, torch.Size]
+    #: The per-tensor scales ``s_T`` of the reparameterization ``theta_T = s_T * phi_T``
+    #: (:meth:`variant`), one per trainable tensor; None: the module's own coordinates.
+    tensor_scales: tuple[float, ...] | None = None
+    _scales: Tensor | None = None  # s_T repeated over each tensor's coordinates
 
     def __init__(
         self,
@@ -125,10 +147,53 @@ class Task:
 
     def __repr__(self) -> str:
         data = self.dataset.name if self.dataset is not None else "sampler"
+        scaled = "" if self.tensor_scales is None else ", reparameterized"
         return (
             f"Task(name={self.name!r}, num_params={self.num_params}, data={data}, "
-            f"batch_size={self.batch_size})"
+            f"batch_size={self.batch_size}{scaled})"
         )
+
+    @property
+    def segment_sizes(self) -> list[int]:
+        """Sizes of the trainable tensors, in ``named_parameters()`` order: how ``theta`` is
+        cut into tensors (a rule that normalizes its update per tensor needs them)."""
+        return list(self._numels)
+
+    def variant(
+        self,
+        *,
+        batch_size: int | None = None,
+        scales: Sequence[float] | Tensor | None = None,
+    ) -> Task:
+        """This task with another minibatch size and/or in reparameterized coordinates.
+
+        ``scales`` (one positive number ``s_T`` per trainable tensor) makes the new task's flat
+        vector ``phi`` with ``theta_T = s_T * phi_T``: :meth:`loss` of ``phi`` is the original
+        loss of ``theta``, :meth:`init_params` returns the original initialization divided by
+        ``s``, and the loss gradient in ``phi`` is ``s`` times the one in ``theta``. Scales
+        compose with this task's own. The module and data are shared, not copied.
+        """
+        new = copy.copy(self)
+        if batch_size is not None:
+            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+                raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+            new.batch_size = batch_size
+        if scales is not None:
+            s = torch.as_tensor(scales, dtype=torch.float64).reshape(-1)
+            if s.numel() != len(self._numels):
+                raise ValueError(
+                    f"scales must give one number per trainable tensor ({len(self._numels)}), "
+                    f"got {s.numel()}"
+                )
+            if not bool(torch.all(torch.isfinite(s) & (s > 0))):
+                raise ValueError(f"scales must be finite and > 0, got {s.tolist()}")
+            own = self.tensor_scales or (1.0,) * len(self._numels)
+            new.tensor_scales = tuple(a * b for a, b in zip(own, s.tolist(), strict=True))
+            per_tensor = torch.tensor(new.tensor_scales, dtype=torch.float32)
+            new._scales = torch.repeat_interleave(per_tensor, torch.tensor(self._numels)).to(
+                self.device
+            )
+        return new
 
     # ------------------------------------------------------------------ flat <-> named params
 
@@ -138,7 +203,8 @@ class Task:
         return next(p for p in self.module.parameters() if p.requires_grad).device
 
     def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
-        """Split flat ``theta`` into named views shaped like the trainable parameters."""
+        """Split flat ``theta`` into named views shaped like the trainable parameters (no
+        scaling: a reparameterized task's :meth:`logits` scales before it splits)."""
         if theta.ndim != 1 or theta.numel() != self.num_params:
             raise ValueError(
                 f"theta must be a flat vector of {self.num_params} entries, got shape "
@@ -148,7 +214,8 @@ class Task:
         return {n: c.view(s) for (n, s), c in zip(self.param_shapes.items(), chunks, strict=True)}
 
     def flatten(self, params: Mapping[str, Tensor] | Iterable[Tensor]) -> Tensor:
-        """Concatenate parameters (a name->tensor mapping, or tensors in order) into theta."""
+        """Concatenate parameters (a name->tensor mapping, or tensors in order) into theta
+        (in this task's coordinates: divided by the scales of a reparameterized task)."""
         if isinstance(params, Mapping):
             missing = [n for n in self.param_shapes if n not in params]
             if missing:
@@ -163,17 +230,19 @@ class Task:
                 raise ValueError(
                     f"parameter {n!r}: expected shape {tuple(s)}, got {tuple(t.shape)}"
                 )
-        return torch.cat([t.reshape(-1) for t in tensors]).to(torch.float32)
+        theta = torch.cat([t.reshape(-1) for t in tensors]).to(torch.float32)
+        return theta if self._scales is None else theta / self._scales.to(theta.device)
 
     def load_params(self, theta: Tensor) -> None:
         """Copy ``theta`` into the module's own parameters (e.g. to use the trained model)."""
         with torch.no_grad():
             named = dict(self.module.named_parameters())
-            for n, v in self.unflatten(theta.detach()).items():
+            for n, v in self.unflatten(self._model_theta(theta.detach())).items():
                 named[n].copy_(v)
 
     def init_params(self, generator: torch.Generator) -> Tensor:
-        """THE project initializer: LeCun normal weights, zero biases (see module docstring)."""
+        """THE project initializer: LeCun normal weights, zero biases (see module docstring);
+        a reparameterized task (:meth:`variant`) returns it divided by its scales."""
         owner: dict[int, nn.Module] = {}
         for m in self.module.modules():
             for p in m.parameters(recurse=False):
@@ -187,6 +256,14 @@ class Task:
             if isinstance(m, _WEIGHT_TYPES) and leaf == "weight":
                 fan_in = nn.init._calculate_fan_in_and_fan_out(p)[0]
                 v = torch.randn(shape, generator=generator, dtype=torch.float32) / math.sqrt(fan_in)
+            elif isinstance(m, nn.RNNBase) and leaf.startswith("weight_"):
+                v = torch.randn(shape, generator=generator, dtype=torch.float32) / math.sqrt(
+                    shape[1]
+                )
+            elif isinstance(m, nn.RNNBase) and leaf.startswith("bias_"):
+                v = torch.zeros(shape, dtype=torch.float32)
+            elif isinstance(m, nn.Embedding) and leaf == "weight":
+                v = torch.randn(shape, generator=generator, dtype=torch.float32)
             elif isinstance(m, _WEIGHT_TYPES + _NORM_TYPES) and leaf == "bias":
                 v = torch.zeros(shape, dtype=torch.float32)
             elif isinstance(m, _NORM_TYPES) and leaf == "weight":
@@ -194,13 +271,19 @@ class Task:
             else:
                 v = p.detach().to("cpu", torch.float32).clone()
             out.append(v.reshape(-1))
-        return torch.cat(out).to(self.device)
+        theta = torch.cat(out).to(self.device)
+        return theta if self._scales is None else theta / self._scales
+
+    def _model_theta(self, theta: Tensor) -> Tensor:
+        """The module's parameters (flat) for this task's vector ``theta``."""
+        return theta if self._scales is None else theta * self._scales.to(theta.device)
 
     # ---------------------------------------------------------------------- loss and data
 
     def logits(self, theta: Tensor, x: Tensor) -> Tensor:
         """Model output for inputs ``x`` with parameters ``theta`` (differentiable in theta)."""
-        return functional_call(self.module, self.unflatten(theta), (x.to(theta.device),))
+        params = self.unflatten(self._model_theta(theta))
+        return functional_call(self.module, params, (x.to(theta.device),))
 
     def loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """Loss ``loss_fn(logits(theta, x), y)`` (mean cross-entropy by default)."""
@@ -277,7 +360,8 @@ def lecun_init_(module: nn.Module, generator: torch.Generator) -> nn.Module:
 
 # -------------------------------------------------------------------------------- registry
 
-#: Task factories by name; each takes ``(dataset=None, batch_size=128)`` and returns a Task.
+#: Task factories by name; each takes ``(dataset=None, batch_size=DEFAULT)`` and returns a Task
+#: (DEFAULT is 128 examples, 16 sequences for the language models).
 TASKS: dict[str, Callable[..., Task]] = {}
 
 
@@ -303,17 +387,21 @@ def make_task(name: str, **kwargs) -> Task:
 
 
 def _build_task(
-    name: str, build: Callable[[], nn.Module], dataset: Dataset, batch_size: int
+    name: str,
+    build: Callable[[], nn.Module],
+    dataset: Dataset,
+    batch_size: int,
+    loss_fn: LossFn = F.cross_entropy,
 ) -> Task:
     """Build the module without touching the global RNG, then give it the project init (seed 0)."""
     with torch.random.fork_rng(devices=[]):
         module = build()
-    task = Task(module, F.cross_entropy, dataset, batch_size=batch_size, name=name)
+    task = Task(module, loss_fn, dataset, batch_size=batch_size, name=name)
     task.load_params(task.init_params(torch.Generator().manual_seed(0)))
     return task
 
 
-def _mlp(sizes: list[int], act: type[nn.Module]) -> nn.Sequential:
+def _mlp(sizes: list[int], act: type[nn.Module] | Callable[[], nn.Module]) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Flatten()]
     for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b))
@@ -323,10 +411,15 @@ def _mlp(sizes: list[int], act: type[nn.Module]) -> nn.Sequential:
 
 
 def _mlp_task(
-    name: str, hidden: list[int], act: type[nn.Module], dataset: Dataset, batch_size: int
+    name: str,
+    hidden: list[int],
+    act: type[nn.Module] | Callable[[], nn.Module],
+    dataset: Dataset,
+    batch_size: int,
+    loss_fn: LossFn = F.cross_entropy,
 ) -> Task:
     sizes = [math.prod(dataset.input_shape), *hidden, dataset.num_classes]
-    return _build_task(name, lambda: _mlp(sizes, act), dataset, batch_size)
+    return _build_task(name, lambda: _mlp(sizes, act), dataset, batch_size, loss_fn)
 
 
 @register_task("mnist-mlp-sigmoid")
@@ -389,3 +482,183 @@ def digits_mlp(dataset: Dataset | None = None, batch_size: int = 128) -> Task:
     """MLP 64-16-10 with sigmoid on scikit-learn's 8x8 digits: tiny, for fast tests."""
     ds = dataset if dataset is not None else _data.load_digits()
     return _mlp_task("digits-mlp", [16], nn.Sigmoid, ds, batch_size)
+
+
+# ------------------------------------------------------- the meta-training distribution's tasks
+# Small and cheap (a few ms per optimizee step on one thread, docs/meta-training.md), varied in
+# width, depth, activation, architecture, data and loss. Names: DATA-MODEL[-ACTIVATION-WIDTHS].
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+}
+_MLP_FAMILY = {  # name -> (dataset loader, activation, hidden widths)
+    "mnist-mlp-gelu-32": (_data.load_mnist5k, "gelu", [32]),
+    "mnist-mlp-tanh-32x32": (_data.load_mnist5k, "tanh", [32, 32]),
+    "digits-mlp-relu-32x32x32": (_data.load_digits, "relu", [32, 32, 32]),
+    "digits-mlp-gelu-128": (_data.load_digits, "gelu", [128]),
+    "digits-mlp-tanh-64x64": (_data.load_digits, "tanh", [64, 64]),
+    "digits-mlp-sigmoid-32x32": (_data.load_digits, "sigmoid", [32, 32]),
+}
+
+
+def _register_mlp(name: str, load: Callable[[], Dataset], act: str, hidden: list[int]) -> None:
+    def factory(dataset: Dataset | None = None, batch_size: int = 128) -> Task:
+        ds = dataset if dataset is not None else load()
+        return _mlp_task(name, hidden, _ACTIVATIONS[act], ds, batch_size)
+
+    widths = "-".join(map(str, hidden))
+    factory.__doc__ = f"MLP in-{widths}-out with {act} on {load.__name__[5:]}, cross-entropy."
+    register_task(name)(factory)
+
+
+for _name, (_load, _act, _hidden) in _MLP_FAMILY.items():
+    _register_mlp(_name, _load, _act, _hidden)
+
+
+def _images(dataset: Dataset, what: str) -> tuple[int, int]:
+    """(side, side) of a dataset of flat square grey images, checked."""
+    side = math.isqrt(math.prod(dataset.input_shape))
+    if side * side != math.prod(dataset.input_shape):
+        raise ValueError(f"{what} needs square images, got input_shape {dataset.input_shape}")
+    return side, side
+
+
+@register_task("digits-cnn-bn")
+def digits_cnn_bn(dataset: Dataset | None = None, batch_size: int = 128) -> Task:
+    """Residual CNN with BatchNorm on the 8x8 digits: stem conv 1->8 + BN, one residual block
+    (conv-BN-ReLU-conv-BN + skip), global average pooling, linear head. BatchNorm uses batch
+    statistics in training and evaluation (``track_running_stats=False``, module docstring)."""
+    ds = dataset if dataset is not None else _data.load_digits()
+    shape = (1, *_images(ds, "digits-cnn-bn"))
+
+    def build() -> nn.Module:
+        net = ResNet(8, 1, ds.num_classes, track_running_stats=False)
+        return nn.Sequential(nn.Unflatten(1, shape), net)
+
+    return _build_task("digits-cnn-bn", build, ds, batch_size)
+
+
+@register_task("digits-lstm")
+def digits_lstm(dataset: Dataset | None = None, batch_size: int = 128) -> Task:
+    """LSTM (hidden 32) reading the 8x8 digits row by row (8 steps of 8 pixels), linear head
+    on the last hidden state."""
+    ds = dataset if dataset is not None else _data.load_digits()
+    rows, cols = _images(ds, "digits-lstm")
+
+    def build() -> nn.Module:
+        return nn.Sequential(nn.Unflatten(1, (rows, cols)), RowLSTM(cols, 32, ds.num_classes))
+
+    return _build_task("digits-lstm", build, ds, batch_size)
+
+
+def _sequence_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    """Mean next-byte cross-entropy over every position of every sequence (nats per byte)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def _lm_task(name: str, d: int, blocks: int, dataset: Dataset | None, batch_size: int) -> Task:
+    ds = dataset if dataset is not None else _data.load_text()
+    context = ds.input_shape[0]
+    return _build_task(
+        name,
+        lambda: TinyGPT(d, blocks, 2, context, ds.num_classes),
+        ds,
+        batch_size,
+        _sequence_cross_entropy,
+    )
+
+
+@register_task("text-transformer-32")
+def text_transformer_32(dataset: Dataset | None = None, batch_size: int = 16) -> Task:
+    """Byte-level transformer LM (1 pre-LN block, d_model 32, 2 heads, context 32) on Python
+    sources of torch (:func:`flatl2o.meta.data.load_text`); loss in nats per byte. Default batch:
+    16 sequences (512 predicted bytes), as costly per step as the image tasks' 128 examples."""
+    return _lm_task("text-transformer-32", 32, 1, dataset, batch_size)
+
+
+@register_task("text-transformer-16x2")
+def text_transformer_16x2(dataset: Dataset | None = None, batch_size: int = 16) -> Task:
+    """Byte-level transformer LM (2 pre-LN blocks, d_model 16, 2 heads, context 32) on Python
+    sources of torch (:func:`flatl2o.meta.data.load_text`); loss in nats per byte. Default batch:
+    16 sequences (512 predicted bytes), as costly per step as the image tasks' 128 examples."""
+    return _lm_task("text-transformer-16x2", 16, 2, dataset, batch_size)
+
+
+def _mse(out: Tensor, y: Tensor) -> Tensor:
+    """Mean squared error of a one-output regression model."""
+    return F.mse_loss(out.squeeze(-1), y)
+
+
+@register_task("friedman-mlp")
+def friedman_mlp(dataset: Dataset | None = None, batch_size: int = 128) -> Task:
+    """MLP regression 10-32-32-1 with ReLU, MSE on the standardized target, on scikit-learn's
+    Friedman #1 problem (:func:`flatl2o.meta.data.load_friedman`)."""
+    ds = dataset if dataset is not None else _data.load_friedman()
+    return _mlp_task("friedman-mlp", [32, 32], nn.ReLU, ds, batch_size, _mse)
+
+
+# ------------------------------------------------------------------------- the distribution
+
+
+class TaskDistribution:
+    """The optimizees of meta-training: tasks with sampling weights, minibatch-size factors and
+    the range of the per-tensor reparameterization scales, one draw per trajectory.
+
+    :meth:`sample` draws, in this order and only what is configured, from the given generator:
+    the task (when there are several: ``torch.multinomial`` over ``weights``), a factor of
+    ``batch_scales`` (``torch.randint``; the batch is ``max(1, round(factor * the task's own
+    batch size))``), the scales (``torch.rand``, one per trainable
+    tensor, mapped log-uniformly onto ``scale_range``). One task and nothing else configured
+    draws nothing, so such a run's random stream is what it was before distributions existed.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[Task],
+        weights: Sequence[float] = (),
+        *,
+        batch_scales: Sequence[float] = (),
+        scale_range: Sequence[float] = (),
+    ) -> None:
+        if not tasks:
+            raise ValueError("a task distribution needs at least one task")
+        if weights and len(weights) != len(tasks):
+            raise ValueError(f"got {len(weights)} weights for {len(tasks)} tasks")
+        w = torch.tensor(list(weights) or [1.0] * len(tasks), dtype=torch.float64)
+        if not bool(torch.all(torch.isfinite(w) & (w > 0))):
+            raise ValueError(f"weights must be finite and > 0, got {list(weights)}")
+        if not all(math.isfinite(b) and b > 0 for b in batch_scales):
+            raise ValueError(f"batch scales must be finite and > 0, got {list(batch_scales)}")
+        if scale_range and not (
+            len(scale_range) == 2
+            and all(math.isfinite(v) for v in scale_range)
+            and 0 < scale_range[0] <= scale_range[1]
+        ):
+            raise ValueError(
+                f"scale_range must be [low, high] with 0 < low <= high, got {scale_range}"
+            )
+        self.tasks = list(tasks)
+        self.weights = w
+        self.batch_scales = [float(b) for b in batch_scales]
+        self.scale_range = tuple(float(v) for v in scale_range)
+
+    def sample(self, generator: torch.Generator) -> Task:
+        """One trajectory's optimizee (see the class docstring for what is drawn)."""
+        task = self.tasks[0]
+        if len(self.tasks) > 1:
+            task = self.tasks[int(torch.multinomial(self.weights, 1, generator=generator))]
+        batch_size = None
+        if self.batch_scales:
+            pick = int(torch.randint(len(self.batch_scales), (), generator=generator))
+            batch_size = max(1, round(self.batch_scales[pick] * task.batch_size))
+        scales = None
+        if self.scale_range:
+            low, high = (math.log(v) for v in self.scale_range)
+            u = torch.rand(len(task.segment_sizes), generator=generator, dtype=torch.float64)
+            scales = torch.exp(low + (high - low) * u)
+        if batch_size is None and scales is None:
+            return task
+        return task.variant(batch_size=batch_size, scales=scales)

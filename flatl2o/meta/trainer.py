@@ -73,7 +73,7 @@ from flatl2o.meta.run_state import (
     strict_json,
     write_state,
 )
-from flatl2o.meta.tasks import Task, make_task
+from flatl2o.meta.tasks import Task, TaskDistribution, make_task
 from flatl2o.rules import State, UpdateRule, make_rule
 
 __all__ = [
@@ -146,11 +146,13 @@ class MetaTrainer:
         if isinstance(payload, ResumeError):
             raise payload
         self.custom_task = task is not None  # the model card must not claim [task].name then
+        # the task validated and evaluated; the trajectories' optimizees come from distribution
         self.task = (
             task
             if task is not None
             else make_task(recipe.task.name, batch_size=recipe.task.batch_size)
         )
+        self.distribution = self._task_distribution()
         self.progress = progress
         self.command = command or " ".join(shlex.quote(a) for a in sys.argv)
         self.git_commit = git_commit()  # the code that trains, not the code at the end
@@ -230,6 +232,20 @@ class MetaTrainer:
 
             self._ddp = DistributedDataParallel(self.objective, broadcast_buffers=False)
 
+    def _task_distribution(self) -> TaskDistribution:
+        """The optimizees of the trajectories (``[task]``: families, weights, batch scales,
+        scale range); without families, the task validated and evaluated."""
+        spec = self.recipe.task
+        if spec.families and self.custom_task:
+            raise RecipeError(
+                f"meta_train(task=...) trains on the task passed, but [task].families is "
+                f"{spec.families}; set families = [] or do not pass task="
+            )
+        tasks = [make_task(name) for name in spec.families] or [self.task]
+        return TaskDistribution(
+            tasks, spec.weights, batch_scales=spec.batch_scales, scale_range=spec.scale_range
+        )
+
     # ------------------------------------------------------------------ training
     @property
     def rule(self) -> UpdateRule:
@@ -293,10 +309,15 @@ class MetaTrainer:
             torch.nn.utils.clip_grad_norm_(self.rule.parameters(), clip)
         self.meta_opt.step()
 
-    def trajectory(self, length: int) -> dict[str, float]:
-        """One meta-iteration: a trajectory of ``length`` steps from a fresh initialization."""
+    def trajectory(self, length: int) -> dict[str, Any]:
+        """One meta-iteration: a trajectory of ``length`` steps from a fresh initialization
+        (the metrics' means; with several tasks, also the name of the task trained)."""
         train, reg = self.recipe.train, self.recipe.regularizer
-        thetas = [self.task.init_params(gen) for gen in self.generators]
+        # this trajectory's optimizee, drawn from slot 0's generator (saved in checkpoints, so a
+        # resumed run draws the same); a single task with nothing to vary draws nothing
+        task = self.distribution.sample(self.generator)
+        self.objective.task = task
+        thetas = [task.init_params(gen) for gen in self.generators]
         theta = thetas[0] if len(thetas) == 1 else torch.cat(thetas)
         state = self.rule.init_state(theta.numel())
         num_unrolls = length // train.unroll
@@ -319,8 +340,10 @@ class MetaTrainer:
             for k, val in metrics.items():
                 sums[k] = sums.get(k, 0.0) + val
                 counts[k] = counts.get(k, 0) + 1
-        result = {k: sums[k] / counts[k] for k in sums}
-        return distributed.mean_over_ranks(result)
+        result: dict[str, Any] = distributed.mean_over_ranks({k: sums[k] / counts[k] for k in sums})
+        if len(self.distribution.tasks) > 1:  # which task this (rank 0's) trajectory trained
+            result["task"] = task.name
+        return result
 
     def validate(self, length: int) -> float:
         """Mean validation-split loss after ``length`` steps over fixed-seed optimizee runs."""
