@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from flatl2o.evaluation import EvalConfig, evaluate, suite
+from flatl2o.evaluation import EvalConfig, engine, evaluate, suite
 from flatl2o.evaluation.baselines import BASELINES, SAM, EntropySGD
 from flatl2o.evaluation.flatness import (
     full_split_loss,
@@ -498,7 +498,7 @@ def test_seen_task_comes_from_the_checkpoints_recipes():
     assert suite.seen_tasks(cfg, resolve_optimizers(["adam"])) == {"digits-mlp": []}
     planner = SimpleNamespace(tuning={}, hparams={})
     results: dict = {"eval": [], "long": [], "tune": [], "reused": []}
-    data = suite._assemble(cfg, infos, planner, results, suite._environment(1, 1), 0.0, None, True)
+    data = suite._assemble(cfg, infos, planner, results, engine._environment(1, 1), 0.0, None, True)
     assert data["tasks"]["mnist-mlp-sigmoid"]["seen"] is True
     assert data["tasks"]["mnist-mlp-sigmoid"]["seen_by"] == ["rnnprop"]
 
@@ -569,11 +569,11 @@ def test_resume_reuses_runs_only_from_the_same_code_and_threads(
     runs made by other code (or torch, CPU, thread count) into one results file."""
     cfg = EvalConfig.quick(optimizers=("rnnprop",), long_horizon=0)
     calls = []
-    environment = suite._environment
-    monkeypatch.setattr(suite, "_environment", lambda *a: calls.append(a) or environment(*a))
+    environment = engine._environment
+    monkeypatch.setattr(engine, "_environment", lambda *a: calls.append(a) or environment(*a))
     first = evaluate(cfg, out=tmp_path, progress=False)
     # read once, before the runs: the code that ran, not what the checkout holds at the end
-    assert first["environment"]["code_sha"] == suite.code_sha() and len(calls) == 1
+    assert first["environment"]["code_sha"] == engine.code_sha() and len(calls) == 1
     again = evaluate(cfg, out=tmp_path, resume=True, progress=False)
     assert again["timing"]["runs_reused"] == len(first["runs"]) > 0
     data = json.loads((tmp_path / "eval.json").read_text())
@@ -627,9 +627,9 @@ def test_progress_shows_phases_whose_bars_never_go_backwards(tmp_path: Path, mon
     baseline's final runs wait for a selection), yet each phase's bar only moves forward and
     ends full, with the exact run counts."""
     seen: list[dict[str, tuple[int, int]]] = []
-    show = suite.PhaseProgress._show
+    show = engine.PhaseProgress._show
     monkeypatch.setattr(
-        suite.PhaseProgress, "_show", lambda self: (seen.append(self.fractions()), show(self))
+        engine.PhaseProgress, "_show", lambda self: (seen.append(self.fractions()), show(self))
     )
     cfg = EvalConfig.quick(
         optimizers=("rnnprop", "sam-adam"), horizons=(5,), long_horizon=10, seeds=1
@@ -646,3 +646,22 @@ def test_progress_shows_phases_whose_bars_never_go_backwards(tmp_path: Path, mon
         "final runs": (len(data["runs"]) + len(data["long_runs"]),) * 2,
     }
     assert data["tuning"]["digits-mlp"]["adam"]["tried"]["lr"][-1] == 0.09  # the grid grew
+
+
+def test_runs_start_largest_first_without_timing_anything(monkeypatch):
+    """The engine orders runs by their gradient evaluations (steps x gradients per step), a
+    static count, instead of timing every task and rule before the first run: the long run
+    starts first; a SAM run counts 2 gradients a step."""
+    started: list[tuple[str, str, int]] = []
+    real = engine.train_run
+
+    def record(spec, task):
+        started.append((spec.purpose, spec.optimizer, max(spec.horizons)))
+        return real(spec, task)
+
+    monkeypatch.setattr(engine, "train_run", record)
+    cfg = EvalConfig.quick(optimizers=("rnnprop", "sam-adam"), horizons=(5,), long_horizon=10)
+    cfg.seeds = cfg.long_seeds = 1
+    evaluate(cfg, progress=False)
+    assert started[0] == ("long", "rnnprop", 10)
+    assert engine._size(RunSpec("digits-mlp", "sam-adam", 0, (5, 30))) == 60

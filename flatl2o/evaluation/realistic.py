@@ -3,7 +3,7 @@
 ``flatl2o evaluate --suite realistic`` runs, on each workload of
 :mod:`flatl2o.evaluation.workloads` (a transformer LM, a BatchNorm ResNet, an MLP regression,
 an LSTM, a fine-tuning), with the evaluation's one runner and execution engine
-(:func:`flatl2o.evaluation.suite.run_planned`: workers, progress, ``--resume``), these arms:
+(:func:`flatl2o.evaluation.engine.run_planned`: workers, progress, ``--resume``), these arms:
 
 - ``adam``: Adam at lr 1e-3, untuned (what users start with);
 - ``adamw``: AdamW, lr and weight decay tuned, linear warmup + cosine decay (what users run);
@@ -31,7 +31,6 @@ horizon reuses the hyper-parameters selected at the largest horizon. A workload'
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -39,17 +38,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from flatl2o.evaluation.baselines import BASELINES
+from flatl2o.evaluation.engine import read_results, run_planned
 from flatl2o.evaluation.runner import RunSpec
-from flatl2o.evaluation.suite import (
-    _published_info,
-    _published_run,
-    _timed,
-    read_results,
-    run_planned,
-)
+from flatl2o.evaluation.suite import _published_info, _published_run
 from flatl2o.evaluation.tuning import MAX_EXTENSIONS, TUNE_SEED_BASE
 from flatl2o.evaluation.workloads import (
     STANDARD,
@@ -291,7 +283,7 @@ class _Planner:
 
     def progress_bounds(self) -> dict[str, dict[tuple[str, str], int]]:
         """``{phase: {(workload, arm): most runs}}`` of the tuned arms, whose run counts wait on
-        their tuning (for :class:`~flatl2o.evaluation.suite.PhaseProgress`): the lr values grow
+        their tuning (for :class:`~flatl2o.evaluation.engine.PhaseProgress`): the lr values grow
         by at most ``MAX_EXTENSIONS`` beyond each end; the final runs need at most one choice
         per horizon (plus the long runs)."""
         bounds: dict[str, dict[tuple[str, str], int]] = {"tuning baselines": {}, "final runs": {}}
@@ -351,35 +343,6 @@ class _Planner:
         return self._eval(spec.task, spec.optimizer, chosen)
 
 
-class _Costs:
-    """Estimated seconds per run: measured forward/backward seconds per workload, plus the
-    learned rule's step on that many coordinates."""
-
-    def __init__(self, workloads: list[str], infos: dict[str, dict[str, Any]]) -> None:
-        from flatl2o.evaluation.suite import _rule_seconds
-
-        self.step: dict[str, float] = {}
-        self.rule: dict[tuple[str, str], float] = {}
-        for name in workloads:
-            w = make_workload(name)
-            model = w.build(torch.Generator().manual_seed(0))
-            x, y = w.sample_batch(torch.Generator().manual_seed(0))
-            self.step[name] = _timed(functools.partial(_backward, w, model, x, y), repeats=3)
-            for arm, info in infos.items():
-                self.rule[(name, arm)] = _rule_seconds(info["path"], w.num_params)
-        self.default = next(n for n, i in infos.items() if i.get("default"))
-
-    def of(self, spec: RunSpec) -> float:
-        """Estimated seconds of ``spec``."""
-        arm = self.default if spec.optimizer in DEFAULT_ARMS else spec.optimizer
-        rule = self.rule.get((spec.task, arm), 0.0)
-        return max(spec.horizons) * (1.3 * self.step[spec.task] + rule)
-
-
-def _backward(w: Any, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-    w.loss(model, x, y).backward()
-
-
 def _learned_infos(checkpoints: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     """Name -> path, fingerprint, architecture, description of each learned checkpoint."""
     from flatl2o.evaluation.optimizers import resolve_optimizers
@@ -412,8 +375,6 @@ def evaluate_realistic(
     """Run the realistic suite; return (and write to ``out``/eval.json) its results JSON."""
     config = config or RealisticConfig()
     config.validate()
-    if jobs < 1 or threads < 1:
-        raise ValueError(f"jobs and threads must be >= 1, got jobs={jobs}, threads={threads}")
     infos = _learned_infos(config.checkpoints)
     planner = _Planner(config, infos)
 
@@ -453,7 +414,6 @@ def evaluate_realistic(
 
     return run_planned(
         planner,
-        lambda: _Costs(list(config.workloads), infos),
         assemble,
         out=out,
         jobs=jobs,
