@@ -451,6 +451,20 @@ def test_a_grid_grows_one_step_past_an_end_where_the_selection_sits():
     assert extension_points("sam-sgd", t, [10], {10: {"lr": 0.1}}) == [{"lr": 0.1, "rho": 0.8}]
 
 
+def test_both_suites_grow_a_grid_with_one_rule():
+    """values_beyond is the one rule of both suites' grid growth (the realistic suite's planner
+    had its own copy): one step past an end where a selection sits, by the grid's own outer
+    ratio, once per end; a grid given point by point (repeated values) has the same ratio."""
+    from flatl2o.evaluation.tuning import values_beyond
+
+    grid = (1e-4, 3e-4, 1e-3)  # AdamW's lr grid scaled by the fine-tuning's 0.1
+    assert values_beyond(grid, grid, [1e-4]) == [3.33e-05]
+    assert values_beyond(grid, grid, [1e-3, 1e-4]) == [3.33e-05, 0.00333]
+    assert values_beyond(grid, grid, [3e-4]) == []
+    assert values_beyond([*grid, *grid], grid, [1e-3]) == [0.00333]
+    assert values_beyond(grid, [*grid, 0.00333], [0.00333]) == []  # that end's step is spent
+
+
 # --------------------------------------------------------------------------- names
 
 

@@ -42,7 +42,12 @@ from flatl2o.evaluation.baselines import BASELINES
 from flatl2o.evaluation.engine import read_results, run_planned
 from flatl2o.evaluation.runner import RunSpec
 from flatl2o.evaluation.suite import _published_info, _published_run
-from flatl2o.evaluation.tuning import MAX_EXTENSIONS, TUNE_SEED_BASE
+from flatl2o.evaluation.tuning import (
+    MAX_EXTENSIONS,
+    TUNE_SEED_BASE,
+    ends_selected,
+    values_beyond,
+)
 from flatl2o.evaluation.workloads import (
     STANDARD,
     STANDARD_TINY,
@@ -252,17 +257,12 @@ class _Planner:
 
     def _extension(self, key: tuple[str, str], chosen: dict[int, dict[str, float]]):
         """Points one lr step beyond an end of the tried values where a selection sits there
-        (at most one step per side: ``MAX_EXTENSIONS``), crossed with the other keys' values."""
+        (:func:`~flatl2o.evaluation.tuning.values_beyond` on the scaled grid), crossed with
+        the other keys' tried values."""
         tried = self.points[key]
-        lrs = sorted({p["lr"] for p in tried})
-        grid = sorted(GRIDS[key[1]]["lr"])
-        base = sorted({p["lr"] for p in _scaled(GRIDS[key[1]], make_workload(key[0]).lr_scale)})
-        new: set[float] = set()
-        for pick in chosen.values():
-            if pick["lr"] == lrs[0] and sum(v < base[0] for v in lrs) < MAX_EXTENSIONS:
-                new.add(float(f"{lrs[0] * grid[0] / grid[1]:.3g}"))
-            if pick["lr"] == lrs[-1] and sum(v > base[-1] for v in lrs) < MAX_EXTENSIONS:
-                new.add(float(f"{lrs[-1] * grid[-1] / grid[-2]:.3g}"))
+        grid = [p["lr"] for p in _scaled(GRIDS[key[1]], make_workload(key[0]).lr_scale)]
+        picks = [pick["lr"] for pick in chosen.values()]
+        new = values_beyond(grid, [p["lr"] for p in tried], picks)
         others = {
             json.dumps({k: v for k, v in p.items() if k != "lr"}, sort_keys=True) for p in tried
         }
@@ -311,7 +311,7 @@ class _Planner:
         self.pending[key] -= 1
         if self.pending[key]:
             return []
-        chosen, trials, edge = {}, {}, {}
+        chosen, trials = {}, {}
         tried = self.points[key]
         scale = make_workload(spec.task).lr_scale
         for h in self.horizons:
@@ -322,23 +322,19 @@ class _Planner:
         more = self._extension(key, chosen)
         if more:  # a selection sits at an end of the grid: try one step beyond it first
             return self._tune(spec.task, spec.optimizer, more)
-        for h, pick in chosen.items():
-            edge[str(h)] = [
-                k
-                for k in pick
-                if len({p[k] for p in tried}) > 1
-                and pick[k] in (min(p[k] for p in tried), max(p[k] for p in tried))
-            ]
+        values = {k: sorted({p[k] for p in tried}) for k in tried[0]}
+        selected = {str(h): hp for h, hp in chosen.items()}
         self.tuning[spec.task][spec.optimizer] = {
             "grid": {
                 k: sorted({p[k] for p in _scaled(GRIDS[spec.optimizer], scale)})
                 for k in GRIDS[spec.optimizer]
             },
-            "tried": {k: sorted({p[k] for p in tried}) for k in tried[0]},
+            "tried": values,
             "seeds": self.tune_seeds,
             "trials": trials,
-            "selected": {str(h): hp for h, hp in chosen.items()},
-            "at_edge": {h: ks for h, ks in edge.items() if ks},
+            "selected": selected,
+            # every key with more than one value tried (the extensions grow only lr)
+            "at_edge": ends_selected(tried, selected, [k for k, v in values.items() if len(v) > 1]),
         }
         return self._eval(spec.task, spec.optimizer, chosen)
 
