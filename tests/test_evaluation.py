@@ -468,6 +468,20 @@ def test_both_suites_grow_a_grid_with_one_rule():
 # --------------------------------------------------------------------------- names
 
 
+def test_name_options_are_split_by_the_parser_for_both_suites():
+    """``--tasks a,b c`` is three names as parsed (both halves of ``flatl2o evaluate`` read the
+    tuple; the realistic half no longer imports the other half's splitter: no import cycle)."""
+    import argparse
+
+    from flatl2o.evaluation.command import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--tasks", "a,b", "c", "--optimizers", "x", "--long-tasks", "a,"])
+    assert (args.tasks, args.optimizers, args.long_tasks) == (("a", "b", "c"), ("x",), ("a",))
+    assert p.parse_args([]).tasks is None
+
+
 def test_unknown_names_list_the_choices():
     with pytest.raises(ValueError, match="entropy-sgd"):
         resolve_optimizers(["adam", "no-such-optimizer"])

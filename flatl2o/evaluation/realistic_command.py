@@ -18,7 +18,6 @@ _NOT_HERE = ("long_tasks", "long_seeds", "trace_probes", "eig_iters", "flatness"
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from flatl2o.evaluation.command import _names
     from flatl2o.evaluation.realistic import RealisticConfig
 
     given_here = [f"--{n.replace('_', '-')}" for n in _NOT_HERE if getattr(args, n, None)]
@@ -31,8 +30,8 @@ def _config(args: argparse.Namespace) -> Any:
 
     given: dict[str, Any] = {}
     for field, value in (
-        ("workloads", _names(args.tasks)),
-        ("checkpoints", _names(args.optimizers)),
+        ("workloads", args.tasks),
+        ("checkpoints", args.optimizers),
         ("seeds", args.seeds),
         ("horizons", tuple(args.horizons) if args.horizons else None),
         ("long_horizon", args.long_horizon),
