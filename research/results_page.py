@@ -32,16 +32,16 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from flatl2o.evaluation.report import (
+from flatl2o.evaluation.report import pct, render_markdown, task_label, write_report
+from flatl2o.evaluation.stats import (
+    float_or_nan,
     horizons_of,
     measured,
     optimizer_order,
-    pct,
-    render_markdown,
-    task_label,
-    write_report,
+    paired,
+    paired_metric,
+    per_seed,
 )
-from flatl2o.evaluation.stats import float_or_nan, paired, paired_metric, per_seed
 
 __all__ = ["TITLE", "main", "render_results_page", "spearman", "write_results_page"]
 

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flatl2o.evaluation.report import flatness_points
-from flatl2o.evaluation.stats import paired
+from flatl2o.evaluation.stats import flatness_points, paired
 from research.results_page import main, render_results_page, spearman
 
 REPO = Path(__file__).resolve().parents[1]

@@ -27,7 +27,7 @@ _EXPORTS = {
     "available_optimizers": "optimizers",
     "resolve_optimizers": "optimizers",
     "render_markdown": "report",
-    "write_plots": "report",
+    "write_plots": "plots",
     "write_report": "report",
     "RunSpec": "runner",
     "train_run": "runner",

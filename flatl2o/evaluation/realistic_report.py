@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from flatl2o.evaluation.report import log_band, longest_per_seed, smooth, write_pages
+from flatl2o.evaluation.plots import log_band, longest_per_seed, smooth
+from flatl2o.evaluation.report import write_pages
 from flatl2o.evaluation.stats import Stats, diverged_runs, paired_metric, per_seed
 
 __all__ = ["render_realistic", "write_realistic_report"]

@@ -1,4 +1,4 @@
-"""Turn a results JSON of ``flatl2o evaluate`` into tables, plots and a results page.
+"""Turn a results JSON of ``flatl2o evaluate`` into a results page (and its figures).
 
 Everything here is a pure function of the JSON written by :func:`flatl2o.evaluation.evaluate`
 (no clock, no randomness), so regenerating from the same JSON gives the same bytes. The page
@@ -6,9 +6,10 @@ Everything here is a pure function of the JSON written by :func:`flatl2o.evaluat
 hyper-parameters, mean ± sample std of every metric per (task, optimizer, horizon) with the
 diverged runs counted, and the long-horizon runs. A study adds its own sections after the setup
 (``questions=``; the repository's ``research/results_page.py`` renders docs/results.md that
-way). Statistics are :mod:`flatl2o.evaluation.stats`'s. The top eigenvalue is reported as
-``|λ_max|`` (docs/method.md §4), and only where power iteration converged: a value whose
-relative residual exceeds :data:`EIG_RESIDUAL_TOL` is left out and counted as "unconverged".
+way). Statistics are :mod:`flatl2o.evaluation.stats`'s, figures
+:mod:`flatl2o.evaluation.plots`'. The top eigenvalue is reported as ``|λ_max|`` (docs/method.md
+§4), and only where power iteration converged: a value whose relative residual exceeds
+:data:`~flatl2o.evaluation.stats.EIG_RESIDUAL_TOL` is left out and counted as "unconverged".
 """
 
 from __future__ import annotations
@@ -19,94 +20,36 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flatl2o.evaluation.plots import write_plots
+
 # the statistics, re-exported for the callers that import them from here (the demo's
 # verdict, benchmarks/meta_seeds.py); their home is flatl2o.evaluation.stats
-from flatl2o.evaluation.stats import Stats, diverged_runs, paired, paired_metric, per_seed
+from flatl2o.evaluation.stats import (
+    BASELINE_ORDER,
+    EIG_RESIDUAL_TOL,
+    METRICS,
+    Stats,
+    aggregate,
+    diverged_runs,
+    horizons_of,
+    optimizer_order,
+    paired,
+    paired_metric,
+    per_seed,
+)
 
 __all__ = [
     "Stats",
-    "aggregate",
     "paired",
     "paired_metric",
     "per_seed",
     "render_markdown",
-    "write_plots",
+    "write_pages",
     "write_report",
 ]
 
 #: The generic page's title.
 TITLE = "Evaluation results"
-#: Baselines in the order the tables list them.
-BASELINE_ORDER = ("adam", "sgd", "sam-sgd", "sam-adam", "entropy-sgd")
-METRICS = (
-    ("train_loss", "train loss"),
-    ("test_loss", "test loss"),
-    ("test_accuracy", "test acc"),
-    ("gap", "gap"),
-    ("hessian_trace", "tr H"),
-    ("hessian_top_eig", "\\|λ_max\\|"),  # escaped: a bare | splits a markdown table cell
-)
-#: A top eigenvalue whose recorded relative power-iteration residual ‖Hv − λv‖/|λ|
-#: (``hessian_top_eig_residual``) exceeds this did not converge: it is left out of the |λ_max|
-#: statistics and counted as "unconverged".
-EIG_RESIDUAL_TOL = 0.1
-
-# ------------------------------------------------------------------------ aggregation
-
-
-def horizons_of(data: dict[str, Any]) -> list[int]:
-    """The evaluation horizons of a results file."""
-    return sorted(int(h) for h in data["config"]["horizons"])
-
-
-def optimizer_order(data: dict[str, Any]) -> list[str]:
-    """Learned rules (sorted: plain before regularized siblings), then baselines."""
-    opts = data["optimizers"]
-    learned = sorted(
-        (n for n, o in opts.items() if o["kind"] == "learned"),
-        key=lambda n: (opts[n].get("sibling") or n, opts[n].get("sibling") is not None, n),
-    )
-    base = [n for n in BASELINE_ORDER if n in opts]
-    return learned + base + sorted(n for n in opts if n not in learned and n not in base)
-
-
-def top_eig_stats(
-    data: dict[str, Any], task: str, opt: str, horizon: int, kind: str = "runs"
-) -> Stats:
-    """Statistics of ``|λ_max|`` over the runs whose power iteration converged.
-
-    A value whose recorded relative residual ``hessian_top_eig_residual`` (‖Hv − λv‖/|λ|)
-    exceeds :data:`EIG_RESIDUAL_TOL` is left out and counted in ``n_unconverged`` (a run
-    without a finite residual is kept).
-    """
-    eig = per_seed(data, task, opt, horizon, "hessian_top_eig", kind)
-    res = per_seed(data, task, opt, horizon, "hessian_top_eig_residual", kind)
-    kept, unconverged = [], 0
-    for s in sorted(eig):
-        lam = abs(eig[s])
-        r = res.get(s, math.nan)
-        if math.isfinite(lam) and math.isfinite(r) and r > EIG_RESIDUAL_TOL:
-            unconverged += 1
-        else:
-            kept.append(lam)  # non-finite |λ| are counted as n/a by Stats.of
-    st = Stats.of(kept)
-    return Stats(st.mean, st.std, st.n, st.n_nan, unconverged)
-
-
-def aggregate(data: dict[str, Any]) -> dict[tuple[str, str, int], dict[str, Stats]]:
-    """``{(task, optimizer, horizon): {metric: Stats}}`` over the evaluation seeds
-    (``hessian_top_eig`` is ``|λ_max|`` of the converged runs, see :func:`top_eig_stats`)."""
-    out: dict[tuple[str, str, int], dict[str, Stats]] = {}
-    names = [m for m, _ in METRICS] + ["train_accuracy"]
-    for task in data["config"]["tasks"]:
-        for opt in optimizer_order(data):
-            for h in horizons_of(data):
-                cell = {m: Stats.of(list(per_seed(data, task, opt, h, m).values())) for m in names}
-                cell["hessian_top_eig"] = top_eig_stats(data, task, opt, h)
-                if cell["test_accuracy"].n or cell["test_accuracy"].n_nan:
-                    out[(task, opt, h)] = cell
-    return out
-
 
 # ------------------------------------------------------------------------ markdown
 
@@ -260,32 +203,6 @@ def _tuned_table(data: dict[str, Any]) -> list[str]:
         *rows,
         "",
     ]
-
-
-def measured(data: dict[str, Any], task: str, opt: str, horizon: int) -> bool:
-    """Whether any run of (task, optimizer) recorded a flatness readout at ``horizon`` (a
-    non-finite one included; an absent key means the suite's budget did not measure it)."""
-    for r in data.get("runs", []):
-        s = r["spec"]
-        if s["task"] == task and s["optimizer"] == opt and horizon in s["horizons"]:
-            if "hessian_trace" in r["metrics"].get(str(horizon), {}):
-                return True
-    return False
-
-
-def flatness_points(
-    data: dict[str, Any], task: str, opt: str, horizon: int
-) -> tuple[list[tuple[float, float]], int]:
-    """The (Hessian trace, test accuracy) points a log-scale scatter can show, and how many
-    measured runs it cannot (trace <= 0 or a non-finite value), so the figure can say so."""
-    tr = per_seed(data, task, opt, horizon, "hessian_trace")
-    acc = per_seed(data, task, opt, horizon, "test_accuracy")
-    pts = [
-        (tr[s], acc[s])
-        for s in sorted(tr)
-        if s in acc and math.isfinite(tr[s]) and tr[s] > 0 and math.isfinite(acc[s])
-    ]
-    return pts, (len(tr) - len(pts) if measured(data, task, opt, horizon) else 0)
 
 
 def _full_tables(data: dict[str, Any], agg: dict) -> list[str]:
@@ -456,206 +373,6 @@ def render_markdown(
     lines += _full_tables(data, agg)
     lines += _long(data, fig)
     return "\n".join(lines).rstrip() + "\n"
-
-
-# ------------------------------------------------------------------------ plots
-
-
-def _colors(data: dict[str, Any]) -> dict[str, Any]:
-    import matplotlib
-
-    names = optimizer_order(data)
-    if len(names) <= 10:
-        cmap = matplotlib.colormaps["tab10"]
-        return {n: cmap(i) for i, n in enumerate(names)}
-    cmap = matplotlib.colormaps["tab20"]  # dark shades first, then the light ones
-    order = [*range(0, 20, 2), *range(1, 20, 2)]
-    return {n: cmap(order[i % 20]) for i, n in enumerate(names)}
-
-
-def smooth(values: list[float], window: int) -> list[float]:
-    """Trailing moving average over ``window`` values (fewer at the start)."""
-    out, acc, q = [], 0.0, []
-    for v in values:
-        q.append(v)
-        acc += v
-        if len(q) > window:
-            acc -= q.pop(0)
-        out.append(acc / len(q))
-    return out
-
-
-def longest_per_seed(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One run per seed among ``runs`` that recorded a curve: the one trained longest (a
-    baseline may have one run per horizon), in the order the seeds first appear."""
-    by_seed: dict[int, dict[str, Any]] = {}
-    for r in runs:
-        s = r["spec"]["seed"]
-        if not r.get("curve"):
-            continue
-        if s not in by_seed or max(r["spec"]["horizons"]) > max(by_seed[s]["spec"]["horizons"]):
-            by_seed[s] = r
-    return list(by_seed.values())
-
-
-def log_band(
-    curves: list[list[float]],
-) -> tuple[list[int], list[float], list[float], list[float]]:
-    """Point index, geometric mean and ± 1 std band across ``curves`` of their positive finite
-    values (the band of log values, for a log-scale plot); indices without one are skipped."""
-    n = max((len(c) for c in curves), default=0)
-    xs, mean, lo, hi = [], [], [], []
-    for i in range(n):
-        vals = [math.log(c[i]) for c in curves if i < len(c) and math.isfinite(c[i]) and c[i] > 0]
-        if not vals:
-            continue
-        st = Stats.of(vals)
-        xs.append(i)
-        mean.append(math.exp(st.mean))
-        lo.append(math.exp(st.mean - st.std))
-        hi.append(math.exp(st.mean + st.std))
-    return xs, mean, lo, hi
-
-
-def _curve_plot(ax: Any, data: dict[str, Any], runs: list[dict[str, Any]], colors: dict) -> None:
-    for opt in optimizer_order(data):
-        mine = longest_per_seed([r for r in runs if r["spec"]["optimizer"] == opt])
-        if not mine:
-            continue
-        every = max(r["curve_every"] for r in mine)
-        curves = []
-        for r in mine:
-            c = [math.nan if v is None else v for v in r["curve"]]
-            curves.append(smooth(c, max(1, len(c) // 50)))
-        idx, mean, lo, hi = log_band(curves)
-        xs = [(i + 1) * every for i in idx]
-        style = "-" if data["optimizers"][opt]["kind"] == "learned" else "--"
-        ax.plot(xs, mean, style, color=colors[opt], lw=1.2, label=opt)
-        ax.fill_between(xs, lo, hi, color=colors[opt], alpha=0.2, lw=0)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("minibatch loss (geometric mean ± std)")
-    ax.grid(True, alpha=0.3)
-
-
-def write_plots(data: dict[str, Any], out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Write the PNG figures into ``out_dir``; return their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    colors = _colors(data)
-    agg = aggregate(data)
-    order = optimizer_order(data)
-    tasks = data["config"]["tasks"]
-    written: list[Path] = []
-    meta = {"Software": None}
-
-    def save(fig: Any, name: str) -> None:
-        path = out / name
-        fig.savefig(path, dpi=110, metadata=meta)
-        plt.close(fig)
-        written.append(path)
-
-    for task in tasks:
-        runs = [r for r in data["runs"] if r["spec"]["task"] == task]
-        fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
-        _curve_plot(ax, data, runs, colors)
-        ax.set_title(f"{task}: minibatch loss over seeds")
-        ax.legend(fontsize=7, ncol=2)
-        save(fig, f"loss_curves_{task}.png")
-
-    for h in horizons_of(data):
-        fig, ax = plt.subplots(
-            figsize=(max(7.0, 2.0 + 0.2 * len(tasks) * len(order)), 4.2), layout="constrained"
-        )
-        width = 0.8 / max(len(order), 1)
-        for j, opt in enumerate(order):
-            xs, ms, ss = [], [], []
-            for i, task in enumerate(tasks):
-                cell = agg.get((task, opt, h))
-                if cell is None or cell["test_accuracy"].n == 0:
-                    continue
-                xs.append(i + (j - (len(order) - 1) / 2) * width)
-                ms.append(cell["test_accuracy"].mean)
-                ss.append(cell["test_accuracy"].std)
-            ax.bar(xs, ms, width, yerr=ss, color=colors[opt], label=opt, capsize=2)
-        vals = [
-            c["test_accuracy"].mean
-            for (t, o, hh), c in agg.items()
-            if hh == h and c["test_accuracy"].n
-        ]
-        if vals:
-            ax.set_ylim(max(0.0, min(vals) - 0.05), min(1.0, max(vals) + 0.03))
-        ax.set_xticks(range(len(tasks)), tasks, fontsize=8)
-        ax.set_ylabel("test accuracy")
-        ax.set_title(f"test accuracy after {h} steps (mean ± std over seeds)")
-        fig.legend(fontsize=7, loc="outside right upper")
-        ax.grid(True, axis="y", alpha=0.3)
-        save(fig, f"test_accuracy_{h}.png")
-
-        fig, axes = plt.subplots(
-            1,
-            len(tasks),
-            figsize=(max(6.0, 3.8 * len(tasks)), 4.0),
-            layout="constrained",
-            squeeze=False,
-        )
-        for ax, task in zip(axes[0], tasks, strict=True):
-            omitted = 0  # measured runs a log axis cannot show (trace <= 0 or non-finite)
-            for opt in order:
-                pts, left_out = flatness_points(data, task, opt, h)
-                omitted += left_out
-                if pts:
-                    kind = data["optimizers"][opt]["kind"]
-                    ax.scatter(
-                        [p[0] for p in pts],
-                        [p[1] for p in pts],
-                        s=18,
-                        color=colors[opt],
-                        marker="o" if kind == "learned" else "^",
-                        label=opt,
-                    )
-            ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.set_xlabel("Hessian trace (full train split)")
-            note = f"\n({omitted} runs not shown: trace ≤ 0 or non-finite)" if omitted else ""
-            ax.set_title(task + note, fontsize=9)
-            ax.grid(True, alpha=0.3)
-        axes[0][0].set_ylabel("test accuracy")
-        with_points = [ax for ax in axes[0] if ax.get_legend_handles_labels()[0]]
-        if with_points:
-            with_points[-1].legend(fontsize=6)
-        for ax in axes[0]:
-            if not ax.get_legend_handles_labels()[0]:
-                ax.text(
-                    0.5,
-                    0.5,
-                    "flatness not measured",
-                    ha="center",
-                    va="center",
-                    transform=ax.transAxes,
-                    fontsize=8,
-                    color="gray",
-                )
-        fig.suptitle(f"flatness vs test accuracy after {h} steps (one point per run)", fontsize=10)
-        save(fig, f"flatness_vs_accuracy_{h}.png")
-
-    for task in data["config"].get("long_tasks", []) if data.get("long_runs") else []:
-        runs = [r for r in data["long_runs"] if r["spec"]["task"] == task]
-        if not runs:
-            continue
-        fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
-        _curve_plot(ax, data, runs, colors)
-        ax.set_xscale("log")
-        ax.set_title(f"{task}: long horizon, minibatch loss over seeds")
-        ax.legend(fontsize=7, ncol=2)
-        save(fig, f"long_{task}.png")
-    return written
 
 
 def write_report(

@@ -17,10 +17,16 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "EIG_RESIDUAL_TOL",
     "Paired",
     "Stats",
+    "aggregate",
     "diverged_runs",
+    "flatness_points",
     "float_or_nan",
+    "horizons_of",
+    "measured",
+    "optimizer_order",
     "paired",
     "paired_metric",
     "per_seed",
@@ -28,6 +34,21 @@ __all__ = [
 
 #: Two-sided significance level of the paired t-test.
 ALPHA = 0.05
+#: Baselines in the order the tables list them.
+BASELINE_ORDER = ("adam", "sgd", "sam-sgd", "sam-adam", "entropy-sgd")
+#: The metrics of a (task, optimizer, horizon) cell, with their table labels.
+METRICS = (
+    ("train_loss", "train loss"),
+    ("test_loss", "test loss"),
+    ("test_accuracy", "test acc"),
+    ("gap", "gap"),
+    ("hessian_trace", "tr H"),
+    ("hessian_top_eig", "\\|λ_max\\|"),  # escaped: a bare | splits a markdown table cell
+)
+#: A top eigenvalue whose recorded relative power-iteration residual ‖Hv − λv‖/|λ|
+#: (``hessian_top_eig_residual``) exceeds this did not converge: it is left out of the |λ_max|
+#: statistics and counted as "unconverged".
+EIG_RESIDUAL_TOL = 0.1
 
 
 @dataclass(frozen=True)
@@ -172,3 +193,86 @@ def diverged_runs(
         and r["diverged_at"] is not None
         and r["diverged_at"] <= horizon
     )
+
+
+# ------------------------------------------------------------- the suite's results JSON
+
+
+def horizons_of(data: dict[str, Any]) -> list[int]:
+    """The evaluation horizons of a results file."""
+    return sorted(int(h) for h in data["config"]["horizons"])
+
+
+def optimizer_order(data: dict[str, Any]) -> list[str]:
+    """Learned rules (sorted: plain before regularized siblings), then baselines."""
+    opts = data["optimizers"]
+    learned = sorted(
+        (n for n, o in opts.items() if o["kind"] == "learned"),
+        key=lambda n: (opts[n].get("sibling") or n, opts[n].get("sibling") is not None, n),
+    )
+    base = [n for n in BASELINE_ORDER if n in opts]
+    return learned + base + sorted(n for n in opts if n not in learned and n not in base)
+
+
+def top_eig_stats(
+    data: dict[str, Any], task: str, opt: str, horizon: int, kind: str = "runs"
+) -> Stats:
+    """Statistics of ``|λ_max|`` over the runs whose power iteration converged.
+
+    A value whose recorded relative residual ``hessian_top_eig_residual`` (‖Hv − λv‖/|λ|)
+    exceeds :data:`EIG_RESIDUAL_TOL` is left out and counted in ``n_unconverged`` (a run
+    without a finite residual is kept).
+    """
+    eig = per_seed(data, task, opt, horizon, "hessian_top_eig", kind)
+    res = per_seed(data, task, opt, horizon, "hessian_top_eig_residual", kind)
+    kept, unconverged = [], 0
+    for s in sorted(eig):
+        lam = abs(eig[s])
+        r = res.get(s, math.nan)
+        if math.isfinite(lam) and math.isfinite(r) and r > EIG_RESIDUAL_TOL:
+            unconverged += 1
+        else:
+            kept.append(lam)  # non-finite |λ| are counted as n/a by Stats.of
+    st = Stats.of(kept)
+    return Stats(st.mean, st.std, st.n, st.n_nan, unconverged)
+
+
+def aggregate(data: dict[str, Any]) -> dict[tuple[str, str, int], dict[str, Stats]]:
+    """``{(task, optimizer, horizon): {metric: Stats}}`` over the evaluation seeds
+    (``hessian_top_eig`` is ``|λ_max|`` of the converged runs, see :func:`top_eig_stats`)."""
+    out: dict[tuple[str, str, int], dict[str, Stats]] = {}
+    names = [m for m, _ in METRICS] + ["train_accuracy"]
+    for task in data["config"]["tasks"]:
+        for opt in optimizer_order(data):
+            for h in horizons_of(data):
+                cell = {m: Stats.of(list(per_seed(data, task, opt, h, m).values())) for m in names}
+                cell["hessian_top_eig"] = top_eig_stats(data, task, opt, h)
+                if cell["test_accuracy"].n or cell["test_accuracy"].n_nan:
+                    out[(task, opt, h)] = cell
+    return out
+
+
+def measured(data: dict[str, Any], task: str, opt: str, horizon: int) -> bool:
+    """Whether any run of (task, optimizer) recorded a flatness readout at ``horizon`` (a
+    non-finite one included; an absent key means the suite's budget did not measure it)."""
+    for r in data.get("runs", []):
+        s = r["spec"]
+        if s["task"] == task and s["optimizer"] == opt and horizon in s["horizons"]:
+            if "hessian_trace" in r["metrics"].get(str(horizon), {}):
+                return True
+    return False
+
+
+def flatness_points(
+    data: dict[str, Any], task: str, opt: str, horizon: int
+) -> tuple[list[tuple[float, float]], int]:
+    """The (Hessian trace, test accuracy) points a log-scale scatter can show, and how many
+    measured runs it cannot (trace <= 0 or a non-finite value), so the figure can say so."""
+    tr = per_seed(data, task, opt, horizon, "hessian_trace")
+    acc = per_seed(data, task, opt, horizon, "test_accuracy")
+    pts = [
+        (tr[s], acc[s])
+        for s in sorted(tr)
+        if s in acc and math.isfinite(tr[s]) and tr[s] > 0 and math.isfinite(acc[s])
+    ]
+    return pts, (len(tr) - len(pts) if measured(data, task, opt, horizon) else 0)
