@@ -258,3 +258,36 @@ def test_version_has_one_home(name):
 
     assert flatl2o.__version__ == _version.__version__
     assert PACKAGE not in import_graph()[name]
+
+
+# ------------------------------------------------------------------- outside the package
+#: Folders of the repository that hold code the package must never import nor install: the
+#: study behind docs/results.md (research/) and the measurements (benchmarks/).
+OUTSIDE = ("research", "benchmarks")
+
+
+def test_the_wheel_packs_the_package_only():
+    """research/ and benchmarks/ are repository scripts, not part of the installed package."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on 3.10 only
+        import tomli as tomllib
+
+    pyproject = tomllib.loads((ROOT.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    assert pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"] == [PACKAGE]
+    assert all((ROOT.parent / name).is_dir() for name in OUTSIDE)
+    assert not (ROOT / "research").exists()
+
+
+def test_the_package_never_imports_research_or_benchmarks():
+    """The installed package cannot import what is not installed (lazy imports included)."""
+    found = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                targets = [node.module or ""]
+            found += [f"{name} -> {t}" for t in targets if t.split(".")[0] in OUTSIDE]
+    assert not found, found
