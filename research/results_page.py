@@ -26,13 +26,18 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shlex
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
-from flatl2o.evaluation.report import pct, render_markdown, task_label, write_report
+from flatl2o.evaluation.report import (
+    pct,
+    render_markdown,
+    rerender_target,
+    task_label,
+    write_report,
+)
 from flatl2o.evaluation.stats import (
     float_or_nan,
     horizons_of,
@@ -511,13 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", metavar="PAGE", help="also write the page here (docs/results.md)")
     args = p.parse_args(argv)
     data = load_results(args.results)
-    src = Path(args.results)
-    out = Path(args.out) if args.out else (src if src.is_dir() else src.parent)
-    command = f"python {SCRIPT} {shlex.quote(args.results)}"
-    if args.out:
-        command += f" --out {shlex.quote(args.out)}"
-    if args.docs:
-        command += f" --docs {shlex.quote(args.docs)}"
+    out, command = rerender_target(f"python {SCRIPT}", args.results, args.out, args.docs)
     written = write_results_page(data, out, docs=args.docs, command=portable_command(command))
     print(f"wrote {len(written)} files to {out}" + (f" and {args.docs}" if args.docs else ""))
     return 0

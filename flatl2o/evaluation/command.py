@@ -140,7 +140,7 @@ def _config(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``flatl2o evaluate`` (or its ``--report-only`` form)."""
-    from flatl2o.evaluation.report import write_report
+    from flatl2o.evaluation.report import rerender_target, write_report
     from flatl2o.evaluation.suite import evaluate, load_results
     from flatl2o.hub import portable_command
 
@@ -151,13 +151,9 @@ def run(args: argparse.Namespace) -> int:
         return run_realistic(args, argv)
     if args.report_only:
         data = load_results(args.report_only)
-        src = Path(args.report_only)
-        out = Path(args.out) if args.out else (src if src.is_dir() else src.parent)
-        command = f"flatl2o evaluate --report-only {shlex.quote(args.report_only)}"
-        if args.out:
-            command += f" --out {shlex.quote(args.out)}"
-        if args.docs:
-            command += f" --docs {shlex.quote(args.docs)}"
+        out, command = rerender_target(
+            "flatl2o evaluate --report-only", args.report_only, args.out, args.docs
+        )
         written = write_report(data, out, docs=args.docs, command=portable_command(command))
         print(f"wrote {len(written)} files to {out}" + (f" and {args.docs}" if args.docs else ""))
         return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ __all__ = [
     "paired_metric",
     "per_seed",
     "render_markdown",
+    "rerender_target",
     "write_pages",
     "write_report",
 ]
@@ -410,3 +412,18 @@ def write_pages(
         docs_path.write_text(render(rel))
         written.append(docs_path)
     return written
+
+
+def rerender_target(
+    prefix: str, results: str, out: str | None, docs: str | None
+) -> tuple[Path, str]:
+    """Where a re-render from the results JSON ``results`` writes (``out``, else the folder of
+    the JSON) and the command that does it: ``prefix`` and the arguments, quoted."""
+    src = Path(results)
+    folder = Path(out) if out else (src if src.is_dir() else src.parent)
+    command = f"{prefix} {shlex.quote(results)}"
+    if out:
+        command += f" --out {shlex.quote(out)}"
+    if docs:
+        command += f" --docs {shlex.quote(docs)}"
+    return folder, command
