@@ -6,8 +6,8 @@ Everything here is a pure function of the JSON written by :func:`flatl2o.evaluat
 hyper-parameters, mean ± sample std of every metric per (task, optimizer, horizon) with the
 diverged runs counted, and the long-horizon runs. A study adds its own sections after the setup
 (``questions=``; the repository's ``research/results_page.py`` renders docs/results.md that
-way). Statistics are :mod:`flatl2o.evaluation.stats`'s, figures
-:mod:`flatl2o.evaluation.plots`'. The top eigenvalue is reported as ``|λ_max|`` (docs/method.md
+way). The statistics come from :mod:`flatl2o.evaluation.stats`, the figures from
+:mod:`flatl2o.evaluation.plots`. The top eigenvalue is reported as ``|λ_max|`` (docs/method.md
 §4), and only where power iteration converged: a value whose relative residual exceeds
 :data:`~flatl2o.evaluation.stats.EIG_RESIDUAL_TOL` is left out and counted as "unconverged".
 """
@@ -23,8 +23,8 @@ from typing import Any
 
 from flatl2o.evaluation.plots import write_plots
 
-# the statistics, re-exported for the callers that import them from here (the demo's
-# verdict, benchmarks/meta_seeds.py); their home is flatl2o.evaluation.stats
+# Stats, paired, paired_metric and per_seed are also re-exported (__all__) for the callers that
+# import them from here (the demo's verdict, benchmarks/meta_seeds.py)
 from flatl2o.evaluation.stats import (
     BASELINE_ORDER,
     EIG_RESIDUAL_TOL,
