@@ -38,11 +38,7 @@ LAYERS: list[tuple[str, ...]] = [
 #: Import cycles known to remain inside packages that the layering change (issue 18, item 2)
 #: did not restructure, as sets of modules. Each is allowed only while it exists: a listed cycle
 #: that is gone fails the test, so that this list only shrinks; remove entries once fixed.
-KNOWN_CYCLES: list[frozenset[str]] = [
-    # `flatl2o evaluate --realistic` hands over to realistic_command, which reuses command's
-    # name parser (`_names`); the parser belongs in one of them, or in a module both import.
-    frozenset({"flatl2o.evaluation.command", "flatl2o.evaluation.realistic_command"}),
-]
+KNOWN_CYCLES: list[frozenset[str]] = []
 
 
 def module_name(path: Path) -> str:
@@ -262,3 +258,36 @@ def test_version_has_one_home(name):
 
     assert flatl2o.__version__ == _version.__version__
     assert PACKAGE not in import_graph()[name]
+
+
+# ------------------------------------------------------------------- outside the package
+#: Folders of the repository that hold code the package must never import nor install: the
+#: study behind docs/results.md (research/) and the measurements (benchmarks/).
+OUTSIDE = ("research", "benchmarks")
+
+
+def test_the_wheel_packs_the_package_only():
+    """research/ and benchmarks/ are repository scripts, not part of the installed package."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on 3.10 only
+        import tomli as tomllib
+
+    pyproject = tomllib.loads((ROOT.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    assert pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"] == [PACKAGE]
+    assert all((ROOT.parent / name).is_dir() for name in OUTSIDE)
+    assert not (ROOT / "research").exists()
+
+
+def test_the_package_never_imports_research_or_benchmarks():
+    """The installed package cannot import what is not installed (lazy imports included)."""
+    found = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                targets = [node.module or ""]
+            found += [f"{name} -> {t}" for t in targets if t.split(".")[0] in OUTSIDE]
+    assert not found, found

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from flatl2o.evaluation import EvalConfig, evaluate, suite
+from flatl2o.evaluation import EvalConfig, engine, evaluate, suite
 from flatl2o.evaluation.baselines import BASELINES, SAM, EntropySGD
 from flatl2o.evaluation.flatness import (
     full_split_loss,
@@ -20,7 +20,7 @@ from flatl2o.evaluation.flatness import (
     top_eigenvalue,
 )
 from flatl2o.evaluation.optimizers import resolve_optimizers
-from flatl2o.evaluation.report import flatness_points, paired, render_markdown
+from flatl2o.evaluation.report import render_markdown
 from flatl2o.evaluation.runner import RunSpec, train_run
 from flatl2o.evaluation.tuning import tune
 from flatl2o.meta.data import Dataset, Split, load_digits
@@ -451,7 +451,35 @@ def test_a_grid_grows_one_step_past_an_end_where_the_selection_sits():
     assert extension_points("sam-sgd", t, [10], {10: {"lr": 0.1}}) == [{"lr": 0.1, "rho": 0.8}]
 
 
+def test_both_suites_grow_a_grid_with_one_rule():
+    """values_beyond is the one rule of both suites' grid growth (the realistic suite's planner
+    had its own copy): one step past an end where a selection sits, by the grid's own outer
+    ratio, once per end; a grid given point by point (repeated values) has the same ratio."""
+    from flatl2o.evaluation.tuning import values_beyond
+
+    grid = (1e-4, 3e-4, 1e-3)  # AdamW's lr grid scaled by the fine-tuning's 0.1
+    assert values_beyond(grid, grid, [1e-4]) == [3.33e-05]
+    assert values_beyond(grid, grid, [1e-3, 1e-4]) == [3.33e-05, 0.00333]
+    assert values_beyond(grid, grid, [3e-4]) == []
+    assert values_beyond([*grid, *grid], grid, [1e-3]) == [0.00333]
+    assert values_beyond(grid, [*grid, 0.00333], [0.00333]) == []  # that end's step is spent
+
+
 # --------------------------------------------------------------------------- names
+
+
+def test_name_options_are_split_by_the_parser_for_both_suites():
+    """``--tasks a,b c`` is three names as parsed (both halves of ``flatl2o evaluate`` read the
+    tuple; the realistic half no longer imports the other half's splitter: no import cycle)."""
+    import argparse
+
+    from flatl2o.evaluation.command import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--tasks", "a,b", "c", "--optimizers", "x", "--long-tasks", "a,"])
+    assert (args.tasks, args.optimizers, args.long_tasks) == (("a", "b", "c"), ("x",), ("a",))
+    assert p.parse_args([]).tasks is None
 
 
 def test_unknown_names_list_the_choices():
@@ -498,219 +526,9 @@ def test_seen_task_comes_from_the_checkpoints_recipes():
     assert suite.seen_tasks(cfg, resolve_optimizers(["adam"])) == {"digits-mlp": []}
     planner = SimpleNamespace(tuning={}, hparams={})
     results: dict = {"eval": [], "long": [], "tune": [], "reused": []}
-    data = suite._assemble(cfg, infos, planner, results, suite._environment(1, 1), 0.0, None, True)
+    data = suite._assemble(cfg, infos, planner, results, engine._environment(1, 1), 0.0, None, True)
     assert data["tasks"]["mnist-mlp-sigmoid"]["seen"] is True
     assert data["tasks"]["mnist-mlp-sigmoid"]["seen_by"] == ["rnnprop"]
-
-
-# --------------------------------------------------------------------------- report
-
-
-def _synthetic(reg_acc: list[float], sib_acc: list[float]) -> dict:
-    runs = []
-    for name, accs, trace in (("r-hessian", reg_acc, 5.0), ("r", sib_acc, 9.0)):
-        for s, acc in enumerate(accs):
-            m = {
-                "train_loss": 0.1,
-                "test_loss": 0.3,
-                "test_accuracy": acc,
-                "gap": 0.2,
-                "train_accuracy": 0.99,
-                "hessian_trace": trace + 0.01 * s,
-                "hessian_top_eig": 1.0,
-            }
-            runs.append(
-                {
-                    "spec": {
-                        "task": "t",
-                        "optimizer": name,
-                        "seed": s,
-                        "horizons": [10],
-                        "hparams": {"lr": 1.0},
-                    },
-                    "metrics": {"10": m},
-                    "curve": [1.0, 0.5],
-                    "curve_every": 1,
-                    "diverged_at": None,
-                }
-            )
-    learned = dict(
-        kind="learned", description="", architecture="rnnprop", alpha=0.1, sibling_basis="recipe"
-    )
-    return {
-        "format": "flatl2o-evaluation/1",
-        "config": {
-            "tasks": ["t"],
-            "horizons": [10],
-            "seeds": len(reg_acc),
-            "batch_size": 8,
-            "tune_seeds": 1,
-            "trace_probes": 3,
-            "eig_iters": 3,
-            "flatness": {},
-            "long_horizon": 0,
-            "long_tasks": [],
-            "long_seeds": 1,
-        },
-        "tasks": {"t": {"num_params": 10, "seen": True, "description": "toy"}},
-        "optimizers": {
-            "r-hessian": {
-                **learned,
-                "name": "r-hessian",
-                "regularizer": "hessian-trace",
-                "sibling": "r",
-            },
-            "r": {**learned, "name": "r", "regularizer": "none", "alpha": 0.0, "sibling": None},
-        },
-        "runs": runs,
-    }
-
-
-def test_report_answers_are_computed_from_the_numbers():
-    good = render_markdown(
-        _synthetic([0.90, 0.91, 0.92, 0.905, 0.915], [0.85, 0.86, 0.87, 0.855, 0.865])
-    )
-    assert "The claim (regularized beats unregularized) is supported for this pair." in good
-    bad = render_markdown(
-        _synthetic([0.85, 0.86, 0.87, 0.855, 0.865], [0.90, 0.91, 0.92, 0.905, 0.915])
-    )
-    assert "**The claim is not supported for this pair.**" in bad
-    noisy = render_markdown(
-        _synthetic([0.90, 0.80, 0.92, 0.82, 0.91], [0.85, 0.88, 0.83, 0.90, 0.84])
-    )
-    assert "within seed noise in 1" in noisy and "not supported" in noisy
-    assert "flatter (lower trace) beyond seed noise in 1 of 1" in good
-    # a "win" over a sibling that does not train is no evidence for the regularizer
-    hollow = render_markdown(
-        _synthetic([0.90, 0.91, 0.92, 0.905, 0.915], [0.05, 0.06, 0.07, 0.055, 0.065])
-    )
-    assert "**Does not train**" in hollow and "`r` (`t`@10)" in hollow
-    assert "1 of the wins are cells where `r` does not train" in hollow
-    assert "**The claim is not supported for this pair.**" in hollow
-
-
-def _set(data: dict, opt: str, **metrics: object) -> dict:
-    """Set metrics of ``opt``'s runs: ``name=value`` for every seed or ``name={seed: value}``."""
-    for r in data["runs"]:
-        if r["spec"]["optimizer"] == opt:
-            for name, value in metrics.items():
-                v = value.get(r["spec"]["seed"]) if isinstance(value, dict) else value
-                if v is not None:
-                    r["metrics"]["10"][name] = v
-    return data
-
-
-def _row(page: str, start: str) -> str:
-    (row,) = [line for line in page.splitlines() if line.startswith(start)]
-    return row
-
-
-def test_best_baseline_is_chosen_on_validation_not_test():
-    """docs/method.md §5: select on the validation split, report test. `adam` tests better but
-    `sgd`'s selected hyper-parameters validated better, so `sgd` is the reference."""
-    data = _synthetic([0.90, 0.91, 0.92, 0.905, 0.915], [0.85, 0.86, 0.87, 0.855, 0.865])
-    data["tuning"] = {"t": {}}
-    for name, test_acc, val_acc in (("adam", 0.95, 0.80), ("sgd", 0.88, 0.90)):
-        data["optimizers"][name] = {"name": name, "kind": "baseline", "description": name}
-        data["tuning"]["t"][name] = {
-            "selected": {"10": {"lr": 0.1}},
-            "trials": [
-                {"hparams": {"lr": 0.01}, "val": {"10": {"val_accuracy": 0.99, "val_loss": 0.1}}},
-                {"hparams": {"lr": 0.1}, "val": {"10": {"val_accuracy": val_acc, "val_loss": 0.3}}},
-            ],
-        }
-        for s in range(5):
-            run = json.loads(json.dumps(data["runs"][0]))
-            run["spec"].update(optimizer=name, seed=s, hparams={"lr": 0.1})
-            run["metrics"]["10"]["test_accuracy"] = test_acc + 0.001 * s
-            data["runs"].append(run)
-    page = render_markdown(data)
-    row = _row(page, "| `t` (seen) | 10 | `")
-    assert row.startswith("| `t` (seen) | 10 | `sgd` (0.900): 0.882 ± 0.002 |"), row
-    assert "chosen on the VALIDATION split" in page
-    # without validation numbers there is no reference (never a fallback to test accuracy)
-    del data["tuning"]
-    page = render_markdown(data)
-    assert "No reference baseline for `t`@10" in page and "`adam` (" not in page
-
-
-def test_paired_differences_say_when_a_seed_is_left_out():
-    """A diverged seed (non-finite train loss / gap) is not dropped silently from Q1's Δs."""
-    data = _synthetic([0.90, 0.91, 0.92, 0.905, 0.915], [0.85, 0.86, 0.87, 0.855, 0.865])
-    _set(data, "r", train_loss={0: math.inf}, test_loss={0: math.inf}, gap={0: math.nan})
-    page = render_markdown(data)
-    row = _row(page, "| `r-hessian` | `r` | `t` (seen) | 10 | 0.9")
-    assert row.endswith("| +0.000 (1 of 5 seeds n/a) | +0.000 (1 of 5 seeds n/a) |"), row
-    assert "In 1 cell(s) a seed has a non-finite value on one side" in page
-    p = paired({0: 1.0, 1: 2.0, 2: math.nan}, {0: 0.0, 1: 1.0, 2: 1.0, 3: 0.5})
-    assert p.n == 2 and p.missing == 2 and p.note() == " (2 of 4 seeds n/a)"
-
-
-def test_flatness_answer_skips_stalled_rules_and_non_positive_traces():
-    good = [0.90, 0.91, 0.92, 0.905, 0.915]
-    # a regularized rule that does not train sits near its init: tiny curvature, not "flatter"
-    stalled = _synthetic([0.10, 0.10, 0.11, 0.10, 0.09], good)
-    page = render_markdown(_set(stalled, "r-hessian", hessian_trace=1e-3))
-    assert "flatter (lower trace) beyond seed noise in 0 of 0 cells" in page
-    assert "Not counted: `t`@10, where one of the two rules does not train" in page
-    assert "(`r-hessian` does not train: not counted)" in page
-    # a sibling trace of exactly 0 (saturated iterate) used to raise ZeroDivisionError
-    zero = _set(_synthetic(good, good), "r", hessian_trace=0.0)
-    row = _row(render_markdown(zero), "| `r-hessian` | `r` | `t` (seen) | 10 | 5.0")
-    assert "| n/a | not testable (fewer than 2 paired seeds) (5 of 5 seeds left out" in row
-    # a non-positive trace on one seed is left out of the log-ratio test, visibly
-    neg = _set(_synthetic(good, good), "r", hessian_trace={2: -0.5})
-    row = _row(render_markdown(neg), "| `r-hessian` | `r` | `t` (seen) | 10 | 5.0")
-    assert "flatter, beyond seed noise (1 of 5 seeds left out: trace ≤ 0 or n/a)" in row
-
-
-def test_flatness_cells_without_a_finite_trace_are_shown_not_skipped():
-    """A cell whose every trace is non-finite on one side cannot answer question 3: it gets a
-    row and a mention in the summary (it used to vanish, like a cell never measured); the
-    Spearman row counts the runs it leaves out."""
-    good = [0.90, 0.91, 0.92, 0.905, 0.915]
-    data = _set(_synthetic(good, good), "r", hessian_trace=math.inf)
-    page = render_markdown(data)
-    row = _row(page, "| `r-hessian` | `r` | `t` (seen) | 10 | 5.0")
-    assert "| n/a | n/a | not testable (no finite trace on one side) |" in row, row
-    assert "in 0 of 0 cells" in page and "**No cell can answer the question.**" in page
-    assert "No finite trace on one side in `t`@10" in page
-    assert "| `t` | 10 | 5 | 5 | +0.50 |" in page.splitlines()
-    # the scatter figure (log axis) counts what it cannot show
-    assert flatness_points(data, "t", "r", 10) == ([], 5)
-    assert len(flatness_points(data, "t", "r-hessian", 10)[0]) == 5
-    # a horizon the suite did not measure (no readout at all) stays out of the table
-    q3_row = "| `r-hessian` | `r` | `t` (seen) | 10 | 5.0"
-    assert q3_row in page
-    for r in data["runs"]:
-        for k in [k for k in r["metrics"]["10"] if k.startswith("hessian")]:
-            del r["metrics"]["10"][k]
-    page = render_markdown(data)
-    assert q3_row not in page and "not testable (no finite trace" not in page
-    assert flatness_points(data, "t", "r", 10) == ([], 0)  # not measured: nothing omitted
-    assert "No finite trace" not in page and "Spearman rank correlation" not in page
-
-
-def test_top_eigenvalue_is_absolute_and_only_where_power_iteration_converged():
-    data = _synthetic([0.90, 0.91, 0.92, 0.905, 0.915], [0.85, 0.86, 0.87, 0.855, 0.865])
-    _set(data, "r", hessian_top_eig={0: -4.0, 1: 2.0, 2: 2.0, 3: 2.0, 4: 2.0})
-    _set(data, "r", hessian_top_eig_residual={0: 0.01, 1: 0.01, 2: 0.01, 3: 0.01, 4: 5.0})
-    page = render_markdown(data)
-    # |-4|, 2, 2, 2 (seed 4's residual 5.0 > 0.1: unconverged): mean 2.5, one left out
-    assert "| 2.5 ± 1 (1 unconverged) |" in _row(
-        page, "| `r-hessian` | `r` | `t` (seen) | 10 | 5.0"
-    )
-    assert "\\|λ_max\\|" in page and "exceeds 0.1 did not converge" in page
-
-
-def test_paired_comparison_statistics():
-    p = paired({0: 0.9, 1: 0.8, 2: 0.7}, {0: 0.85, 1: 0.75, 2: 0.65})
-    assert p.mean == pytest.approx(0.05) and p.std == pytest.approx(0.0, abs=1e-12)
-    assert p.significant
-    q = paired({0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}, {0: 0.0, 1: 2.5, 2: 2.0, 3: 4.5})
-    # differences 1, -0.5, 1, -0.5: mean 0.25, sd 0.866 -> t = 0.577, not significant
-    assert q.mean == pytest.approx(0.25) and q.t == pytest.approx(0.57735, rel=1e-4)
-    assert not q.significant and q.verdict() == "within seed noise"
 
 
 # ------------------------------------------------------------------------------ CLI
@@ -755,8 +573,10 @@ def test_quick_cli_end_to_end_and_deterministic_report(tmp_path: Path):
         ]
     )
     page = docs.read_text()
-    for heading in ("## 1.", "## 2.", "## 3.", "## Long horizon"):
+    # the package's generic report: no study's questions (research/results_page.py adds them)
+    for heading in ("# Evaluation results", "## Setup", "## Full results", "## Long horizon"):
         assert heading in page
+    assert "## 1." not in page and "sibling" not in page.split("## Figures")[1]
     assert "../eval/test_accuracy_10.png" in page  # figures linked relative to the page
 
     # regeneration from the JSON alone is deterministic (markdown and PNG bytes)
@@ -777,11 +597,11 @@ def test_resume_reuses_runs_only_from_the_same_code_and_threads(
     runs made by other code (or torch, CPU, thread count) into one results file."""
     cfg = EvalConfig.quick(optimizers=("rnnprop",), long_horizon=0)
     calls = []
-    environment = suite._environment
-    monkeypatch.setattr(suite, "_environment", lambda *a: calls.append(a) or environment(*a))
+    environment = engine._environment
+    monkeypatch.setattr(engine, "_environment", lambda *a: calls.append(a) or environment(*a))
     first = evaluate(cfg, out=tmp_path, progress=False)
     # read once, before the runs: the code that ran, not what the checkout holds at the end
-    assert first["environment"]["code_sha"] == suite.code_sha() and len(calls) == 1
+    assert first["environment"]["code_sha"] == engine.code_sha() and len(calls) == 1
     again = evaluate(cfg, out=tmp_path, resume=True, progress=False)
     assert again["timing"]["runs_reused"] == len(first["runs"]) > 0
     data = json.loads((tmp_path / "eval.json").read_text())
@@ -835,9 +655,9 @@ def test_progress_shows_phases_whose_bars_never_go_backwards(tmp_path: Path, mon
     baseline's final runs wait for a selection), yet each phase's bar only moves forward and
     ends full, with the exact run counts."""
     seen: list[dict[str, tuple[int, int]]] = []
-    show = suite.PhaseProgress._show
+    show = engine.PhaseProgress._show
     monkeypatch.setattr(
-        suite.PhaseProgress, "_show", lambda self: (seen.append(self.fractions()), show(self))
+        engine.PhaseProgress, "_show", lambda self: (seen.append(self.fractions()), show(self))
     )
     cfg = EvalConfig.quick(
         optimizers=("rnnprop", "sam-adam"), horizons=(5,), long_horizon=10, seeds=1
@@ -854,3 +674,22 @@ def test_progress_shows_phases_whose_bars_never_go_backwards(tmp_path: Path, mon
         "final runs": (len(data["runs"]) + len(data["long_runs"]),) * 2,
     }
     assert data["tuning"]["digits-mlp"]["adam"]["tried"]["lr"][-1] == 0.09  # the grid grew
+
+
+def test_runs_start_largest_first_without_timing_anything(monkeypatch):
+    """The engine orders runs by their gradient evaluations (steps x gradients per step), a
+    static count, instead of timing every task and rule before the first run: the long run
+    starts first; a SAM run counts 2 gradients a step."""
+    started: list[tuple[str, str, int]] = []
+    real = engine.train_run
+
+    def record(spec, task):
+        started.append((spec.purpose, spec.optimizer, max(spec.horizons)))
+        return real(spec, task)
+
+    monkeypatch.setattr(engine, "train_run", record)
+    cfg = EvalConfig.quick(optimizers=("rnnprop", "sam-adam"), horizons=(5,), long_horizon=10)
+    cfg.seeds = cfg.long_seeds = 1
+    evaluate(cfg, progress=False)
+    assert started[0] == ("long", "rnnprop", 10)
+    assert engine._size(RunSpec("digits-mlp", "sam-adam", 0, (5, 30))) == 60

@@ -214,7 +214,7 @@ def test_quick_cli_end_to_end_and_the_page_renders_from_the_json(tmp_path: Path)
 
 
 def test_resume_after_an_interruption_reruns_only_what_was_missing(tmp_path: Path, monkeypatch):
-    import flatl2o.evaluation.suite as suite
+    import flatl2o.evaluation.engine as engine
     from flatl2o.evaluation.realistic import RealisticConfig, evaluate_realistic
 
     cfg = RealisticConfig.quick(
@@ -222,7 +222,7 @@ def test_resume_after_an_interruption_reruns_only_what_was_missing(tmp_path: Pat
         checkpoints=("rnnprop-entropy",), horizons=(5, 10),
     )  # fmt: skip
     reference = evaluate_realistic(cfg, progress=False)
-    real, calls = suite.train_run, []
+    real, calls = engine.train_run, []
 
     def dies_after_six(spec, task):
         if len(calls) == 6:
@@ -230,7 +230,7 @@ def test_resume_after_an_interruption_reruns_only_what_was_missing(tmp_path: Pat
         calls.append(spec.key())
         return real(spec, task)
 
-    monkeypatch.setattr(suite, "train_run", dies_after_six)
+    monkeypatch.setattr(engine, "train_run", dies_after_six)
     with pytest.raises(KeyboardInterrupt):
         evaluate_realistic(cfg, out=tmp_path, progress=False)
     assert (tmp_path / "eval.partial.json").is_file()
@@ -239,7 +239,7 @@ def test_resume_after_an_interruption_reruns_only_what_was_missing(tmp_path: Pat
         calls.append(spec.key())
         return real(spec, task)
 
-    monkeypatch.setattr(suite, "train_run", counted)
+    monkeypatch.setattr(engine, "train_run", counted)
     done = evaluate_realistic(cfg, out=tmp_path, progress=False, resume=True)
     assert done["timing"]["runs_reused"] == 6
     assert len(calls) == len(set(calls))  # nothing ran twice
@@ -289,13 +289,13 @@ def test_a_selection_at_an_end_of_the_grid_is_tried_one_step_beyond():
 def test_progress_bars_of_the_realistic_suite_never_go_backwards(monkeypatch):
     """The realistic planner gives the phase display its bounds too: each bar only moves
     forward and ends full at the exact run counts, also when a grid grows."""
-    import flatl2o.evaluation.suite as suite
+    import flatl2o.evaluation.engine as engine
     from flatl2o.evaluation.realistic import RealisticConfig, evaluate_realistic
 
     seen: list[dict[str, tuple[int, int]]] = []
-    show = suite.PhaseProgress._show
+    show = engine.PhaseProgress._show
     monkeypatch.setattr(
-        suite.PhaseProgress, "_show", lambda self: (seen.append(self.fractions()), show(self))
+        engine.PhaseProgress, "_show", lambda self: (seen.append(self.fractions()), show(self))
     )
     cfg = RealisticConfig.quick(
         workloads=("regression-tiny",), long_workloads=(), long_horizon=0,

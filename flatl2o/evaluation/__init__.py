@@ -5,7 +5,7 @@ and than tuned Adam / SGD / SAM / Entropy-SGD? (docs/method.md §5; docs/evaluat
 from flatl2o.evaluation import EvalConfig, evaluate, write_report
 
 data = evaluate(EvalConfig(seeds=5), out="results/eval", jobs=2)   # runs + results/eval/eval.json
-write_report(data, "results/eval", docs="docs/results.md")        # PNGs, report.md, results page
+write_report(data, "results/eval", docs="results/eval/page.md")   # PNGs, report.md, a page
 ```
 
 Names are imported lazily, so that ``flatl2o.evaluation.command`` (used by the command-line
@@ -27,7 +27,7 @@ _EXPORTS = {
     "available_optimizers": "optimizers",
     "resolve_optimizers": "optimizers",
     "render_markdown": "report",
-    "write_plots": "report",
+    "write_plots": "plots",
     "write_report": "report",
     "RunSpec": "runner",
     "train_run": "runner",

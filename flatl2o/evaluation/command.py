@@ -13,11 +13,13 @@ __all__ = ["add_arguments", "run"]
 DEFAULT_OUT = "results/eval"
 
 
-def _names(values: list[str] | None) -> tuple[str, ...] | None:
-    """Accept both ``--x a b`` and ``--x a,b``."""
-    if values is None:
-        return None
-    return tuple(n for v in values for n in v.split(",") if n.strip())
+class _Names(argparse.Action):
+    """A list of names given as ``--x a b`` or ``--x a,b``: stored as one tuple, so that both
+    halves of the subcommand (this one and :mod:`~flatl2o.evaluation.realistic_command`) read
+    it as parsed."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None):
+        setattr(namespace, self.dest, tuple(n for v in values for n in v.split(",") if n.strip()))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,13 +36,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--optimizers",
         nargs="+",
+        action=_Names,
         metavar="NAME",
         help="learned checkpoints (shipped names or folders) and baselines "
         "(adam, sgd, sam-sgd, sam-adam, entropy-sgd); default: every shipped checkpoint "
         "+ every baseline",
     )
     p.add_argument(
-        "--tasks", nargs="+", metavar="TASK", help="optimizees (default: the four MNIST tasks)"
+        "--tasks",
+        nargs="+",
+        action=_Names,
+        metavar="TASK",
+        help="optimizees (default: the four MNIST tasks)",
     )
     p.add_argument("--seeds", type=int, help="evaluation seeds per (task, optimizer); default 5")
     p.add_argument("--horizons", type=int, nargs="+", metavar="STEPS", help="default: 100 1000")
@@ -50,7 +57,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="STEPS",
         help="also run this many steps (e.g. 10000) on --long-tasks; default 0 (off)",
     )
-    p.add_argument("--long-tasks", nargs="+", metavar="TASK", help="default: mnist-mlp-sigmoid")
+    p.add_argument(
+        "--long-tasks",
+        nargs="+",
+        action=_Names,
+        metavar="TASK",
+        help="default: mnist-mlp-sigmoid",
+    )
     p.add_argument("--long-seeds", type=int, help="seeds of the long runs (default 2)")
     p.add_argument("--tune-seeds", type=int, help="seeds per tuning trial (default 2)")
     p.add_argument("--trace-probes", type=int, help="Hutchinson probes (default 100)")
@@ -107,12 +120,12 @@ def _config(args: argparse.Namespace) -> Any:
 
     given: dict[str, Any] = {}
     for field, value in (
-        ("optimizers", _names(args.optimizers)),
-        ("tasks", _names(args.tasks)),
+        ("optimizers", args.optimizers),
+        ("tasks", args.tasks),
         ("seeds", args.seeds),
         ("horizons", tuple(args.horizons) if args.horizons else None),
         ("long_horizon", args.long_horizon),
-        ("long_tasks", _names(args.long_tasks)),
+        ("long_tasks", args.long_tasks),
         ("long_seeds", args.long_seeds),
         ("tune_seeds", args.tune_seeds),
         ("trace_probes", args.trace_probes),
@@ -127,7 +140,7 @@ def _config(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``flatl2o evaluate`` (or its ``--report-only`` form)."""
-    from flatl2o.evaluation.report import write_report
+    from flatl2o.evaluation.report import rerender_target, write_report
     from flatl2o.evaluation.suite import evaluate, load_results
     from flatl2o.hub import portable_command
 
@@ -138,13 +151,9 @@ def run(args: argparse.Namespace) -> int:
         return run_realistic(args, argv)
     if args.report_only:
         data = load_results(args.report_only)
-        src = Path(args.report_only)
-        out = Path(args.out) if args.out else (src if src.is_dir() else src.parent)
-        command = f"flatl2o evaluate --report-only {shlex.quote(args.report_only)}"
-        if args.out:
-            command += f" --out {shlex.quote(args.out)}"
-        if args.docs:
-            command += f" --docs {shlex.quote(args.docs)}"
+        out, command = rerender_target(
+            "flatl2o evaluate --report-only", args.report_only, args.out, args.docs
+        )
         written = write_report(data, out, docs=args.docs, command=portable_command(command))
         print(f"wrote {len(written)} files to {out}" + (f" and {args.docs}" if args.docs else ""))
         return 0

@@ -3,7 +3,7 @@
 ``flatl2o evaluate --suite realistic`` runs, on each workload of
 :mod:`flatl2o.evaluation.workloads` (a transformer LM, a BatchNorm ResNet, an MLP regression,
 an LSTM, a fine-tuning), with the evaluation's one runner and execution engine
-(:func:`flatl2o.evaluation.suite.run_planned`: workers, progress, ``--resume``), these arms:
+(:func:`flatl2o.evaluation.engine.run_planned`: workers, progress, ``--resume``), these arms:
 
 - ``adam``: Adam at lr 1e-3, untuned (what users start with);
 - ``adamw``: AdamW, lr and weight decay tuned, linear warmup + cosine decay (what users run);
@@ -31,7 +31,6 @@ horizon reuses the hyper-parameters selected at the largest horizon. A workload'
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -39,18 +38,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from flatl2o.evaluation.baselines import BASELINES
+from flatl2o.evaluation.engine import read_results, run_planned
 from flatl2o.evaluation.runner import RunSpec
-from flatl2o.evaluation.suite import (
-    _published_info,
-    _published_run,
-    _timed,
-    read_results,
-    run_planned,
+from flatl2o.evaluation.suite import _published_info, _published_run
+from flatl2o.evaluation.tuning import (
+    MAX_EXTENSIONS,
+    TUNE_SEED_BASE,
+    ends_selected,
+    values_beyond,
 )
-from flatl2o.evaluation.tuning import MAX_EXTENSIONS, TUNE_SEED_BASE
 from flatl2o.evaluation.workloads import (
     STANDARD,
     STANDARD_TINY,
@@ -260,17 +257,12 @@ class _Planner:
 
     def _extension(self, key: tuple[str, str], chosen: dict[int, dict[str, float]]):
         """Points one lr step beyond an end of the tried values where a selection sits there
-        (at most one step per side: ``MAX_EXTENSIONS``), crossed with the other keys' values."""
+        (:func:`~flatl2o.evaluation.tuning.values_beyond` on the scaled grid), crossed with
+        the other keys' tried values."""
         tried = self.points[key]
-        lrs = sorted({p["lr"] for p in tried})
-        grid = sorted(GRIDS[key[1]]["lr"])
-        base = sorted({p["lr"] for p in _scaled(GRIDS[key[1]], make_workload(key[0]).lr_scale)})
-        new: set[float] = set()
-        for pick in chosen.values():
-            if pick["lr"] == lrs[0] and sum(v < base[0] for v in lrs) < MAX_EXTENSIONS:
-                new.add(float(f"{lrs[0] * grid[0] / grid[1]:.3g}"))
-            if pick["lr"] == lrs[-1] and sum(v > base[-1] for v in lrs) < MAX_EXTENSIONS:
-                new.add(float(f"{lrs[-1] * grid[-1] / grid[-2]:.3g}"))
+        grid = [p["lr"] for p in _scaled(GRIDS[key[1]], make_workload(key[0]).lr_scale)]
+        picks = [pick["lr"] for pick in chosen.values()]
+        new = values_beyond(grid, [p["lr"] for p in tried], picks)
         others = {
             json.dumps({k: v for k, v in p.items() if k != "lr"}, sort_keys=True) for p in tried
         }
@@ -291,7 +283,7 @@ class _Planner:
 
     def progress_bounds(self) -> dict[str, dict[tuple[str, str], int]]:
         """``{phase: {(workload, arm): most runs}}`` of the tuned arms, whose run counts wait on
-        their tuning (for :class:`~flatl2o.evaluation.suite.PhaseProgress`): the lr values grow
+        their tuning (for :class:`~flatl2o.evaluation.engine.PhaseProgress`): the lr values grow
         by at most ``MAX_EXTENSIONS`` beyond each end; the final runs need at most one choice
         per horizon (plus the long runs)."""
         bounds: dict[str, dict[tuple[str, str], int]] = {"tuning baselines": {}, "final runs": {}}
@@ -319,7 +311,7 @@ class _Planner:
         self.pending[key] -= 1
         if self.pending[key]:
             return []
-        chosen, trials, edge = {}, {}, {}
+        chosen, trials = {}, {}
         tried = self.points[key]
         scale = make_workload(spec.task).lr_scale
         for h in self.horizons:
@@ -330,54 +322,21 @@ class _Planner:
         more = self._extension(key, chosen)
         if more:  # a selection sits at an end of the grid: try one step beyond it first
             return self._tune(spec.task, spec.optimizer, more)
-        for h, pick in chosen.items():
-            edge[str(h)] = [
-                k
-                for k in pick
-                if len({p[k] for p in tried}) > 1
-                and pick[k] in (min(p[k] for p in tried), max(p[k] for p in tried))
-            ]
+        values = {k: sorted({p[k] for p in tried}) for k in tried[0]}
+        selected = {str(h): hp for h, hp in chosen.items()}
         self.tuning[spec.task][spec.optimizer] = {
             "grid": {
                 k: sorted({p[k] for p in _scaled(GRIDS[spec.optimizer], scale)})
                 for k in GRIDS[spec.optimizer]
             },
-            "tried": {k: sorted({p[k] for p in tried}) for k in tried[0]},
+            "tried": values,
             "seeds": self.tune_seeds,
             "trials": trials,
-            "selected": {str(h): hp for h, hp in chosen.items()},
-            "at_edge": {h: ks for h, ks in edge.items() if ks},
+            "selected": selected,
+            # every key with more than one value tried (the extensions grow only lr)
+            "at_edge": ends_selected(tried, selected, [k for k, v in values.items() if len(v) > 1]),
         }
         return self._eval(spec.task, spec.optimizer, chosen)
-
-
-class _Costs:
-    """Estimated seconds per run: measured forward/backward seconds per workload, plus the
-    learned rule's step on that many coordinates."""
-
-    def __init__(self, workloads: list[str], infos: dict[str, dict[str, Any]]) -> None:
-        from flatl2o.evaluation.suite import _rule_seconds
-
-        self.step: dict[str, float] = {}
-        self.rule: dict[tuple[str, str], float] = {}
-        for name in workloads:
-            w = make_workload(name)
-            model = w.build(torch.Generator().manual_seed(0))
-            x, y = w.sample_batch(torch.Generator().manual_seed(0))
-            self.step[name] = _timed(functools.partial(_backward, w, model, x, y), repeats=3)
-            for arm, info in infos.items():
-                self.rule[(name, arm)] = _rule_seconds(info["path"], w.num_params)
-        self.default = next(n for n, i in infos.items() if i.get("default"))
-
-    def of(self, spec: RunSpec) -> float:
-        """Estimated seconds of ``spec``."""
-        arm = self.default if spec.optimizer in DEFAULT_ARMS else spec.optimizer
-        rule = self.rule.get((spec.task, arm), 0.0)
-        return max(spec.horizons) * (1.3 * self.step[spec.task] + rule)
-
-
-def _backward(w: Any, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-    w.loss(model, x, y).backward()
 
 
 def _learned_infos(checkpoints: tuple[str, ...]) -> dict[str, dict[str, Any]]:
@@ -412,8 +371,6 @@ def evaluate_realistic(
     """Run the realistic suite; return (and write to ``out``/eval.json) its results JSON."""
     config = config or RealisticConfig()
     config.validate()
-    if jobs < 1 or threads < 1:
-        raise ValueError(f"jobs and threads must be >= 1, got jobs={jobs}, threads={threads}")
     infos = _learned_infos(config.checkpoints)
     planner = _Planner(config, infos)
 
@@ -453,7 +410,6 @@ def evaluate_realistic(
 
     return run_planned(
         planner,
-        lambda: _Costs(list(config.workloads), infos),
         assemble,
         out=out,
         jobs=jobs,

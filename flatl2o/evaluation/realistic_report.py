@@ -2,8 +2,8 @@
 
 Per workload and horizon it answers: does the untuned default (``L2O(model.parameters())``)
 beat Adam at lr 1e-3, and how far is it from tuned AdamW with warmup + cosine? Comparisons are
-paired by seed with :func:`flatl2o.evaluation.report.paired_metric` (mean difference, paired
-t-test at 95%), statistics are :class:`flatl2o.evaluation.report.Stats` (mean ± sample std
+paired by seed with :func:`flatl2o.evaluation.stats.paired_metric` (mean difference, paired
+t-test at 95%), statistics are :class:`flatl2o.evaluation.stats.Stats` (mean ± sample std
 over seeds). Plots per workload: minibatch loss vs step with seed bands, loss vs wall-clock
 seconds, parameter norm vs step.
 """
@@ -15,7 +15,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from flatl2o.evaluation.report import Stats, _smooth, paired_metric, per_seed
+from flatl2o.evaluation.plots import log_band, longest_per_seed, smooth
+from flatl2o.evaluation.report import write_pages
+from flatl2o.evaluation.stats import Stats, diverged_runs, paired_metric, per_seed
 
 __all__ = ["render_realistic", "write_realistic_report"]
 
@@ -52,26 +54,6 @@ def _run_field(data: dict[str, Any], w: str, arm: str, h: int, field: str, kind:
         if r["spec"]["task"] == w and r["spec"]["optimizer"] == arm and h in r["spec"]["horizons"]
     ]
     return Stats.of(vals)
-
-
-def _diverged(data: dict[str, Any], w: str, arm: str, h: int, kind: str) -> int:
-    return sum(
-        1
-        for r in data[kind]
-        if r["spec"]["task"] == w
-        and r["spec"]["optimizer"] == arm
-        and h in r["spec"]["horizons"]
-        and r["diverged_at"] is not None
-        and r["diverged_at"] <= h
-    )
-
-
-def _paired(data: dict[str, Any], w: str, a: str, b: str, h: int, metric: str, kind: str):
-    from flatl2o.evaluation.report import paired
-
-    if kind == "runs":
-        return paired_metric(data, w, a, b, h, metric)
-    return paired(per_seed(data, w, a, h, metric, kind), per_seed(data, w, b, h, metric, kind))
 
 
 def _verdict(p: Any, metric: str) -> str:
@@ -176,7 +158,7 @@ def _answers(data: dict[str, Any]) -> list[str]:
                 if other not in arms:
                     row += ["n/a", "n/a"]
                     continue
-                p = _paired(data, w, default, other, h, metric, kind)
+                p = paired_metric(data, w, default, other, h, metric, kind)
                 row += [
                     _stat(data, w, other, h, metric, kind).fmt(),
                     f"{p.fmt_mean('+.3f')}: {_verdict(p, metric)}",
@@ -185,7 +167,7 @@ def _answers(data: dict[str, Any]) -> list[str]:
                     who = "Adam 1e-3" if other == "adam" else "tuned AdamW"
                     line = f"`{w}` at {h} steps: worse than {who} by {abs(p.mean):.3f}"
                     (losses if p.significant else noisy).append(line)
-            div = _diverged(data, w, default, h, kind)
+            div = diverged_runs(data, w, default, h, kind)
             if div:
                 row[2] += f" ({div} diverged)"
             lines.append("| " + " | ".join(row) + " |")
@@ -277,7 +259,7 @@ def _full_table(data: dict[str, Any], w: str, fig: str) -> list[str]:
             cells += [
                 _stat(data, w, arm, h, "train_loss", kind).fmt(),
                 _stat(data, w, arm, h, "param_norm", kind).fmt(1),
-                str(_diverged(data, w, arm, h, kind)),
+                str(diverged_runs(data, w, arm, h, kind)),
                 rel,
                 f"{sb.mean:.1f}" if sb.n else "n/a",
             ]
@@ -304,33 +286,13 @@ def _arm_list(data: dict[str, Any]) -> list[str]:
 # ------------------------------------------------------------------------------ plots
 
 
-def _band(curves: list[list[float]]) -> tuple[list[int], list[float], list[float], list[float]]:
-    """Index, mean and ± 1 std band of log values across seeds (a log-scale plot)."""
-    n = max((len(c) for c in curves), default=0)
-    xs, mean, lo, hi = [], [], [], []
-    for i in range(n):
-        vals = [math.log(c[i]) for c in curves if i < len(c) and c[i] is not None and c[i] > 0]
-        if not vals:
-            continue
-        st = Stats.of(vals)
-        xs.append(i)
-        mean.append(math.exp(st.mean))
-        lo.append(math.exp(st.mean - st.std))
-        hi.append(math.exp(st.mean + st.std))
-    return xs, mean, lo, hi
-
-
 def _runs_for_curves(data: dict[str, Any], w: str, kind: str) -> dict[str, list[dict[str, Any]]]:
     """Per arm, one run per seed: the one trained longest."""
-    out: dict[str, dict[int, dict[str, Any]]] = {}
+    arms: dict[str, list[dict[str, Any]]] = {}
     for r in data[kind]:
-        s = r["spec"]
-        if s["task"] != w or not r.get("curve"):
-            continue
-        mine = out.setdefault(s["optimizer"], {})
-        if s["seed"] not in mine or max(s["horizons"]) > max(mine[s["seed"]]["spec"]["horizons"]):
-            mine[s["seed"]] = r
-    return {a: list(v.values()) for a, v in out.items()}
+        if r["spec"]["task"] == w:
+            arms.setdefault(r["spec"]["optimizer"], []).append(r)
+    return {a: runs for a, rs in arms.items() if (runs := longest_per_seed(rs))}
 
 
 def write_realistic_plots(data: dict[str, Any], out_dir: str | os.PathLike[str]) -> list[Path]:
@@ -362,21 +324,17 @@ def write_realistic_plots(data: dict[str, Any], out_dir: str | os.PathLike[str])
                     label=arm,
                 )
                 for ax, key in ((axes[0], "curve"), (axes[2], "norm_curve")):
-                    curves = [
-                        _smooth([math.nan if v is None else v for v in r[key]], 3) for r in rs
-                    ]
-                    xs, m, lo, hi = _band(curves)
+                    curves = [smooth([math.nan if v is None else v for v in r[key]], 3) for r in rs]
+                    xs, m, lo, hi = log_band(curves)
                     xs = [(x + 1) * every for x in xs]
                     ax.plot(xs, m, **style)
                     ax.fill_between(xs, lo, hi, color=style["color"], alpha=0.15, lw=0)
-                curves = [
-                    _smooth([math.nan if v is None else v for v in r["curve"]], 3) for r in rs
-                ]
+                curves = [smooth([math.nan if v is None else v for v in r["curve"]], 3) for r in rs]
                 secs = [
                     sum(r["curve_seconds"][j] for r in rs) / len(rs)
                     for j in range(min(len(r["curve_seconds"]) for r in rs))
                 ]
-                xs, m, _, _ = _band(curves)
+                xs, m, _, _ = log_band(curves)
                 axes[1].plot(
                     [secs[x] for x in xs if x < len(secs)],
                     [v for x, v in zip(xs, m, strict=True) if x < len(secs)],
@@ -409,15 +367,5 @@ def write_realistic_report(
 ) -> list[Path]:
     """Write the PNGs and ``report.md`` into ``out_dir`` and, with ``docs``, the docs page
     (which links the PNGs by relative path)."""
-    out = Path(out_dir)
-    written = write_realistic_plots(data, out)
-    page = out / "report.md"
-    page.write_text(render_realistic(data, ".", command))
-    written.append(page)
-    if docs is not None:
-        docs_path = Path(docs)
-        docs_path.parent.mkdir(parents=True, exist_ok=True)
-        rel = os.path.relpath(out.resolve(), docs_path.parent.resolve()).replace(os.sep, "/")
-        docs_path.write_text(render_realistic(data, rel, command))
-        written.append(docs_path)
-    return written
+    written = write_realistic_plots(data, out_dir)
+    return written + write_pages(lambda fig: render_realistic(data, fig, command), out_dir, docs)

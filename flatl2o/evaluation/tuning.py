@@ -39,12 +39,14 @@ __all__ = [
     "TUNE_SEED_BASE",
     "advance_tuning",
     "at_edge",
+    "ends_selected",
     "extension_points",
     "grid_points",
     "plan_trials",
     "select",
     "summarize_trials",
     "tune",
+    "values_beyond",
 ]
 
 #: Tuning runs use seeds TUNE_SEED_BASE + i (generators EVAL_SEED_OFFSET + TUNE_SEED_BASE + i).
@@ -105,16 +107,44 @@ def at_edge(
 ) -> dict[str, list[str]]:
     """``{str(horizon): [hyper-parameter, ...]}`` whose selected value is the smallest or
     largest value tried: the optimum may lie beyond what was searched."""
+    return ends_selected([t["hparams"] for t in trials], selected, _tuned_keys(name))
+
+
+def ends_selected(
+    points: Sequence[dict[str, float]],
+    selected: dict[str, dict[str, float]],
+    keys: Sequence[str],
+) -> dict[str, list[str]]:
+    """``{horizon: [key, ...]}`` of the ``keys`` whose ``selected`` value is the smallest or
+    largest value among the tried ``points`` (horizons without one are left out)."""
     out: dict[str, list[str]] = {}
     for h, hp in selected.items():
-        keys = []
-        for k in _tuned_keys(name):
-            tried = sorted({float(t["hparams"][k]) for t in trials})
+        found = []
+        for k in keys:
+            tried = sorted({float(p[k]) for p in points})
             if float(hp[k]) in (tried[0], tried[-1]):
-                keys.append(k)
-        if keys:
-            out[h] = keys
+                found.append(k)
+        if found:
+            out[h] = found
     return out
+
+
+def values_beyond(
+    grid: Sequence[float], tried: Sequence[float], picks: Sequence[float]
+) -> list[float]:
+    """The values of one hyper-parameter to try next: one step past each end of ``tried``
+    where one of the ``picks`` (its selections) sits, by the ``grid``'s own ratio between its
+    two outermost values on that side (3 significant digits), and at most
+    :data:`MAX_EXTENSIONS` values past each end of the grid; ``[]`` when none is due."""
+    values = sorted({float(x) for x in grid})
+    tried = sorted({float(x) for x in tried})
+    picks = {float(x) for x in picks}
+    new = []
+    if tried[0] in picks and sum(x < values[0] for x in tried) < MAX_EXTENSIONS:
+        new.append(float(f"{tried[0] * values[0] / values[1]:.3g}"))
+    if tried[-1] in picks and sum(x > values[-1] for x in tried) < MAX_EXTENSIONS:
+        new.append(float(f"{tried[-1] * values[-1] / values[-2]:.3g}"))
+    return new
 
 
 def extension_points(
@@ -132,20 +162,10 @@ def extension_points(
     """
     grid = BASELINES[name].grid
     tried = {k: sorted({float(t["hparams"][k]) for t in trials}) for k in grid}
+    picks = _selections(name, trials, horizons, base_selected)
     grown = {k: list(v) for k, v in tried.items()}
-    for hp in _selections(name, trials, horizons, base_selected):
-        for k in _tuned_keys(name):
-            values, v = sorted(float(x) for x in grid[k]), float(hp[k])
-            below = sum(x < values[0] for x in tried[k])
-            above = sum(x > values[-1] for x in tried[k])
-            if v == tried[k][0] and below < MAX_EXTENSIONS:
-                new = float(f"{tried[k][0] * values[0] / values[1]:.3g}")
-                if new not in grown[k]:
-                    grown[k].append(new)
-            if v == tried[k][-1] and above < MAX_EXTENSIONS:
-                new = float(f"{tried[k][-1] * values[-1] / values[-2]:.3g}")
-                if new not in grown[k]:
-                    grown[k].append(new)
+    for k in _tuned_keys(name):
+        grown[k] += values_beyond(grid[k], tried[k], [hp[k] for hp in picks])
     if grown == {k: list(v) for k, v in tried.items()}:
         return []
     done = {_key(t["hparams"]) for t in trials}
