@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 from _results import write_result  # noqa: E402
 
 from flatl2o.evaluation import EvalConfig, evaluate  # noqa: E402
-from flatl2o.evaluation.report import Stats, paired, paired_metric, per_seed  # noqa: E402
+from flatl2o.evaluation.stats import Stats, paired, paired_metric, per_seed  # noqa: E402
 
 REGULARIZERS = ("entropy", "hessian")  # recipes/<rule>-<regularizer>.toml
 

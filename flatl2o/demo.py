@@ -189,7 +189,7 @@ def verdict(
     optimizer did better on each metric, by how much (mean same-seed difference), and whether
     the difference is beyond seed noise (a paired t-test over the seeds, as ``flatl2o
     evaluate`` reports it)."""
-    from flatl2o.evaluation.report import paired
+    from flatl2o.evaluation.stats import paired
 
     lines = [f"Verdict ({_seeds_text(seeds)}; {steps} steps; mean same-seed differences):"]
     mine = results[learned]

@@ -37,7 +37,8 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-#: Pages written by ``flatl2o.evaluation.report`` from the results JSON, not by hand.
+#: Pages written from the results JSON (research/results_page.py on top of
+#: flatl2o.evaluation.report), not by hand.
 GENERATED = {REPO / "docs" / "results.md", REPO / "docs" / "results" / "report.md"}
 MARKER = re.compile(r"<!--\s*fragment\b(?::\s*(?P<why>.*?))?\s*-->")
 SNIPPET_TIMEOUT_S = 300
@@ -227,6 +228,7 @@ def test_docs_and_docstrings_cite_nothing_outside_the_repository() -> None:
         *(p for p in PAGES if p not in GENERATED),
         *sorted((REPO / "flatl2o").rglob("*.py")),
         *sorted((REPO / "benchmarks").rglob("*.py")),
+        *sorted((REPO / "research").rglob("*.py")),
         *(p for p in sorted((REPO / "tests").glob("*.py")) if p.name != Path(__file__).name),
     ]
     found = _lines_matching(_OUTSIDE, files)

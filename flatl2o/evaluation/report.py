@@ -22,9 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from flatl2o.evaluation.plots import write_plots
-
-# Stats, paired, paired_metric and per_seed are also re-exported (__all__) for the callers that
-# import them from here (the demo's verdict, benchmarks/meta_seeds.py)
 from flatl2o.evaluation.stats import (
     BASELINE_ORDER,
     EIG_RESIDUAL_TOL,
@@ -34,16 +31,10 @@ from flatl2o.evaluation.stats import (
     diverged_runs,
     horizons_of,
     optimizer_order,
-    paired,
-    paired_metric,
     per_seed,
 )
 
 __all__ = [
-    "Stats",
-    "paired",
-    "paired_metric",
-    "per_seed",
     "render_markdown",
     "rerender_target",
     "write_pages",

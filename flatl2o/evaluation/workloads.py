@@ -25,10 +25,8 @@ toy sizes for the ``--quick`` mode and the tests.
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flatl2o.meta import data as _data
+from flatl2o.meta.models import ResNet, RowLSTM, TinyGPT
 
 __all__ = [
     "STANDARD",
@@ -151,85 +150,6 @@ class ModuleWorkload:
 # ------------------------------------------------------------------------------ models
 
 
-class _Block(nn.Module):
-    def __init__(self, d: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1 = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-        self.ln2 = nn.LayerNorm(d)
-        self.fc = nn.Linear(d, 4 * d)
-        self.out = nn.Linear(4 * d, d)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
-        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
-
-
-class TinyGPT(nn.Module):
-    """nanoGPT's architecture at toy size: byte embeddings + learned positions, pre-LN blocks,
-    final LayerNorm, an untied linear head over the 256 byte values."""
-
-    def __init__(self, d: int, blocks: int, heads: int, context: int, vocab: int = 256) -> None:
-        super().__init__()
-        self.tok = nn.Embedding(vocab, d)
-        self.pos = nn.Embedding(context, d)
-        self.blocks = nn.ModuleList(_Block(d, heads) for _ in range(blocks))
-        self.ln = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab)
-
-    def forward(self, idx: Tensor) -> Tensor:
-        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln(x))
-
-
-class _ResBlock(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.b1 = nn.BatchNorm2d(c)
-        self.c2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.b2 = nn.BatchNorm2d(c)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.relu(x + self.b2(self.c2(F.relu(self.b1(self.c1(x))))))
-
-
-class ResNet(nn.Module):
-    """Stem conv + BatchNorm, residual blocks, global average pooling, linear head."""
-
-    def __init__(self, channels: int, blocks: int, classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(1, channels, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(channels)
-        self.blocks = nn.Sequential(*(_ResBlock(channels) for _ in range(blocks)))
-        self.head = nn.Linear(channels, classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.blocks(F.relu(self.bn(self.stem(x))))
-        return self.head(x.mean(dim=(2, 3)))
-
-
-class RowLSTM(nn.Module):
-    """An LSTM reading an image row by row; the last hidden state feeds a linear head."""
-
-    def __init__(self, features: int, hidden: int, classes: int = 10) -> None:
-        super().__init__()
-        self.lstm = nn.LSTM(features, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out, _ = self.lstm(x)
-        return self.head(out[:, -1])
-
-
 def _mlp(sizes: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(itertools.pairwise(sizes)):
@@ -249,18 +169,7 @@ LM_CORPUS_GLOB = "optim/*.py"
 def lm_corpus() -> tuple[bytes, dict[str, Any]]:
     """The bytes of ``torch/optim/*.py`` of the installed torch (sorted by name, concatenated)
     and what they are: torch version, file names, byte count, SHA-256."""
-    root = Path(torch.__file__).resolve().parent
-    files = sorted(root.glob(LM_CORPUS_GLOB))
-    if not files:
-        raise FileNotFoundError(f"no {LM_CORPUS_GLOB} under {root}: the LM corpus is missing")
-    text = b"".join(f.read_bytes() for f in files)
-    info = {
-        "source": f"torch {torch.__version__}: torch/{LM_CORPUS_GLOB}",
-        "files": [f.name for f in files],
-        "bytes": len(text),
-        "sha256": hashlib.sha256(text).hexdigest(),
-    }
-    return text, info
+    return _data.read_text_corpus(LM_CORPUS_GLOB)
 
 
 def _lm_splits(context: int, limit: int | None) -> dict[str, tuple[Tensor, Tensor]]:
