@@ -978,6 +978,37 @@ def _nan_rule(architecture: str = "l2o-dm"):
     return rule
 
 
+def test_validation_measures_what_the_suites_validation_runs_measure(tmp_path):
+    """Meta-training validation is the evaluation suite's loop (L2O's kernel, per tensor): its
+    value is the mean validation loss of the suite's ``"tune"`` runs of the same rule on the
+    validation seeds, bit for bit (it was a second loop on the rule module, rounding apart)."""
+    from flatl2o.evaluation.runner import RunSpec, train_run
+    from flatl2o.meta.optimizee import EVAL_SEED_OFFSET
+    from flatl2o.meta.recipe import VAL_SEED_OFFSET
+
+    recipe = recipe_from_dict(tiny(curriculum={"validate_every": 2, "validation_runs": 2}))
+    trainer = MetaTrainer(recipe, tmp_path / "run", progress=False)
+    trainer.rule.save_pretrained(tmp_path / "rule")
+    runs = [
+        train_run(
+            RunSpec(
+                recipe.task.name,
+                "rule",
+                seed=VAL_SEED_OFFSET - EVAL_SEED_OFFSET + i,
+                horizons=(30,),
+                purpose="tune",
+                hparams={"lr": 1.0},
+                checkpoint=str(tmp_path / "rule"),
+                batch_size=recipe.task.batch_size,
+            ),
+            trainer.task,
+        )
+        for i in range(2)
+    ]
+    want = sum(r["metrics"]["30"]["val_loss"] for r in runs) / 2
+    assert trainer.validate(30) == want
+
+
 def test_evaluate_rule_reports_diverged_runs_at_their_last_finite_iterate():
     """A rule whose steps are NaN diverges at step 1 on every seed: the runs are measured at
     their last finite iterate (the initialization), as the results pages measure them, and the
