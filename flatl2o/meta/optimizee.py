@@ -126,7 +126,8 @@ class OptimizeeRun:
 
     def theta(self) -> Tensor:
         """A Task's parameters as its flat vector (detached)."""
-        assert isinstance(self.task, Task)
+        if self.model is not None:
+            raise TypeError(f"{self.task.name} is a module workload: it has no flat vector")
         return torch.cat([p.detach().reshape(-1) for p in self.params])
 
     def loss(self, x: Tensor, y: Tensor) -> Tensor:
