@@ -41,6 +41,7 @@ def run(task, rule, state_dtype: torch.dtype, seed: int) -> dict[int, float]:
 
 
 def main() -> None:
+    torch.set_num_threads(1)  # as the suite's runs (--threads 1): the same bits as its page
     rule = load_rule(DEFAULT_PRETRAINED)
     rows = []
     print(f"checkpoint {DEFAULT_PRETRAINED}; test accuracy, 5 seeds")
