@@ -141,6 +141,22 @@ def test_shipped_model_cards_show_the_results_pages_numbers(name):
             assert (metrics[f"{key}@{h}"], metrics[f"{key}_std@{h}"]) == page, (key, h)
 
 
+def test_the_readme_table_of_checkpoints_shows_their_model_cards():
+    """README's "What ships" table is each card's test accuracy (mean ± std, 3 decimals) at
+    100 and 1,000 steps: the same figures as metrics.json, so as the results page."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    row = re.compile(r"^\| `([\w-]+)` \|.*\| ([^|]+ ± [^|]+) \| ([^|]+ ± [^|]+) \|$", re.M)
+    rows = {name: (a.strip(), b.strip()) for name, a, b in row.findall(text)}
+    assert set(rows) == set(flatl2o.list_pretrained())
+    for name, cells in rows.items():
+        metrics = json.loads((flatl2o.hub._shipped_dir(name) / "metrics.json").read_text())
+        want = tuple(
+            f"{metrics[f'test_accuracy@{h}']:.3f} ± {metrics[f'test_accuracy_std@{h}']:.3f}"
+            for h in (100, 1000)
+        )
+        assert cells == want, name
+
+
 def test_model_cards_link_to_no_address():
     """Cards linked to a repository address that does not exist; they name the package."""
     rule = flatl2o.make_rule("rnnprop", hidden_size=4, input_size=3)
