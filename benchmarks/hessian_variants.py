@@ -8,7 +8,7 @@ For one rule (default rnnprop) this meta-trains four short runs from the shipped
 (1 probe), ``hessian-eig`` (10 power iterations) and ``hessian-esd`` (10 Lanczos steps), all
 with the recipe's seed, so every run starts from the same rule and sees the same first
 optimizee initialization. Each run keeps the trainer's best validated rule, which is then
-evaluated with ``flatl2o.meta.rollout.evaluate_rule`` on the seen task (test accuracy, test
+evaluated with ``flatl2o.meta.optimizee.evaluate_rule`` on the seen task (test accuracy, test
 loss and train loss after each horizon, evaluation seeds 10,000 + i as in the model cards),
 plus a flatness readout at the same iterates: the Hessian trace of the full-train-split loss
 (Hutchinson, 20 probes) and its top-magnitude eigenvalue (30 power iterations).
@@ -49,9 +49,15 @@ sys.path.insert(0, str(ROOT))
 from _results import write_result  # noqa: E402
 
 from flatl2o.hessian import hessian_eig, hessian_trace  # noqa: E402
+from flatl2o.meta.optimizee import (  # noqa: E402
+    OptimizeeRun,
+    evaluate_rule,
+    learned_optimizer,
+    loss_and_grad,
+    train_optimizee,
+)
 from flatl2o.meta.recipe import Recipe, load_recipe  # noqa: E402
 from flatl2o.meta.regularizers import make_regularizer  # noqa: E402
-from flatl2o.meta.rollout import evaluate_rule, loss_and_grad, rollout  # noqa: E402
 from flatl2o.meta.tasks import Task  # noqa: E402
 from flatl2o.meta.trainer import MetaTrainer, adam_teacher_step  # noqa: E402
 from flatl2o.rules import UpdateRule  # noqa: E402
@@ -98,15 +104,17 @@ def calibration_points(task: Task, rule: UpdateRule, length: int, unroll: int) -
             step, m, v = adam_teacher_step(grad, m, v, t, 0.01)
             theta = theta - step
         points["adam"].append(theta)
-        gen = torch.Generator().manual_seed(CALIBRATION_SEED + 100 + i)
-        rollout(
-            rule.eval(),
+
+        def keep(run: OptimizeeRun, t: int) -> dict[str, float]:
+            points["untrained rule"].append(run.theta())
+            return {}
+
+        train_optimizee(
             task,
-            length,
-            gen,
-            on_step=lambda t, th: (
-                points["untrained rule"].append(th.clone()) if t % unroll == 0 else None
-            ),
+            learned_optimizer(rule.eval()),
+            seed=CALIBRATION_SEED + 100 + i,
+            horizons=range(unroll, length + 1, unroll),
+            measure=keep,
         )
     return points
 

@@ -16,12 +16,11 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flatl2o import L2O, load_rule
 from flatl2o.hub import DEFAULT_PRETRAINED
-from flatl2o.meta.rollout import EVAL_SEED_OFFSET
+from flatl2o.meta.optimizee import EVAL_SEED_OFFSET, train_optimizee
 from flatl2o.meta.tasks import make_task
 
 TASKS = ["mnist-mlp-sigmoid", "mnist-mlp-relu"]
@@ -30,21 +29,19 @@ SEEDS = range(5)
 
 
 def run(task, rule, state_dtype: torch.dtype, seed: int) -> dict[int, float]:
-    gen = torch.Generator().manual_seed(EVAL_SEED_OFFSET + seed)
-    p = nn.Parameter(task.init_params(gen).clone())
-    opt = L2O([p], rule, state_dtype=state_dtype)
-    acc = {}
-    for t in range(1, max(HORIZONS) + 1):
-        x, y = task.sample_batch(gen)
-        opt.zero_grad()
-        task.loss(p, x, y).backward()
-        opt.step()
-        if t in HORIZONS:
-            acc[t] = task.evaluate(p.detach(), "test")["accuracy"]
-    return acc
+    """Test accuracy at each horizon of the suite's run of ``seed`` (``train_optimizee``)."""
+    traj = train_optimizee(
+        task,
+        lambda params, groups: L2O(params, rule, state_dtype=state_dtype),
+        seed=EVAL_SEED_OFFSET + seed,
+        horizons=HORIZONS,
+        measure=lambda run, h: {"accuracy": run.evaluate("test")["accuracy"]},
+    )
+    return {h: m["accuracy"] for h, m in traj.metrics.items()}
 
 
 def main() -> None:
+    torch.set_num_threads(1)  # as the suite's runs (--threads 1): the same bits as its page
     rule = load_rule(DEFAULT_PRETRAINED)
     rows = []
     print(f"checkpoint {DEFAULT_PRETRAINED}; test accuracy, 5 seeds")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from numerics import BLAS_ROWS_BATCH_INVARIANT
 from torch import nn
 
 from flatl2o.evaluation import EvalConfig, engine, evaluate, suite
@@ -24,7 +25,7 @@ from flatl2o.evaluation.report import render_markdown
 from flatl2o.evaluation.runner import RunSpec, train_run
 from flatl2o.evaluation.tuning import tune
 from flatl2o.meta.data import Dataset, Split, load_digits
-from flatl2o.meta.rollout import EVAL_SEED_OFFSET, evaluate_rule
+from flatl2o.meta.optimizee import EVAL_SEED_OFFSET, evaluate_rule, mean_std, train_optimizee
 from flatl2o.meta.tasks import make_task
 
 DT = torch.float64
@@ -289,24 +290,73 @@ def test_same_seed_same_init_and_batches_for_every_optimizer(digits_task):
     assert grads == {"adam": 3, "sgd": 3, "sam-sgd": 6, "entropy-sgd": 15, "rnnprop": 3}
 
 
-def test_learned_run_equals_the_meta_training_rollout(digits_task):
+def test_model_card_metrics_are_the_suites_runs_summarized(digits_task):
+    """evaluate_rule (model cards, meta-training's final evaluation) is the suite's runs of the
+    same rule, seeds and horizons, summarized with the results page's sample std: bit for bit.
+    The cards used to come from a second loop (the rule module on one flat vector instead of
+    L2O's kernel: other rounding, grown over 1,000 steps) and the population std."""
     from flatl2o import load_rule
 
     info = resolve_optimizers(["rnnprop"])["rnnprop"]
-    spec = RunSpec(
-        "digits-mlp",
-        "rnnprop",
-        seed=0,
-        horizons=(20,),
-        hparams={"lr": 1.0},
-        checkpoint=info.path,
-        fingerprint=info.fingerprint,
-        trace_probes=0,
+    recs = [
+        train_run(
+            RunSpec(
+                "digits-mlp",
+                "rnnprop",
+                seed=seed,
+                horizons=(10, 60),
+                hparams={"lr": 1.0},
+                checkpoint=info.path,
+                fingerprint=info.fingerprint,
+                trace_probes=0,
+            ),
+            digits_task,
+        )
+        for seed in range(3)
+    ]
+    card = evaluate_rule(load_rule("rnnprop"), digits_task, horizons=[10, 60], seeds=3)
+    for h in ("10", "60"):
+        for key in ("test_accuracy", "test_loss", "train_loss"):
+            mean, std = mean_std([r["metrics"][h][key] for r in recs])
+            assert (card[f"{key}@{h}"], card[f"{key}_std@{h}"]) == (mean, std), (key, h)
+
+
+@pytest.mark.parametrize("architecture", ["l2o-dm", "rnnprop"])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_a_task_is_stepped_per_tensor_exactly_as_one_flat_vector(architecture, backend):
+    """train_optimizee hands the optimizer one tensor per module parameter (so a rule that
+    scales per tensor sees the tensors); for a coordinatewise rule that is bit-identical to
+    stepping the task's one flat vector, which the suite and the cards did before (the
+    reference kernel: where the BLAS rounds a row alike in any number of 64-row tiles)."""
+    import flatl2o
+    from flatl2o.kernels import make_kernel
+
+    task = make_task("digits-mlp", batch_size=32)
+    rule = flatl2o.make_rule(architecture)
+    traj = train_optimizee(
+        task,
+        lambda params, groups: flatl2o.L2O(params, rule=rule, backend=backend),
+        seed=7,
+        horizons=[25],
     )
-    rec = train_run(spec, digits_task)
-    ref = evaluate_rule(load_rule("rnnprop"), digits_task, horizons=[20], seeds=1)
-    assert rec["metrics"]["20"]["test_accuracy"] == ref["test_accuracy@20"]
-    assert rec["metrics"]["20"]["test_loss"] == pytest.approx(ref["test_loss@20"], rel=1e-6)
+    assert [p.shape for p in traj.run.params] == list(task.param_shapes.values())
+
+    gen = torch.Generator().manual_seed(7)
+    flat = nn.Parameter(task.init_params(gen))
+    opt = flatl2o.L2O([flat], rule=rule, backend=backend)
+    losses = []
+    for _ in range(25):
+        x, y = task.sample_batch(gen)
+        opt.zero_grad()
+        loss = task.loss(flat, x, y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    kernel = make_kernel(rule, torch.device("cpu"), backend).name
+    if kernel != "reference" or BLAS_ROWS_BATCH_INVARIANT:  # else the BLAS rounds tails apart
+        assert traj.losses == losses
+        assert torch.equal(traj.run.theta(), flat.detach())
+    torch.testing.assert_close(traj.run.theta(), flat.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_a_checkpoint_changed_since_planning_is_refused(digits_task):

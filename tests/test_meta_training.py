@@ -20,8 +20,8 @@ from torch import nn
 
 import flatl2o
 from flatl2o.cli import main as cli_main
+from flatl2o.meta.optimizee import learned_optimizer, train_optimizee
 from flatl2o.meta.recipe import RecipeError, load_recipe, recipe_from_dict
-from flatl2o.meta.rollout import rollout
 from flatl2o.meta.tasks import Task, make_task
 from flatl2o.meta.trainer import (
     InexactResumeWarning,
@@ -620,10 +620,10 @@ def test_rollout_path_matches_the_optimizer_path():
         opt.step()
     flat = task.flatten(dict(task.module.named_parameters()))
     torch.testing.assert_close(flat, theta, rtol=1e-6, atol=1e-7)
-    # and rollout() is the same loop
-    gen_a = torch.Generator().manual_seed(3)
-    theta_r, losses = rollout(rule, task, 5, gen_a)
-    assert len(losses) == 5 and torch.isfinite(theta_r).all()
+    # and train_optimizee (validation, evaluation, model cards) is the same loop
+    traj = train_optimizee(task, learned_optimizer(rule), seed=3, horizons=[5])
+    torch.testing.assert_close(traj.run.theta(), theta, rtol=1e-6, atol=1e-7)
+    assert len(traj.losses) == 5 and traj.diverged_at is None
 
 
 DATA = Path(__file__).parent / "data"
@@ -978,16 +978,63 @@ def _nan_rule(architecture: str = "l2o-dm"):
     return rule
 
 
-def test_evaluate_rule_reports_non_finite_metrics_instead_of_crashing():
-    from flatl2o.meta.rollout import evaluate_rule, mean_std
+def test_validation_measures_what_the_suites_validation_runs_measure(tmp_path):
+    """Meta-training validation is the evaluation suite's loop (L2O's kernel, per tensor): its
+    value is the mean validation loss of the suite's ``"tune"`` runs of the same rule on the
+    validation seeds, bit for bit (it was a second loop on the rule module, rounding apart)."""
+    from flatl2o.evaluation.runner import RunSpec, train_run
+    from flatl2o.meta.optimizee import EVAL_SEED_OFFSET
+    from flatl2o.meta.recipe import VAL_SEED_OFFSET
 
-    metrics = evaluate_rule(
-        _nan_rule(), make_task("digits-mlp", batch_size=16), horizons=[3], seeds=2
+    recipe = recipe_from_dict(tiny(curriculum={"validate_every": 2, "validation_runs": 2}))
+    trainer = MetaTrainer(recipe, tmp_path / "run", progress=False)
+    trainer.rule.save_pretrained(tmp_path / "rule")
+    runs = [
+        train_run(
+            RunSpec(
+                recipe.task.name,
+                "rule",
+                seed=VAL_SEED_OFFSET - EVAL_SEED_OFFSET + i,
+                horizons=(30,),
+                purpose="tune",
+                hparams={"lr": 1.0},
+                checkpoint=str(tmp_path / "rule"),
+                batch_size=recipe.task.batch_size,
+            ),
+            trainer.task,
+        )
+        for i in range(2)
+    ]
+    want = sum(r["metrics"]["30"]["val_loss"] for r in runs) / 2
+    assert trainer.validate(30) == want
+
+
+def test_evaluate_rule_reports_diverged_runs_at_their_last_finite_iterate():
+    """A rule whose steps are NaN diverges at step 1 on every seed: the runs are measured at
+    their last finite iterate (the initialization), as the results pages measure them, and the
+    summary says how many diverged."""
+    from flatl2o.meta.optimizee import evaluate_rule
+
+    task = make_task("digits-mlp", batch_size=16)
+    metrics = evaluate_rule(_nan_rule(), task, horizons=[3], seeds=2)
+    assert metrics["diverged@3"] == 2
+    init = [task.evaluate(task.init_params(torch.Generator().manual_seed(10_000 + s)), "test")
+            for s in range(2)]  # fmt: skip
+    assert metrics["test_loss@3"] == pytest.approx((init[0]["loss"] + init[1]["loss"]) / 2)
+    assert "diverged@3" not in evaluate_rule(
+        flatl2o.make_rule("rnnprop"), task, horizons=[3], seeds=1
     )
-    assert math.isnan(metrics["test_loss@3"]) and math.isnan(metrics["test_loss_std@3"])
-    assert mean_std([1.0, math.inf]) == (math.inf, pytest.approx(math.nan, nan_ok=True))
+
+
+def test_mean_std_is_the_results_pages_convention():
+    """Mean and SAMPLE std of the finite values (the results page's ``Stats``): the model
+    cards used the population std, so a card and the results page disagreed on the same runs."""
+    from flatl2o.meta.optimizee import mean_std
+
+    assert mean_std([1.0, 3.0]) == (2.0, math.sqrt(2.0))
+    assert mean_std([1.0, math.inf, 3.0, math.nan]) == (2.0, math.sqrt(2.0))
+    assert mean_std([5.0]) == (5.0, 0.0)
     assert all(math.isnan(v) for v in mean_std([math.inf, -math.inf]))
-    assert mean_std([1.0, 3.0]) == (2.0, 1.0)
 
 
 def test_finish_records_non_finite_metrics_as_null(tmp_path, monkeypatch):
@@ -1012,7 +1059,7 @@ def test_evaluation_reports_validation_split_numbers_for_choosing_hyper_paramete
     """Regularizer strengths must be compared on validation numbers, not on the test split:
     evaluate_rule and the model card report both (the test keys stay for old readers)."""
     import flatl2o.meta.trainer as trainer_module
-    from flatl2o.meta.rollout import evaluate_rule
+    from flatl2o.meta.optimizee import evaluate_rule
 
     task = make_task("digits-mlp", batch_size=16)
     metrics = evaluate_rule(flatl2o.make_rule("rnnprop"), task, horizons=[2, 3], seeds=2)

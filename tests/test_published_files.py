@@ -107,6 +107,56 @@ def test_shipped_model_cards_are_what_the_renderer_writes(name):
     assert f'L2O.from_pretrained(model.parameters(), "{name}")' in card
 
 
+@pytest.mark.parametrize("name", flatl2o.list_pretrained())
+def test_shipped_model_cards_show_the_results_pages_numbers(name):
+    """A shipped card's metrics are the results page's runs of the same rule on its seen task
+    (docs/results/eval.json), summarized the same way: one loop and one mean ± std behind
+    both. They disagreed (e.g. rnnprop-entropy at 1,000 steps: 0.8944 ± 0.0057 on the card,
+    0.8950 ± 0.0062 on the page): the card came from a second loop and a population std."""
+    from flatl2o.evaluation.suite import load_results
+    from flatl2o.meta.optimizee import mean_std
+    from flatl2o.meta.recipe import load_recipe
+
+    folder = flatl2o.hub._shipped_dir(name)
+    metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    recipe = load_recipe(folder / "recipe.toml")
+    data = load_results(ROOT / "docs" / "results")
+    info = data["optimizers"].get(name)
+    if info is None or info["fingerprint"] != flatl2o.load_rule(folder).fingerprint():
+        pytest.skip(f"the results page does not hold the shipped {name}")
+    config = data["config"]
+    assert recipe.task.name in config["tasks"] and recipe.task.batch_size == config["batch_size"]
+    assert recipe.evaluation.seeds == config["seeds"]
+    assert set(recipe.evaluation.horizons) <= {int(h) for h in config["horizons"]}
+    runs = [
+        r
+        for r in data["runs"]
+        if r["spec"]["task"] == recipe.task.name and r["spec"]["optimizer"] == name
+    ]
+    assert sorted(r["spec"]["seed"] for r in runs) == list(range(recipe.evaluation.seeds))
+    for h in recipe.evaluation.horizons:
+        assert all(r["diverged_at"] is None or r["diverged_at"] > h for r in runs)
+        for key in ("test_accuracy", "test_loss", "train_loss"):
+            page = mean_std([r["metrics"][str(h)][key] for r in runs])
+            assert (metrics[f"{key}@{h}"], metrics[f"{key}_std@{h}"]) == page, (key, h)
+
+
+def test_the_readme_table_of_checkpoints_shows_their_model_cards():
+    """README's "What ships" table is each card's test accuracy (mean ± std, 3 decimals) at
+    100 and 1,000 steps: the same figures as metrics.json, so as the results page."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    row = re.compile(r"^\| `([\w-]+)` \|.*\| ([^|]+ ± [^|]+) \| ([^|]+ ± [^|]+) \|$", re.M)
+    rows = {name: (a.strip(), b.strip()) for name, a, b in row.findall(text)}
+    assert set(rows) == set(flatl2o.list_pretrained())
+    for name, cells in rows.items():
+        metrics = json.loads((flatl2o.hub._shipped_dir(name) / "metrics.json").read_text())
+        want = tuple(
+            f"{metrics[f'test_accuracy@{h}']:.3f} ± {metrics[f'test_accuracy_std@{h}']:.3f}"
+            for h in (100, 1000)
+        )
+        assert cells == want, name
+
+
 def test_model_cards_link_to_no_address():
     """Cards linked to a repository address that does not exist; they name the package."""
     rule = flatl2o.make_rule("rnnprop", hidden_size=4, input_size=3)

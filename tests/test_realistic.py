@@ -18,8 +18,9 @@ TIMING = ("seconds", "cpu_seconds", "train_seconds", "measure_seconds")
 
 
 def test_flat_task_records_are_unchanged_by_the_module_runner():
-    """The MNIST suite's runs (a flat theta) give the records the runner gave before it learned
-    to train modules per tensor (recorded with commit 2804635 on torch 2.13 CPU)."""
+    """The MNIST suite's runs give the records the runner gave when it stepped a Task's one
+    flat theta (recorded with commit 2804635 on torch 2.13 CPU): stepping it per tensor, as
+    train_optimizee does, changes no bit for these coordinatewise optimizers."""
     if not torch.__version__.startswith("2.13"):
         pytest.skip("the reference records were made with torch 2.13")
     from flatl2o.meta.tasks import make_task

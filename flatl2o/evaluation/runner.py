@@ -1,34 +1,30 @@
-"""Train one optimizee with one optimizer and measure it: the unit of work of the suite.
+"""One run of the evaluation suites: a :class:`RunSpec` trained and measured, as a JSON record.
 
-Protocol (docs/method.md §5), the same for every optimizer:
+The training loop is :func:`flatl2o.meta.optimizee.train_optimizee`, the one that also makes
+the model cards' numbers and meta-training's validation (its docstring states the protocol:
+seeding, per-tensor parameters, one minibatch per closure call, divergence). This module adds
+what a suite run needs on top of it, the same for every optimizer:
 
-- the run of seed ``s`` draws everything from ``torch.Generator().manual_seed(EVAL_SEED_OFFSET +
-  s)``: first the initialization (``Task.init_params``, the project's initializer), then one
-  training minibatch per closure call (uniform with replacement from the TRAIN split). So every
-  optimizer starts from the same parameters and, when it takes one minibatch per step (all but
-  Entropy-SGD), sees the same minibatch sequence. Langevin noise (Entropy-SGD) and flatness
-  probes come from their own generators, seeded from the seed too;
-- the optimizee's parameters are one flat ``nn.Parameter``; learned rules run through
-  :class:`flatl2o.L2O` (``lr = 1.0``), baselines through their torch optimizers, all by
-  ``optimizer.step(closure)``;
-- the minibatch loss before each step is recorded (the loss curve);
+- the run of seed ``s`` uses the generator ``EVAL_SEED_OFFSET + s``, so every optimizer starts
+  from the same parameters and, when it takes one minibatch per step (all but Entropy-SGD),
+  sees the same minibatch sequence. Langevin noise (Entropy-SGD) and flatness probes come from
+  their own generators, seeded from the seed too;
+- learned rules run through :class:`flatl2o.L2O` (``lr = 1.0``), baselines through their torch
+  optimizers (:func:`build_optimizer`);
 - at each horizon the iterate is measured: in an ``"eval"`` run, loss and accuracy on the full
-  train and test splits, the generalization gap (test loss - train loss) and the flatness of the
-  full-train-split loss; in a ``"tune"`` run, loss and accuracy on the VALIDATION split only
-  (tuning runs never touch the test split);
-- a run whose minibatch loss or parameters become non-finite is stopped: its parameters are
-  reset to the iterate before the failing step, ``diverged_at`` records the step, and later
-  horizons are measured at that iterate.
+  train and test splits, the generalization gap (test loss - train loss) and, for a
+  :class:`~flatl2o.meta.tasks.Task` (the MNIST suite), the flatness of the full-train-split loss;
+  in a ``"tune"`` run, loss and accuracy on the VALIDATION split only (tuning runs never touch
+  the test split).
 
-The optimizee is either a :class:`~flatl2o.meta.tasks.Task` (the MNIST suite: one flat
-``theta``) or a :class:`Workload` (the realistic suite, :mod:`flatl2o.evaluation.workloads`):
-a real ``nn.Module`` whose parameters are trained per tensor, as users do
-(``opt = X(model.parameters())``, or param groups that keep weight decay off biases and norms
+The optimizee is a :class:`~flatl2o.meta.tasks.Task` or a :class:`Workload` (the realistic
+suite, :mod:`flatl2o.evaluation.workloads`): a real ``nn.Module`` trained per tensor, as users
+do (``opt = X(model.parameters())``, or param groups that keep weight decay off biases and norms
 and give Muon the 2-D hidden weights), with its buffers (BatchNorm statistics) and train/eval
-mode. The loop is the same for both; a workload's record adds the parameter norm (at each
-horizon and as a curve), the wall-clock time of the loss curve, the seconds per step and the
-optimizer's state bytes per parameter. ``RunSpec.schedule = "warmup-cosine"`` multiplies every
-group's lr by :func:`warmup_cosine` (a ``LambdaLR``), for baselines and learned rules alike.
+mode. A workload's record adds the parameter norm (at each horizon and as a curve), the
+wall-clock time of the loss curve, the seconds per step and the optimizer's state bytes per
+parameter. ``RunSpec.schedule = "warmup-cosine"`` multiplies every group's lr by
+:func:`warmup_cosine` (a ``LambdaLR``), for baselines and learned rules alike.
 """
 
 from __future__ import annotations
@@ -38,7 +34,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,7 +42,13 @@ from torch.optim import Optimizer
 
 from flatl2o.evaluation.baselines import BASELINES
 from flatl2o.evaluation.flatness import measure_flatness
-from flatl2o.meta.rollout import EVAL_SEED_OFFSET
+from flatl2o.meta.optimizee import (
+    EVAL_SEED_OFFSET,
+    OptimizeeRun,
+    Workload,
+    split_metrics,
+    train_optimizee,
+)
 from flatl2o.meta.tasks import Task
 
 __all__ = [
@@ -87,31 +89,6 @@ def warmup_cosine(steps: int) -> Callable[[int], float]:
         return MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
-
-
-class Workload(Protocol):
-    """A realistic optimizee: a real ``nn.Module`` trained per tensor (see the module docstring).
-
-    ``build`` draws the model's initialization from ``generator`` (deterministic given its
-    state); ``param_groups`` tags the model's trainable tensors with a ``role``: ``"hidden"``
-    (2-D hidden weight matrices: Muon's), ``"matrix"`` (other weights of 2 or more dimensions:
-    embeddings, convolutions, the output layer) or ``"vector"`` (biases and normalization
-    parameters: no weight decay). ``evaluate`` runs the model in eval mode on a whole split and
-    returns at least ``{"loss": ...}``.
-    """
-
-    name: str
-    batch_size: int
-
-    def build(self, generator: torch.Generator) -> nn.Module: ...
-
-    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]: ...
-
-    def sample_batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
-
-    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]: ...
 
 
 @dataclass(frozen=True)
@@ -227,90 +204,14 @@ def _downsample(curve: list[float], points: int) -> tuple[int, list[float | None
     return every, out
 
 
-class _FlatRun:
-    """A :class:`Task`'s run: one flat ``nn.Parameter`` (the MNIST suite, unchanged)."""
-
-    extras = False
-
-    def __init__(self, task: Task, gen: torch.Generator) -> None:
-        self.task = task
-        theta0 = task.init_params(gen)
-        self.init_sha = hashlib.sha256(theta0.detach().cpu().numpy().tobytes()).hexdigest()[:16]
-        self.p = nn.Parameter(theta0.clone())
-        self.params = [self.p]
-        self.groups: list[dict[str, Any]] = [{"params": self.params, "role": "matrix"}]
-
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.task.loss(self.p, x, y)
-
-    def evaluate(self, split: str) -> dict[str, float]:
-        return self.task.evaluate(self.p.detach(), split)
-
-
-class _ModuleRun:
-    """A :class:`Workload`'s run: the module's own parameters, per tensor, and its buffers."""
-
-    extras = True
-
-    def __init__(self, workload: Workload, gen: torch.Generator) -> None:
-        self.workload = workload
-        self.model = workload.build(gen)
-        self.groups = workload.param_groups(self.model)
-        self.params = [p for g in self.groups for p in g["params"]]
-        if len({id(p) for p in self.params}) != len(list(self.model.parameters())):
-            raise ValueError(f"{workload.name}: param_groups must hold every parameter once")
-        digest = hashlib.sha256()
-        for t in self.params:
-            digest.update(t.detach().cpu().numpy().tobytes())
-        self.init_sha = digest.hexdigest()[:16]
-
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        self.model.train()
-        return self.workload.loss(self.model, x, y)
-
-    def evaluate(self, split: str) -> dict[str, float]:
-        was = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                return self.workload.evaluate(self.model, split)
-        finally:
-            self.model.train(was)
-
-    def param_norm(self) -> float:
-        with torch.no_grad():  # in float64: a diverging run's float32 sum of squares overflows
-            return math.sqrt(math.fsum(float(p.double().square().sum()) for p in self.params))
-
-
-def _snapshot(run: _FlatRun | _ModuleRun) -> list[torch.Tensor]:
-    if isinstance(run, _FlatRun):
-        return [run.p.detach().clone()]
-    return [t.detach().clone() for t in (*run.model.parameters(), *run.model.buffers())]
-
-
-def _restore(run: _FlatRun | _ModuleRun, saved: list[torch.Tensor]) -> None:
-    tensors = (
-        [run.p] if isinstance(run, _FlatRun) else [*run.model.parameters(), *run.model.buffers()]
-    )
-    with torch.no_grad():
-        for t, v in zip(tensors, saved, strict=True):
-            t.copy_(v)
-
-
-def _measure(run: _FlatRun | _ModuleRun, spec: RunSpec, horizon: int) -> dict[str, float]:
+def _measure(run: OptimizeeRun, spec: RunSpec, horizon: int) -> dict[str, float]:
     if spec.purpose == "tune":  # validation only: tuning must never read the test split
-        val = run.evaluate("val")
-        return {"val_loss": val["loss"], "val_accuracy": val.get("accuracy", math.nan)}
-    train = run.evaluate("train")
-    test = run.evaluate("test")
-    out = {
-        "train_loss": train["loss"],
-        "train_accuracy": train.get("accuracy", math.nan),
-        "test_loss": test["loss"],
-        "test_accuracy": test.get("accuracy", math.nan),
-        "gap": test["loss"] - train["loss"],
-    }
-    if isinstance(run, _ModuleRun):
+        val = split_metrics(run, ["val"])
+        return {"val_loss": val["val_loss"], "val_accuracy": val["val_accuracy"]}
+    out = split_metrics(run, ["train", "test"])
+    out = {k: out[k] for k in ("train_loss", "train_accuracy", "test_loss", "test_accuracy")}
+    out["gap"] = out["test_loss"] - out["train_loss"]
+    if run.is_module:
         out["param_norm"] = run.param_norm()
         return out
     last = horizon == max(spec.horizons)
@@ -320,7 +221,7 @@ def _measure(run: _FlatRun | _ModuleRun, spec: RunSpec, horizon: int) -> dict[st
             FLATNESS_SEED_OFFSET + EVAL_SEED_OFFSET + spec.seed + 7919 * horizon
         )
         flat = measure_flatness(
-            run.task, run.p.detach(), probes=spec.trace_probes, iters=spec.eig_iters, generator=gen
+            run.task, run.theta(), probes=spec.trace_probes, iters=spec.eig_iters, generator=gen
         )
         out.update(flat.to_dict())
         out["flatness_seconds"] = time.perf_counter() - t0
@@ -342,88 +243,47 @@ def train_run(spec: RunSpec, task: Task | Workload) -> dict[str, Any]:
         raise ValueError(f"task batch_size {task.batch_size} != spec {spec.batch_size}")
     t_start, cpu_start = time.perf_counter(), time.process_time()
     seed = EVAL_SEED_OFFSET + spec.seed
-    gen = torch.Generator().manual_seed(seed)
     noise = torch.Generator().manual_seed(NOISE_SEED_OFFSET + seed)
-    run = _FlatRun(task, gen) if isinstance(task, Task) else _ModuleRun(task, gen)
-    opt = build_optimizer(spec, run.params, noise, run.groups)
-    fresh = bool(getattr(opt, "fresh_batch_per_closure", False))
-    horizons = sorted(set(spec.horizons))
-    steps = horizons[-1]
-    sched = None
-    if spec.schedule == "warmup-cosine":
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps))
-    curve: list[float] = []
-    norms: list[float] = []
-    elapsed: list[float] = []
-    metrics: dict[str, dict[str, float]] = {}
-    grad_evals, diverged_at, measure_s, measure_cpu = 0, None, 0.0, 0.0
-    batch: tuple[torch.Tensor, torch.Tensor] | None = None
-    calls = 0
-
-    def closure() -> torch.Tensor:
-        nonlocal batch, calls, grad_evals
-        if batch is None or (fresh and calls > 0):
-            batch = task.sample_batch(gen)
-        calls += 1
-        grad_evals += 1
-        opt.zero_grad(set_to_none=True)
-        loss = run.loss(*batch)
-        loss.backward()
-        return loss.detach()
-
-    for t in range(1, steps + 1):
-        if diverged_at is None:
-            batch, calls = None, 0
-            before = _snapshot(run)
-            try:
-                loss = float(opt.step(closure))
-            except FloatingPointError:  # L2O(nonfinite="raise") on a NaN/inf gradient
-                loss = math.nan
-            if not math.isfinite(loss) or not all(
-                bool(torch.isfinite(q).all()) for q in run.params
-            ):
-                _restore(run, before)
-                diverged_at = t
-            elif sched is not None:
-                sched.step()
-            curve.append(loss)
-            if run.extras:
-                norms.append(run.param_norm())
-                elapsed.append(time.perf_counter() - t_start - measure_s)
-        if t in horizons:
-            t0, c0 = time.perf_counter(), time.process_time()
-            metrics[str(t)] = _measure(run, spec, t)
-            measure_s += time.perf_counter() - t0
-            measure_cpu += time.process_time() - c0
+    traj = train_optimizee(
+        task,
+        lambda params, groups: build_optimizer(spec, params, noise, groups),
+        seed=seed,
+        horizons=spec.horizons,
+        measure=lambda run, horizon: _measure(run, spec, horizon),
+        schedule=warmup_cosine(max(spec.horizons)) if spec.schedule == "warmup-cosine" else None,
+        record_norms=not isinstance(task, Task),
+    )
+    run, curve = traj.run, traj.losses
     every, values = _downsample(curve, spec.curve_points)
     total = time.perf_counter() - t_start
+    measure_s = traj.measure_seconds
     record: dict[str, Any] = {
         "key": spec.key(),
         "spec": spec.to_dict(),
         "init_sha": run.init_sha,
-        "metrics": metrics,
+        "metrics": {str(h): m for h, m in traj.metrics.items()},
         "curve_every": every,
         "curve": values,
-        "grad_evals": grad_evals,
-        "diverged_at": diverged_at,
+        "grad_evals": traj.grad_evals,
+        "diverged_at": traj.diverged_at,
         "seconds": total,
         "cpu_seconds": time.process_time() - cpu_start,
         "train_seconds": total - measure_s,
         "measure_seconds": measure_s,
     }
-    if run.extras:
-        record["norm_curve"] = _downsample(norms, spec.curve_points)[1]
+    if run.is_module:
+        record["norm_curve"] = _downsample(traj.norms, spec.curve_points)[1]
         record["curve_seconds"] = (
             [
-                float(f"{elapsed[min(i + every, len(elapsed)) - 1]:.4g}")
-                for i in range(0, len(elapsed), every)
+                float(f"{traj.elapsed[min(i + every, len(traj.elapsed)) - 1]:.4g}")
+                for i in range(0, len(traj.elapsed), every)
             ]
             if every
             else []
         )
         record["seconds_per_step"] = (total - measure_s) / max(1, len(curve))
-        cpu_train = time.process_time() - cpu_start - measure_cpu
+        cpu_train = time.process_time() - cpu_start - traj.measure_cpu_seconds
         record["cpu_seconds_per_step"] = cpu_train / max(1, len(curve))
         record["num_params"] = sum(q.numel() for q in run.params)
-        record["state_bytes_per_param"] = state_bytes(opt) / record["num_params"]
+        record["state_bytes_per_param"] = state_bytes(traj.optimizer) / record["num_params"]
     return record

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from flatl2o.meta.optimizee import mean_std
+
 __all__ = [
     "EIG_RESIDUAL_TOL",
     "Paired",
@@ -69,9 +71,8 @@ class Stats:
         n_nan = len(values) - len(finite)
         if not finite:
             return Stats(math.nan, math.nan, 0, n_nan)
-        mean = math.fsum(finite) / len(finite)
-        var = math.fsum((v - mean) ** 2 for v in finite) / max(len(finite) - 1, 1)
-        return Stats(mean, math.sqrt(var) if len(finite) > 1 else 0.0, len(finite), n_nan)
+        mean, std = mean_std(finite)
+        return Stats(mean, std, len(finite), n_nan)
 
     def fmt(self, digits: int = 3, sig: bool = False) -> str:
         """``mean ± std`` (fixed ``digits`` decimals, or significant digits with ``sig``)."""

@@ -3,7 +3,9 @@
 :func:`card_body` writes them for a new run (:meth:`flatl2o.meta.trainer.MetaTrainer.finish`)
 and :func:`render_checkpoint_card` / :func:`refresh_model_card` re-render a checkpoint folder's
 card from its own files, so every card shows the numbers of its ``metrics.json`` in one
-layout. The card's front matter, title and usage lines come from
+layout; :func:`remeasure_checkpoint` measures those numbers again with
+:func:`flatl2o.meta.optimizee.evaluate_rule` (the loop behind the results pages too). The
+card's front matter, title and usage lines come from
 :func:`flatl2o.hub.render_model_card`.
 """
 
@@ -24,8 +26,10 @@ from flatl2o.hub import (
     render_model_card,
     split_front_matter,
 )
+from flatl2o.meta.optimizee import evaluate_rule
 from flatl2o.meta.recipe import Recipe, load_recipe
-from flatl2o.meta.tasks import Task
+from flatl2o.meta.run_state import strict_json
+from flatl2o.meta.tasks import Task, make_task
 
 
 def user_task_line(task: Task) -> str:
@@ -66,7 +70,14 @@ def card_body(
         if reg.name != "none" and reg.alpha > 0
         else "none (plain meta-training)"
     )
-    task = task or f"`{r.task.name}` (batch {r.task.batch_size})"
+    task = task or (
+        f"`{r.task.name}` (batch {r.task.batch_size})"
+        if not r.task.families
+        else f"a distribution of {len(r.task.families)} tasks "
+        f"({', '.join(f'`{f}`' for f in r.task.families)}; weights {r.task.weights or 'equal'}, "
+        f"batch factors {r.task.batch_scales or [1.0]}, per-tensor scales "
+        f"{r.task.scale_range or 'none'}), validated and evaluated on `{r.task.name}`"
+    )
     lengths = r.curriculum.lengths or [r.train.trajectory]
     lines = [
         "## How it was made",
@@ -96,7 +107,7 @@ def card_body(
         val = all(f"val_accuracy@{h}" in metrics for h in ev.horizons)
         lines += [
             "",
-            f"## Accuracy on the seen task ({ev.seeds} seeds, mean ± std)",
+            f"## Accuracy on the seen task ({ev.seeds} seeds, mean ± sample std)",
             "",
             *(
                 [
@@ -145,6 +156,27 @@ def refresh_model_card(
     card = render_checkpoint_card(folder, root=root)
     atomic_write_text(Path(folder) / MODEL_CARD_NAME, card)
     return card
+
+
+def remeasure_checkpoint(
+    folder: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None
+) -> dict[str, Any]:
+    """Measure a meta-training checkpoint folder's rule again on its recipe's task and
+    ``[evaluation]`` (:func:`flatl2o.meta.optimizee.evaluate_rule`, as
+    :meth:`~flatl2o.meta.trainer.MetaTrainer.finish` does), write ``metrics.json`` and re-render
+    the card (:func:`refresh_model_card`); return the metrics. The weights are only read.
+
+    For a card measured by an older loop: the numbers become the ones the evaluation suite
+    reports for the same rule, task, seeds and horizons.
+    """
+    folder = Path(folder)
+    recipe = load_recipe(folder / "recipe.toml")
+    task = make_task(recipe.task.name, batch_size=recipe.task.batch_size)
+    ev = recipe.evaluation
+    metrics = evaluate_rule(load_rule(folder).eval(), task, horizons=ev.horizons, seeds=ev.seeds)
+    atomic_write_text(folder / "metrics.json", strict_json(metrics, indent=2) + "\n")
+    refresh_model_card(folder, root=root)
+    return metrics
 
 
 def render_checkpoint_card(

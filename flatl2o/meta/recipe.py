@@ -319,7 +319,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 #: Seeds of the optimizee runs that report a rule (``EVAL_SEED_OFFSET + i``, see
-#: ``flatl2o.meta.rollout``) and that validate it during meta-training (``VAL_SEED_OFFSET + i``).
+#: ``flatl2o.meta.optimizee``) and that validate it during meta-training (``VAL_SEED_OFFSET + i``).
 EVAL_SEED_OFFSET = 10_000
 VAL_SEED_OFFSET = 1_000_000
 #: Seed spacing of the optimizee slots' generators (``seed + slot * SLOT_SEED_STRIDE``).

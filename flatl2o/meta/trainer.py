@@ -50,6 +50,12 @@ from flatl2o.meta.card import (
 )
 from flatl2o.meta.export import EXPORTED_FILES, export_name, export_run
 from flatl2o.meta.objective import MetaObjective, adam_teacher_step
+from flatl2o.meta.optimizee import (
+    evaluate_rule,
+    learned_optimizer,
+    split_metrics,
+    train_optimizee,
+)
 from flatl2o.meta.plots import plot_log
 from flatl2o.meta.recipe import (
     REGULARIZER_SEED_OFFSET,
@@ -59,7 +65,6 @@ from flatl2o.meta.recipe import (
     RecipeError,
 )
 from flatl2o.meta.regularizers import make_regularizer, regularized_unroll
-from flatl2o.meta.rollout import evaluate_rule, rollout
 from flatl2o.meta.run_state import (
     LOG_NAME,
     TRAINER_DIR,
@@ -346,16 +351,28 @@ class MetaTrainer:
         return result
 
     def validate(self, length: int) -> float:
-        """Mean validation-split loss after ``length`` steps over fixed-seed optimizee runs."""
+        """Mean validation-split loss after ``length`` steps over fixed-seed optimizee runs
+        (:func:`flatl2o.meta.optimizee.train_optimizee` with the rule in ``L2O``, the loop the
+        evaluation and the model cards use); a task with only a batch sampler is judged on its
+        last 10 training-batch losses."""
         values = []
         self.rule.eval()
         for i in range(self.recipe.curriculum.validation_runs):
-            gen = torch.Generator().manual_seed(VAL_SEED_OFFSET + i)
-            theta, losses = rollout(self.rule, self.task, length, gen)
+            traj = train_optimizee(
+                self.task,
+                learned_optimizer(self.rule),
+                seed=VAL_SEED_OFFSET + i,
+                horizons=[length],
+                measure=(
+                    (lambda run, _: split_metrics(run, ["val"]))
+                    if self.task.dataset is not None
+                    else None
+                ),
+            )
             if self.task.dataset is not None:
-                values.append(self.task.evaluate(theta, "val")["loss"])
+                values.append(traj.metrics[length]["val_loss"])
             else:  # a user task with only a batch sampler: late training-batch loss
-                values.append(sum(losses[-10:]) / len(losses[-10:]))
+                values.append(sum(traj.losses[-10:]) / len(traj.losses[-10:]))
         self.rule.train()
         value = sum(values) / len(values)
         return value if math.isfinite(value) else math.inf
