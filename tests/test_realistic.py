@@ -310,3 +310,22 @@ def test_progress_bars_of_the_realistic_suite_never_go_backwards(monkeypatch):
         "tuning baselines": (len(data["tuning_runs"]),) * 2,
         "final runs": (len(data["runs"]) + len(data.get("long_runs", [])),) * 2,
     }
+
+
+def test_the_page_says_when_its_wall_time_covers_only_the_last_invocation() -> None:
+    """A resumed run's JSON holds the last invocation's wall time only: the page must say so
+    and bound the whole run by the runs' CPU time, and name the CPU without cpuinfo's key."""
+    from flatl2o.evaluation.realistic_report import render_realistic
+
+    repo = Path(__file__).resolve().parents[1]
+    data = json.loads((repo / "docs" / "realistic" / "eval.json").read_text())
+    data["environment"]["cpu"] = "model name\t: Some CPU"
+    data["timing"] = {"wall_seconds": 600.0, "run_cpu_seconds": {"eval": 7200.0}, "runs_reused": 5}
+    page = render_realistic(data, "realistic")
+    assert "Ran in 10.0 min wall-clock (it reused 5 runs from an earlier invocation" in page
+    assert "no less than 1.00 h" in page
+    assert "on Some CPU," in page and "model name" not in page
+    data["timing"]["runs_reused"] = 0
+    assert "Ran in 10.0 min wall-clock (the runs took 2.00 CPU-hours)" in render_realistic(
+        data, "realistic"
+    )

@@ -121,7 +121,7 @@ def _environment(jobs: int, threads: int) -> dict[str, Any]:
         "threads_per_job": threads,
         "git_commit": git("rev-parse", "HEAD"),
         "code_sha": code_sha(),
-        "cpu": _cpu_model().strip(),
+        "cpu": cpu_name(_cpu_model()),
     }
 
 
@@ -146,6 +146,13 @@ def _write_json(data: dict[str, Any], path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, allow_nan=True) + "\n")
     os.replace(tmp, path)
+
+
+def cpu_name(line: str) -> str:
+    """The CPU's model name from its ``/proc/cpuinfo`` line (``model name\t: X`` -> ``X``);
+    any other line as it is. Also cleans environments recorded before this existed."""
+    key, sep, value = line.strip().partition(":")
+    return value.strip() if sep and key.strip() == "model name" else line.strip()
 
 
 def _previous_records(out: Path | None, environment: dict[str, Any]) -> dict[str, dict[str, Any]]:

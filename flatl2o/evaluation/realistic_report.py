@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from flatl2o.evaluation.engine import cpu_name
 from flatl2o.evaluation.plots import log_band, longest_per_seed, smooth
 from flatl2o.evaluation.report import write_pages
 from flatl2o.evaluation.stats import Stats, diverged_runs, paired_metric, per_seed
@@ -112,10 +113,19 @@ def render_realistic(data: dict[str, Any], fig: str = ".", command: str | None =
         ]
     t = data["timing"]
     cpu = math.fsum(t["run_cpu_seconds"].values())
+    reused = t.get("runs_reused", 0)
+    runs = f"the runs took {cpu / 3600:.2f} CPU-hours"
+    if reused:  # the JSON holds the last invocation's wall time only: say so, bound the total
+        runs = (
+            f"it reused {reused} runs from an earlier invocation, which that time does not "
+            f"cover; {runs} in all, so the whole run took no less than "
+            f"{cpu / env['jobs'] / 3600:.2f} h"
+        )
     lines += [
-        f"Ran in {t['wall_seconds'] / 60:.1f} min wall-clock ({cpu / 3600:.2f} CPU-hours of "
-        f"runs) with {env['jobs']} job(s) x {env['threads_per_job']} thread(s) on "
-        f"{env['cpu'] or 'an unknown CPU'}, torch {env['torch']}, flatl2o {env['flatl2o']} "
+        f"Ran in {t['wall_seconds'] / 60:.1f} min wall-clock ({runs}) "
+        f"with {env['jobs']} job(s) x {env['threads_per_job']} thread(s) on "
+        f"{cpu_name(env['cpu']) or 'an unknown CPU'}, torch {env['torch']}, "
+        f"flatl2o {env['flatl2o']} "
         f"(code {env['code_sha']}, commit {env['git_commit']}).",
         "",
     ]
