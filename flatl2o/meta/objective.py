@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from flatl2o.meta.recipe import Recipe
+from flatl2o.meta.rollout import segment_sizes
 from flatl2o.meta.tasks import Task
 from flatl2o.rules import State, UpdateRule
 
@@ -57,6 +58,10 @@ class MetaObjective(nn.Module):
         self.regularizer = regularizer
         self.generators = generators
         self.reg_generators = reg_generators
+        #: the optimizees' tensors, slot after slot, for a rule that normalizes per tensor
+        self.segments = segment_sizes(task, len(generators))
+        #: ``theta - lr * delta``: the optimizee lr that L2O uses by default with this rule
+        self.lr = float(rule.default_lr)
 
     def forward(self, kind: str, *args: Any) -> Any:
         """``unroll_objective(*args)`` (``kind="unroll"``) or ``imitation_objective(*args)``
@@ -116,8 +121,8 @@ class MetaObjective(nn.Module):
             )
             if not train.second_order:
                 grad = grad.detach()
-            delta, state = self.rule(grad, state, step + t + 1)
-            theta = theta - delta
+            delta, state = self.rule(grad, state, step + t + 1, self.segments)
+            theta = theta - (delta if self.lr == 1.0 else self.lr * delta)
         meta = torch.stack(terms).mean()
         reg_value = torch.stack(regs).mean() if regs else None
         return meta, reg_value, theta, state
@@ -142,7 +147,9 @@ class MetaObjective(nn.Module):
                     losses.append(self.task.loss(part, x, y))
                 grad = self._slot_grads(losses, parts)
             teacher, m, v = adam_teacher_step(grad, m, v, t + 1, train.imitation_lr)
-            delta, state = self.rule(grad, state, step + t + 1)
+            delta, state = self.rule(grad, state, step + t + 1, self.segments)
+            if self.lr != 1.0:  # a rule used at an Adam-like lr imitates Adam at the same lr
+                delta = train.imitation_lr * delta
             terms.append(torch.mean((delta - teacher) ** 2) / train.imitation_lr**2)
             theta = theta - teacher
         return torch.stack(terms).mean(), theta, state

@@ -24,6 +24,12 @@ from flatl2o.rules import UpdateRule
 EVAL_SEED_OFFSET = _EVAL_SEED_OFFSET
 
 
+def segment_sizes(task: Task, slots: int = 1) -> list[int]:
+    """The sizes of the task's parameter tensors in its flat vector (``named_parameters()``
+    order), repeated for ``slots`` optimizees laid one after the other: a rule's ``segments``."""
+    return [math.prod(shape) for shape in task.param_shapes.values()] * slots
+
+
 def loss_and_grad(task: Task, theta: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """Minibatch loss at ``theta`` and its gradient (both detached)."""
     with torch.enable_grad():
@@ -46,17 +52,21 @@ def rollout(
 ) -> tuple[Tensor, list[float]]:
     """Train ``task`` for ``steps`` steps with ``rule``; return final params and minibatch losses.
 
+    Each step is ``theta - rule.default_lr * rule(grad)``, as :class:`flatl2o.L2O` with its
+    default ``lr``; the rule sees the task's tensors as ``segments``.
+
     ``on_step(t, theta)`` is called after every step ``t`` (1-based) with the new parameters.
     """
     theta = task.init_params(generator) if theta is None else theta.detach().clone()
     state = rule.init_state(theta.numel(), device=theta.device)
+    segments, lr = segment_sizes(task), float(rule.default_lr)
     losses: list[float] = []
     for t in range(1, steps + 1):
         loss, grad = loss_and_grad(task, theta, generator)
         losses.append(float(loss))
         if torch.isfinite(grad).all():  # a diverged run keeps its last finite iterate
-            step, state = rule(grad, state, t)
-            theta = theta - step
+            step, state = rule(grad, state, t, segments)
+            theta = theta - (step if lr == 1.0 else lr * step)
         if on_step is not None:
             on_step(t, theta)
     return theta, losses
