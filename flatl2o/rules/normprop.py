@@ -33,6 +33,10 @@ MAX_STATE_FLOATS = 16
 TINY = 1e-30
 
 
+#: A fresh rule's readout weights are PyTorch's default draw times this (with ``adam_skip``).
+READOUT_INIT_SCALE = 0.01
+
+
 @dataclasses.dataclass
 class NormPropConfig(RuleConfig):
     """NormProp: three Adam-normalized inputs, one small LSTM layer, a tanh direction, and a
@@ -52,6 +56,7 @@ class NormPropConfig(RuleConfig):
     eps: float = 1e-8
     input_size: int = 8
     log_gain_bound: float = 1.3862943611198906  # log(4)
+    adam_skip: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -70,6 +75,11 @@ class NormPropConfig(RuleConfig):
                 "NormPropConfig: log_gain_bound must be in [0, 10] (0 disables the learned "
                 f"gain), got {self.log_gain_bound!r}"
             )
+        if not 0.0 <= self.adam_skip <= 10.0:
+            raise ConfigError(
+                "NormPropConfig: adam_skip must be in [0, 10] (0: the direction is the LSTM's "
+                f"alone), got {self.adam_skip!r}"
+            )
         if self.input_size < 1:
             raise ConfigError(f"NormPropConfig: input_size must be >= 1, got {self.input_size}")
         check_upper_bound(self, "input_size", MAX_WIDTH)
@@ -84,8 +94,9 @@ class NormPropConfig(RuleConfig):
 
 
 class NormProp(TensorwiseRule):
-    """Inputs ``m_fast_hat/(sqrt(v_hat)+eps)``, ``m_slow_hat/(...)``, ``g/(...)`` -> Linear ->
-    ELU -> LSTM -> ``d = tanh(readout(h))``; per tensor T the update is
+    """Inputs ``m_fast_hat/(sqrt(v_hat)+eps)`` (Adam's step), ``m_slow_hat/(...)``, ``g/(...)``
+    -> Linear -> ELU -> LSTM -> ``d = tanh(adam_skip * adam + readout(h))``; per tensor T the
+    update is
     ``u = a_T * gain_T * d / rms_T(d)`` with ``a_T`` the RMS of Adam's step
     ``m_fast_hat/(sqrt(v_hat)+eps)`` over T and ``gain_T = exp(b * tanh(mean_T(gain(h))))``.
     """
@@ -103,9 +114,14 @@ class NormProp(TensorwiseRule):
         self.lstm = LSTMStack(c.input_size, c.hidden_size, c.num_layers)
         self.readout = nn.Linear(c.hidden_size, 1)
         self.gain = nn.Linear(c.hidden_size, 1)
-        # a fresh rule's gain is exactly 1: its step has the RMS of Adam's, whatever its LSTM
+        # A fresh rule's gain is exactly 1: its step has the RMS of Adam's, whatever its LSTM.
         nn.init.zeros_(self.gain.weight)
         nn.init.zeros_(self.gain.bias)
+        if c.adam_skip:  # and its direction is near tanh(Adam's step): it starts out as Adam,
+            # with a readout small enough not to matter yet large enough for meta-gradients
+            with torch.no_grad():
+                self.readout.weight.mul_(READOUT_INIT_SCALE)
+            nn.init.zeros_(self.readout.bias)
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"m_fast": (), "m_slow": (), "v": (), **super().state_shapes()}
@@ -125,7 +141,7 @@ class NormProp(TensorwiseRule):
         adam = (m_fast / (1.0 - c.beta_fast**t)) / denom
         x = torch.stack((adam, (m_slow / (1.0 - c.beta_slow**t)) / denom, grad / denom), dim=-1)
         h, lstm_state = self.lstm(F.elu(self.input(x)), state)
-        d = torch.tanh(self.readout(h).squeeze(-1))
+        d = torch.tanh(c.adam_skip * adam + self.readout(h).squeeze(-1))
         stats = torch.stack((d * d, adam * adam, self.gain(h).squeeze(-1)), dim=-1)
         return d, {"m_fast": m_fast, "m_slow": m_slow, "v": v, **lstm_state}, stats
 
