@@ -2,8 +2,10 @@
 
 Each parameter's coordinates carry the rule's recurrent state in ``self.state[p]`` (fp32
 whatever the parameter's dtype), so ``state_dict``/``load_state_dict`` resume exactly.
-The step is ``p <- p - lr * rule(grad)``; ``lr`` (default 1.0) only rescales the learned
-step, so every ``torch.optim.lr_scheduler`` composes with it unchanged. ``weight_decay`` is
+The step is ``p <- p - lr * rule(grad)``, so every ``torch.optim.lr_scheduler`` composes with
+it unchanged; ``lr`` defaults to the rule's ``default_lr``: 1.0 for L2O-DM and RNNprop (whose
+output is the step), 1e-3 for NormProp (whose output has the RMS of Adam's step at lr 1, so
+``lr`` means the same as Adam's). ``weight_decay`` is
 decoupled (AdamW-style), and a coordinate whose gradient has been exactly zero at every step
 so far is never moved (docs/api.md, "Zero gradients").
 """
@@ -26,6 +28,7 @@ from torch.optim import Optimizer
 from flatl2o.distributed import (
     all_finite_flags,
     finite_flags,
+    is_dtensor,
     local_grad,
     local_shard,
     local_state,
@@ -40,7 +43,7 @@ from flatl2o.kernels import (
     check_backend,
     make_kernel,
 )
-from flatl2o.rules import UpdateRule
+from flatl2o.rules import TensorwiseRule, UpdateRule
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 #: What a gradient that fails the finiteness check holds (index: a float64 parameter).
@@ -73,7 +76,10 @@ class L2O(Optimizer):
         params: iterable of parameters or dicts defining parameter groups.
         rule: an :class:`~flatl2o.rules.UpdateRule`, or a name / folder / Hub repo id given
             to :func:`flatl2o.load_rule`. ``None`` uses the default shipped checkpoint.
-        lr: multiplier of the learned step (default 1.0; the rule sets the scale).
+        lr: multiplier of the rule's output. ``None`` (default) takes the rule's
+            ``default_lr``: 1.0 for L2O-DM and RNNprop, whose output is the step itself; 1e-3
+            for NormProp, whose output per tensor has the RMS of Adam's step at lr 1, so that
+            its ``lr`` (and schedule) means the same as Adam's.
         weight_decay: decoupled (AdamW-style) weight decay: each step first shrinks a
             parameter that has a gradient by ``1 - lr * rule.config.output_scale *
             weight_decay`` (``lr * output_scale`` is the rule's effective learning rate, so the
@@ -99,7 +105,7 @@ class L2O(Optimizer):
         self,
         params: ParamsT,
         rule: UpdateRule | str | os.PathLike[str] | None = None,
-        lr: float | Tensor = 1.0,
+        lr: float | Tensor | None = None,
         *,
         weight_decay: float = 0.0,
         maximize: bool = False,
@@ -109,7 +115,9 @@ class L2O(Optimizer):
         state_dtype: torch.dtype = torch.float32,
         **load_options: Any,
     ) -> None:
-        _check_options(lr=lr, weight_decay=weight_decay, chunk_size=chunk_size, nonfinite=nonfinite)
+        if lr is not None:
+            _check_options(lr=lr)
+        _check_options(weight_decay=weight_decay, chunk_size=chunk_size, nonfinite=nonfinite)
         self.backend = check_backend(backend)
         if state_dtype not in STATE_DTYPES:
             raise ValueError(
@@ -131,6 +139,8 @@ class L2O(Optimizer):
                 f"load options {sorted(load_options)} only apply when `rule` is a name or path"
             )
         self.rule = rule
+        if lr is None:
+            lr = float(rule.default_lr)
         self._device_rules: dict[torch.device, tuple[tuple[Any, ...], UpdateRule]] = {}
         self._kernels: dict[torch.device, tuple[tuple[Any, ...], StepKernel]] = {}
         defaults = dict(
@@ -190,6 +200,13 @@ class L2O(Optimizer):
                         f"L2O can only optimize floating point or complex tensors, but got a "
                         f"parameter of dtype {p.dtype}; convert it with .float() or leave it "
                         "out of the optimizer"
+                    )
+                if is_dtensor(p) and isinstance(self.rule, TensorwiseRule):
+                    raise ValueError(
+                        f"L2O: the {self.rule.architecture} rule normalizes each parameter's "
+                        "step over the whole tensor, which a sharded (DTensor/FSDP2) parameter "
+                        "does not hold on one rank; it does not support sharded parameters yet. "
+                        "Use an rnnprop or l2o-dm rule, or unsharded (DDP) parameters"
                     )
             # a parameter listed twice in a group is torch's to handle: it warns, as for Adam
             _check_options(**{k: param_group[k] for k in CHECKED_OPTIONS if k in param_group})

@@ -23,10 +23,13 @@ from flatl2o.rules import (
     build_rule,
 )
 
-RULE_NAMES = ["l2o-dm", "rnnprop"]
+RULE_NAMES = ["l2o-dm", "rnnprop", "normprop"]
+#: The rules whose coordinates are independent (normprop normalizes per tensor: its chunking
+#: is checked through the reference kernel in tests/test_normprop.py).
+COORDINATEWISE = ["l2o-dm", "rnnprop"]
 
 #: Recurrent floats per coordinate stated in docs/method.md §2.
-SPEC_STATE_FLOATS = {"l2o-dm": 80, "rnnprop": 82}
+SPEC_STATE_FLOATS = {"l2o-dm": 80, "rnnprop": 82, "normprop": 11}
 
 
 def _make(name: str, seed: int = 0, **options: object) -> UpdateRule:
@@ -36,6 +39,11 @@ def _make(name: str, seed: int = 0, **options: object) -> UpdateRule:
 
 @pytest.fixture(params=RULE_NAMES)
 def rule(request: pytest.FixtureRequest) -> UpdateRule:
+    return _make(request.param)
+
+
+@pytest.fixture(params=COORDINATEWISE)
+def coordinatewise_rule(request: pytest.FixtureRequest) -> UpdateRule:
     return _make(request.param)
 
 
@@ -87,7 +95,7 @@ def test_config_round_trip_through_json(rule: UpdateRule) -> None:
     assert rebuilt.fingerprint() == rule.fingerprint()
 
 
-@pytest.mark.parametrize("name", RULE_NAMES)
+@pytest.mark.parametrize("name", COORDINATEWISE)  # normprop's bounds: tests/test_normprop.py
 def test_config_round_trip_with_options(name: str) -> None:
     rule = _make(name, hidden_size=8, num_layers=3, output_scale=0.05)
     config = RuleConfig.from_dict(json.loads(json.dumps(rule.config.to_dict())))
@@ -164,7 +172,9 @@ def test_config_not_a_mapping() -> None:
 
 
 def test_make_rule_errors() -> None:
-    with pytest.raises(ConfigError, match=r"unknown architecture 'adam'; known: l2o-dm, rnnprop"):
+    with pytest.raises(
+        ConfigError, match=r"unknown architecture 'adam'; known: l2o-dm, normprop, rnnprop"
+    ):
         make_rule("adam")
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['hidden'\]"):
         make_rule("rnnprop", hidden=20)
@@ -371,16 +381,16 @@ def _run_chunked(
     return torch.stack(outs), state
 
 
-def test_rows_are_independent(rule: UpdateRule) -> None:
+def test_rows_are_independent(coordinatewise_rule: UpdateRule) -> None:
     """Coordinatewise: changing one coordinate's gradient changes only that output."""
     n = 30
     g = _grads(n)
-    state = _random_state(rule, n)
+    state = _random_state(coordinatewise_rule, n)
     with torch.no_grad():
-        out, _ = rule(g, state, 1)
+        out, _ = coordinatewise_rule(g, state, 1)
         g2 = g.clone()
         g2[7] = 3.0
-        out2, _ = rule(g2, state, 1)
+        out2, _ = coordinatewise_rule(g2, state, 1)
     assert out2[7] != out[7]
     torch.testing.assert_close(
         torch.cat((out2[:7], out2[8:])), torch.cat((out[:7], out[8:])), rtol=1e-5, atol=1e-9
@@ -388,11 +398,11 @@ def test_rows_are_independent(rule: UpdateRule) -> None:
 
 
 @pytest.mark.parametrize("sizes", [[1, 7, 100, 192], [150, 150], [299, 1]])
-def test_chunking_invariance(rule: UpdateRule, sizes: list[int]) -> None:
+def test_chunking_invariance(coordinatewise_rule: UpdateRule, sizes: list[int]) -> None:
     """Any split gives the same numbers up to float rounding (BLAS rounds tails of rows
     differently), over several steps of carried state."""
-    full_out, full_state = _run_chunked(rule, [300], steps=3, n=300)
-    out, state = _run_chunked(rule, sizes, steps=3, n=300)
+    full_out, full_state = _run_chunked(coordinatewise_rule, [300], steps=3, n=300)
+    out, state = _run_chunked(coordinatewise_rule, sizes, steps=3, n=300)
     torch.testing.assert_close(out, full_out, rtol=1e-5, atol=1e-8)
     for key in state:
         torch.testing.assert_close(state[key], full_state[key], rtol=1e-5, atol=1e-6)
@@ -402,10 +412,12 @@ def test_chunking_invariance(rule: UpdateRule, sizes: list[int]) -> None:
     not BLAS_ROWS_BATCH_INVARIANT, reason="this BLAS rounds a row differently by batch size"
 )
 @pytest.mark.parametrize("sizes", [[64, 64, 64, 64, 44], [128, 172], [7, 293]])
-def test_chunking_invariance_row_tiled_is_bitwise(rule: UpdateRule, sizes: list[int]) -> None:
+def test_chunking_invariance_row_tiled_is_bitwise(
+    coordinatewise_rule: UpdateRule, sizes: list[int]
+) -> None:
     """Padded to whole 64-row tiles, as L2O does, chunking changes no bit."""
-    full_out, full_state = _run_chunked(rule, [300], steps=3, n=300, tile=64)
-    out, state = _run_chunked(rule, sizes, steps=3, n=300, tile=64)
+    full_out, full_state = _run_chunked(coordinatewise_rule, [300], steps=3, n=300, tile=64)
+    out, state = _run_chunked(coordinatewise_rule, sizes, steps=3, n=300, tile=64)
     assert torch.equal(out, full_out)
     _assert_states_equal(state, full_state)
 

@@ -25,11 +25,13 @@ import torch
 from torch import Tensor
 
 from flatl2o.kernels.errors import KernelUnavailable
-from flatl2o.kernels.program import RuleProgram, rule_program
+from flatl2o.kernels.program import RuleProgram, not_yet_implemented, rule_program
 from flatl2o.kernels.reference import ROW_TILE, ReferenceKernel
 from flatl2o.rules import UpdateRule
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
+#: How the messages name each fast kernel.
+KERNEL_NAMES = {"cpu": "C", "triton": "Triton"}
 
 
 class StepKernel(Protocol):
@@ -101,26 +103,42 @@ def make_kernel(rule: UpdateRule, device: torch.device, backend: str = "auto") -
     program = rule_program(rule)
     if backend != "auto":
         if program is None:
+            if not_yet_implemented(rule):
+                raise KernelUnavailable(
+                    f"the {KERNEL_NAMES[backend]} kernel does not implement "
+                    f"{rule.architecture} yet; use backend='reference' (or 'auto')"
+                )
             raise KernelUnavailable(
                 f"backend={backend!r} implements the built-in rules only, not "
                 f"{type(rule).__name__}; use backend='reference'"
             )
         return _fast_kernel(backend, rule, program, device)
     kind = "triton" if device.type == "cuda" else "cpu" if device.type == "cpu" else None
-    if program is None or kind is None:
+    if kind is None:
+        return ReferenceKernel(rule)
+    if program is None:
+        if not_yet_implemented(rule):
+            _warn_fallback(
+                kind, f"the {KERNEL_NAMES[kind]} kernel does not implement {rule.architecture} yet"
+            )
         return ReferenceKernel(rule)
     try:
         return _fast_kernel(kind, rule, program, device)
     except KernelUnavailable as e:
-        if kind not in _warned:
-            _warned.add(kind)
-            warnings.warn(
-                f"flatl2o: the fast {kind} step is unavailable ({e}); using the reference "
-                "step, which is correct but slower. Pass backend='reference' to silence this.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        _warn_fallback(kind, str(e))
         return ReferenceKernel(rule)
+
+
+def _warn_fallback(kind: str, reason: str) -> None:
+    """Say once per kernel kind (per process) that ``"auto"`` runs the reference step."""
+    if kind not in _warned:
+        _warned.add(kind)
+        warnings.warn(
+            f"flatl2o: the fast {kind} step is unavailable ({reason}); using the reference "
+            "step, which is correct but slower. Pass backend='reference' to silence this.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 __all__ = [

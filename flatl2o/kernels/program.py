@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from flatl2o.rules import L2ODM, RNNprop, UpdateRule
+from flatl2o.rules import L2ODM, NormProp, RNNprop, UpdateRule
 
 #: Preprocessing kinds understood by the kernels.
 PREP_DM = 0
@@ -55,6 +55,16 @@ class RuleProgram:
         """State tensor names in the rule's order."""
         lstm = [n for i in range(self.layers) for n in (f"h{i}", f"c{i}")]
         return (["m", "v"] if self.prep == PREP_RNNPROP else []) + lstm
+
+
+#: Built-in rules that the fused kernels do not implement yet: they run on the reference step,
+#: ``backend="auto"`` says so once, and an explicit fast backend refuses them.
+NOT_YET_IMPLEMENTED: tuple[type[UpdateRule], ...] = (NormProp,)
+
+
+def not_yet_implemented(rule: UpdateRule) -> bool:
+    """Whether ``rule`` is a built-in rule that the fused kernels do not implement yet."""
+    return type(rule) in NOT_YET_IMPLEMENTED
 
 
 def _move(value: object, device: torch.device) -> object:

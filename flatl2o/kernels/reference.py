@@ -9,7 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flatl2o.rules import UpdateRule
+from flatl2o.rules import TensorwiseRule, UpdateRule
+from flatl2o.rules.base import REDUCTION_BLOCK, block_partials, untouched
+
+__all__ = ["ROW_TILE", "ReferenceKernel", "apply_step", "untouched"]
 
 #: The rule always sees a multiple of this many rows: chunk sizes are rounded up to it and a
 #: parameter's last chunk is padded (zero gradient, zero state; the padding is discarded).
@@ -18,6 +21,8 @@ from flatl2o.rules import UpdateRule
 #: chunk_size changes no bit where the BLAS computes a row identically whatever the number of
 #: whole tiles (MKL's AVX-512 and SSE kernels); elsewhere (MKL's AVX2 kernels) only rounding.
 ROW_TILE = 64
+# a chunk is whole blocks of a per-tensor rule's sums (rules.base.REDUCTION_BLOCK)
+assert ROW_TILE % REDUCTION_BLOCK == 0
 
 
 def apply_step(target: Tensor, delta: Tensor, lr: float) -> None:
@@ -28,20 +33,6 @@ def apply_step(target: Tensor, delta: Tensor, lr: float) -> None:
     else:
         work = target.to(torch.promote_types(target.dtype, torch.float32))
         target.copy_(work.add_(delta.to(work.dtype), alpha=-lr))
-
-
-def untouched(grad: Tensor, state: dict[str, Tensor]) -> Tensor:
-    """The zero-gradient contract: which coordinates (rows) a step leaves exactly as they are,
-    parameter and state. A row is left alone when its gradient is exactly 0 (either sign) and
-    every value of its state is exactly +0.0, the initial state (``UpdateRule.init_state``).
-    By induction, a coordinate whose gradient has been 0 at every step so far (a padding row,
-    a masked weight) never moves and keeps its initial state, as with Adam or SGD; every other
-    coordinate takes the rule's step. The CPU and Triton kernels test the same bits."""
-    keep = grad == 0
-    for v in state.values():
-        zero = (v == 0) & ~torch.signbit(v)
-        keep &= zero.reshape(v.shape[0], -1).all(dim=1)
-    return keep
 
 
 class ReferenceKernel:
@@ -62,9 +53,18 @@ class ReferenceKernel:
         maximize: bool,
         chunk_size: int,
     ) -> None:
-        """``param -= lr * rule(grad)`` in place (1-D ``param``/``grad``; state rows updated)."""
+        """``param -= lr * rule(grad)`` in place (1-D ``param``/``grad``; state rows updated).
+
+        ``param`` is one tensor (one segment). A :class:`~flatl2o.rules.TensorwiseRule` takes
+        two passes: the chunks' directions (one float per coordinate, kept until the end) and
+        block sums, then the tensor's update from the sums (exactly as the rule's forward)."""
+        tensorwise = isinstance(self.rule, TensorwiseRule)
         n = param.numel()
         chunk = -(-chunk_size // ROW_TILE) * ROW_TILE
+        if tensorwise:
+            directions = grad.new_empty(n, dtype=torch.float32)
+            kept = torch.empty(n, dtype=torch.bool, device=grad.device)
+            partials: list[Tensor] = []
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
             g = grad[start:stop].to(torch.float32)
@@ -82,9 +82,22 @@ class ReferenceKernel:
                 }
             else:
                 rows = exact
-            delta, new_state = self.rule(g, rows, step)
+            if tensorwise:
+                delta, new_state, stats = self.rule.coordinatewise(g, rows, step)
+                # the rows kept by the contract, and the padding, are not counted
+                counted = ~torch.cat((keep, keep.new_ones(pad))) if pad else ~keep
+                partials.append(block_partials(torch.where(counted.unsqueeze(-1), stats, 0.0)))
+                directions[start:stop] = delta[: stop - start]
+                kept[start:stop] = keep
+            else:
+                delta, new_state = self.rule(g, rows, step)
             for k, v in views.items():
                 rows_kept = keep.view(-1, *(1,) * (v.dim() - 1))
                 v.copy_(torch.where(rows_kept, exact[k], new_state[k][: stop - start]))
-            delta = torch.where(keep, 0.0, delta[: stop - start])
-            apply_step(param[start:stop], delta, lr)
+            if not tensorwise:
+                delta = torch.where(keep, 0.0, delta[: stop - start])
+                apply_step(param[start:stop], delta, lr)
+        if tensorwise and n:
+            totals = torch.cat(partials).sum(dim=0)
+            update = self.rule.finish(directions, totals, (~kept).sum())
+            apply_step(param, torch.where(kept, 0.0, update), lr)

@@ -57,6 +57,8 @@ class MetaObjective(nn.Module):
         self.regularizer = regularizer
         self.generators = generators
         self.reg_generators = reg_generators
+        #: ``theta - lr * delta``: the optimizee lr that L2O uses by default with this rule
+        self.lr = float(rule.default_lr)
 
     def forward(self, kind: str, *args: Any) -> Any:
         """``unroll_objective(*args)`` (``kind="unroll"``) or ``imitation_objective(*args)``
@@ -74,6 +76,11 @@ class MetaObjective(nn.Module):
     def _slots(self, theta: Tensor) -> tuple[Tensor, ...]:
         """The optimizees of this process in the concatenated parameter vector."""
         return (theta,) if len(self.generators) == 1 else theta.split(self.task.num_params)
+
+    def _segments(self) -> list[int]:
+        """The optimizees' tensors, slot after slot (read from ``self.task`` at every unroll,
+        so a trainer that changes the task between unrolls stays right)."""
+        return list(self.task.segment_sizes) * len(self.generators)
 
     def _slot_grads(self, losses: list[Tensor], parts: tuple[Tensor, ...], **kw: Any) -> Tensor:
         """Each optimizee's loss gradient, concatenated like ``theta``."""
@@ -93,6 +100,7 @@ class MetaObjective(nn.Module):
         state = {k: v.detach() for k, v in state.items()}
         terms: list[Tensor] = []
         regs: list[Tensor] = []
+        segments = self._segments()
         for t in range(train.unroll + 1):
             parts = self._slots(theta)
             losses = []
@@ -116,8 +124,8 @@ class MetaObjective(nn.Module):
             )
             if not train.second_order:
                 grad = grad.detach()
-            delta, state = self.rule(grad, state, step + t + 1)
-            theta = theta - delta
+            delta, state = self.rule(grad, state, step + t + 1, segments)
+            theta = theta - (delta if self.lr == 1.0 else self.lr * delta)
         meta = torch.stack(terms).mean()
         reg_value = torch.stack(regs).mean() if regs else None
         return meta, reg_value, theta, state
@@ -132,6 +140,7 @@ class MetaObjective(nn.Module):
         m = torch.zeros_like(theta)
         v = torch.zeros_like(theta)
         terms: list[Tensor] = []
+        segments = self._segments()
         for t in range(train.unroll):
             with torch.enable_grad():
                 th = theta.clone().requires_grad_(True)
@@ -142,7 +151,9 @@ class MetaObjective(nn.Module):
                     losses.append(self.task.loss(part, x, y))
                 grad = self._slot_grads(losses, parts)
             teacher, m, v = adam_teacher_step(grad, m, v, t + 1, train.imitation_lr)
-            delta, state = self.rule(grad, state, step + t + 1)
+            delta, state = self.rule(grad, state, step + t + 1, segments)
+            if self.lr != 1.0:  # a rule used at an Adam-like lr imitates Adam at the same lr
+                delta = train.imitation_lr * delta
             terms.append(torch.mean((delta - teacher) ** 2) / train.imitation_lr**2)
             theta = theta - teacher
         return torch.stack(terms).mean(), theta, state

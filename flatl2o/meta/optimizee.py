@@ -265,13 +265,14 @@ def train_optimizee(
 
 
 def learned_optimizer(rule: UpdateRule) -> OptimizerFactory:
-    """The optimizer factory of a learned rule: ``flatl2o.L2O(params, rule, lr=1.0)``, stopping
-    the run on a non-finite gradient (``nonfinite="raise"``) as every evaluation does."""
+    """The optimizer factory of a learned rule: ``flatl2o.L2O(params, rule)`` at the rule's own
+    ``lr`` (``rule.default_lr``: 1.0 for the paper's rules, 1e-3 for NormProp), stopping the run
+    on a non-finite gradient (``nonfinite="raise"``) as every evaluation does."""
 
     def make(params: list[nn.Parameter], groups: list[dict[str, Any]]) -> Optimizer:
         from flatl2o.optimizer import L2O
 
-        return L2O(params, rule=rule, lr=1.0, nonfinite="raise")
+        return L2O(params, rule=rule, lr=float(rule.default_lr), nonfinite="raise")
 
     return make
 

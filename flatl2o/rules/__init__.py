@@ -8,15 +8,24 @@ from flatl2o.rules.base import (
     ConfigError,
     LSTMStack,
     RuleConfig,
+    Segments,
     State,
+    TensorwiseRule,
     UpdateRule,
 )
 from flatl2o.rules.dm import L2ODM, DMConfig
+from flatl2o.rules.normprop import NormProp, NormPropConfig
 from flatl2o.rules.rnnprop import RNNprop, RNNpropConfig
 
 #: Architecture name (as written in ``config.json``) -> rule class: the registry declared in
 #: ``flatl2o.rules.base`` (where ``RuleConfig.from_dict`` reads it) is filled here.
-RULES.update({DMConfig.architecture: L2ODM, RNNpropConfig.architecture: RNNprop})
+RULES.update(
+    {
+        DMConfig.architecture: L2ODM,
+        RNNpropConfig.architecture: RNNprop,
+        NormPropConfig.architecture: NormProp,
+    }
+)
 
 
 def build_rule(config: RuleConfig) -> UpdateRule:
@@ -47,10 +56,14 @@ __all__ = [
     "ConfigError",
     "DMConfig",
     "LSTMStack",
+    "NormProp",
+    "NormPropConfig",
     "RNNprop",
     "RNNpropConfig",
     "RuleConfig",
+    "Segments",
     "State",
+    "TensorwiseRule",
     "UpdateRule",
     "build_rule",
     "make_rule",

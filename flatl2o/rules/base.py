@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -25,6 +25,14 @@ from torch import Tensor, nn
 FORMAT_VERSION = 1
 
 State = dict[str, Tensor]
+#: Sizes of the tensors a flat gradient holds one after the other (``None``: one tensor).
+Segments = Sequence[int] | None
+
+#: Per-tensor sums are taken in blocks of this many coordinates (a fixed pairwise tree in each
+#: block, then one sum over the blocks' partial sums), so that a step computed chunk by chunk
+#: (chunks that are whole blocks: ``flatl2o.kernels.reference.ROW_TILE``) sums the same numbers
+#: in the same order as one call on the whole tensor: the result is the same to the bit.
+REDUCTION_BLOCK = 64
 
 #: Architecture name (as written in ``config.json``) -> rule class. Declared here, where
 #: :meth:`RuleConfig.from_dict` reads it, and filled by ``flatl2o.rules`` with the architectures
@@ -172,15 +180,20 @@ class LSTMStack(nn.Module):
 
 
 class UpdateRule(nn.Module):
-    """A coordinatewise learned update rule: ``(grad, state, step) -> (update, new_state)``.
+    """A learned update rule: ``(grad, state, step, segments) -> (update, new_state)``.
 
     ``grad`` is a 1-D float32 tensor of n coordinates, ``state`` a dict of tensors whose
     first dimension is n (see :meth:`state_shapes`), ``step`` the 1-based index of the step
-    being taken. The same module runs differentiably in meta-training and under
-    ``torch.no_grad`` in :class:`flatl2o.L2O`.
+    being taken, ``segments`` the sizes of the tensors that ``grad`` holds one after the other
+    (``None``: one tensor). A coordinatewise rule ignores ``segments``; a
+    :class:`TensorwiseRule` normalizes its update per tensor. The same module runs
+    differentiably in meta-training and under ``torch.no_grad`` in :class:`flatl2o.L2O`.
     """
 
     config_class: ClassVar[type[RuleConfig]] = RuleConfig
+    #: The ``lr`` that :class:`flatl2o.L2O` uses when none is given: what the rule's output is
+    #: multiplied by. 1.0 for a rule whose output is already a step (L2O-DM, RNNprop).
+    default_lr: ClassVar[float] = 1.0
 
     def __init__(self, config: RuleConfig | None = None) -> None:
         super().__init__()
@@ -223,7 +236,9 @@ class UpdateRule(nn.Module):
             for k, s in self.state_shapes().items()
         }
 
-    def forward(self, grad: Tensor, state: State, step: int | Tensor) -> tuple[Tensor, State]:
+    def forward(
+        self, grad: Tensor, state: State, step: int | Tensor, segments: Segments = None
+    ) -> tuple[Tensor, State]:
         raise NotImplementedError
 
     def fingerprint(self) -> str:
@@ -260,6 +275,93 @@ class UpdateRule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"config={self.config}"
+
+
+def untouched(grad: Tensor, state: State) -> Tensor:
+    """The zero-gradient contract: which coordinates (rows) a step leaves exactly as they are,
+    parameter and state. A row is left alone when its gradient is exactly 0 (either sign) and
+    every value of its state is exactly +0.0, the initial state (``UpdateRule.init_state``).
+    By induction, a coordinate whose gradient has been 0 at every step so far (a padding row,
+    a masked weight) never moves and keeps its initial state, as with Adam or SGD; every other
+    coordinate takes the rule's step. The CPU and Triton kernels test the same bits."""
+    keep = grad == 0
+    for v in state.values():
+        zero = (v == 0) & ~torch.signbit(v)
+        keep &= zero.flatten(1).all(dim=1) if v.dim() > 1 else zero
+    return keep
+
+
+def block_partials(values: Tensor) -> Tensor:
+    """Partial sums of ``values`` (rows: coordinates, a multiple of :data:`REDUCTION_BLOCK`)
+    per block of rows, each by the same pairwise tree: ``(rows / block, *values.shape[1:])``.
+    Elementwise additions only, so a block's sum does not depend on what else is summed."""
+    x = values.reshape(values.shape[0] // REDUCTION_BLOCK, REDUCTION_BLOCK, *values.shape[1:])
+    while x.shape[1] > 1:
+        half = x.shape[1] // 2
+        x = x[:, :half] + x[:, half:]
+    return x[:, 0]
+
+
+def segment_sizes(segments: Segments, n: int) -> list[int]:
+    """``segments`` as a list of sizes that cover ``n`` coordinates (``None``: ``[n]``)."""
+    if segments is None:
+        return [n]
+    sizes = [int(s) for s in segments]
+    if any(s < 0 for s in sizes) or sum(sizes) != n:
+        raise ValueError(
+            f"segments must be non-negative sizes that sum to the gradient's {n} coordinates, "
+            f"got {len(sizes)} sizes summing to {sum(sizes)}; pass one size per tensor"
+        )
+    return sizes
+
+
+class TensorwiseRule(UpdateRule):
+    """A rule whose update is normalized per tensor: a coordinatewise part, which can run on
+    any chunk of a tensor's coordinates, then a per-tensor finish that sees only sums.
+
+    :meth:`coordinatewise` maps ``(grad, state, step)`` to a direction, the new state and
+    ``stats``, ``(n, reductions)`` per-coordinate quantities; the sums of ``stats`` over a
+    tensor's counted coordinates (see :func:`untouched`: a coordinate the zero-gradient
+    contract leaves alone is neither moved nor counted) and their number go to
+    :meth:`finish`, which returns the tensor's update. :meth:`forward` does both for the
+    tensors of ``segments``; the reference kernel does the same chunk by chunk, to the bit.
+    """
+
+    #: Columns of ``stats``: the per-coordinate quantities summed over each tensor.
+    reductions: ClassVar[int] = 1
+
+    def coordinatewise(
+        self, grad: Tensor, state: State, step: int | Tensor
+    ) -> tuple[Tensor, State, Tensor]:
+        """``(direction, new_state, stats)`` for any set of coordinates (chunkable)."""
+        raise NotImplementedError
+
+    def finish(self, direction: Tensor, totals: Tensor, count: Tensor) -> Tensor:
+        """One tensor's update from its coordinates' directions, the sums ``totals``
+        (``(reductions,)``) of their ``stats`` over the ``count`` counted coordinates."""
+        raise NotImplementedError
+
+    def forward(
+        self, grad: Tensor, state: State, step: int | Tensor = 1, segments: Segments = None
+    ) -> tuple[Tensor, State]:
+        sizes = segment_sizes(segments, grad.shape[0])
+        direction, new_state, stats = self.coordinatewise(grad, state, step)
+        keep = untouched(grad, state)
+        stats = torch.where(keep.unsqueeze(-1), 0.0, stats)
+        parts = []
+        split = (direction.split(sizes), stats.split(sizes), keep.split(sizes))
+        for d, s, k in zip(*split, strict=True):
+            pad = -d.shape[0] % REDUCTION_BLOCK
+            if pad:
+                s = torch.cat((s, s.new_zeros((pad, *s.shape[1:]))))
+            totals = block_partials(s).sum(dim=0)
+            parts.append(self.finish(d, totals, (~k).sum()))
+        update = torch.where(keep, 0.0, parts[0] if len(parts) == 1 else torch.cat(parts))
+        kept = {
+            key: torch.where(keep.view(-1, *(1,) * (v.dim() - 1)), state[key], v)
+            for key, v in new_state.items()
+        }
+        return update, kept
 
 
 #: save / load / push, provided by the persistence layer (``flatl2o.hub``) when it is imported.

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from flatl2o.rules.base import ConfigError, LSTMStack, RuleConfig, State, UpdateRule
+from flatl2o.rules.base import ConfigError, LSTMStack, RuleConfig, Segments, State, UpdateRule
 
 
 @dataclasses.dataclass
@@ -49,6 +49,9 @@ class L2ODM(UpdateRule):
         x2 = torch.clamp(grad * math.exp(k), -1.0, 1.0)
         return torch.stack((x1, x2), dim=-1)
 
-    def forward(self, grad: Tensor, state: State, step: int | Tensor = 1) -> tuple[Tensor, State]:
+    def forward(
+        self, grad: Tensor, state: State, step: int | Tensor = 1, segments: Segments = None
+    ) -> tuple[Tensor, State]:
+        """One step; coordinatewise, so ``segments`` (tensor boundaries) changes nothing."""
         h, new_state = self.lstm(self.preprocess(grad), state)
         return self.config.output_scale * self.readout(h).squeeze(-1), new_state

@@ -13,6 +13,7 @@ from flatl2o.rules.base import (
     ConfigError,
     LSTMStack,
     RuleConfig,
+    Segments,
     State,
     UpdateRule,
     check_upper_bound,
@@ -75,7 +76,10 @@ class RNNprop(UpdateRule):
         denom = torch.sqrt(v / (1.0 - c.beta2**t)) + c.eps
         return torch.stack((m_hat / denom, grad / denom), dim=-1), m, v
 
-    def forward(self, grad: Tensor, state: State, step: int | Tensor = 1) -> tuple[Tensor, State]:
+    def forward(
+        self, grad: Tensor, state: State, step: int | Tensor = 1, segments: Segments = None
+    ) -> tuple[Tensor, State]:
+        """One step; coordinatewise, so ``segments`` (tensor boundaries) changes nothing."""
         x, m, v = self.preprocess(grad, state["m"], state["v"], step)
         h, lstm_state = self.lstm(F.elu(self.input(x)), state)
         step_out = self.config.output_scale * torch.tanh(self.readout(h).squeeze(-1))
