@@ -329,3 +329,32 @@ def test_the_page_says_when_its_wall_time_covers_only_the_last_invocation() -> N
     assert "Ran in 10.0 min wall-clock (the runs took 2.00 CPU-hours)" in render_realistic(
         data, "realistic"
     )
+
+
+def test_a_checkpoint_runs_at_its_lr_as_shipped_in_both_suites(tmp_path: Path) -> None:
+    """A NormProp checkpoint (lr means Adam's lr, default 1e-3) is evaluated at 1e-3, not at
+    the paper rules' 1.0, which would take steps 1,000x too large; the paper's rules stay at 1."""
+    from flatl2o import make_rule
+    from flatl2o.checkpoint import save_rule
+    from flatl2o.evaluation.optimizers import resolve_optimizers
+    from flatl2o.evaluation.realistic import RealisticConfig, _learned_infos, _Planner
+    from flatl2o.evaluation.suite import EvalConfig
+    from flatl2o.evaluation.suite import _Planner as _SuitePlanner
+
+    save_rule(make_rule("normprop"), tmp_path / "np")
+    folder = str(tmp_path / "np")
+    cfg = RealisticConfig.quick(workloads=("regression-tiny",), checkpoints=(folder, "dm"))
+    infos = _learned_infos(cfg.checkpoints)
+    specs = _Planner(cfg, infos).initial()
+    lrs: dict[str, set[float]] = {}
+    for s in specs:
+        if s.purpose == "eval":
+            lrs.setdefault(s.optimizer, set()).add(s.hparams["lr"])
+    (arm,) = [n for n, i in infos.items() if i["architecture"] == "normprop"]
+    assert lrs[arm] == {1e-3} and lrs["dm"] == {1.0} and lrs["l2o-cosine"] == {1.0}
+    suite = EvalConfig.quick(optimizers=(folder, "dm", "adam"))
+    resolved = resolve_optimizers(suite.optimizers)
+    planned = _SuitePlanner(suite, resolved).initial()
+    (arm,) = [n for n, i in resolved.items() if i.architecture == "normprop"]
+    assert {s.hparams["lr"] for s in planned if s.optimizer == "dm"} == {1.0}
+    assert {s.hparams["lr"] for s in planned if s.optimizer == arm} == {1e-3}

@@ -2,8 +2,8 @@
 
 An optimizer name is either a baseline of :data:`flatl2o.evaluation.baselines.BASELINES` or a
 learned rule: a checkpoint shipped in ``pretrained/`` (:func:`flatl2o.hub.list_pretrained`) or
-a local checkpoint folder. A learned rule runs through :class:`flatl2o.L2O` with ``lr = 1.0``,
-exactly as shipped; it is never tuned.
+a local checkpoint folder. A learned rule runs through :class:`flatl2o.L2O` at its lr as
+shipped (:func:`shipped_lr`: 1.0 for the paper's rules, 1e-3 for NormProp); it is never tuned.
 
 A checkpoint folder made by ``flatl2o meta-train`` holds the ``recipe.toml`` that trained it.
 A checkpoint is *regularized* when its recipe's ``[regularizer]`` has a name other than
@@ -69,6 +69,15 @@ class OptimizerInfo:
             "sibling_basis": self.sibling_basis,
             "recipe": self.recipe,
         }
+
+
+def shipped_lr(architecture: str | None) -> float:
+    """The ``lr`` a learned rule of ``architecture`` runs at as shipped, ``flatl2o.L2O``'s
+    default for it (the rule's ``default_lr``: 1.0 for the paper's rules, whose output is the
+    step, 1e-3 for NormProp, whose lr is Adam's); 1.0 when the architecture is unknown."""
+    from flatl2o.rules.base import RULES
+
+    return float(RULES[architecture].default_lr) if architecture in RULES else 1.0
 
 
 def _shipped_folder(name: str) -> Path | None:

@@ -10,7 +10,8 @@ an LSTM, a fine-tuning), with the evaluation's one runner and execution engine
 - ``sgd``: SGD with momentum 0.9, lr tuned;
 - ``muon``: ``torch.optim.Muon`` on the 2-D hidden weights, AdamW on the rest, lr tuned
   (workloads that have 2-D hidden weights: not the CNN, whose hidden weights are convolutions);
-- every shipped checkpoint through ``flatl2o.L2O(model.parameters(), name)`` at lr 1.0 (the
+- every shipped checkpoint through ``flatl2o.L2O(model.parameters(), name)`` at its lr as
+  shipped (1.0 for the paper's rules, 1e-3 for NormProp; the
   default checkpoint among them is the one-line swap, untuned);
 - ``l2o-lr``: the default checkpoint with its lr multiplier tuned;
 - ``l2o-cosine``: the default checkpoint with AdamW's warmup + cosine schedule on its
@@ -40,6 +41,7 @@ from typing import Any
 
 from flatl2o.evaluation.baselines import BASELINES
 from flatl2o.evaluation.engine import read_results, run_planned
+from flatl2o.evaluation.optimizers import shipped_lr
 from flatl2o.evaluation.runner import RunSpec
 from flatl2o.evaluation.suite import _published_info, _published_run
 from flatl2o.evaluation.tuning import (
@@ -183,6 +185,17 @@ class _Planner:
         self.tuning: dict[str, dict[str, Any]] = {w: {} for w in config.workloads}
         self.default = next(n for n, i in infos.items() if i.get("default"))
 
+    def _shipped_lr(self, arm: str) -> float:
+        """The lr a checkpoint arm runs at as shipped (``l2o-lr`` / ``l2o-cosine``: the
+        default checkpoint's)."""
+        return shipped_lr(self.infos[arm if arm in self.infos else self.default]["architecture"])
+
+    def _lr_scale(self, workload: str, arm: str) -> float:
+        """What an arm's lr grid is multiplied by: the workload's ``lr_scale``, and for
+        ``l2o-lr`` (a grid of multipliers) the default checkpoint's lr as shipped."""
+        scale = make_workload(workload).lr_scale
+        return scale * self._shipped_lr(arm) if arm == "l2o-lr" else scale
+
     def arms(self, workload: str) -> list[str]:
         """The arms run on ``workload`` (Muon only where there are 2-D hidden weights)."""
         out = ["adam", "adamw", "sgd"]
@@ -242,7 +255,7 @@ class _Planner:
         """Tuning runs of ``points`` (default: the arm's grid, learning rates scaled)."""
         key = (workload, arm)
         if points is None:
-            points = _scaled(GRIDS[arm], make_workload(workload).lr_scale)
+            points = _scaled(GRIDS[arm], self._lr_scale(workload, arm))
             self.records[key], self.points[key] = [], []
         self.points[key] += points
         runs = [(h,) for h in self.horizons] if arm == "adamw" else [self.horizons]
@@ -260,7 +273,7 @@ class _Planner:
         (:func:`~flatl2o.evaluation.tuning.values_beyond` on the scaled grid), crossed with
         the other keys' tried values."""
         tried = self.points[key]
-        grid = [p["lr"] for p in _scaled(GRIDS[key[1]], make_workload(key[0]).lr_scale)]
+        grid = [p["lr"] for p in _scaled(GRIDS[key[1]], self._lr_scale(*key))]
         picks = [pick["lr"] for pick in chosen.values()]
         new = values_beyond(grid, [p["lr"] for p in tried], picks)
         others = {
@@ -277,8 +290,9 @@ class _Planner:
                     specs += self._tune(w, arm)
                 elif arm == "adam":
                     specs += self._eval(w, arm, {h: {"lr": 1e-3} for h in self.horizons})
-                else:  # checkpoints and l2o-cosine: lr 1.0 as shipped
-                    specs += self._eval(w, arm, {h: {"lr": 1.0} for h in self.horizons})
+                else:  # checkpoints and l2o-cosine: at their lr as shipped
+                    lr = self._shipped_lr(arm)
+                    specs += self._eval(w, arm, {h: {"lr": lr} for h in self.horizons})
         return specs
 
     def progress_bounds(self) -> dict[str, dict[tuple[str, str], int]]:
@@ -313,7 +327,7 @@ class _Planner:
             return []
         chosen, trials = {}, {}
         tried = self.points[key]
-        scale = make_workload(spec.task).lr_scale
+        scale = self._lr_scale(spec.task, spec.optimizer)
         for h in self.horizons:
             pick, trials[str(h)] = select_by_loss(self.records[key], h)
             if pick is None:  # every point diverged: report it, evaluate the smallest lr
@@ -429,7 +443,8 @@ def _arm_descriptions(infos: dict[str, dict[str, Any]]) -> dict[str, dict[str, s
     }
     for n, i in infos.items():
         tag = " (the default: `L2O(model.parameters())`, untuned)" if i.get("default") else ""
-        out[n] = {"kind": "learned", "description": f"shipped checkpoint `{n}` at lr 1.0{tag}"}
+        lr = shipped_lr(i["architecture"])
+        out[n] = {"kind": "learned", "description": f"shipped checkpoint `{n}` at lr {lr!r}{tag}"}
     out["l2o-lr"] = {"kind": "learned", "description": f"`{default}` with its lr multiplier tuned"}
     out["l2o-cosine"] = {
         "kind": "learned",

@@ -105,7 +105,8 @@ def _setup(data: dict[str, Any]) -> list[str]:
     lines.append(
         f"- Baselines: hyper-parameters chosen on the validation split ({cfg['tune_seeds']} "
         "tuning seeds disjoint from the evaluation seeds, best mean validation accuracy, per "
-        "task and horizon), never on the test split. Learned rules run with lr = 1.0 as shipped."
+        "task and horizon), never on the test split. Learned rules run untuned, at their lr as "
+        "shipped."
     )
     if env:
         lines.append(

@@ -9,8 +9,8 @@ what a suite run needs on top of it, the same for every optimizer:
   from the same parameters and, when it takes one minibatch per step (all but Entropy-SGD),
   sees the same minibatch sequence. Langevin noise (Entropy-SGD) and flatness probes come from
   their own generators, seeded from the seed too;
-- learned rules run through :class:`flatl2o.L2O` (``lr = 1.0``), baselines through their torch
-  optimizers (:func:`build_optimizer`);
+- learned rules run through :class:`flatl2o.L2O` (at the rule's lr as shipped), baselines
+  through their torch optimizers (:func:`build_optimizer`);
 - at each horizon the iterate is measured: in an ``"eval"`` run, loss and accuracy on the full
   train and test splits, the generalization gap (test loss - train loss) and, for a
   :class:`~flatl2o.meta.tasks.Task` (the MNIST suite), the flatness of the full-train-split loss;

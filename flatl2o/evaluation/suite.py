@@ -31,7 +31,12 @@ from typing import Any
 
 from flatl2o.evaluation.baselines import BASELINES
 from flatl2o.evaluation.engine import RESULTS_NAME, read_results, run_planned, task_named
-from flatl2o.evaluation.optimizers import OptimizerInfo, default_optimizers, resolve_optimizers
+from flatl2o.evaluation.optimizers import (
+    OptimizerInfo,
+    default_optimizers,
+    resolve_optimizers,
+    shipped_lr,
+)
 from flatl2o.evaluation.runner import RunSpec
 from flatl2o.evaluation.tuning import (
     MAX_EXTENSIONS,
@@ -212,8 +217,9 @@ class _Planner:
         for task in self.config.tasks:
             for name, info in self.infos.items():
                 if info.kind == "learned":
+                    lr = shipped_lr(info.architecture)
                     specs += self._eval_specs(
-                        task, name, {str(h): {"lr": 1.0} for h in self.horizons}
+                        task, name, {str(h): {"lr": lr} for h in self.horizons}
                     )
             for name in self.to_tune:
                 if BASELINES[name].tune_after is None:

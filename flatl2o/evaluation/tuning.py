@@ -19,8 +19,8 @@ that is reported as such (:func:`at_edge`); one next to an extension that diverg
 
 SAM reuses the tuned learning rate of its base optimizer at each horizon and tunes only rho
 (as Foret et al. tuned rho on top of standard base settings), so its trials are planned once
-the base's selection is known. Learned rules are not tuned: they run with ``lr = 1.0`` as
-shipped.
+the base's selection is known. Learned rules are not tuned: they run at their lr as shipped
+(``optimizers.shipped_lr``).
 """
 
 from __future__ import annotations
