@@ -12,7 +12,7 @@ initialized LSTM's alone: what the normalization alone guarantees). Each runs th
 project's one optimizee loop (``flatl2o.meta.optimizee.train_optimizee``: ``flatl2o.L2O`` at
 the rule's own ``lr``, 1e-3, on the task's tensors); Adam (torch.optim.Adam, lr 1e-3) runs
 through the same loop with the same minibatches. Each run: ``steps`` steps from
-the task's initialization of that seed. Reported per optimizer, mean and std over seeds: the
+the task's initialization of that seed. Reported per optimizer, mean and sample std over seeds: the
 final training loss (mean of the last 100 minibatch losses), test loss and accuracy, and the
 parameter norm at several steps.
 Writes benchmarks/results/normprop_untrained.json and .md.
@@ -35,6 +35,7 @@ from flatl2o import make_rule
 from flatl2o.meta.optimizee import (
     EVAL_SEED_OFFSET,
     learned_optimizer,
+    mean_std,
     split_metrics,
     train_optimizee,
 )
@@ -112,8 +113,8 @@ def markdown(result: dict) -> str:
             runs = arm["runs"]
 
             def ms(key: str, runs=runs) -> str:
-                vals = [r[key] for r in runs]
-                return f"{statistics.fmean(vals):.4f} ± {statistics.pstdev(vals):.4f}"
+                mean, std = mean_std([r[key] for r in runs])
+                return f"{mean:.4f} ± {std:.4f}"
 
             norms = [
                 f"{statistics.fmean(r['norm'][t] for r in runs):.3f}"
