@@ -260,6 +260,21 @@ def test_version_has_one_home(name):
     assert PACKAGE not in import_graph()[name]
 
 
+#: The most lines a module of the package may have (issue 18: "no module over ~600 lines"): a
+#: module that grows past it does more than one job; split it by job, each part named for it.
+MAX_MODULE_LINES = 650
+
+
+def test_no_module_is_over_the_size_limit():
+    """Every module under ``flatl2o/`` stays within MAX_MODULE_LINES lines."""
+    sizes = {
+        name: len(path.read_text(encoding="utf-8").splitlines()) for name, path in modules().items()
+    }
+    over = sorted(f"{name}: {n} lines" for name, n in sizes.items() if n > MAX_MODULE_LINES)
+    assert not over, f"modules over {MAX_MODULE_LINES} lines, split them by job: {over}"
+    assert len(sizes) > 40  # the walk found the package's modules
+
+
 # ------------------------------------------------------------------- outside the package
 #: Folders of the repository that hold code the package must never import nor install: the
 #: study behind docs/results.md (research/) and the measurements (benchmarks/).
