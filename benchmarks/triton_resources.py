@@ -5,7 +5,7 @@ compiled for a GPU without one.
     python benchmarks/triton_resources.py --calibrate # + the bound vs the H200 timings
     python benchmarks/triton_resources.py --arch 90 --rule l2o-dm
 
-Compiles ``flatl2o/kernels/triton_step.py``'s kernel ahead of time for an NVIDIA target
+Compiles ``flatl2o/kernels/triton_jit.py``'s kernel ahead of time for an NVIDIA target
 (default sm_90, the H100/H200) with Triton's bundled ptxas, for each (variant, tl.dot
 precision, block, warps, ptxas register cap) below, and reads the cubin with cuobjdump:
 registers per thread, the per-thread stack (register spills to local memory), shared memory
