@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = ["Hessian", "hessian_eig", "hessian_esd", "hessian_trace", "hvp"]
 
@@ -46,13 +47,14 @@ class Hessian:
     ``differentiable`` is True when grad mode is on and ``theta`` requires grad: products are
     then part of ``theta``'s graph. Otherwise ``point`` is a detached copy of ``theta`` and
     nothing upstream is reached. ``grad`` is ∇loss at ``point``, kept with its graph so any
-    number of products can differentiate it.
+    number of products can differentiate it. ``loss_fn`` runs with PyTorch's math attention
+    kernel: the fused ones (flash, memory-efficient) have no double backward.
     """
 
     def __init__(self, loss_fn: LossFn, theta: Tensor) -> None:
         self.differentiable = torch.is_grad_enabled() and theta.requires_grad
         x = theta if theta.requires_grad else theta.detach().requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
             (g,) = torch.autograd.grad(loss_fn(x), x, create_graph=True)
         self.point, self.grad = x, g
 

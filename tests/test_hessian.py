@@ -244,3 +244,32 @@ def test_the_module_sits_below_meta_and_evaluation():
         for alias in node.names
     }
     assert not [m for m in imported if m and m.split(".")[0] == "flatl2o"], imported
+
+
+def test_trace_through_scaled_dot_product_attention_is_differentiable():
+    """A transformer's loss uses F.scaled_dot_product_attention, whose fused CPU kernel has no
+    double backward; the Hessian module must still regularize it (meta-training's
+    text-transformer tasks under hessian-trace)."""
+    from torch.func import functional_call
+
+    from flatl2o.meta.models import TinyGPT
+
+    torch.manual_seed(0)
+    model = TinyGPT(d=8, blocks=1, heads=2, context=6)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    idx = torch.randint(0, 256, (2, 7), generator=gen(1))
+
+    def loss_fn(theta):
+        params, i = {}, 0
+        for n, s in zip(names, shapes, strict=True):
+            params[n] = theta[i : i + s.numel()].reshape(s)
+            i += s.numel()
+        logits = functional_call(model, params, (idx[:, :-1],))
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, 256), idx[:, 1:].reshape(-1))
+
+    w = torch.tensor(0.0, requires_grad=True)
+    value = hessian_trace(loss_fn, flat0 + w * flat0, probes=1, generator=gen())
+    (dw,) = torch.autograd.grad(value, w)
+    assert torch.isfinite(value) and torch.isfinite(dw)
