@@ -102,12 +102,12 @@ def make_kernel(rule: UpdateRule, device: torch.device, backend: str = "auto") -
         return ReferenceKernel(rule)
     program = rule_program(rule)
     if backend != "auto":
+        if program is not None and not_yet_implemented(rule, backend):
+            raise KernelUnavailable(
+                f"the {KERNEL_NAMES[backend]} kernel does not implement "
+                f"{rule.architecture} yet; use backend='reference' (or 'auto')"
+            )
         if program is None:
-            if not_yet_implemented(rule):
-                raise KernelUnavailable(
-                    f"the {KERNEL_NAMES[backend]} kernel does not implement "
-                    f"{rule.architecture} yet; use backend='reference' (or 'auto')"
-                )
             raise KernelUnavailable(
                 f"backend={backend!r} implements the built-in rules only, not "
                 f"{type(rule).__name__}; use backend='reference'"
@@ -117,10 +117,11 @@ def make_kernel(rule: UpdateRule, device: torch.device, backend: str = "auto") -
     if kind is None:
         return ReferenceKernel(rule)
     if program is None:
-        if not_yet_implemented(rule):
-            _warn_fallback(
-                kind, f"the {KERNEL_NAMES[kind]} kernel does not implement {rule.architecture} yet"
-            )
+        return ReferenceKernel(rule)
+    if not_yet_implemented(rule, kind):
+        _warn_fallback(
+            kind, f"the {KERNEL_NAMES[kind]} kernel does not implement {rule.architecture} yet"
+        )
         return ReferenceKernel(rule)
     try:
         return _fast_kernel(kind, rule, program, device)
