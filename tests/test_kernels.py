@@ -495,11 +495,28 @@ def test_reference_step_is_the_rule_where_the_contract_does_not_apply(name: str)
 
 
 # ---------------------------------------------------------------------------------- Triton
+def _triton_rule(name: str, **options: object) -> UpdateRule:
+    """:func:`_rule`; for NormProp with its gain head and readout drawn at random (a fresh
+    rule's are zero and near zero), so that the gain is not 1 and the direction depends on
+    the LSTM."""
+    rule = _rule(name, **options)
+    if name == "normprop":
+        with torch.no_grad():
+            rule.gain.weight.normal_(0.0, 1.0)
+            rule.gain.bias.normal_(0.0, 0.5)
+            rule.readout.weight.normal_(0.0, 1.0)
+            rule.readout.bias.normal_(0.0, 0.5)
+    return rule
+
+
 # What the interpreter scripts share: a kernel of a given launch, a rule with weights that make
-# every part matter, and the checks against the reference step and of the contract.
+# every part matter (_triton_rule), and the checks against the reference step and of the
+# contract.
 _TRITON_PRELUDE = """
 import torch, sys
 sys.path.insert(0, {root!r})
+sys.path.insert(0, {root!r} + "/tests")
+from test_kernels import _triton_rule as make
 from flatl2o.kernels import KernelUnavailable, ReferenceKernel, rule_program
 from flatl2o.kernels import triton_step
 from flatl2o.kernels.accuracy import contract_violations
@@ -513,22 +530,8 @@ def kernel(rule, variant, precision="ieee"):
     return triton_step.TritonKernel(rule_program(rule), cpu, config)
 
 
-def make(name, opts):
-    torch.manual_seed(0)
-    rule = make_rule(name, **opts)
-    with torch.no_grad():
-        for q in rule.parameters():
-            q.mul_(3)
-        if name == "normprop":  # its gain head starts at 0 and its readout near it: draw
-            rule.gain.weight.normal_(0.0, 1.0)  # them, so that the gain is not 1 and the
-            rule.gain.bias.normal_(0.0, 0.5)  # direction depends on the LSTM
-            rule.readout.weight.normal_(0.0, 1.0)
-            rule.readout.bias.normal_(0.0, 0.5)
-    return rule
-
-
 def check(name, opts, variant, sdt, c_scale=1.0, precision="ieee", steps=2, n=150):
-    rule = make(name, opts)
+    rule = make(name, **opts)
     # n = 150: 5 blocks of 32 (3 of 64), a partial last block; the persistent grid (2
     # programs) loops, past the last block
     gen = torch.Generator().manual_seed(1)
@@ -610,7 +613,7 @@ from flatl2o import L2O
 
 # the one-time check on first use covers NormProp: it catches a gain head 1% off, and
 # passes the kernel as it is (for the configuration L2O builds here: cached for it below)
-rule = make("normprop", {{}})
+rule = make("normprop")
 program = rule_program(rule)  # its w_gain shares the rule's storage: replace, not scale
 off = dataclasses.replace(program, w_gain=program.w_gain * 1.01)
 bad = triton_step.TritonKernel(off, cpu, triton_step.launch_config(cpu))
@@ -825,13 +828,13 @@ def test_triton_kernel_compiles_for_h200_with_one_instruction_gate_math(
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("name", RULE_NAMES)
+@pytest.mark.parametrize("name", ["l2o-dm", "rnnprop", "normprop"])
 def test_triton_kernel_matches_reference_on_cuda(name: str) -> None:
     pytest.importorskip("triton")
     from flatl2o.kernels.triton_step import TritonKernel
 
     device = torch.device("cuda")
-    rule = _rule(name).to(device)
+    rule = _triton_rule(name).to(device)
     g, state, p = _inputs(rule, 100_003)
     g, p = g.to(device), p.to(device)
     state = {k: v.to(device) for k, v in state.items()}
@@ -841,7 +844,9 @@ def test_triton_kernel_matches_reference_on_cuda(name: str) -> None:
     for t in range(1, 4):
         kern.update(p, g, state, t, 0.7, False, 1 << 16)
         ref.update(p_ref, g, ref_state, t, 0.7, False, 1 << 16)
-    torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-6)
+    # fp32 rounding of the step: NormProp's is ~1 (output_scale 1), the others' ~0.01
+    atol = 1e-6 * max(1.0, 10 * rule.config.output_scale)
+    torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=atol)
     for k in state:
         torch.testing.assert_close(state[k], ref_state[k], rtol=1e-4, atol=1e-5, msg=k)
 
