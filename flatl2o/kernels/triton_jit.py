@@ -350,12 +350,12 @@ if triton is not None:
                 wm = tl.load(win_ptr + 3 * ci + 1, mask=cim, other=0.0)
                 wb = tl.load(win_ptr + 3 * ci + 2, mask=cim, other=0.0)
                 xm = ms * inv_bc_slow / d
-                u = x0[:, None] * wa[None, :] + xm[:, None] * wm[None, :] + bi[None, :]
+                u = x0[:, None] * wa[None, :] + xm[:, None] * wm[None, :]
+                u += x1[:, None] * wb[None, :] + bi[None, :]
             else:  # w_in is (I, 2)
                 wa = tl.load(win_ptr + 2 * ci, mask=cim, other=0.0)
                 wb = tl.load(win_ptr + 2 * ci + 1, mask=cim, other=0.0)
-                u = x0[:, None] * wa[None, :] + bi[None, :]
-            u += x1[:, None] * wb[None, :]
+                u = x0[:, None] * wa[None, :] + x1[:, None] * wb[None, :] + bi[None, :]
             x = tl.where(u > 0.0, u, tl.exp(u) - 1.0)
 
         # ---- LSTM stack ----
