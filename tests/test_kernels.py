@@ -495,34 +495,23 @@ def test_reference_step_is_the_rule_where_the_contract_does_not_apply(name: str)
 
 
 # ---------------------------------------------------------------------------------- Triton
-def _triton_rule(name: str, **options: object) -> UpdateRule:
-    """:func:`_rule`; for NormProp with its gain head and readout drawn at random (a fresh
-    rule's are zero and near zero), so that the gain is not 1 and the direction depends on
-    the LSTM."""
-    rule = _rule(name, **options)
-    if name == "normprop":
-        with torch.no_grad():
-            rule.gain.weight.normal_(0.0, 1.0)
-            rule.gain.bias.normal_(0.0, 0.5)
-            rule.readout.weight.normal_(0.0, 1.0)
-            rule.readout.bias.normal_(0.0, 0.5)
-    return rule
-
-
 # What the interpreter scripts share: a kernel of a given launch, a rule with weights that make
-# every part matter (_triton_rule), and the checks against the reference step and of the
-# contract.
+# every part matter (benchmarks/gpu_check.py's, which the GPU check uses), and the checks
+# against the reference step and of the contract.
 _TRITON_PRELUDE = """
 import torch, sys
 sys.path.insert(0, {root!r})
-sys.path.insert(0, {root!r} + "/tests")
-from test_kernels import _triton_rule as make
+from benchmarks.gpu_check import rule_for
 from flatl2o.kernels import KernelUnavailable, ReferenceKernel, rule_program
 from flatl2o.kernels import triton_step
 from flatl2o.kernels.accuracy import contract_violations
 from flatl2o import make_rule
 
 cpu = torch.device("cpu")
+
+
+def make(name, **opts):
+    return rule_for(name, cpu, **opts)
 
 
 def kernel(rule, variant, precision="ieee"):
@@ -829,12 +818,17 @@ def test_triton_kernel_compiles_for_h200_with_one_instruction_gate_math(
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["l2o-dm", "rnnprop", "normprop"])
-def test_triton_kernel_matches_reference_on_cuda(name: str) -> None:
+def test_triton_kernel_matches_reference_on_cuda(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("triton")
     from flatl2o.kernels.triton_step import TritonKernel
 
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.gpu_check import rule_for
+
     device = torch.device("cuda")
-    rule = _triton_rule(name).to(device)
+    rule = rule_for(name, device)
     g, state, p = _inputs(rule, 100_003)
     g, p = g.to(device), p.to(device)
     state = {k: v.to(device) for k, v in state.items()}
