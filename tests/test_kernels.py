@@ -814,6 +814,10 @@ def test_triton_kernel_compiles_for_h200_with_one_instruction_gate_math(
     if precision == "3xtf32":  # TF32 tensor-core products only, no fp32 FMA dot
         assert ".tf32" in k.ptx
     assert k.registers <= 255
+    if name == "normprop":  # and its second pass
+        block = triton_step.NORMPROP_APPLY_BLOCK
+        apply = compile_kernel(triton_step._normprop_apply_kernel, {"BLOCK": block}, 4, 0, 90, ints)
+        assert "div.rn.f64" in apply.ptx and apply.stack_bytes == 0  # the means: fp64 sums
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
