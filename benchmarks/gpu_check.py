@@ -9,10 +9,11 @@ state; every precision), the card's measured copy bandwidth, and for a 100M-para
 time, registers and spills of the compiled kernel, achieved bandwidth and its fraction of the
 copy bandwidth, for the device's default configuration and then each of SWEEP (variant,
 precision, block, warps, register cap) until --sweep-budget seconds are spent, then the
-fastest for RNNprop and bf16 state, next to torch.optim.Adam (foreach and fused) and the
-reference step measured in the same run. Then the whole ``opt.step()`` of L2O (with the
-fastest configuration) and Adam on a transformer-shaped 100M-parameter list of 128 tensors:
-time and the step's peak memory beyond the state.
+fastest for RNNprop, NormProp (both of its passes) and bf16 state, next to
+torch.optim.Adam (foreach and fused) and the reference step measured in the same run. Then
+the whole ``opt.step()`` of L2O (with the fastest configuration) for each rule and Adam on a
+transformer-shaped 100M-parameter list of 128 tensors: time and the step's peak memory beyond
+the state. Every rule of RULES (L2O-DM, RNNprop, NormProp) is checked and timed.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from flatl2o.kernels import triton_step as ts
 from flatl2o.kernels.accuracy import check_inputs
 from flatl2o.rules import make_rule
 
-RULES = ["l2o-dm", "rnnprop"]
+RULES = ["l2o-dm", "rnnprop", "normprop"]
 
 
 def _sync(device: torch.device) -> None:
@@ -67,12 +68,21 @@ def timed(fn, device: torch.device, reps: int) -> float:
     return times[len(times) // 2]
 
 
-def rule_for(name: str, device: torch.device):
+def rule_for(name: str, device: torch.device, **options: object):
+    """Rule ``name`` with weights that make every part of its step matter: three times the
+    initial ones (saturating the gates); NormProp's gain head and readout, zero and near zero
+    in a fresh rule, drawn at random (a gain other than 1, a direction that depends on the
+    LSTM). The kernel tests take their rules from here too."""
     torch.manual_seed(0)
-    rule = make_rule(name).to(device)
+    rule = make_rule(name, **options).to(device)
     with torch.no_grad():  # larger weights than init: exercise the nonlinearities
         for p in rule.parameters():
             p.mul_(3)
+        if name == "normprop":
+            rule.gain.weight.normal_(0.0, 1.0)
+            rule.gain.bias.normal_(0.0, 0.5)
+            rule.readout.weight.normal_(0.0, 1.0)
+            rule.readout.bias.normal_(0.0, 0.5)
     return rule
 
 
@@ -138,7 +148,7 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
 #: register caps trading occupancy for spills: 255 -> 213 registers, 8 warps/SM; 168 -> 12;
 #: 128 -> 16), Triton's own tf32x3, then fp32 FMA (the default without TF32 tensor cores;
 #: the layout timed on the H200 before), then the persistent grid. The fastest is then used
-#: for rnnprop and bf16 state.
+#: for the other rules and bf16 state.
 SWEEP = [
     ("packed", "3xtf32", 64, 4, 168),
     ("packed", "3xtf32", 64, 4, 255),
@@ -192,6 +202,7 @@ def bench(device: torch.device, n: int, reps: int, sweep: bool, budget: float) -
         print("bench", rows[-1], flush=True)
         del opt
     adam = rows[0]["seconds"]
+    fused = rows[1]["seconds"] if len(rows) > 1 else None
     del pa
     c = ts.launch_config(device)
     default = (c.variant, c.precision, c.block, c.warps, c.maxnreg)
@@ -201,6 +212,8 @@ def bench(device: torch.device, n: int, reps: int, sweep: bool, budget: float) -
         kern = ts.TritonKernel(rule_program(rule), device, _launch(device, config))
         st = {k: v.to(sdt) for k, v in rule.init_state(n, device=device).items()}
         moved = n * (4 + 8 + 2 * state_bytes(rule, sdt))  # grad r, param r+w, state r+w
+        if name == "normprop":  # and its direction, written by the first pass, read by the second
+            moved += 8 * n
         row = dict(what="flatl2o-triton", rule=name, state=str(sdt), n=n)
         row.update(zip(CONFIG_FIELDS, config, strict=True))
         step = iter(range(1, 10**6))
@@ -218,6 +231,7 @@ def bench(device: torch.device, n: int, reps: int, sweep: bool, budget: float) -
             bytes=moved,
             gbps=moved / t / 1e9,
             vs_adam=t / adam,
+            vs_adam_fused=t / fused if fused else None,
             registers=getattr(compiled, "n_regs", None),
             spills=getattr(compiled, "n_spills", None),
         )
@@ -235,9 +249,9 @@ def bench(device: torch.device, n: int, reps: int, sweep: bool, budget: float) -
     best = min(timed_rows, key=lambda r: r["seconds"]) if timed_rows else None
     config = tuple(best[k] for k in CONFIG_FIELDS) if best else default
     print("best config", config, flush=True)
-    rows.append(run("rnnprop", torch.float32, config))
-    rows.append(run("l2o-dm", torch.bfloat16, config))
-    rows.append(run("rnnprop", torch.bfloat16, config))
+    fp32 = torch.float32
+    for sdt in (torch.float32, torch.bfloat16):  # l2o-dm in fp32: timed in the sweep
+        rows += [run(name, sdt, config) for name in RULES if name != "l2o-dm" or sdt != fp32]
     return rows
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 #: Kernel arguments that are integers (their type when not given a launch value); other
 #: non-pointer arguments are fp32 scalars.
 INTS = {"n": "i64", "negate": "i32", "iters": "i32", "nprog": "i32"}
+#: Pointer arguments that are not to fp32: NormProp's per-tensor sums (fp64).
+POINTERS = {"tot_ptr": "*fp64"}
 
 
 def launch_ints(n: int, block: int) -> dict[str, int]:
@@ -52,10 +54,10 @@ def compile_kernel(
 ) -> CompiledKernel:
     """Compile Triton kernel ``fn`` for sm_``arch`` as a launch would and read the cubin back
     with cuobjdump. ``constexprs``: only those ``fn`` declares are passed. Like a launch's
-    specialization, pointers (fp32) are taken as 16-byte aligned (torch's allocator) and the
-    integer arguments in ``ints`` are specialized on their values (1 becomes a constant,
-    multiples of 16 are marked so); without that, loads are not vectorized and the counts
-    would not be the launched kernel's."""
+    specialization, pointers (to fp32 unless POINTERS says otherwise) are taken as 16-byte
+    aligned (torch's allocator) and the integer arguments in ``ints`` are specialized on their
+    values (1 becomes a constant, multiples of 16 are marked so); without that, loads are not
+    vectorized and the counts would not be the launched kernel's."""
     import triton
     from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.compiler import ASTSource
@@ -78,7 +80,7 @@ def compile_kernel(
         elif name in INTS:
             signature[name] = INTS[name]
         elif name.endswith("_ptr"):
-            signature[name] = "*fp32"
+            signature[name] = POINTERS.get(name, "*fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "fp32"

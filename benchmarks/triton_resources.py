@@ -41,6 +41,7 @@ import triton
 from benchmarks.triton_aot import compile_kernel, launch_ints
 from flatl2o.kernels import rule_program
 from flatl2o.kernels import triton_step as ts
+from flatl2o.kernels.layout import padded
 from flatl2o.rules import make_rule
 
 CONFIGS = [  # (variant, precision, block, warps, maxnreg: 0 = ptxas's own choice)
@@ -64,14 +65,19 @@ H200 = dict(
     sms=132, clock=1.98e9, issue=4, mufu_lanes=16, lsu=1, tf32_flops=494.7e12, copy_gbs=4156.5
 )
 #: Bytes of DRAM traffic per coordinate of an fp32-state step: read + write of the state
-#: (4 LSTM tensors of 20 floats; RNNprop also m, v), the gradient read, the parameter
-#: read + write.
-DRAM_BYTES = {"l2o-dm": 4 * 20 * 4 * 2 + 4 + 8, "rnnprop": (4 * 20 + 2) * 4 * 2 + 4 + 8}
+#: (4 LSTM tensors of 20 floats; RNNprop also m, v; NormProp 2 of 4 and m_fast, m_slow, v),
+#: the gradient read, the parameter read + write; NormProp also writes its direction and its
+#: second pass reads it (the parameter is read and written there, not in this kernel).
+DRAM_BYTES = {
+    "l2o-dm": 4 * 20 * 4 * 2 + 4 + 8,
+    "rnnprop": (4 * 20 + 2) * 4 * 2 + 4 + 8,
+    "normprop": (2 * 4 + 3) * 4 * 2 + 4 + 8 + 8,
+}
 MEMORY_OPS = ("LDG", "STG", "LDS", "STS", "LDL", "STL", "LDSM", "STSM", "ATOMS", "RED")
 
 
 def rule_consts(rule: str, prec: str, block: int, variant: str = "packed") -> dict:
-    """The constexpr arguments a GPU launch passes for ``rule`` (default size: hidden 20)."""
+    """The constexpr arguments a GPU launch passes for ``rule`` (its default size)."""
     config = ts.LaunchConfig(variant, prec, block, warps=0, maxnreg=0)  # warps: not constexpr
     return ts.launch_constexprs(rule_program(make_rule(rule)), config, plain=False)
 
@@ -217,7 +223,7 @@ def calibrate(arch: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90, 100")
-    ap.add_argument("--rule", choices=["l2o-dm", "rnnprop"], default="l2o-dm")
+    ap.add_argument("--rule", choices=list(DRAM_BYTES), default="l2o-dm")
     ap.add_argument("--out", default="benchmarks/results/triton_resources.json")
     ap.add_argument(
         "--calibrate",
@@ -226,7 +232,11 @@ def main() -> None:
     )
     args = ap.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)
-    print(f"Triton {triton.__version__}, sm_{args.arch}, rule {args.rule} (hidden 20 -> 32)")
+    hidden = make_rule(args.rule).config.hidden_size
+    print(
+        f"Triton {triton.__version__}, sm_{args.arch}, rule {args.rule}"
+        f" (hidden {hidden} -> {padded(hidden)})"
+    )
     print(
         "Per coordinate: SASS instructions issued (thread-level), of them FFMA, exp/rcp (MUFU),"
         " loads/stores and spill loads/stores; tensor-core MACs. Bound: ms per 100M-coordinate"

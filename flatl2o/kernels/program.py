@@ -73,7 +73,7 @@ class RuleProgram:
 #: once, and an explicit fast backend refuses it.
 IMPLEMENTED: dict[str, tuple[type[UpdateRule], ...]] = {
     "cpu": (L2ODM, RNNprop),
-    "triton": (L2ODM, RNNprop),
+    "triton": (L2ODM, RNNprop, NormProp),
 }
 BUILT_IN: tuple[type[UpdateRule], ...] = (L2ODM, RNNprop, NormProp)
 

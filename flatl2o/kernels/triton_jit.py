@@ -7,11 +7,18 @@ L1/L2) and the read-out, and writes the new state and parameter once. State may 
 bf16 (arithmetic is fp32 either way). ``TRITON_INTERPRET=1`` runs the same kernel on the CPU.
 Its compile-time arguments come from :func:`flatl2o.kernels.triton_config.launch_constexprs`.
 
-Triton is optional: this is the one module that imports it; without it ``triton`` and
-``step_kernel`` are None.
+NormProp's update is normalized per tensor, so its step is two launches: :data:`step_kernel`
+updates the state and writes each coordinate's direction and each block's partial sums, the
+host sums the partials in a fixed order, and :data:`normprop_apply_kernel` moves the
+parameters.
+
+Triton is optional: this is the one module that imports it; without it ``triton``,
+``step_kernel`` and ``normprop_apply_kernel`` are None.
 """
 
 from __future__ import annotations
+
+from flatl2o.rules.normprop import TINY as NORMPROP_TINY
 
 try:
     import triton
@@ -27,6 +34,13 @@ if triton is not None:
     #: can then overflow only when the sigmoid factor is below 2^-65, so its reciprocal's 0
     #: is right to fp32 precision. Sigmoid-only exponents need no cap: 2^t = inf gives 0.
     T_MAX = tl.constexpr(63.0)
+    #: NormProp's TINY (added under the roots of its per-tensor means), as the rule has it.
+    TINY = tl.constexpr(NORMPROP_TINY)
+    #: The bits of -0.0, which marks a coordinate the zero-gradient contract keeps in NormProp's
+    #: directions: no direction is -0.0 (``_tanh`` ends in ``r - 1.0``, and an exact zero
+    #: difference is +0.0), and a kept coordinate must not move even when the scale is not
+    #: finite.
+    KEPT_BITS = tl.constexpr(-(2**31))
 
     @triton.jit
     def _tanh(x):
@@ -207,6 +221,26 @@ if triton is not None:
         return tl.sum((~_zero_bits(x)).to(tl.int32), axis=1) == 0
 
     @triton.jit
+    def _normprop_partials(
+        blk, dirn, adam, gh, go, rm, rows, n, dir_ptr, part_ptr, BLOCK: tl.constexpr
+    ):
+        """NormProp's first pass, after the state update: the directions go to ``dir_ptr``
+        (a kept coordinate's as KEPT), and row ``blk`` of the ``(blocks, 4)`` partial sums
+        ``part_ptr`` gets the block's sums over the counted coordinates (``go``) of d^2,
+        Adam's step squared and the gain head, and their number. The tensor's sums are
+        then taken by the host from the partials in a fixed order (no atomics)."""
+        kept = tl.full([BLOCK], KEPT_BITS, tl.int32).to(tl.float32, bitcast=True)
+        tl.store(dir_ptr + rows, tl.where(go, dirn, kept), mask=rm)
+        s_dd = tl.sum(tl.where(go, dirn * dirn, 0.0), axis=0)
+        s_aa = tl.sum(tl.where(go, adam * adam, 0.0), axis=0)
+        s_gh = tl.sum(tl.where(go, gh, 0.0), axis=0)
+        s_n = tl.sum(go.to(tl.float32), axis=0)
+        q = tl.arange(0, 4)
+        part = tl.where(q == 0, s_dd, tl.where(q == 1, s_aa, tl.where(q == 2, s_gh, s_n)))
+        # a persistent program's blocks past the end have no row
+        tl.store(part_ptr + blk.to(tl.int64) * 4 + q, part, mask=blk.to(tl.int64) * BLOCK < n)
+
+    @triton.jit
     def _block(
         blk,
         grad_ptr,
@@ -233,6 +267,14 @@ if triton is not None:
         inv_bc1,
         inv_bc2,
         rp_eps,
+        ms_ptr,
+        beta_slow,
+        inv_bc_slow,
+        adam_skip,
+        wgain_ptr,
+        b_gain,
+        dir_ptr,
+        part_ptr,
         w0_ptr,
         b0_ptr,
         w1_ptr,
@@ -272,6 +314,8 @@ if triton is not None:
         if PREP != 0:
             keep = keep & _zero_bits(tl.load(m_ptr + rows, mask=keep, other=0.0))
             keep = keep & _zero_bits(tl.load(v_ptr + rows, mask=keep, other=0.0))
+        if PREP == 2:
+            keep = keep & _zero_bits(tl.load(ms_ptr + rows, mask=keep, other=0.0))
         hm = keep[:, None] & (j < H)[None, :]
         keep = keep & _zero_rows(h0_ptr, soff, hm) & _zero_rows(c0_ptr, soff, hm)
         if LAYERS == 2:
@@ -284,7 +328,8 @@ if triton is not None:
             x0 = tl.maximum(tl.log(tl.abs(g) + dm_eps) * dm_inv_k, -1.0)
             x1 = tl.minimum(tl.maximum(g * dm_exp_k, -1.0), 1.0)
             x = (x0, x1)  # two columns: outer products, not a dot (see _gate)
-        else:  # RNNprop: moving averages, normalized inputs, ELU input layer
+        else:  # RNNprop and NormProp: moving averages, normalized inputs, ELU input layer
+            # (NormProp: m is m_fast, and x0 Adam's step; its inputs are x0, m_slow's, x1)
             m = tl.load(m_ptr + rows, mask=rm, other=0.0).to(tl.float32)
             v = tl.load(v_ptr + rows, mask=rm, other=0.0).to(tl.float32)
             m = beta1 * m + (1.0 - beta1) * g
@@ -296,10 +341,21 @@ if triton is not None:
             x1 = g / d
             ci = tl.arange(0, IP)
             cim = ci < I
-            wa = tl.load(win_ptr + 2 * ci, mask=cim, other=0.0)
-            wb = tl.load(win_ptr + 2 * ci + 1, mask=cim, other=0.0)
             bi = tl.load(bin_ptr + ci, mask=cim, other=0.0)
-            u = x0[:, None] * wa[None, :] + x1[:, None] * wb[None, :] + bi[None, :]
+            if PREP == 2:  # w_in is (I, 3)
+                ms = tl.load(ms_ptr + rows, mask=rm, other=0.0).to(tl.float32)
+                ms = beta_slow * ms + (1.0 - beta_slow) * g
+                tl.store(ms_ptr + rows, ms.to(ms_ptr.dtype.element_ty), mask=go)
+                wa = tl.load(win_ptr + 3 * ci, mask=cim, other=0.0)
+                wm = tl.load(win_ptr + 3 * ci + 1, mask=cim, other=0.0)
+                wb = tl.load(win_ptr + 3 * ci + 2, mask=cim, other=0.0)
+                xm = ms * inv_bc_slow / d
+                u = x0[:, None] * wa[None, :] + xm[:, None] * wm[None, :]
+                u += x1[:, None] * wb[None, :] + bi[None, :]
+            else:  # w_in is (I, 2)
+                wa = tl.load(win_ptr + 2 * ci, mask=cim, other=0.0)
+                wb = tl.load(win_ptr + 2 * ci + 1, mask=cim, other=0.0)
+                u = x0[:, None] * wa[None, :] + x1[:, None] * wb[None, :] + bi[None, :]
             x = tl.where(u > 0.0, u, tl.exp(u) - 1.0)
 
         # ---- LSTM stack ----
@@ -324,11 +380,17 @@ if triton is not None:
         # ---- read-out and update ----
         wo = tl.load(wout_ptr + j, mask=j < H, other=0.0)
         out = tl.sum(h * wo[None, :], axis=1) + b_out
-        if OUT_TANH:
-            out = _tanh(out)
-        out = out * scale
-        p = tl.load(param_ptr + rows, mask=rm, other=0.0).to(tl.float32)
-        tl.store(param_ptr + rows, (p - lr * out).to(param_ptr.dtype.element_ty), mask=go)
+        if PREP == 2:  # NormProp's first pass: the direction and the block's sums
+            dirn = _tanh(adam_skip * x0 + out)
+            wg = tl.load(wgain_ptr + j, mask=j < H, other=0.0)
+            gh = tl.sum(h * wg[None, :], axis=1) + b_gain
+            _normprop_partials(blk, dirn, x0, gh, go, rm, rows, n, dir_ptr, part_ptr, BLOCK)
+        else:
+            if OUT_TANH:
+                out = _tanh(out)
+            out = out * scale
+            p = tl.load(param_ptr + rows, mask=rm, other=0.0).to(tl.float32)
+            tl.store(param_ptr + rows, (p - lr * out).to(param_ptr.dtype.element_ty), mask=go)
 
     @triton.jit
     def _step_kernel(
@@ -366,6 +428,14 @@ if triton is not None:
         inv_bc1,
         inv_bc2,
         rp_eps,
+        ms_ptr,
+        beta_slow,
+        inv_bc_slow,
+        adam_skip,
+        wgain_ptr,
+        b_gain,
+        dir_ptr,
+        part_ptr,
         iters,
         nprog,
         PREP: tl.constexpr,
@@ -388,14 +458,39 @@ if triton is not None:
             _block(
                 pid + it * nprog, grad_ptr, param_ptr, n, lr, negate, m_ptr, v_ptr, h0_ptr,
                 c0_ptr, h1_ptr, c1_ptr, win_ptr, bin_ptr, wout_ptr, b_out, scale, dm_inv_k,
-                dm_eps, dm_exp_k, beta1, beta2, inv_bc1, inv_bc2, rp_eps, w0_ptr, b0_ptr,
+                dm_eps, dm_exp_k, beta1, beta2, inv_bc1, inv_bc2, rp_eps, ms_ptr, beta_slow,
+                inv_bc_slow, adam_skip, wgain_ptr, b_gain, dir_ptr, part_ptr, w0_ptr, b0_ptr,
                 w1_ptr, b1_ptr, wx0_ptr, wh0_ptr, bp0_ptr, wx1_ptr, wh1_ptr, bp1_ptr, PREP,
                 LAYERS, H, HP, I, IP, OUT_TANH, BLOCK, PREC, PACKED, FAST,
             )  # fmt: skip
             it += 1
+
+    @triton.jit
+    def _normprop_apply_kernel(
+        param_ptr, dir_ptr, tot_ptr, n, lr, scale, log_gain_bound, BLOCK: tl.constexpr
+    ):
+        """NormProp's second pass: ``param -= lr * scale_T * d`` with the tensor's scale
+        ``output_scale * rms(adam) * gain / rms(d)`` from the sums ``tot_ptr`` (fp64: d^2,
+        adam^2, gain head, count) as :meth:`flatl2o.rules.NormProp.finish` computes it (the
+        count clamped to 1, TINY under the roots). Coordinates marked KEPT do not move."""
+        count = tl.maximum(tl.load(tot_ptr + 3), 1.0)
+        mean_dd = (tl.load(tot_ptr) / count).to(tl.float32)
+        mean_aa = (tl.load(tot_ptr + 1) / count).to(tl.float32)
+        mean_gh = (tl.load(tot_ptr + 2) / count).to(tl.float32)
+        gain = tl.exp(log_gain_bound * _tanh(mean_gh))
+        s = scale * (tl.sqrt(mean_aa + TINY) * gain / tl.sqrt(mean_dd + TINY))
+        rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        dirn = tl.load(dir_ptr + rows, mask=rows < n, other=0.0)
+        go = (rows < n) & (dirn.to(tl.int32, bitcast=True) != KEPT_BITS)
+        p = tl.load(param_ptr + rows, mask=go, other=0.0).to(tl.float32)
+        tl.store(param_ptr + rows, (p - lr * (s * dirn)).to(param_ptr.dtype.element_ty), mask=go)
+
+    #: NormProp's second pass (one program per NORMPROP_APPLY_BLOCK coordinates).
+    normprop_apply_kernel = _normprop_apply_kernel
 
     #: The kernel: one launch does one step of every coordinate (grid: one program per block,
     #: or the persistent variant's fixed number of programs looping over blocks).
     step_kernel = _step_kernel
 else:
     step_kernel = None
+    normprop_apply_kernel = None

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from flatl2o.kernels.errors import KernelUnavailable
 from flatl2o.kernels.layout import pack
-from flatl2o.kernels.program import PREP_DM, RuleProgram, dm_exp_k
+from flatl2o.kernels.program import PREP_DM, PREP_NORMPROP, RuleProgram, dm_exp_k
 from flatl2o.kernels.triton_config import (
     CONFIG_ENV,
     PRECISIONS,
@@ -31,6 +31,7 @@ from flatl2o.kernels.triton_config import (
     launch_constexprs,
     plain_math,
 )
+from flatl2o.kernels.triton_jit import normprop_apply_kernel as _normprop_apply_kernel
 from flatl2o.kernels.triton_jit import step_kernel as _step_kernel
 from flatl2o.kernels.triton_jit import triton
 from flatl2o.rules import UpdateRule
@@ -63,6 +64,9 @@ def _has_maxnreg() -> bool:
 _HAS_MAXNREG = triton is not None and _has_maxnreg()
 
 
+#: Coordinates per program of NormProp's second pass (elementwise: param -= lr * scale * d).
+NORMPROP_APPLY_BLOCK = 1024
+
 #: Coordinates of TritonKernel.verify's check (not a multiple of any block size).
 VERIFY_COORDS = 4099
 _VERIFIED: set[tuple] = set()
@@ -85,7 +89,9 @@ def available() -> str | None:
 
 
 class TritonKernel:
-    """Runs a :class:`RuleProgram` with the Triton kernel on one device."""
+    """Runs a :class:`RuleProgram` with the Triton kernel on one device. NormProp takes two
+    launches per tensor and keeps a scratch of one float per coordinate of the largest tensor
+    stepped so far (its directions, between the passes) and 4 per block (the partial sums)."""
 
     name = "triton"
 
@@ -112,6 +118,9 @@ class TritonKernel:
         tiles = pack(self.program, "tiles")
         self.tiles = list(zip(tiles.weights, tiles.recurrent, tiles.biases, strict=True))
         self.last_compiled = None  # the compiled kernel of the last launch (registers, spills)
+        # NormProp's scratch, grown to the largest tensor stepped and then reused: each
+        # coordinate's direction, each block's partial sums (4 floats) and the tensor's sums
+        self._directions = self._partials = self._totals = None
 
     def update(
         self,
@@ -139,6 +148,7 @@ class TritonKernel:
         if n == 0:
             return
         dm = p.prep == PREP_DM
+        normprop = p.prep == PREP_NORMPROP
         h1 = state["h1"] if p.layers == 2 else state["h0"]
         c1 = state["c1"] if p.layers == 2 else state["c0"]
         rows = self.rows
@@ -151,13 +161,17 @@ class TritonKernel:
         grid = (min(blocks, self._programs()) if persistent else blocks,)
         tiles0 = self.tiles[0]
         tiles1 = self.tiles[1] if p.layers == 2 else self.tiles[0]
+        # RNNprop's m and beta1 are NormProp's m_fast and beta_fast (the kernel's m and beta1)
+        m, beta1 = (state["m_fast"], p.beta_fast) if normprop else (state.get("m"), p.beta1)
+        if normprop:
+            directions, partials = self._scratch(n, blocks)
         self.last_compiled = _step_kernel[grid](
             grad,
             param,
             n,
             float(lr),
             int(maximize),
-            dummy if dm else state["m"],
+            dummy if dm else m,
             dummy if dm else state["v"],
             state["h0"],
             state["c0"],
@@ -177,17 +191,51 @@ class TritonKernel:
             1.0 / p.dm_k,
             p.dm_eps,
             dm_exp_k(p) if dm else 1.0,
-            p.beta1,
+            beta1,
             p.beta2,
-            1.0 if dm else 1.0 / (1.0 - p.beta1**step),
+            1.0 if dm else 1.0 / (1.0 - beta1**step),
             1.0 if dm else 1.0 / (1.0 - p.beta2**step),
             p.rp_eps,
+            state["m_slow"] if normprop else dummy,
+            p.beta_slow,
+            1.0 / (1.0 - p.beta_slow**step) if normprop else 1.0,
+            p.adam_skip,
+            p.w_gain if normprop else dummy,
+            p.b_gain,
+            directions if normprop else dummy,
+            partials if normprop else dummy,
             triton.cdiv(blocks, grid[0]) if persistent else 1,  # iters
             grid[0],  # nprog
             **self.constexprs,
             num_warps=cfg.warps,
             **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and _HAS_MAXNREG and not _amd() else {}),
         )
+        if normprop:
+            # the tensor's sums, from the blocks' partial sums in a fixed order (fp64: the
+            # count is exact), then its scale and the parameter update
+            totals = self._totals
+            torch.sum(partials.view(blocks, 4), dim=0, dtype=torch.float64, out=totals)
+            _normprop_apply_kernel[(triton.cdiv(n, NORMPROP_APPLY_BLOCK),)](
+                param,
+                directions,
+                totals,
+                n,
+                float(lr),
+                p.scale,
+                p.log_gain_bound,
+                BLOCK=NORMPROP_APPLY_BLOCK,
+            )
+
+    def _scratch(self, n: int, blocks: int) -> tuple[Tensor, Tensor]:
+        """NormProp's direction buffer (``n`` floats) and partial sums (``blocks`` rows of
+        4), views of buffers kept by the kernel and grown only for a larger tensor."""
+        if self._directions is None or self._directions.numel() < n:
+            self._directions = torch.empty(n, dtype=torch.float32, device=self.device)
+        if self._partials is None or self._partials.numel() < 4 * blocks:
+            self._partials = torch.empty(4 * blocks, dtype=torch.float32, device=self.device)
+        if self._totals is None:
+            self._totals = torch.empty(4, dtype=torch.float64, device=self.device)
+        return self._directions[:n], self._partials[: 4 * blocks]
 
     def verify(self, rule: UpdateRule, n: int = VERIFY_COORDS) -> None:
         """Check this kernel against the reference rule module once per device,
