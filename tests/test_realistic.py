@@ -380,3 +380,24 @@ def test_a_checkpoint_runs_at_its_lr_as_shipped_in_both_suites(tmp_path: Path) -
     (arm,) = [n for n, i in resolved.items() if i.architecture == "normprop"]
     assert {s.hparams["lr"] for s in planned if s.optimizer == "dm"} == {1.0}
     assert {s.hparams["lr"] for s in planned if s.optimizer == arm} == {1e-3}
+
+
+def test_cli_workload_subset_without_the_long_horizon_workload():
+    """``--tasks regression`` alone is a valid run: the LM's long horizon is dropped, not an
+    error, and the page does not announce a long horizon on no workload."""
+    import argparse
+
+    from flatl2o.evaluation.realistic_command import _config
+    from flatl2o.evaluation.realistic_report import render_realistic
+
+    fields = ("optimizers", "seeds", "horizons", "long_horizon", "tune_seeds")
+    args = argparse.Namespace(tasks=["regression"], quick=False, **dict.fromkeys(fields))
+    config = _config(args)
+    assert list(config.workloads) == ["regression"] and config.long_workloads == ()
+    args = argparse.Namespace(tasks=["regression-tiny"], quick=True, **dict.fromkeys(fields))
+    assert _config(args).long_workloads == ()
+    root = Path(__file__).resolve().parents[1]
+    data = json.loads((root / "docs" / "realistic" / "eval.json").read_text())
+    data["config"]["long_workloads"] = []
+    page = render_realistic(data, "realistic")
+    assert "steps on ." not in page and "horizons 1000, 5000." in page

@@ -39,6 +39,9 @@ def _config(args: argparse.Namespace) -> Any:
     ):
         if value is not None:
             given[field] = value
+    if args.tasks is not None:  # the long horizon runs on the chosen workloads only
+        base = RealisticConfig.quick() if args.quick else RealisticConfig()
+        given["long_workloads"] = tuple(w for w in base.long_workloads if w in args.tasks)
     return RealisticConfig.quick(**given) if args.quick else RealisticConfig(**given)
 
 

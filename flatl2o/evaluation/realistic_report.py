@@ -89,7 +89,7 @@ def render_realistic(data: dict[str, Any], fig: str = ".", command: str | None =
         + ", ".join(str(h) for h in c["horizons"])
         + (
             f" and {c['long_horizon']} steps on {', '.join(c['long_workloads'])}"
-            if c["long_horizon"]
+            if c["long_horizon"] and c["long_workloads"]
             else ""
         )
         + f". The default learned optimizer is `{default}` (`L2O(model.parameters())`).",
