@@ -256,18 +256,19 @@ typedef struct {
  * write its direction d to delta and its stats to ts). */
 static inline void write_step(const flatl2o_args *a, int64_t i0, int n, float out[TILE],
                               tile_stats *ts) {
-    if (a->prep == PREP_NORMPROP) {
+    if (a->prep == PREP_NORMPROP) { /* the direction goes to delta (a->param is NULL) */
         for (int t = 0; t < TILE; ++t) {
             const float adam = ts->adam[t], d = tanh_poly(a->adam_skip * adam + out[t]);
             out[t] = d;
             ts->stats[0][t] = d * d;
             ts->stats[1][t] = adam * adam;
         }
-    } else {
-        if (a->out_tanh)
-            for (int t = 0; t < TILE; ++t) out[t] = tanh_poly(out[t]);
-        for (int t = 0; t < TILE; ++t) out[t] *= a->scale;
+        for (int t = 0; t < n; ++t) a->delta[i0 + t] = out[t];
+        return;
     }
+    if (a->out_tanh)
+        for (int t = 0; t < TILE; ++t) out[t] = tanh_poly(out[t]);
+    for (int t = 0; t < TILE; ++t) out[t] *= a->scale;
     if (a->param) {
         for (int t = 0; t < n; ++t) a->param[i0 + t] -= a->lr * out[t];
     } else {
