@@ -1,10 +1,12 @@
 /* flatl2o CPU fast path: one whole learned-rule step per tile of 16 coordinates.
  *
- * Computes exactly the function of flatl2o.rules (L2O-DM and RNNprop: preprocessing,
- * stacked LSTM cells, read-out) for each coordinate, but keeps every intermediate of a tile
- * in registers/L1: the gradient and the recurrent state are read once and written once.
- * No allocation, no threads: the Python side splits coordinates across threads (ctypes
- * releases the GIL).
+ * Computes exactly the function of flatl2o.rules (L2O-DM, RNNprop and NormProp:
+ * preprocessing, stacked LSTM cells, read-out) for each coordinate, but keeps every
+ * intermediate of a tile in registers/L1: the gradient and the recurrent state are read once
+ * and written once. NormProp's per-tensor normalization takes two calls: flatl2o_step writes
+ * each coordinate's direction and per-block sums (normprop_pass), flatl2o_scale_step applies
+ * the tensor's step. No allocation, no threads: the Python side splits coordinates across
+ * threads (ctypes releases the GIL).
  *
  * Three implementations of the LSTM stack, chosen at compile time:
  *  - AVX-512 (x86 with AVX-512F and DQ, the machines this project benchmarks on): weights are
