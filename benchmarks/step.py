@@ -148,7 +148,7 @@ def bench_sizes(sizes: list[int], reps: int) -> list[dict]:
             )
         )
         del adam
-        for name in ("l2o-dm", "rnnprop"):
+        for name in ("l2o-dm", "rnnprop", "normprop"):
             torch.manual_seed(0)
             rule = make_rule(name)
             for backend in ("cpu", "reference"):
@@ -216,7 +216,7 @@ def end_to_end(reps: int) -> list[dict]:
     ]
     for label, build, batch in cases:
         times = {}
-        for opt_name in ("adam", "flatl2o-rnnprop", "flatl2o-l2o-dm"):
+        for opt_name in ("adam", "flatl2o-rnnprop", "flatl2o-l2o-dm", "flatl2o-normprop"):
             torch.manual_seed(0)
             model = build()
             if opt_name == "adam":

@@ -171,6 +171,213 @@ def test_portable_c_build_matches_reference(name: str) -> None:
         _assert_matches_reference(kernel, rule, 333, maximize=True)
 
 
+# ------------------------------------------------------------------ NormProp in the C kernel
+#: (hidden_size, num_layers): 1 to 6 units in one layer, and two layers where the 16 floats
+#: of state per coordinate allow (3 + 2 * hidden * layers <= 16)
+NORMPROP_SHAPES = [(1, 1), (2, 1), (3, 1), (4, 1), (5, 1), (6, 1), (1, 2), (3, 2)]
+
+
+def _normprop(hidden: int = 4, layers: int = 1, adam_skip: float = 1.0, seed: int = 0):
+    """A NormProp as meta-training leaves one: random LSTM and input weights (scaled up so
+    gates saturate), and a gain head and read-out drawn at random, so that the gain is not 1
+    and the direction depends on the LSTM (a fresh rule's are zero and near zero)."""
+    torch.manual_seed(seed)
+    rule = make_rule("normprop", hidden_size=hidden, num_layers=layers, adam_skip=adam_skip)
+    with torch.no_grad():
+        for p in rule.parameters():
+            p.mul_(3.0)
+        rule.gain.weight.normal_(0.0, 1.0)
+        rule.gain.bias.normal_(0.0, 0.5)
+        rule.readout.weight.normal_(0.0, 1.0)
+        rule.readout.bias.normal_(0.0, 0.5)
+    return rule
+
+
+def _normprop_run(kernel, rule, n: int, steps: int, maximize: bool = False, chunk: int = 1 << 16):
+    """``steps`` steps at lr 0.01: NormProp's update is Adam-sized (about 1 per coordinate),
+    so this moves parameters as far per step as the other rules' tests at lr 0.7."""
+    g, state, p = _inputs(rule, n)
+    for t in range(1, steps + 1):
+        kernel.update(p, g * (1 + 0.1 * t) * (-1) ** t, state, t, 0.01, maximize, chunk)
+    return p, state
+
+
+def _assert_normprop_matches_reference(kernel, rule, n: int, steps: int = 4, maximize=False):
+    p, state = _normprop_run(kernel, rule, n, steps, maximize)
+    p_ref, state_ref = _normprop_run(ReferenceKernel(rule), rule, n, steps, maximize)
+    torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-6)
+    for k in state:
+        torch.testing.assert_close(state[k], state_ref[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize(("hidden", "layers"), NORMPROP_SHAPES)
+def test_normprop_cpu_kernel_matches_reference(build: str, hidden: int, layers: int) -> None:
+    """Every build against the reference rule module: both passes (state, direction, the
+    per-tensor sums, scale and step) over sizes with tile and block tails, several steps,
+    the Adam skip on and off, and maximize."""
+    lib = _build(build)
+    for adam_skip in (1.0, 0.0):
+        rule = _normprop(hidden, layers, adam_skip)
+        kernel = cpu.CPUKernel(rule_program(rule), lib=lib)
+        for n in (1, 37, 333, 2049):
+            _assert_normprop_matches_reference(kernel, rule, n, maximize=n == 333)
+
+
+def test_normprop_cpu_kernel_matches_reference_on_a_large_tensor() -> None:
+    """Many blocks split across threads, at the default hidden size."""
+    rule = _normprop()
+    _assert_normprop_matches_reference(cpu.CPUKernel(rule_program(rule)), rule, 40_003)
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_normprop_cpu_kernel_error_is_of_fp32_order(build: str) -> None:
+    """Against the rule in float64, the kernel drifts no more than a small multiple of
+    torch's own float32 path (as the other rules: tests above)."""
+    from flatl2o.kernels.accuracy import drift_from_float64
+
+    rule = _normprop(seed=1)
+    n = 5000
+    g = torch.randn(n, generator=torch.Generator().manual_seed(1)) * torch.logspace(-6, 0, n)
+    kernels = {
+        "cpu": cpu.CPUKernel(rule_program(rule), lib=_build(build)),
+        "fp32": ReferenceKernel(rule),
+    }
+    drift, _ = drift_from_float64(rule, kernels, g, steps=10)
+    (pk, pr), (sk, sr) = (drift["cpu"][0], drift["fp32"][0]), (drift["cpu"][1], drift["fp32"][1])
+    assert pk <= 8 * pr + 1e-9 and sk <= 8 * sr + 1e-8, (pk, pr, sk, sr)
+
+
+def test_normprop_does_not_depend_on_thread_split_or_chunking(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The per-tensor sums are per block by a fixed tree, added in a fixed order: one
+    thread, four uneven parts, and fp32 chunks of the strided-state path all give the same
+    bits."""
+    rule = _normprop()
+    kernel = cpu.CPUKernel(rule_program(rule))
+    monkeypatch.setattr(cpu, "MIN_COORDS_PER_THREAD", 10**9)  # one thread
+    p1, s1 = _normprop_run(kernel, rule, 50_001, 2)
+    monkeypatch.setattr(cpu, "MIN_COORDS_PER_THREAD", 1000)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # four uneven parts
+    p4, s4 = _normprop_run(kernel, rule, 50_001, 2)
+    assert torch.equal(p1, p4)
+    assert all(torch.equal(s1[k], s4[k]) for k in s1)
+    # a strided state goes through fp32 chunks (rounded up to whole blocks of the sums)
+    g, state, p = _inputs(rule, 1000)
+    strided = {k: torch.stack((v, v), dim=-1)[..., 0] for k, v in state.items()}
+    assert not any(v.is_contiguous() for v in strided.values())
+    p2 = p.clone()
+    kernel.update(p, g, state, 1, 0.01, False, 1 << 16)
+    kernel.update(p2, g, strided, 1, 0.01, False, 100)
+    assert torch.equal(p, p2)
+    assert all(torch.equal(strided[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_normprop_bf16_state_in_the_kernel_equals_fp32_steps_rounded(build: str) -> None:
+    """bf16 rows widened and rounded inside the kernel: exactly the fp32 step followed by
+    torch's rounding of the state (as for the other rules), sums and scale included."""
+    rule = _normprop()
+    kernel = cpu.CPUKernel(rule_program(rule), lib=_build(build))
+    for n in (37, 1000):
+        g, state, p = _inputs(rule, n)
+        bf = {k: v.to(torch.bfloat16) for k, v in state.items()}
+        fp = {k: v.to(torch.bfloat16).float() for k, v in state.items()}
+        p2 = p.clone()
+        for t in (1, 2, 3):
+            kernel.update(p, g * t, bf, t, 0.01, False, 1 << 14)
+            kernel.update(p2, g * t, fp, t, 0.01, False, 1 << 14)
+            fp = {k: v.to(torch.bfloat16).float() for k, v in fp.items()}
+        assert torch.equal(p, p2)
+        assert all(torch.equal(bf[k].float(), fp[k]) for k in bf)
+
+
+def test_normprop_bf16_params_and_the_zero_gradient_contract() -> None:
+    """bf16 parameters take the converted path (the step applied by torch, in fp32); the
+    contract's rows neither move nor count in the tensor's sums."""
+    rule = _normprop()
+    kernel = cpu.CPUKernel(rule_program(rule))
+    g, state, p = _inputs(rule, 1000)
+    pb, ref_p = p.to(torch.bfloat16), p.to(torch.bfloat16)
+    ref_state = {k: v.clone() for k, v in state.items()}
+    kernel.update(pb, g.to(torch.bfloat16), state, 1, 0.01, False, 64)
+    ReferenceKernel(rule).update(ref_p, g.to(torch.bfloat16), ref_state, 1, 0.01, False, 64)
+    assert (pb.float() - ref_p.float()).abs().max() <= 2 * (2**-8) * pb.float().abs().max()
+    for build in BUILDS:
+        kernel = cpu.CPUKernel(rule_program(rule), lib=_build(build))
+        for dtype in (torch.float32, torch.bfloat16):
+            assert contract_violations(kernel, rule, state_dtype=dtype) == [], (build, dtype)
+    # many exact zeros with fresh state: the scale is over the other coordinates only
+    grad, state, param, keep = untouched_case(rule, 4 * 64)
+    assert keep.any()
+    ref_state = {k: v.clone() for k, v in state.items()}
+    ref_param = param.clone()
+    cpu.CPUKernel(rule_program(rule)).update(param, grad, state, 1, 0.01, False, 1 << 16)
+    ReferenceKernel(rule).update(ref_param, grad, ref_state, 1, 0.01, False, 1 << 16)
+    torch.testing.assert_close(param, ref_param, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_normprop_saturates_like_the_reference(build: str) -> None:
+    """Extreme cell states and gradients (see the test for the other rules): finite, and the
+    step and state close to the reference's."""
+    rule = _normprop()
+    n = 64
+    gen = torch.Generator().manual_seed(3)
+    state = rule.init_state(n)
+    big = torch.tensor([0.0, 50.0, -50.0, 1e6, -1e6, 1e30, -1e30, 3e38, -3e38, 88.0, 1e-40])
+    state["c0"] = big[torch.randint(len(big), state["c0"].shape, generator=gen)]
+    state["h0"] = torch.rand(state["h0"].shape, generator=gen) * 2 - 1
+    g = torch.logspace(-30, 15, n) * torch.tensor([1.0, -1.0]).repeat(n // 2)  # g^2 finite
+    ref = {k: v.clone() for k, v in state.items()}
+    p, p_ref = torch.zeros(n), torch.zeros(n)
+    kernel = cpu.CPUKernel(rule_program(rule), lib=_build(build))
+    for t in (1, 2):
+        kernel.update(p, g, state, t, 0.01, False, 1 << 14)
+        ReferenceKernel(rule).update(p_ref, g, ref, t, 0.01, False, 1 << 14)
+    assert torch.isfinite(p_ref).all() and all(torch.isfinite(v).all() for v in ref.values())
+    torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-6)
+    for k in state:
+        torch.testing.assert_close(state[k], ref[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+def test_every_load_of_a_library_declares_its_functions() -> None:
+    """Every ``CDLL`` object has function objects of its own, also a second load of the same
+    library (the tests load each build more than once): each must be declared, or ctypes
+    passes pointers and int64 counts as 32-bit ints (NormProp's totals crashed)."""
+    lib = _build("portable")
+    again = cpu.load(lib._name)
+    assert again is not lib
+    for name in ("flatl2o_step", "flatl2o_block_totals", "flatl2o_scale_step"):
+        assert getattr(again, name).argtypes, name
+    rule = _normprop()
+    kernel = cpu.CPUKernel(rule_program(rule), lib=again)
+    _assert_normprop_matches_reference(kernel, rule, 100)
+
+
+def test_auto_picks_the_cpu_kernel_for_normprop_without_a_warning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The C kernel implements NormProp: ``backend="auto"`` and ``"cpu"`` take it, silently
+    (before, the C kernel refused it and auto warned and ran the reference step)."""
+    monkeypatch.delenv("FLATL2O_BACKEND", raising=False)
+    import flatl2o.kernels as kernels
+
+    monkeypatch.setattr(kernels, "_warned", set())
+    rule = _normprop()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert isinstance(make_kernel(rule, torch.device("cpu")), cpu.CPUKernel)
+        assert isinstance(make_kernel(rule, torch.device("cpu"), "cpu"), cpu.CPUKernel)
+        model = torch.nn.Linear(30, 20)
+        opt = L2O(model.parameters(), rule)
+        model(torch.randn(4, 30)).pow(2).sum().backward()
+        before = [q.detach().clone() for q in model.parameters()]
+        opt.step()
+    assert all(not torch.equal(q, b) for q, b in zip(model.parameters(), before, strict=True))
+
+
 # -------------------------------------------------- the C ABI and the packed layouts, declared once
 @pytest.mark.parametrize("build", BUILDS)
 def test_c_argument_struct_is_read_from_the_library(build: str) -> None:

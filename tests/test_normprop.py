@@ -26,10 +26,9 @@ from flatl2o.rules import ConfigError, NormProp, RuleConfig, UpdateRule, build_r
 
 
 @pytest.fixture(autouse=True)
-def reference_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fast kernels do not implement normprop yet: run ``backend="auto"`` on the
-    reference step without its warning (the warning itself is tested below)."""
-    monkeypatch.setenv("FLATL2O_BACKEND", "reference")
+def default_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``backend="auto"`` as a user gets it (the C kernel on CPU), whatever the environment."""
+    monkeypatch.delenv("FLATL2O_BACKEND", raising=False)
 
 
 def _rule(
@@ -372,11 +371,35 @@ def test_default_lr_comes_from_the_rule() -> None:
     assert L2O([p], _rule(), lr=0.02).param_groups[0]["lr"] == 0.02
 
 
-def test_auto_backend_warns_once_and_explicit_cpu_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flatl2o import kernels
+def test_the_c_kernel_runs_normprop_silently() -> None:
+    """``backend="auto"`` and ``"cpu"`` step NormProp with the C kernel, with no warning,
+    as the reference step does to float32 rounding."""
+    from flatl2o.kernels.cpu import CPUKernel
 
-    monkeypatch.delenv("FLATL2O_BACKEND", raising=False)
+    rule = _rule()
+    ref, model = _model(), _model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = L2O(model.parameters(), rule)
+        _train(model, opt, range(3))
+    assert all(isinstance(k, CPUKernel) for _, k in opt._kernels.values())
+    _train(ref, L2O(ref.parameters(), rule, backend="reference"), range(3))
+    for a, b in zip(ref.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_a_kernel_without_normprop_warns_once_and_an_explicit_one_refuses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where a fused kernel does not implement a built-in rule (as the C kernel did not
+    implement NormProp at first): auto runs the reference step
+    and says so once; the explicit backend refuses before anything moves."""
+    from flatl2o import kernels
+    from flatl2o.kernels import program
+
     monkeypatch.setattr(kernels, "_warned", set())
+    others = tuple(r for r in program.IMPLEMENTED["cpu"] if r is not NormProp)
+    monkeypatch.setitem(program.IMPLEMENTED, "cpu", others)
     model = _model()
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(KernelUnavailable, match="the C kernel does not implement normprop yet"):

@@ -6,6 +6,12 @@ is ever materialized beyond the state itself. Coordinates are split across
 ``torch.get_num_threads()`` threads; ctypes releases the GIL during the call, and every
 coordinate is computed independently, so the result does not depend on the split.
 
+NormProp's step is per tensor, in two passes: the first (the same fused call) updates the
+state, writes each coordinate's direction to a scratch buffer kept by the kernel and sums
+the tensor's statistics per block of :data:`BLOCK` coordinates; the block sums are added up
+in a fixed order, the tensor's scale follows NormProp's ``finish``, and the second pass moves
+the parameter. Neither the sums nor the step depend on the thread split.
+
 The shared library is cached under ``$FLATL2O_CACHE_DIR`` (default
 ``~/.cache/flatl2o/kernels``), keyed by the source, compiler and flags. Without a working
 C compiler (``$CC``, ``cc``, ``gcc`` or ``clang``) the optimizer uses the reference path.
@@ -14,7 +20,9 @@ C compiler (``$CC``, ``cc``, ``gcc`` or ``clang``) the optimizer uses the refere
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -29,14 +37,25 @@ from torch import Tensor
 
 from flatl2o.kernels.errors import KernelUnavailable
 from flatl2o.kernels.layout import C_LAYOUTS, pack
-from flatl2o.kernels.program import PREP_DM, RuleProgram, dm_exp_k
+from flatl2o.kernels.program import (
+    PREP_DM,
+    PREP_NORMPROP,
+    PREP_RNNPROP,
+    RuleProgram,
+    dm_exp_k,
+)
 from flatl2o.kernels.reference import apply_step
+from flatl2o.rules.base import REDUCTION_BLOCK
+from flatl2o.rules.normprop import TINY
 
 SOURCE = Path(__file__).with_name("cpu_step.c")
 TILE = 16
 MAX_LAYERS = 4
 MAX_HIDDEN = 64
 MAX_INPUT = 64
+#: NormProp's per-tensor sums are per block of this many coordinates (cpu_step.c: BLOCK), by
+#: the reference's pairwise tree (``flatl2o.rules.base.block_partials``).
+BLOCK = REDUCTION_BLOCK
 #: Below this many coordinates per thread, splitting across threads costs more than it saves.
 MIN_COORDS_PER_THREAD = 8192
 
@@ -134,11 +153,18 @@ _KINDS = {ord("p"): ctypes.c_void_p, ord("f"): ctypes.c_float, ord("i"): ctypes.
 #: The argument fields this module writes (CPUKernel._args and _run); the library must have
 #: each, and has no other (tests/test_kernels.py checks both against the C declaration).
 ARGS_WRITTEN = frozenset(
-    "grad param delta lr negate prep dm_inv_k dm_eps dm_exp_k m v beta1 beta2 inv_bc1 "
-    "inv_bc2 rp_eps in_size w_in b_in layers hidden h c w b k w_out b_out out_tanh scale "
-    "state_bf16".split()
+    "grad param delta lr negate prep dm_inv_k dm_eps dm_exp_k m m_slow v beta1 beta_slow beta2 "
+    "one_minus_beta1 one_minus_beta_slow one_minus_beta2 inv_bc1 inv_bc_slow inv_bc2 rp_eps "
+    "in_size w_in b_in adam_skip w_gain b_gain stats layers hidden h c w b k w_out b_out "
+    "out_tanh scale state_bf16".split()
 )
 _args_types: dict[int, type[ctypes.Structure]] = {}
+#: The argument fields of each rule's moving averages, and the state each one points into.
+MOMENTS = {
+    PREP_DM: (),
+    PREP_RNNPROP: (("m", "m"), ("v", "v")),
+    PREP_NORMPROP: (("m", "m_fast"), ("m_slow", "m_slow"), ("v", "v")),
+}
 
 
 def load(path: str | Path) -> ctypes.CDLL:
@@ -155,6 +181,7 @@ def args_type(lib: ctypes.CDLL) -> type[ctypes.Structure]:
     with :class:`KernelUnavailable` (one line) and never called."""
     key = lib._handle
     if key in _args_types:
+        _declare(lib, _args_types[key])
         return _args_types[key]
 
     def refuse(why: str) -> KernelUnavailable:
@@ -197,14 +224,26 @@ def args_type(lib: ctypes.CDLL) -> type[ctypes.Structure]:
             )
     if ctypes.sizeof(struct) != size_fn():
         raise refuse(f"the argument struct is {size_fn()} bytes, {ctypes.sizeof(struct)} in ctypes")
-    lib.flatl2o_step.argtypes = [ctypes.POINTER(struct), ctypes.c_int64]
-    lib.flatl2o_step.restype = ctypes.c_int
-    lib.flatl2o_all_finite_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64]
-    lib.flatl2o_all_finite_f32.restype = ctypes.c_int
-    lib.flatl2o_layout.argtypes = []
-    lib.flatl2o_layout.restype = ctypes.c_int
+    _declare(lib, struct)
     _args_types[key] = struct
     return struct
+
+
+def _declare(lib: ctypes.CDLL, struct: type[ctypes.Structure]) -> None:
+    """Declare the library's functions on ``lib``. Every ``CDLL`` object has functions of its
+    own, also one more of a library already loaded: undeclared, ctypes would pass a pointer
+    or an int64 as a 32-bit int."""
+    ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    signatures = {
+        "flatl2o_step": ([ctypes.POINTER(struct), i64], ctypes.c_int),
+        "flatl2o_all_finite_f32": ([ptr, i64], ctypes.c_int),
+        "flatl2o_layout": ([], ctypes.c_int),
+        "flatl2o_block_totals": ([ptr, i64, ptr], None),
+        "flatl2o_scale_step": ([ptr, ptr, f32, f32, i64], None),
+    }
+    for name, (argtypes, restype) in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, restype
 
 
 def _cpu_model() -> str:
@@ -289,8 +328,18 @@ class CPUKernel:
         self.args_type = args_type(self.lib)  # refuses a library of another layout
         self.program = program.to(torch.device("cpu"))
         # the weights in the layout the loaded library reads, kept alive on self
-        packed = pack(self.program, C_LAYOUTS[self.lib.flatl2o_layout()])
+        layout = C_LAYOUTS[self.lib.flatl2o_layout()]
+        packed = pack(self.program, layout)
         self.weights, self.biases, self.w_out = packed.weights, packed.biases, packed.w_out
+        self.tensorwise = self.program.prep == PREP_NORMPROP
+        if self.tensorwise:  # the gain head is a second read-out: laid out as the first
+            self.w_gain = pack(
+                dataclasses.replace(self.program, w_out=self.program.w_gain), layout
+            ).w_out
+        # NormProp's first pass writes each coordinate's direction and each block's sums here
+        # (grown to the largest tensor stepped, then reused by every step)
+        self._direction = torch.empty(0, dtype=torch.float32)
+        self._block_stats = torch.empty(0, dtype=torch.float32)
 
     def _args(self, step: int, lr: float, maximize: bool) -> ctypes.Structure:
         p = self.program
@@ -309,13 +358,40 @@ class CPUKernel:
         )
         if p.prep == PREP_DM:
             a.dm_inv_k, a.dm_eps, a.dm_exp_k = 1.0 / p.dm_k, p.dm_eps, dm_exp_k(p)
-        else:
-            a.beta1, a.beta2, a.rp_eps = p.beta1, p.beta2, p.rp_eps
-            a.inv_bc1 = 1.0 / (1.0 - p.beta1**step)
-            a.inv_bc2 = 1.0 / (1.0 - p.beta2**step)
-            a.in_size = p.w_in.shape[0]
-            a.w_in, a.b_in = p.w_in.data_ptr(), p.b_in.data_ptr()
+            return a
+        # bias corrections of the 1-based step, as the rules compute them
+        beta1 = p.beta_fast if self.tensorwise else p.beta1
+        a.beta1, a.beta2, a.rp_eps = beta1, p.beta2, p.rp_eps
+        a.inv_bc1 = 1.0 / (1.0 - beta1**step)
+        a.inv_bc2 = 1.0 / (1.0 - p.beta2**step)
+        a.in_size = p.w_in.shape[0]
+        a.w_in, a.b_in = p.w_in.data_ptr(), p.b_in.data_ptr()
+        if self.tensorwise:
+            a.beta_slow, a.inv_bc_slow = p.beta_slow, 1.0 / (1.0 - p.beta_slow**step)
+            a.one_minus_beta1, a.one_minus_beta2 = 1.0 - p.beta_fast, 1.0 - p.beta2
+            a.one_minus_beta_slow = 1.0 - p.beta_slow
+            a.adam_skip, a.w_gain, a.b_gain = p.adam_skip, self.w_gain.data_ptr(), p.b_gain
         return a
+
+    def _scratch(self, n: int) -> tuple[Tensor, Tensor]:
+        """NormProp's direction buffer (``n``) and block sums (``(blocks, 4)``), reused."""
+        blocks = -(-n // BLOCK)
+        if self._direction.numel() < n:
+            self._direction = torch.empty(n, dtype=torch.float32)
+            self._block_stats = torch.empty(4 * blocks, dtype=torch.float32)
+        return self._direction[:n], self._block_stats[: 4 * blocks]
+
+    def _tensor_scale(self, block_stats: Tensor) -> float:
+        """One tensor's ``output_scale * rms(adam) * gain / rms(d)`` from its block sums (sums
+        of d^2, adam^2, the gain head, and the count), as ``NormProp.finish`` computes it: the
+        count clamped at 1, :data:`~flatl2o.rules.normprop.TINY` under the square roots."""
+        p = self.program
+        out = (ctypes.c_double * 4)()
+        self.lib.flatl2o_block_totals(block_stats.data_ptr(), block_stats.numel() // 4, out)
+        d2, adam2, gain_sum, count = out
+        count = max(count, 1.0)
+        gain = math.exp(p.log_gain_bound * math.tanh(gain_sum / count))
+        return p.scale * math.sqrt(adam2 / count + TINY) * gain / math.sqrt(d2 / count + TINY)
 
     def update(
         self,
@@ -343,6 +419,8 @@ class CPUKernel:
             if s.device.type != "cpu" or not s.is_floating_point():
                 raise KernelUnavailable(f"state {k!r} is not a floating-point CPU tensor")
         base = self._args(step, lr, maximize)
+        if self.tensorwise:
+            direction, block_stats = self._scratch(n)
         fp32_state = all(
             state[k].dtype == torch.float32 and state[k].is_contiguous() for k in names
         )
@@ -358,11 +436,17 @@ class CPUKernel:
             and grad.is_contiguous()
         ):
             base.state_bf16 = int(bf16_state)
-            self._run(base, state, grad, param, None, 0, n)
+            if self.tensorwise:
+                self._run(base, state, grad, None, direction, 0, n, block_stats)
+                self._scale_step(param, direction, block_stats, lr)
+            else:
+                self._run(base, state, grad, param, None, 0, n)
             return
         # another dtype or layout (bf16 state or params, a strided shard): convert bounded
         # chunks to fp32 and back, so transient memory stays ~ chunk_size coordinates
-        chunk = max(TILE, chunk_size)
+        # (NormProp's chunks are whole blocks of its sums)
+        chunk = max(BLOCK if self.tensorwise else TILE, chunk_size)
+        chunk = -(-chunk // BLOCK) * BLOCK if self.tensorwise else chunk
         delta = None if direct else torch.empty(min(chunk, n), dtype=torch.float32)
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
@@ -372,7 +456,10 @@ class CPUKernel:
             else:
                 rows = {k: state[k][start:stop].to(torch.float32).contiguous() for k in names}
                 first = 0
-            if direct:
+            if self.tensorwise:
+                d, sums = direction[start:stop], block_stats[4 * (start // BLOCK) :]
+                self._run(base, rows, g, None, d, first, stop - start, sums)
+            elif direct:
                 self._run(base, rows, g, param[start:stop], None, first, stop - start)
             else:
                 d = delta[: stop - start]
@@ -381,6 +468,35 @@ class CPUKernel:
             if not fp32_state:
                 for k in names:
                     state[k][start:stop].copy_(rows[k])
+        if self.tensorwise:
+            self._scale_step(param, direction, block_stats, lr)
+
+    def _scale_step(self, param: Tensor, direction: Tensor, block_stats: Tensor, lr: float) -> None:
+        """NormProp's second pass: ``param -= lr * (scale * direction)``, the tensor's scale
+        from its block sums (the direction is 0 where the zero-gradient contract applies)."""
+        scale = self._tensor_scale(block_stats)
+        if not (param.dtype == torch.float32 and param.is_contiguous()):
+            apply_step(param, direction.mul_(scale), lr)
+            return
+        count = param.numel()
+        per = self._split(count, TILE)
+        jobs = [
+            (param.data_ptr() + 4 * lo, direction.data_ptr() + 4 * lo, min(per, count - lo))
+            for lo in range(0, count, per)
+        ]
+        fn = self.lib.flatl2o_scale_step
+        if len(jobs) == 1:
+            fn(jobs[0][0], jobs[0][1], scale, lr, jobs[0][2])
+        else:
+            pool = _executor(len(jobs))
+            for f in [pool.submit(fn, p, d, scale, lr, c) for p, d, c in jobs]:
+                f.result()
+
+    @staticmethod
+    def _split(count: int, align: int) -> int:
+        """Coordinates per thread: :func:`_threads` parts, each a multiple of ``align``."""
+        per = -(-count // _threads(count))
+        return -(-per // align) * align
 
     def _run(
         self,
@@ -391,12 +507,12 @@ class CPUKernel:
         delta: Tensor | None,
         first: int,
         count: int,
+        block_stats: Tensor | None = None,
     ) -> None:
-        """Run coordinates ``first .. first+count`` of the state; grad/param/delta start at 0."""
+        """Run coordinates ``first .. first+count`` of the state; grad/param/delta start at 0,
+        and NormProp's ``block_stats`` (4 per block of :data:`BLOCK` from ``first``) too."""
         p = self.program
-        threads = _threads(count)
-        per = -(-count // threads)
-        per = -(-per // TILE) * TILE
+        per = self._split(count, TILE if block_stats is None else BLOCK)
         jobs = []
         for lo in range(0, count, per):
             hi = min(lo + per, count)
@@ -406,11 +522,12 @@ class CPUKernel:
                 a.param = param.data_ptr() + 4 * lo
             else:
                 a.delta = delta.data_ptr() + 4 * lo
+            if block_stats is not None:
+                a.stats = block_stats.data_ptr() + 4 * 4 * (lo // BLOCK)
             row = first + lo
             size = 2 if base.state_bf16 else 4  # bytes per state value
-            if p.prep != PREP_DM:
-                a.m = state["m"].data_ptr() + size * row
-                a.v = state["v"].data_ptr() + size * row
+            for field, key in MOMENTS[p.prep]:
+                setattr(a, field, state[key].data_ptr() + size * row)
             for i in range(p.layers):
                 a.h[i] = state[f"h{i}"].data_ptr() + size * row * p.hidden
                 a.c[i] = state[f"c{i}"].data_ptr() + size * row * p.hidden

@@ -1,10 +1,12 @@
 /* flatl2o CPU fast path: one whole learned-rule step per tile of 16 coordinates.
  *
- * Computes exactly the function of flatl2o.rules (L2O-DM and RNNprop: preprocessing,
- * stacked LSTM cells, read-out) for each coordinate, but keeps every intermediate of a tile
- * in registers/L1: the gradient and the recurrent state are read once and written once.
- * No allocation, no threads: the Python side splits coordinates across threads (ctypes
- * releases the GIL).
+ * Computes exactly the function of flatl2o.rules (L2O-DM, RNNprop and NormProp:
+ * preprocessing, stacked LSTM cells, read-out) for each coordinate, but keeps every
+ * intermediate of a tile in registers/L1: the gradient and the recurrent state are read once
+ * and written once. NormProp's per-tensor normalization takes two calls: flatl2o_step writes
+ * each coordinate's direction and per-block sums (normprop_pass), flatl2o_scale_step applies
+ * the tensor's step. No allocation, no threads: the Python side splits coordinates across
+ * threads (ctypes releases the GIL).
  *
  * Three implementations of the LSTM stack, chosen at compile time:
  *  - AVX-512 (x86 with AVX-512F and DQ, the machines this project benchmarks on): weights are
@@ -27,6 +29,13 @@
 #include <string.h>
 
 #define TILE 16
+/* NormProp's per-tensor sums are taken per block of BLOCK coordinates by one fixed pairwise
+ * tree (flatl2o.rules.base.REDUCTION_BLOCK, block_partials), so they do not depend on how
+ * the coordinates are split across threads or calls */
+#define BLOCK 64
+#define PREP_DM 0
+#define PREP_RNNPROP 1
+#define PREP_NORMPROP 2
 #define MAX_LAYERS 4
 #define MAX_HIDDEN 64
 #define MAX_INPUT 64
@@ -45,20 +54,35 @@
     FIELD(float, lr, 'f')            /* param -= lr * step */                                 \
     FIELD(int32_t, negate, 'i')      /* maximize: the rule sees -grad */                      \
                                                                                               \
-    FIELD(int32_t, prep, 'i')        /* 0: L2O-DM log/sign, 1: RNNprop Adam-normalized */     \
+    FIELD(int32_t, prep, 'i')        /* 0: L2O-DM log/sign, 1: RNNprop, 2: NormProp */        \
     FIELD(float, dm_inv_k, 'f')                                                               \
     FIELD(float, dm_eps, 'f')                                                                 \
     FIELD(float, dm_exp_k, 'f')                                                               \
-    FIELD(float *, m, 'p')           /* RNNprop moving averages (n) */                        \
+    FIELD(float *, m, 'p')           /* moving averages (n): RNNprop's m, NormProp's m_fast */ \
+    FIELD(float *, m_slow, 'p')      /* NormProp's m_slow */                                  \
     FIELD(float *, v, 'p')                                                                    \
-    FIELD(float, beta1, 'f')                                                                  \
+    FIELD(float, beta1, 'f')         /* of m (NormProp: beta_fast) */                         \
+    FIELD(float, beta_slow, 'f')                                                              \
     FIELD(float, beta2, 'f')                                                                  \
-    FIELD(float, inv_bc1, 'f')                                                                \
+    /* NormProp: 1 - beta of m, m_slow, v, rounded once from double as in the rule (RNNprop's \
+     * kernel takes 1.0f - beta, as it always has: its published results stay bit-exact) */  \
+    FIELD(float, one_minus_beta1, 'f')                                                        \
+    FIELD(float, one_minus_beta_slow, 'f')                                                    \
+    FIELD(float, one_minus_beta2, 'f')                                                        \
+    FIELD(float, inv_bc1, 'f')       /* 1 / (1 - beta^step) of m, m_slow, v */                \
+    FIELD(float, inv_bc_slow, 'f')                                                            \
     FIELD(float, inv_bc2, 'f')                                                                \
     FIELD(float, rp_eps, 'f')                                                                 \
-    FIELD(int32_t, in_size, 'i')     /* RNNprop ELU input layer width (0: none) */            \
-    FIELD(const float *, w_in, 'p')  /* (in_size, 2) */                                       \
+    FIELD(int32_t, in_size, 'i')     /* ELU input layer width (0: none) */                    \
+    FIELD(const float *, w_in, 'p')  /* (in_size, 2) for RNNprop, (in_size, 3) for NormProp */ \
     FIELD(const float *, b_in, 'p')  /* (in_size) */                                          \
+    /* NormProp: d = tanh(adam_skip * adam + read-out); its gain head w_gain.h + b_gain     \
+     * (w_gain: laid out as w_out); per block of BLOCK coordinates, stats receives the      \
+     * sums of d^2, adam^2 and the gain head and the number of counted coordinates */       \
+    FIELD(float, adam_skip, 'f')                                                              \
+    FIELD(const float *, w_gain, 'p')                                                         \
+    FIELD(float, b_gain, 'f')                                                                 \
+    FIELD(float *, stats, 'p')                                                                \
                                                                                               \
     FIELD(int32_t, layers, 'i')                                                               \
     FIELD(int32_t, hidden, 'i')                                                               \
@@ -143,19 +167,26 @@ static inline float log_poly(float x) {
     return m + y + 0.693359375f * fe;
 }
 
+/* ELU(z) = z > 0 ? z : e^z - 1 with e^z = 2^n p(f), n = round(z log2(e)), f the rest and p
+ * the degree-5 minimax polynomial of 2^f on [-1/2, 1/2] defined below (relative error
+ * 7.5e-8; z clamped to [-87, 0] so 2^n is a normal number). Shorter than exp_poly, which
+ * RNNprop's input layer keeps (its results stay bit-exact); NormProp's uses this one. */
+static inline float elu_poly(float z);
+
 static inline float sigmoid_poly(float x) { return 1.0f / (1.0f + exp_poly(-x)); }
 static inline float tanh_poly(float x) { return 1.0f - 2.0f / (1.0f + exp_poly(2.0f * x)); }
 
 
 /* The rule's network input for the TILE coordinates from i0 (n of them real, the rest zero),
- * in column layout in[j][t]; RNNprop's moving averages are updated in place. Returns the
- * input width. */
-static inline int prepare_inputs(const flatl2o_args *a, int64_t i0, int n, float in[][TILE]) {
+ * in column layout in[j][t]; the moving averages are updated in place, and NormProp's Adam
+ * step is written to adam[t]. Returns the input width. */
+static inline int prepare_inputs(const flatl2o_args *a, int64_t i0, int n, float in[][TILE],
+                                 float adam[TILE]) {
     float g[TILE];
     for (int t = 0; t < TILE; ++t) g[t] = t < n ? a->grad[i0 + t] : 0.0f;
     if (a->negate)
         for (int t = 0; t < TILE; ++t) g[t] = -g[t];
-    if (a->prep == 0) { /* L2O-DM: [clamp(log(|g|+eps)/k, min=-1), clamp(g*e^k, -1, 1)] */
+    if (a->prep == PREP_DM) { /* L2O-DM: [clamp(log(|g|+eps)/k, min=-1), clamp(g*e^k, -1, 1)] */
         for (int t = 0; t < TILE; ++t) {
             float l = log_poly((g[t] < 0 ? -g[t] : g[t]) + a->dm_eps) * a->dm_inv_k;
             in[0][t] = l < -1.0f ? -1.0f : l;
@@ -165,24 +196,46 @@ static inline int prepare_inputs(const flatl2o_args *a, int64_t i0, int n, float
         }
         return 2;
     }
-    /* RNNprop: m, v EMAs; [m_hat, g] / (sqrt(v_hat) + eps); ELU(linear) */
-    float mt[TILE], vt[TILE], x0[TILE], x1[TILE];
+    /* RNNprop: m, v EMAs; [m_hat, g] / (sqrt(v_hat) + eps). NormProp: m_fast, m_slow, v
+     * EMAs; [m_fast_hat, m_slow_hat, g] / (sqrt(v_hat) + eps), the first being Adam's step.
+     * Then ELU(linear). */
+    const int norm = a->prep == PREP_NORMPROP;
+    float mt[TILE], st[TILE], vt[TILE], x0[TILE], x1[TILE], x2[TILE];
     for (int t = 0; t < TILE; ++t) {
         mt[t] = t < n ? a->m[i0 + t] : 0.0f;
         vt[t] = t < n ? a->v[i0 + t] : 0.0f;
+        st[t] = t < n && norm ? a->m_slow[i0 + t] : 0.0f;
     }
+    const float rest1 = norm ? a->one_minus_beta1 : 1.0f - a->beta1;
+    const float rest2 = norm ? a->one_minus_beta2 : 1.0f - a->beta2;
     for (int t = 0; t < TILE; ++t) {
-        mt[t] = a->beta1 * mt[t] + (1.0f - a->beta1) * g[t];
-        vt[t] = a->beta2 * vt[t] + (1.0f - a->beta2) * g[t] * g[t];
+        mt[t] = a->beta1 * mt[t] + rest1 * g[t];
+        vt[t] = a->beta2 * vt[t] + rest2 * g[t] * g[t];
         float d = __builtin_sqrtf(vt[t] * a->inv_bc2) + a->rp_eps;
         x0[t] = mt[t] * a->inv_bc1 / d;
-        x1[t] = g[t] / d;
+        if (norm) {
+            st[t] = a->beta_slow * st[t] + a->one_minus_beta_slow * g[t];
+            x1[t] = st[t] * a->inv_bc_slow / d;
+            x2[t] = g[t] / d;
+        } else {
+            x1[t] = g[t] / d;
+        }
     }
     for (int t = 0; t < n; ++t) {
         a->m[i0 + t] = mt[t];
         a->v[i0 + t] = vt[t];
     }
     const int I = a->in_size;
+    if (norm) {
+        for (int t = 0; t < n; ++t) a->m_slow[i0 + t] = st[t];
+        for (int t = 0; t < TILE; ++t) adam[t] = x0[t];
+        for (int r = 0; r < I; ++r) {
+            const float wa = a->w_in[3 * r], wb = a->w_in[3 * r + 1], wc = a->w_in[3 * r + 2];
+            const float bb = a->b_in[r];
+            for (int t = 0; t < TILE; ++t) in[r][t] = elu_poly(bb + wa * x0[t] + wb * x1[t] + wc * x2[t]);
+        }
+        return I;
+    }
     for (int r = 0; r < I; ++r) {
         const float wa = a->w_in[2 * r], wb = a->w_in[2 * r + 1], bb = a->b_in[r];
         for (int t = 0; t < TILE; ++t) {
@@ -194,8 +247,27 @@ static inline int prepare_inputs(const flatl2o_args *a, int64_t i0, int n, float
     return I;
 }
 
-/* Finish the rule from the read-out pre-activations out[t] and apply the step. */
-static inline void write_step(const flatl2o_args *a, int64_t i0, int n, float out[TILE]) {
+/* NormProp's per-coordinate outputs of a tile: Adam's step (from prepare_inputs), then the
+ * stats d^2, adam^2 and the gain head w_gain.h + b_gain */
+typedef struct {
+    float adam[TILE];
+    float stats[3][TILE];
+} tile_stats;
+
+/* Finish the rule from the read-out pre-activations out[t] and apply the step (NormProp:
+ * write its direction d to delta and its stats to ts). */
+static inline void write_step(const flatl2o_args *a, int64_t i0, int n, float out[TILE],
+                              tile_stats *ts) {
+    if (a->prep == PREP_NORMPROP) { /* the direction goes to delta (a->param is NULL) */
+        for (int t = 0; t < TILE; ++t) {
+            const float adam = ts->adam[t], d = tanh_poly(a->adam_skip * adam + out[t]);
+            out[t] = d;
+            ts->stats[0][t] = d * d;
+            ts->stats[1][t] = adam * adam;
+        }
+        for (int t = 0; t < n; ++t) a->delta[i0 + t] = out[t];
+        return;
+    }
     if (a->out_tanh)
         for (int t = 0; t < TILE; ++t) out[t] = tanh_poly(out[t]);
     for (int t = 0; t < TILE; ++t) out[t] *= a->scale;
@@ -264,10 +336,10 @@ static void store_rows(const flatl2o_args *a, void *dst, int64_t i0, int n, int 
 /* The step for the n <= TILE coordinates from i0 on fp32 copies of their rows (zero past n),
  * computed by core(copy, n): the last partial tile of the packed paths, and every tile of a
  * bf16 state. */
-static void scratch_tile(const flatl2o_args *a, int64_t i0, int n,
-                         void (*core)(const flatl2o_args *, int)) {
+static void scratch_tile(const flatl2o_args *a, int64_t i0, int n, tile_stats *ts,
+                         void (*core)(const flatl2o_args *, int, tile_stats *)) {
     const int H = a->hidden, L = a->layers;
-    float grad[TILE] = {0}, param[TILE] = {0}, m[TILE], v[TILE];
+    float grad[TILE] = {0}, param[TILE] = {0}, m[TILE], m_slow[TILE], v[TILE];
     float hs[MAX_LAYERS][TILE * MAX_HIDDEN], cs[MAX_LAYERS][TILE * MAX_HIDDEN];
     flatl2o_args s = *a;
     memcpy(grad, a->grad + i0, n * sizeof(float));
@@ -278,11 +350,15 @@ static void scratch_tile(const flatl2o_args *a, int64_t i0, int n,
     } else {
         s.delta = param;
     }
-    if (a->prep != 0) {
+    if (a->prep != PREP_DM) {
         load_rows(a, a->m, i0, n, 1, m);
         load_rows(a, a->v, i0, n, 1, v);
         s.m = m;
         s.v = v;
+        if (a->prep == PREP_NORMPROP) {
+            load_rows(a, a->m_slow, i0, n, 1, m_slow);
+            s.m_slow = m_slow;
+        }
     }
     for (int l = 0; l < L; ++l) {
         load_rows(a, a->h[l], i0, n, H, hs[l]);
@@ -291,11 +367,12 @@ static void scratch_tile(const flatl2o_args *a, int64_t i0, int n,
         s.c[l] = cs[l];
     }
     s.state_bf16 = 0;
-    core(&s, n);
+    core(&s, n, ts);
     memcpy(a->param ? a->param + i0 : a->delta + i0, param, n * sizeof(float));
-    if (a->prep != 0) {
+    if (a->prep != PREP_DM) {
         store_rows(a, a->m, i0, n, 1, m);
         store_rows(a, a->v, i0, n, 1, v);
+        if (a->prep == PREP_NORMPROP) store_rows(a, a->m_slow, i0, n, 1, m_slow);
     }
     for (int l = 0; l < L; ++l) {
         store_rows(a, a->h[l], i0, n, H, hs[l]);
@@ -333,7 +410,8 @@ static uint32_t untouched_mask(const flatl2o_args *a, int64_t i0, int n) {
     for (int t = 0; t < n && mask; ++t) {
         if (!(mask >> t & 1u)) continue;
         const int64_t i = i0 + t;
-        int zero = a->prep == 0 || (zero_bits(a, a->m, i, 1) && zero_bits(a, a->v, i, 1));
+        int zero = a->prep == PREP_DM || (zero_bits(a, a->m, i, 1) && zero_bits(a, a->v, i, 1));
+        if (zero && a->prep == PREP_NORMPROP) zero = zero_bits(a, a->m_slow, i, 1);
         for (int l = 0; l < a->layers && zero; ++l)
             zero = zero_bits(a, a->h[l], i * H, H) && zero_bits(a, a->c[l], i * H, H);
         if (!zero) mask &= ~(1u << t);
@@ -354,10 +432,11 @@ static void leave_untouched(const flatl2o_args *a, int64_t i0, int n, uint32_t m
             a->param[i] = saved[t];
         else
             a->delta[i] = 0.0f;
-        if (a->prep != 0) {
+        if (a->prep != PREP_DM) {
             memset((char *)a->m + i * size, 0, size);
             memset((char *)a->v + i * size, 0, size);
         }
+        if (a->prep == PREP_NORMPROP) memset((char *)a->m_slow + i * size, 0, size);
         for (int l = 0; l < a->layers; ++l) {
             memset((char *)a->h[l] + i * H * size, 0, H * size);
             memset((char *)a->c[l] + i * H * size, 0, H * size);
@@ -366,7 +445,7 @@ static void leave_untouched(const flatl2o_args *a, int64_t i0, int n, uint32_t m
 }
 
 /* 2^f on [-1/2, 1/2]: degree-5 minimax polynomial (relative error 7.5e-8), shared by the
- * AVX-512 and AVX2 paths (Horner from the highest coefficient) */
+ * AVX-512 and AVX2 paths and elu_poly (Horner from the highest coefficient) */
 #define EXP2_C5 1.3276472454890609e-3f
 #define EXP2_C4 9.675541892647743e-3f
 #define EXP2_C3 5.550713092088699e-2f
@@ -374,6 +453,22 @@ static void leave_untouched(const flatl2o_args *a, int64_t i0, int n, uint32_t m
 #define EXP2_C1 6.931469440460205e-1f
 #define EXP2_C0 1.0000001192092896f
 #define LOG2E 1.44269504088896341f
+
+static inline float elu_poly(float z) {
+    float t = (z < 0.0f ? z : 0.0f) * LOG2E;
+    t = t < -125.0f ? -125.0f : t;
+    const float n = __builtin_rintf(t), f = t - n;
+    float p = EXP2_C5;
+    p = p * f + EXP2_C4;
+    p = p * f + EXP2_C3;
+    p = p * f + EXP2_C2;
+    p = p * f + EXP2_C1;
+    p = p * f + EXP2_C0;
+    fbits e;
+    e.i = ((int32_t)n + 127) << 23;
+    const float em1 = p * e.f - 1.0f; /* computed always: no branch */
+    return z > 0.0f ? z : em1;
+}
 
 #if defined(__AVX512F__) && defined(__AVX512DQ__) && !defined(FLATL2O_PORTABLE) && \
     !defined(FLATL2O_NO_AVX512)
@@ -475,17 +570,34 @@ static void gate_products(const float *W, const float *bias, int nv, int K, int 
     }
 }
 
+/* out[t] = the sum of the 16 lanes of r[t] and of the 4 lanes of quarter t of tail, t < CB:
+ * four horizontal sums at once, folding quarters, then lanes within each quarter. */
+static inline void readout_sums(const __m512 r[CB], __m512 tail, float *out) {
+    const __m512 p01 = _mm512_add_ps(_mm512_shuffle_f32x4(r[0], r[1], 0x44),
+                                     _mm512_shuffle_f32x4(r[0], r[1], 0xEE));
+    const __m512 p23 = _mm512_add_ps(_mm512_shuffle_f32x4(r[2], r[3], 0x44),
+                                     _mm512_shuffle_f32x4(r[2], r[3], 0xEE));
+    __m512 z = _mm512_add_ps(_mm512_shuffle_f32x4(p01, p23, 0x88),
+                             _mm512_shuffle_f32x4(p01, p23, 0xDD));
+    z = _mm512_add_ps(z, tail);
+    z = _mm512_add_ps(z, _mm512_permute_ps(z, 0x4E));
+    z = _mm512_add_ps(z, _mm512_permute_ps(z, 0xB1));
+    const __m512i idx = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 12, 8, 4, 0);
+    _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_permutexvar_ps(idx, z)));
+}
+
 /* One LSTM layer for CB coordinates: gates, cell and hidden state written in place, and
- * (last layer) the read-out pre-activations out[0 .. CB) without the bias. */
+ * (last layer) the read-out pre-activations out[0 .. CB) without the bias, and NormProp's
+ * gain head gout[0 .. CB) likewise (w_gain packed as w_out; gout NULL: none). */
 static void lstm_block(const flatl2o_args *a, int l, int K, const float *const x[CB], int xs,
-                       float *const h[CB], float *const c[CB], float *out) {
+                       float *const h[CB], float *const c[CB], float *out, float *gout) {
     const int H = a->hidden, A = H / 16, Q = (H % 16 + 3) / 4, nv = 4 * A + Q;
     float G[CB * MAX_NV * 16] __attribute__((aligned(64)));
     gate_products(a->w[l], a->b[l], nv, K, H, x, xs, (const float *const *)h, G);
     const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f);
-    const float *wo = a->w_out;
-    __m512 ro[CB];
-    for (int t = 0; t < CB; ++t) ro[t] = _mm512_setzero_ps();
+    const float *wo = a->w_out, *wg = a->w_gain;
+    __m512 ro[CB], go[CB];
+    for (int t = 0; t < CB; ++t) ro[t] = go[t] = _mm512_setzero_ps();
     for (int b = 0; b < A; ++b) {
         /* the CB coordinates side by side: 4 CB independent gate sigmoids, then CB
          * independent tanh(c) chains, so the long exp/reciprocal latencies overlap */
@@ -503,9 +615,10 @@ static void lstm_block(const flatl2o_args *a, int l, int K, const float *const x
             const __m512 hn = _mm512_mul_ps(og[t], tanh2(cn[t]));
             _mm512_storeu_ps(h[t] + 16 * b, hn);
             if (out) ro[t] = _mm512_fmadd_ps(_mm512_loadu_ps(wo + 16 * b), hn, ro[t]);
+            if (gout) go[t] = _mm512_fmadd_ps(_mm512_loadu_ps(wg + 16 * b), hn, go[t]);
         }
     }
-    __m512 tail_ro = _mm512_setzero_ps();
+    __m512 tail_ro = _mm512_setzero_ps(), tail_go = _mm512_setzero_ps();
     if (Q) {
         /* lanes 8..11 of a tail vector are the tanh gate: 2 s - 1 there, s elsewhere */
         static const float mul[16] __attribute__((aligned(64))) = {1, 1, 1, 1, 1, 1, 1, 1,
@@ -544,22 +657,11 @@ static void lstm_block(const flatl2o_args *a, int l, int K, const float *const x
             _mm_mask_storeu_ps(h[2] + u0, m, _mm512_extractf32x4_ps(hn, 2));
             _mm_mask_storeu_ps(h[3] + u0, m, _mm512_extractf32x4_ps(hn, 3));
             if (out) tail_ro = _mm512_fmadd_ps(_mm512_loadu_ps(wo + 16 * (A + s)), hn, tail_ro);
+            if (gout) tail_go = _mm512_fmadd_ps(_mm512_loadu_ps(wg + 16 * (A + s)), hn, tail_go);
         }
     }
-    if (out) {
-        /* four horizontal sums at once: fold quarters, then lanes within each quarter */
-        const __m512 p01 = _mm512_add_ps(_mm512_shuffle_f32x4(ro[0], ro[1], 0x44),
-                                         _mm512_shuffle_f32x4(ro[0], ro[1], 0xEE));
-        const __m512 p23 = _mm512_add_ps(_mm512_shuffle_f32x4(ro[2], ro[3], 0x44),
-                                         _mm512_shuffle_f32x4(ro[2], ro[3], 0xEE));
-        __m512 z = _mm512_add_ps(_mm512_shuffle_f32x4(p01, p23, 0x88),
-                                 _mm512_shuffle_f32x4(p01, p23, 0xDD));
-        z = _mm512_add_ps(z, tail_ro);
-        z = _mm512_add_ps(z, _mm512_permute_ps(z, 0x4E));
-        z = _mm512_add_ps(z, _mm512_permute_ps(z, 0xB1));
-        const __m512i idx = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 12, 8, 4, 0);
-        _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_permutexvar_ps(idx, z)));
-    }
+    if (out) readout_sums(ro, tail_ro, out);
+    if (gout) readout_sums(go, tail_go, gout);
 }
 
 #elif defined(__AVX2__) && defined(__FMA__) && !defined(FLATL2O_PORTABLE)
@@ -652,16 +754,25 @@ static inline float hsum4(__m128 v) {
     return _mm_cvtss_f32(v);
 }
 
+/* out[t] = the sum of the 8 lanes of r[t] and of the 4 lanes of half t of tail, t < CB */
+static inline void readout_sums(const __m256 r[CB], __m256 tail, float *out) {
+    const __m128 halves[CB] = {_mm256_castps256_ps128(tail), _mm256_extractf128_ps(tail, 1)};
+    for (int t = 0; t < CB; ++t) {
+        const __m128 s = _mm_add_ps(_mm256_castps256_ps128(r[t]), _mm256_extractf128_ps(r[t], 1));
+        out[t] = hsum4(_mm_add_ps(s, halves[t]));
+    }
+}
+
 /* One LSTM layer for CB coordinates (see the AVX-512 lstm_block). */
 static void lstm_block(const flatl2o_args *a, int l, int K, const float *const x[CB], int xs,
-                       float *const h[CB], float *const c[CB], float *out) {
+                       float *const h[CB], float *const c[CB], float *out, float *gout) {
     const int H = a->hidden, A = H / 16, Q = (H % 16 + 3) / 4, ny = 2 * (4 * A + Q);
     __m256 G[CB][MAX_NY];
     for (int t = 0; t < CB; ++t) gate_products(a->w[l], a->b[l], ny, K, H, x[t], xs, h[t], G[t]);
     const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f);
-    const float *wo = a->w_out;
-    __m256 ro[CB];
-    for (int t = 0; t < CB; ++t) ro[t] = _mm256_setzero_ps();
+    const float *wo = a->w_out, *wg = a->w_gain;
+    __m256 ro[CB], go[CB];
+    for (int t = 0; t < CB; ++t) ro[t] = go[t] = _mm256_setzero_ps();
     for (int b = 0; b < A; ++b) {
         for (int half = 0; half < 2; ++half) {
             const int u = 16 * b + 8 * half, y = 8 * b + half; /* ymm of gate i; +2 per gate */
@@ -678,10 +789,11 @@ static void lstm_block(const flatl2o_args *a, int l, int K, const float *const x
                 const __m256 hn = _mm256_mul_ps(og[t], tanh2(cn[t]));
                 _mm256_storeu_ps(h[t] + u, hn);
                 if (out) ro[t] = _mm256_fmadd_ps(_mm256_loadu_ps(wo + u), hn, ro[t]);
+                if (gout) go[t] = _mm256_fmadd_ps(_mm256_loadu_ps(wg + u), hn, go[t]);
             }
         }
     }
-    __m256 tail_ro = _mm256_setzero_ps();
+    __m256 tail_ro = _mm256_setzero_ps(), tail_go = _mm256_setzero_ps();
     if (Q) {
         /* lanes 0..3 of a tail quad's upper half are the tanh gate: 2 s - 1 there */
         const __m256 am = _mm256_setr_ps(2, 2, 2, 2, 1, 1, 1, 1);
@@ -707,25 +819,21 @@ static void lstm_block(const flatl2o_args *a, int l, int K, const float *const x
             _mm_maskstore_ps(h[0] + u0, m, _mm256_castps256_ps128(hn));
             _mm_maskstore_ps(h[1] + u0, m, _mm256_extractf128_ps(hn, 1));
             if (out) tail_ro = _mm256_fmadd_ps(_mm256_loadu_ps(wo + 16 * (A + s)), hn, tail_ro);
+            if (gout) tail_go = _mm256_fmadd_ps(_mm256_loadu_ps(wg + 16 * (A + s)), hn, tail_go);
         }
     }
-    if (out) {
-        const __m128 tail[CB] = {_mm256_castps256_ps128(tail_ro), _mm256_extractf128_ps(tail_ro, 1)};
-        for (int t = 0; t < CB; ++t) {
-            const __m128 r = _mm_add_ps(_mm256_castps256_ps128(ro[t]), _mm256_extractf128_ps(ro[t], 1));
-            out[t] = hsum4(_mm_add_ps(r, tail[t]));
-        }
-    }
+    if (out) readout_sums(ro, tail_ro, out);
+    if (gout) readout_sums(go, tail_go, gout);
 }
 #endif
 
 #ifdef FLATL2O_PACKED_PATH
 /* The whole step for the TILE coordinates from i0 (all of them real). */
-static void full_tile(const flatl2o_args *a, int64_t i0) {
+static void full_tile(const flatl2o_args *a, int64_t i0, tile_stats *ts) {
     const int H = a->hidden, L = a->layers;
     float in[MAX_INPUT][TILE] __attribute__((aligned(64)));
     float out[TILE] __attribute__((aligned(64)));
-    const int k0 = prepare_inputs(a, i0, TILE, in);
+    const int k0 = prepare_inputs(a, i0, TILE, in, ts->adam);
     /* layer by layer: a block's cell updates (long exp/reciprocal chains) are then followed
      * by the next block's independent gate products, which fill the FMA ports meanwhile */
     for (int l = 0; l < L; ++l) {
@@ -738,26 +846,29 @@ static void full_tile(const flatl2o_args *a, int64_t i0) {
                 h[t] = a->h[l] + row;
                 c[t] = a->c[l] + row;
             }
-            lstm_block(a, l, l == 0 ? k0 : H, x, l == 0 ? TILE : 1, h, c,
-                       l == L - 1 ? out + t0 : NULL);
+            const int last = l == L - 1;
+            lstm_block(a, l, l == 0 ? k0 : H, x, l == 0 ? TILE : 1, h, c, last ? out + t0 : NULL,
+                       last && a->prep == PREP_NORMPROP ? ts->stats[2] + t0 : NULL);
         }
     }
     for (int t = 0; t < TILE; ++t) out[t] += a->b_out;
-    write_step(a, i0, TILE, out);
+    if (a->prep == PREP_NORMPROP)
+        for (int t = 0; t < TILE; ++t) ts->stats[2][t] += a->b_gain;
+    write_step(a, i0, TILE, out, ts);
 }
 
-static void packed_core(const flatl2o_args *s, int n) {
+static void packed_core(const flatl2o_args *s, int n, tile_stats *ts) {
     (void)n; /* the rows past n are zero */
-    full_tile(s, 0);
+    full_tile(s, 0, ts);
 }
 
 /* The step for the n <= TILE coordinates from i0: whole fp32 tiles in place, the rest (a
  * last partial tile, every tile of a bf16 state) on fp32 copies. */
-static void one_tile(const flatl2o_args *a, int64_t i0, int n) {
+static void one_tile(const flatl2o_args *a, int64_t i0, int n, tile_stats *ts) {
     if (n == TILE && !a->state_bf16)
-        full_tile(a, i0);
+        full_tile(a, i0, ts);
     else
-        scratch_tile(a, i0, n, packed_core);
+        scratch_tile(a, i0, n, ts, packed_core);
 }
 
 int flatl2o_layout(void) { return 1; }
@@ -839,7 +950,7 @@ static inline void matvec_tile(const float *W, const float *bias, int R, int K,
 }
 
 /* The fp32 step for the n <= TILE coordinates from i0 (a partial tile handled in place). */
-static void portable_tile(const flatl2o_args *a, int64_t i0, int n) {
+static void portable_tile(const flatl2o_args *a, int64_t i0, int n, tile_stats *ts) {
     const int H = a->hidden, L = a->layers;
 
     float in[MAX_INPUT + MAX_HIDDEN][TILE]; /* [x ; h] of the current layer */
@@ -847,7 +958,7 @@ static void portable_tile(const flatl2o_args *a, int64_t i0, int n) {
     float cell[MAX_HIDDEN][TILE];
     float out[TILE];
 
-    const int k0 = prepare_inputs(a, i0, n, in);
+    const int k0 = prepare_inputs(a, i0, n, in, ts->adam);
 
     /* ---- LSTM stack ---- */
     for (int l = 0; l < L; ++l) {
@@ -903,39 +1014,107 @@ static void portable_tile(const flatl2o_args *a, int64_t i0, int n) {
         }
     }
 
-    /* ---- read-out ---- */
+    /* ---- read-out (and NormProp's gain head) ---- */
     for (int t = 0; t < TILE; ++t) out[t] = a->b_out;
     for (int j = 0; j < H; ++j) {
         const float wj = a->w_out[j];
         for (int t = 0; t < TILE; ++t) out[t] += wj * in[j][t];
     }
-    write_step(a, i0, n, out);
+    if (a->prep == PREP_NORMPROP) {
+        float *gain = ts->stats[2];
+        for (int t = 0; t < TILE; ++t) gain[t] = a->b_gain;
+        for (int j = 0; j < H; ++j) {
+            const float wj = a->w_gain[j];
+            for (int t = 0; t < TILE; ++t) gain[t] += wj * in[j][t];
+        }
+    }
+    write_step(a, i0, n, out, ts);
 }
 
-static void portable_core(const flatl2o_args *s, int n) { portable_tile(s, 0, n); }
+static void portable_core(const flatl2o_args *s, int n, tile_stats *ts) {
+    portable_tile(s, 0, n, ts);
+}
 
 /* The step for the n <= TILE coordinates from i0 (a bf16 state on fp32 copies). */
-static void one_tile(const flatl2o_args *a, int64_t i0, int n) {
+static void one_tile(const flatl2o_args *a, int64_t i0, int n, tile_stats *ts) {
     if (!a->state_bf16)
-        portable_tile(a, i0, n);
+        portable_tile(a, i0, n, ts);
     else
-        scratch_tile(a, i0, n, portable_core);
+        scratch_tile(a, i0, n, ts, portable_core);
 }
 
 int flatl2o_layout(void) { return 0; }
 #endif
 
+/* x[0] + ... + x[BLOCK - 1] by flatl2o.rules.base.block_partials's pairwise tree (x is
+ * overwritten): x[i] += x[i + half] for half = BLOCK / 2, ..., 1. */
+static float block_sum(float x[BLOCK]) {
+    for (int half = BLOCK / 2; half >= 1; half /= 2)
+        for (int i = 0; i < half; ++i) x[i] += x[i + half];
+    return x[0];
+}
+
+/* NormProp's first pass over `count` coordinates (a->param is NULL): the state updated, the
+ * direction d written to a->delta (0 for the coordinates of the zero-gradient contract) and,
+ * per block of BLOCK coordinates from the first, a->stats[4 b .. 4 b + 3] = the sums of
+ * d^2, adam^2 and the gain head over the block's counted coordinates, and their number. */
+static void normprop_pass(const flatl2o_args *a, int64_t count) {
+    for (int64_t b0 = 0; b0 < count; b0 += BLOCK) {
+        float sums[3][BLOCK] = {{0}};
+        int counted = 0;
+        const int size = count - b0 < BLOCK ? (int)(count - b0) : BLOCK;
+        for (int t0 = 0; t0 < size; t0 += TILE) {
+            const int n = size - t0 < TILE ? size - t0 : TILE;
+            const uint32_t keep = untouched_mask(a, b0 + t0, n);
+            tile_stats ts;
+            one_tile(a, b0 + t0, n, &ts);
+            if (keep) leave_untouched(a, b0 + t0, n, keep, NULL);
+            /* the coordinates that count: real ones the contract does not leave alone */
+            const uint32_t counts = ((1u << n) - 1u) & ~keep;
+            counted += __builtin_popcount(counts);
+            for (int s = 0; s < 3; ++s)
+                for (int t = 0; t < TILE; ++t)
+                    sums[s][t0 + t] = counts >> t & 1u ? ts.stats[s][t] : 0.0f;
+        }
+        float *out = a->stats + 4 * (b0 / BLOCK);
+        for (int s = 0; s < 3; ++s) out[s] = block_sum(sums[s]);
+        out[3] = (float)counted;
+    }
+}
+
 /* One rule step for `count` coordinates, tile by tile, leaving alone the coordinates of the
- * zero-gradient contract (untouched_mask). Returns 0, or -1 for an unsupported shape. */
+ * zero-gradient contract (untouched_mask). NormProp's is its first pass (normprop_pass; the
+ * second is flatl2o_scale_step). Returns 0, or -1 for an unsupported shape. */
 int flatl2o_step(const flatl2o_args *a, int64_t count) {
     if (unsupported(a)) return -1;
+    if (a->prep == PREP_NORMPROP) {
+        if (a->param) return -1; /* the direction goes to delta, the step comes later */
+        normprop_pass(a, count);
+        return 0;
+    }
+    tile_stats unused; /* NormProp's outputs only */
     for (int64_t i0 = 0; i0 < count; i0 += TILE) {
         const int n = count - i0 < TILE ? (int)(count - i0) : TILE;
         const uint32_t keep = untouched_mask(a, i0, n);
         float saved[TILE];
         if (keep && a->param) memcpy(saved, a->param + i0, n * sizeof(float));
-        one_tile(a, i0, n);
+        one_tile(a, i0, n, &unused);
         if (keep) leave_untouched(a, i0, n, keep, saved);
     }
     return 0;
+}
+
+/* NormProp's per-tensor totals: out[s] = the sum over `blocks` blocks of stats[4 b + s], in
+ * double, block after block (an order that does not depend on the thread split). */
+void flatl2o_block_totals(const float *stats, int64_t blocks, double out[4]) {
+    double sums[4] = {0.0, 0.0, 0.0, 0.0};
+    for (int64_t b = 0; b < blocks; ++b)
+        for (int s = 0; s < 4; ++s) sums[s] += (double)stats[4 * b + s];
+    for (int s = 0; s < 4; ++s) out[s] = sums[s];
+}
+
+/* NormProp's second pass: param[i] -= lr * (scale * d[i]), as the reference applies the
+ * tensor's update scale * d (a coordinate of the zero-gradient contract has d = 0). */
+void flatl2o_scale_step(float *param, const float *d, float scale, float lr, int64_t count) {
+    for (int64_t i = 0; i < count; ++i) param[i] -= lr * (scale * d[i]);
 }

@@ -72,7 +72,7 @@ class RuleProgram:
 #: that a kernel does not implement yet runs on the reference step: ``backend="auto"`` says so
 #: once, and an explicit fast backend refuses it.
 IMPLEMENTED: dict[str, tuple[type[UpdateRule], ...]] = {
-    "cpu": (L2ODM, RNNprop),
+    "cpu": (L2ODM, RNNprop, NormProp),
     "triton": (L2ODM, RNNprop, NormProp),
 }
 BUILT_IN: tuple[type[UpdateRule], ...] = (L2ODM, RNNprop, NormProp)
