@@ -345,7 +345,15 @@ def _write_recipe(tmp_path: Path, **sections) -> Path:
 def _run_cli(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "flatl2o", "meta-train", "--threads", "1", "--no-progress", *args]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # Ctrl-C as in a terminal: a suite started in the background (``pytest &``) hands its
+    # children SIGINT ignored, and Python then never raises KeyboardInterrupt.
+    return subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
