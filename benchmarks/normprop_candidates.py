@@ -1,6 +1,6 @@
 """Candidate default rules against Adam at 1e-3 and tuned AdamW on the realistic workloads.
 
-    python benchmarks/normprop_candidates.py NAME=FOLDER [NAME=FOLDER ...] \\
+    python benchmarks/normprop_candidates.py NAME=FOLDER[@LR] [NAME=FOLDER[@LR] ...] \\
         --horizons 1000 5000 --seeds 3 --out benchmarks/results/normprop_candidates
 
 Every run goes through the evaluation's runner (``flatl2o.evaluation.runner.train_run``, the
@@ -11,7 +11,10 @@ initialization, same minibatches) with the baselines measured in the same invoca
 - ``adamw``: AdamW with linear warmup + cosine decay ending at each horizon, at the lr and
   weight decay that ``docs/realistic/eval.json`` selected on the validation split (the realistic
   suite's tuning, not redone here; ``--tuned`` points at another results JSON);
-- each candidate: ``flatl2o.L2O(model.parameters(), FOLDER)`` untuned, at its rule's default lr.
+- each candidate: ``flatl2o.L2O(model.parameters(), FOLDER)`` untuned, at its rule's default lr,
+  or at ``LR`` when the argument ends in ``@LR`` (to ask what the default lr should be);
+  ``FOLDER`` may be ``init:ARCH``, the untrained rule ``make_rule(ARCH)`` under
+  ``torch.manual_seed(0)`` (an untrained NormProp steps like Adam).
 
 The ``adam`` runs are also checked against the results JSON's: the same seed gives the same
 initial parameters (``init_sha``) and, on the same code and machine, the same metrics; the
@@ -26,6 +29,7 @@ import json
 import math
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +38,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._results import write_result
-from flatl2o import load_rule
+from flatl2o import load_rule, make_rule
+from flatl2o.checkpoint import save_rule
 from flatl2o.evaluation.optimizers import shipped_lr
 from flatl2o.evaluation.runner import RunSpec, train_run
 from flatl2o.evaluation.stats import paired
@@ -60,12 +65,23 @@ def _spec(workload: str, arm: str, seed: int, horizons: tuple[int, ...], **kw) -
     )
 
 
+def _folder(arg: str) -> str:
+    """``arg``, or for ``init:ARCH`` a temporary folder holding the untrained rule."""
+    if not arg.startswith("init:"):
+        return arg
+    folder = Path(tempfile.mkdtemp()) / arg[len("init:") :]
+    torch.manual_seed(0)
+    save_rule(make_rule(arg[len("init:") :]), folder)
+    return str(folder)
+
+
 def plan(
     candidates: dict[str, str], tuned: dict, workloads: tuple[str, ...], horizons, seeds: int
 ) -> list[tuple[str, str, RunSpec]]:
     """``(workload, arm, spec)`` for every run; AdamW is one run per horizon (its schedule
     ends there), the others one run measured at every horizon."""
     out = []
+    folders: dict[str, str] = {}
     hs = tuple(horizons)
     for w in workloads:
         selected = tuned["tuning"][w]["adamw"]["selected"]
@@ -75,8 +91,10 @@ def plan(
                 hp = selected[str(h)]
                 spec = _spec(w, "adamw", seed, (h,), hparams=hp, schedule="warmup-cosine")
                 out.append((w, "adamw", spec))
-            for name, folder in candidates.items():
-                lr = shipped_lr(load_rule(folder).architecture)
+            for name, arg in candidates.items():
+                folder, _, given = arg.partition("@")
+                folder = folders.setdefault(folder, _folder(folder))
+                lr = float(given) if given else shipped_lr(load_rule(folder).architecture)
                 spec = _spec(w, name, seed, hs, hparams={"lr": lr}, checkpoint=folder)
                 out.append((w, name, spec))
     return out
