@@ -144,8 +144,12 @@ def test_avx2_build_matches_reference(name: str, hidden: int) -> None:
 def test_bf16_state_in_the_kernel_equals_fp32_steps_rounded_by_torch(name: str, build: str) -> None:
     """bf16 rows widened and rounded inside the kernel give exactly the fp32 step followed by
     torch's rounding of the state to bf16 (the chunked path's semantics), bit for bit."""
-    lib = _build(build)
-    rule = _rule(name)
+    _assert_bf16_state_is_fp32_rounded(_rule(name), _build(build), lr=0.5)
+
+
+def _assert_bf16_state_is_fp32_rounded(rule, lib, lr: float) -> None:
+    """Three steps with bf16 state rows equal three fp32 steps each followed by torch's
+    rounding of the state to bf16, bit for bit (parameters and state)."""
     kernel = cpu.CPUKernel(rule_program(rule), lib=lib)
     for n in (37, 1000):
         g, state, p = _inputs(rule, n)
@@ -153,8 +157,8 @@ def test_bf16_state_in_the_kernel_equals_fp32_steps_rounded_by_torch(name: str, 
         fp = {k: v.to(torch.bfloat16).float() for k, v in state.items()}
         p2 = p.clone()
         for t in (1, 2, 3):
-            kernel.update(p, g * t, bf, t, 0.5, False, 1 << 14)
-            kernel.update(p2, g * t, fp, t, 0.5, False, 1 << 14)
+            kernel.update(p, g * t, bf, t, lr, False, 1 << 14)
+            kernel.update(p2, g * t, fp, t, lr, False, 1 << 14)
             fp = {k: v.to(torch.bfloat16).float() for k, v in fp.items()}
         assert torch.equal(p, p2)
         assert all(torch.equal(bf[k].float(), fp[k]) for k in bf)
@@ -278,19 +282,7 @@ def test_normprop_does_not_depend_on_thread_split_or_chunking(
 def test_normprop_bf16_state_in_the_kernel_equals_fp32_steps_rounded(build: str) -> None:
     """bf16 rows widened and rounded inside the kernel: exactly the fp32 step followed by
     torch's rounding of the state (as for the other rules), sums and scale included."""
-    rule = _normprop()
-    kernel = cpu.CPUKernel(rule_program(rule), lib=_build(build))
-    for n in (37, 1000):
-        g, state, p = _inputs(rule, n)
-        bf = {k: v.to(torch.bfloat16) for k, v in state.items()}
-        fp = {k: v.to(torch.bfloat16).float() for k, v in state.items()}
-        p2 = p.clone()
-        for t in (1, 2, 3):
-            kernel.update(p, g * t, bf, t, 0.01, False, 1 << 14)
-            kernel.update(p2, g * t, fp, t, 0.01, False, 1 << 14)
-            fp = {k: v.to(torch.bfloat16).float() for k, v in fp.items()}
-        assert torch.equal(p, p2)
-        assert all(torch.equal(bf[k].float(), fp[k]) for k in bf)
+    _assert_bf16_state_is_fp32_rounded(_normprop(), _build(build), lr=0.01)
 
 
 def test_normprop_bf16_params_and_the_zero_gradient_contract() -> None:
