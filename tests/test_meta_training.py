@@ -1159,3 +1159,23 @@ def test_plot_of_a_run_with_one_or_two_logged_points_shows_them(tmp_path, monkey
     plt.close(fig)
     assert set(drawn) == {"meta_loss", "val_loss"}
     assert all(n >= 20 for n in drawn.values()), drawn
+
+
+def test_a_non_finite_meta_gradient_is_skipped_not_applied(tmp_path):
+    """An unroll from a diverged optimizee (NaN parameters) has a NaN meta-gradient: applying it
+    made every weight of the rule, and so every later trajectory, NaN (seen in a NormProp run
+    at a large base step). The step is skipped and counted; a finite unroll still steps."""
+    trainer = MetaTrainer(recipe_from_dict(tiny()), tmp_path, progress=False)
+    theta = trainer.task.init_params(torch.Generator().manual_seed(0))
+    state = trainer.rule.init_state(theta.numel())
+    before = {k: v.clone() for k, v in trainer.rule.state_dict().items()}
+    bad = theta.clone()
+    bad[0] = float("nan")
+    trainer.unroll(bad, state, 0, regularize=False)
+    assert trainer.skipped_meta_steps == 1 and not trainer.meta_opt.state
+    for k, v in trainer.rule.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    trainer.unroll(theta, state, 0, regularize=False)
+    assert trainer.skipped_meta_steps == 1 and trainer.meta_opt.state
+    assert all(bool(torch.isfinite(v).all()) for v in trainer.rule.state_dict().values())
+    assert any(not torch.equal(v, before[k]) for k, v in trainer.rule.state_dict().items())

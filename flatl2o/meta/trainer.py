@@ -196,6 +196,8 @@ class MetaTrainer:
                 rule = make_rule(recipe.rule.architecture, **recipe.rule.options)
         rule.train()
         self.meta_opt = torch.optim.Adam(rule.parameters(), lr=train.meta_lr)
+        #: meta-steps skipped in the current trajectory for a non-finite meta-gradient
+        self.skipped_meta_steps = 0
         reg = recipe.regularizer
         self.regularizer = (
             make_regularizer(reg.name, **reg.options)
@@ -307,11 +309,18 @@ class MetaTrainer:
         return self.objective.imitation_objective(theta, state, step)
 
     def _meta_step(self, objective: Tensor) -> None:
+        """Backward and one meta-optimizer step, skipped (and counted in
+        :attr:`skipped_meta_steps`) when the meta-gradient is not finite: one diverged
+        unroll must not turn the rule's weights, and every later trajectory, into NaN."""
         self.meta_opt.zero_grad(set_to_none=True)
         objective.backward()
         clip = self.recipe.train.grad_clip
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.rule.parameters(), clip)
+        params = [p for p in self.rule.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+        if not torch.isfinite(norm):
+            self.meta_opt.zero_grad(set_to_none=True)
+            self.skipped_meta_steps += 1
+            return
         self.meta_opt.step()
 
     def trajectory(self, length: int) -> dict[str, Any]:
@@ -326,6 +335,7 @@ class MetaTrainer:
         theta = thetas[0] if len(thetas) == 1 else torch.cat(thetas)
         state = self.rule.init_state(theta.numel())
         num_unrolls = length // train.unroll
+        self.skipped_meta_steps = 0
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         for u in range(num_unrolls):
@@ -346,6 +356,8 @@ class MetaTrainer:
                 sums[k] = sums.get(k, 0.0) + val
                 counts[k] = counts.get(k, 0) + 1
         result: dict[str, Any] = distributed.mean_over_ranks({k: sums[k] / counts[k] for k in sums})
+        if self.skipped_meta_steps:  # the same on every rank: DDP averages the meta-gradient
+            result["skipped_meta_steps"] = self.skipped_meta_steps
         if len(self.distribution.tasks) > 1:  # which task this (rank 0's) trajectory trained
             result["task"] = task.name
         return result
