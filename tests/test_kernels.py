@@ -314,24 +314,7 @@ def test_normprop_bf16_params_and_the_zero_gradient_contract() -> None:
 def test_normprop_saturates_like_the_reference(build: str) -> None:
     """Extreme cell states and gradients (see the test for the other rules): finite, and the
     step and state close to the reference's."""
-    rule = _normprop()
-    n = 64
-    gen = torch.Generator().manual_seed(3)
-    state = rule.init_state(n)
-    big = torch.tensor([0.0, 50.0, -50.0, 1e6, -1e6, 1e30, -1e30, 3e38, -3e38, 88.0, 1e-40])
-    state["c0"] = big[torch.randint(len(big), state["c0"].shape, generator=gen)]
-    state["h0"] = torch.rand(state["h0"].shape, generator=gen) * 2 - 1
-    g = torch.logspace(-30, 15, n) * torch.tensor([1.0, -1.0]).repeat(n // 2)  # g^2 finite
-    ref = {k: v.clone() for k, v in state.items()}
-    p, p_ref = torch.zeros(n), torch.zeros(n)
-    kernel = cpu.CPUKernel(rule_program(rule), lib=_build(build))
-    for t in (1, 2):
-        kernel.update(p, g, state, t, 0.01, False, 1 << 14)
-        ReferenceKernel(rule).update(p_ref, g, ref, t, 0.01, False, 1 << 14)
-    assert torch.isfinite(p_ref).all() and all(torch.isfinite(v).all() for v in ref.values())
-    torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-6)
-    for k in state:
-        torch.testing.assert_close(state[k], ref[k], rtol=1e-5, atol=1e-5, msg=k)
+    _assert_saturates_like_the_reference(_normprop(), _build(build), lr=0.01, atol=1e-6)
 
 
 def test_every_load_of_a_library_declares_its_functions() -> None:
@@ -497,7 +480,12 @@ def test_cpu_kernel_saturates_like_the_reference(name: str, build: str) -> None:
     """Extreme values (cell states up to 3e38, where tanh(c)'s argument overflows to inf;
     gradients from 1e-30 to 1e15):
     tanh/sigmoid saturate to the reference's values, never NaN, and the state stays close."""
-    rule = _rule(name)
+    _assert_saturates_like_the_reference(_rule(name), _build(build), lr=1.0, atol=1e-5)
+
+
+def _assert_saturates_like_the_reference(rule, lib, lr: float, atol: float) -> None:
+    """Two steps from cell states drawn from huge values and gradients from 1e-30 to 1e15:
+    the reference stays finite and the kernel's step (``atol``) and state stay close to it."""
     n = 64
     gen = torch.Generator().manual_seed(3)
     state = rule.init_state(n)
@@ -510,12 +498,12 @@ def test_cpu_kernel_saturates_like_the_reference(name: str, build: str) -> None:
     g = torch.logspace(-30, 15, n) * torch.tensor([1.0, -1.0]).repeat(n // 2)  # g^2 finite
     ref = {k: v.clone() for k, v in state.items()}
     p, p_ref = torch.zeros(n), torch.zeros(n)
-    kernel = cpu.CPUKernel(rule_program(rule), lib=_build(build))
+    kernel = cpu.CPUKernel(rule_program(rule), lib=lib)
     for t in (1, 2):
-        kernel.update(p, g, state, t, 1.0, False, 1 << 14)
-        ReferenceKernel(rule).update(p_ref, g, ref, t, 1.0, False, 1 << 14)
+        kernel.update(p, g, state, t, lr, False, 1 << 14)
+        ReferenceKernel(rule).update(p_ref, g, ref, t, lr, False, 1 << 14)
     assert torch.isfinite(p_ref).all() and all(torch.isfinite(v).all() for v in ref.values())
-    torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=atol)
     for k in state:
         torch.testing.assert_close(state[k], ref[k], rtol=1e-5, atol=1e-5, msg=k)
 
