@@ -26,7 +26,7 @@ from flatl2o.kernels import (
     rule_program,
 )
 from flatl2o.kernels.accuracy import contract_violations, untouched_case
-from flatl2o.rules import L2ODM, UpdateRule
+from flatl2o.rules import L2ODM, NormProp, UpdateRule
 
 RULE_NAMES = ["l2o-dm", "rnnprop"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,9 +55,13 @@ def _inputs(rule: UpdateRule, n: int, seed: int = 1) -> tuple[Tensor, dict[str, 
 
 
 def _run(kernel, rule, n: int, steps: int, maximize: bool = False, chunk: int = 1 << 16):
+    """``steps`` steps at lr 0.7 (NormProp: lr 0.01 and gradients alternating in sign, since
+    its update is Adam-sized, about 1 per coordinate, so it moves as far per step)."""
     g, state, p = _inputs(rule, n)
+    normprop = isinstance(rule, NormProp)
     for t in range(1, steps + 1):
-        kernel.update(p, g * (1 + 0.1 * t), state, t, 0.7, maximize, chunk)
+        grad = g * (1 + 0.1 * t) * ((-1) ** t if normprop else 1)
+        kernel.update(p, grad, state, t, 0.01 if normprop else 0.7, maximize, chunk)
     return p, state
 
 
@@ -197,23 +201,6 @@ def _normprop(hidden: int = 4, layers: int = 1, adam_skip: float = 1.0, seed: in
     return rule
 
 
-def _normprop_run(kernel, rule, n: int, steps: int, maximize: bool = False, chunk: int = 1 << 16):
-    """``steps`` steps at lr 0.01: NormProp's update is Adam-sized (about 1 per coordinate),
-    so this moves parameters as far per step as the other rules' tests at lr 0.7."""
-    g, state, p = _inputs(rule, n)
-    for t in range(1, steps + 1):
-        kernel.update(p, g * (1 + 0.1 * t) * (-1) ** t, state, t, 0.01, maximize, chunk)
-    return p, state
-
-
-def _assert_normprop_matches_reference(kernel, rule, n: int, steps: int = 4, maximize=False):
-    p, state = _normprop_run(kernel, rule, n, steps, maximize)
-    p_ref, state_ref = _normprop_run(ReferenceKernel(rule), rule, n, steps, maximize)
-    torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-6)
-    for k in state:
-        torch.testing.assert_close(state[k], state_ref[k], rtol=1e-5, atol=1e-5, msg=k)
-
-
 @pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize(("hidden", "layers"), NORMPROP_SHAPES)
 def test_normprop_cpu_kernel_matches_reference(build: str, hidden: int, layers: int) -> None:
@@ -225,13 +212,13 @@ def test_normprop_cpu_kernel_matches_reference(build: str, hidden: int, layers: 
         rule = _normprop(hidden, layers, adam_skip)
         kernel = cpu.CPUKernel(rule_program(rule), lib=lib)
         for n in (1, 37, 333, 2049):
-            _assert_normprop_matches_reference(kernel, rule, n, maximize=n == 333)
+            _assert_matches_reference(kernel, rule, n, maximize=n == 333)
 
 
 def test_normprop_cpu_kernel_matches_reference_on_a_large_tensor() -> None:
     """Many blocks split across threads, at the default hidden size."""
     rule = _normprop()
-    _assert_normprop_matches_reference(cpu.CPUKernel(rule_program(rule)), rule, 40_003)
+    _assert_matches_reference(cpu.CPUKernel(rule_program(rule)), rule, 40_003)
 
 
 @pytest.mark.parametrize("build", BUILDS)
@@ -261,10 +248,10 @@ def test_normprop_does_not_depend_on_thread_split_or_chunking(
     rule = _normprop()
     kernel = cpu.CPUKernel(rule_program(rule))
     monkeypatch.setattr(cpu, "MIN_COORDS_PER_THREAD", 10**9)  # one thread
-    p1, s1 = _normprop_run(kernel, rule, 50_001, 2)
+    p1, s1 = _run(kernel, rule, 50_001, 2)
     monkeypatch.setattr(cpu, "MIN_COORDS_PER_THREAD", 1000)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # four uneven parts
-    p4, s4 = _normprop_run(kernel, rule, 50_001, 2)
+    p4, s4 = _run(kernel, rule, 50_001, 2)
     assert torch.equal(p1, p4)
     assert all(torch.equal(s1[k], s4[k]) for k in s1)
     # a strided state goes through fp32 chunks (rounded up to whole blocks of the sums)
@@ -328,7 +315,7 @@ def test_every_load_of_a_library_declares_its_functions() -> None:
         assert getattr(again, name).argtypes, name
     rule = _normprop()
     kernel = cpu.CPUKernel(rule_program(rule), lib=again)
-    _assert_normprop_matches_reference(kernel, rule, 100)
+    _assert_matches_reference(kernel, rule, 100)
 
 
 def test_auto_picks_the_cpu_kernel_for_normprop_without_a_warning(
