@@ -225,18 +225,7 @@ def test_normprop_cpu_kernel_matches_reference_on_a_large_tensor() -> None:
 def test_normprop_cpu_kernel_error_is_of_fp32_order(build: str) -> None:
     """Against the rule in float64, the kernel drifts no more than a small multiple of
     torch's own float32 path (as the other rules: tests above)."""
-    from flatl2o.kernels.accuracy import drift_from_float64
-
-    rule = _normprop(seed=1)
-    n = 5000
-    g = torch.randn(n, generator=torch.Generator().manual_seed(1)) * torch.logspace(-6, 0, n)
-    kernels = {
-        "cpu": cpu.CPUKernel(rule_program(rule), lib=_build(build)),
-        "fp32": ReferenceKernel(rule),
-    }
-    drift, _ = drift_from_float64(rule, kernels, g, steps=10)
-    (pk, pr), (sk, sr) = (drift["cpu"][0], drift["fp32"][0]), (drift["cpu"][1], drift["fp32"][1])
-    assert pk <= 8 * pr + 1e-9 and sk <= 8 * sr + 1e-8, (pk, pr, sk, sr)
+    _assert_drift_of_fp32_order(_normprop(seed=1), _build(build))
 
 
 def test_normprop_does_not_depend_on_thread_split_or_chunking(
@@ -247,13 +236,7 @@ def test_normprop_does_not_depend_on_thread_split_or_chunking(
     bits."""
     rule = _normprop()
     kernel = cpu.CPUKernel(rule_program(rule))
-    monkeypatch.setattr(cpu, "MIN_COORDS_PER_THREAD", 10**9)  # one thread
-    p1, s1 = _run(kernel, rule, 50_001, 2)
-    monkeypatch.setattr(cpu, "MIN_COORDS_PER_THREAD", 1000)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # four uneven parts
-    p4, s4 = _run(kernel, rule, 50_001, 2)
-    assert torch.equal(p1, p4)
-    assert all(torch.equal(s1[k], s4[k]) for k in s1)
+    _assert_thread_split_gives_the_same_bits(kernel, rule, monkeypatch)
     # a strided state goes through fp32 chunks (rounded up to whole blocks of the sums)
     g, state, p = _inputs(rule, 1000)
     strided = {k: torch.stack((v, v), dim=-1)[..., 0] for k, v in state.items()}
@@ -447,15 +430,18 @@ def test_cpu_kernel_error_is_of_fp32_order(name: str, build: str) -> None:
     """Against the rule in float64, a shipped checkpoint's kernel step drifts no more than a
     small multiple of torch's own float32 path (benchmarks/kernel_accuracy.py: 2-3x)."""
     from flatl2o.hub import load_rule
+
+    _assert_drift_of_fp32_order(load_rule(name), _build(build))
+
+
+def _assert_drift_of_fp32_order(rule, lib) -> None:
+    """10 steps on 5,000 coordinates: the kernel's parameter and state drift from the rule in
+    float64 is at most 8 times torch's float32 reference step's."""
     from flatl2o.kernels.accuracy import drift_from_float64
 
-    rule = load_rule(name)
     n = 5000
     g = torch.randn(n, generator=torch.Generator().manual_seed(1)) * torch.logspace(-6, 0, n)
-    kernels = {
-        "cpu": cpu.CPUKernel(rule_program(rule), lib=_build(build)),
-        "fp32": ReferenceKernel(rule),
-    }
+    kernels = {"cpu": cpu.CPUKernel(rule_program(rule), lib=lib), "fp32": ReferenceKernel(rule)}
     drift, _ = drift_from_float64(rule, kernels, g, steps=10)
     (pk, sk), (pr, sr) = drift["cpu"], drift["fp32"]
     assert pk <= 8 * pr + 1e-9 and sk <= 8 * sr + 1e-8, (pk, pr, sk, sr)
@@ -497,7 +483,11 @@ def _assert_saturates_like_the_reference(rule, lib, lr: float, atol: float) -> N
 
 def test_cpu_kernel_does_not_depend_on_thread_split(monkeypatch: pytest.MonkeyPatch) -> None:
     rule = _rule("rnnprop")
-    kernel = cpu.CPUKernel(rule_program(rule))
+    _assert_thread_split_gives_the_same_bits(cpu.CPUKernel(rule_program(rule)), rule, monkeypatch)
+
+
+def _assert_thread_split_gives_the_same_bits(kernel, rule, monkeypatch) -> None:
+    """One thread and four uneven parts of 50,001 coordinates: the same bits, two steps."""
     monkeypatch.setattr(cpu, "MIN_COORDS_PER_THREAD", 10**9)  # one thread
     p1, s1 = _run(kernel, rule, 50_001, 2)
     monkeypatch.setattr(cpu, "MIN_COORDS_PER_THREAD", 1000)
