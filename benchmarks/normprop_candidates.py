@@ -81,7 +81,15 @@ def plan(
     """``(workload, arm, spec)`` for every run; AdamW is one run per horizon (its schedule
     ends there), the others one run measured at every horizon."""
     out = []
-    folders: dict[str, str] = {}
+    folders: dict[str, str] = {}  # one untrained rule saved per init:ARCH, however often named
+    arms: list[tuple[str, str, float]] = []  # (name, folder, lr), each rule read once
+    for name, arg in candidates.items():
+        given_folder, _, given = arg.partition("@")
+        if given_folder not in folders:
+            folders[given_folder] = _folder(given_folder)
+        folder = folders[given_folder]
+        lr = float(given) if given else shipped_lr(load_rule(folder).architecture)
+        arms.append((name, folder, lr))
     hs = tuple(horizons)
     for w in workloads:
         selected = tuned["tuning"][w]["adamw"]["selected"]
@@ -91,10 +99,7 @@ def plan(
                 hp = selected[str(h)]
                 spec = _spec(w, "adamw", seed, (h,), hparams=hp, schedule="warmup-cosine")
                 out.append((w, "adamw", spec))
-            for name, arg in candidates.items():
-                folder, _, given = arg.partition("@")
-                folder = folders.setdefault(folder, _folder(folder))
-                lr = float(given) if given else shipped_lr(load_rule(folder).architecture)
+            for name, folder, lr in arms:
                 spec = _spec(w, name, seed, hs, hparams={"lr": lr}, checkpoint=folder)
                 out.append((w, name, spec))
     return out

@@ -18,28 +18,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._results import write_result
-from flatl2o import make_rule
-from flatl2o.checkpoint import save_rule
-from flatl2o.evaluation.runner import RunSpec, train_run
+from benchmarks.normprop_candidates import WORKLOADS, _folder, _spec
+from flatl2o.evaluation.runner import train_run
 from flatl2o.evaluation.workloads import make_workload
 from flatl2o.meta.optimizee import mean_std
 
-WORKLOADS = ("lm", "cnn", "regression", "lstm", "finetune")
 KEYS = ("test_loss", "test_accuracy", "train_loss", "param_norm")
 
 
 def measure(pilot: str, steps: int, seeds: int, workloads: tuple[str, ...]) -> dict:
-    init_dir = Path(tempfile.mkdtemp()) / "normprop-init"
-    torch.manual_seed(0)
-    save_rule(make_rule("normprop"), init_dir)
-    arms = {"adam@1e-3": None, "normprop untrained": str(init_dir), "normprop pilot": pilot}
+    untrained = _folder("init:normprop")
+    arms = {"adam@1e-3": None, "normprop untrained": untrained, "normprop pilot": pilot}
     out: dict[str, dict[str, list[dict[str, float]]]] = {}
     for w in workloads:
         workload = make_workload(w)
@@ -47,18 +42,8 @@ def measure(pilot: str, steps: int, seeds: int, workloads: tuple[str, ...]) -> d
         for arm, folder in arms.items():
             runs = []
             for seed in range(seeds):
-                spec = RunSpec(
-                    task=w,
-                    optimizer="adam" if folder is None else arm,
-                    seed=seed,
-                    horizons=(steps,),
-                    hparams={"lr": 1e-3},
-                    checkpoint=folder,
-                    batch_size=workload.batch_size,
-                    trace_probes=0,
-                    eig_iters=0,
-                    curve_points=0,
-                )
+                name = "adam" if folder is None else arm
+                spec = _spec(w, name, seed, (steps,), hparams={"lr": 1e-3}, checkpoint=folder)
                 metrics = train_run(spec, workload)["metrics"][str(steps)]
                 runs.append({k: float(metrics[k]) for k in KEYS if k in metrics})
             out[w][arm] = runs
