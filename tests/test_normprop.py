@@ -514,6 +514,39 @@ def test_meta_unroll_steps_each_slots_tensors_at_adams_rms() -> None:
         torch.testing.assert_close(_rms(d[counted]), 1e-3 * _rms(a[counted]), rtol=1e-5, atol=0)
 
 
+def test_imitation_compares_the_rules_step_at_its_own_lr_with_the_teachers() -> None:
+    """An imitation unroll scores the step the rule takes in the other unrolls (its default
+    lr times its update) against Adam's at ``imitation_lr``: with a teacher at ten times the
+    rule's lr, a rule whose ``output_scale`` is 10 is not pulled back to Adam's step at its lr."""
+    from flatl2o.meta.objective import adam_teacher_step
+
+    task = make_task("digits-mlp", batch_size=16)
+    recipe = recipe_from_dict({"train": {"unroll": 4, "imitation_lr": 1e-2}})
+    rule = _rule(output_scale=10.0)
+    gen = torch.Generator().manual_seed(7)
+    copy_gen = torch.Generator().set_state(gen.get_state())
+    objective = MetaObjective(
+        rule, task, recipe, regularizer=None, generators=[gen], reg_generators=None
+    )
+    theta = task.init_params(torch.Generator().manual_seed(1))
+    value, moved, _ = objective.imitation_objective(theta, rule.init_state(theta.numel()), 0)
+    state = rule.init_state(theta.numel())
+    m = torch.zeros_like(theta)
+    v = torch.zeros_like(theta)
+    terms = []
+    for t in range(4):
+        th = theta.clone().requires_grad_(True)
+        x, y = task.sample_batch(copy_gen)
+        grad = torch.autograd.grad(task.loss(th, x, y), th)[0]
+        teacher, m, v = adam_teacher_step(grad, m, v, t + 1, 1e-2)
+        with torch.no_grad():
+            delta, state = rule(grad, state, t + 1, task.segment_sizes)
+        terms.append(torch.mean((1e-3 * delta - teacher) ** 2) / 1e-2**2)
+        theta = theta - teacher
+    torch.testing.assert_close(value.detach(), torch.stack(terms).mean(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(moved, theta)
+
+
 def test_a_meta_training_run_trains_every_weight_and_ships_a_loadable_rule(tmp_path) -> None:
     """A tiny normprop recipe through the meta-trainer (normal and imitation unrolls): every
     weight moves (the meta-gradient reaches the LSTM through the near-zero read-out and the

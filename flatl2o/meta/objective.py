@@ -152,8 +152,11 @@ class MetaObjective(nn.Module):
                 grad = self._slot_grads(losses, parts)
             teacher, m, v = adam_teacher_step(grad, m, v, t + 1, train.imitation_lr)
             delta, state = self.rule(grad, state, step + t + 1, segments)
-            if self.lr != 1.0:  # a rule used at an Adam-like lr imitates Adam at the same lr
-                delta = train.imitation_lr * delta
+            # the rule's step as the other unrolls take it (at its default lr), so the teacher
+            # sets the step size to learn: at the rule's lr it would only pull the rule's gain
+            # towards 1 / output_scale
+            if self.lr != 1.0:
+                delta = self.lr * delta
             terms.append(torch.mean((delta - teacher) ** 2) / train.imitation_lr**2)
             theta = theta - teacher
         return torch.stack(terms).mean(), theta, state
