@@ -769,10 +769,28 @@ def siblings_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_siblings(args: argparse.Namespace, command: str) -> int:
-    """The study of a recipe pair (``--recipes``) on the realistic workloads."""
+def tuned_selection(path: Path, workloads: tuple[str, ...], horizons: list[int]) -> dict:
+    """The realistic results JSON whose AdamW selection the study uses, checked before any
+    meta-training: a ``ValueError`` naming what it lacks."""
+    try:
+        tuned = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read the tuned results {path}: {e}") from None
+    for w in workloads:
+        selected = tuned.get("tuning", {}).get(w, {}).get("adamw", {}).get("selected", {})
+        missing = [h for h in horizons if str(h) not in selected]
+        if missing:
+            raise ValueError(
+                f"{path} has no tuned AdamW for {w} at {', '.join(map(str, missing))} steps "
+                f"(it has {', '.join(selected) or 'none'}); pick --horizons among those"
+            )
+    return tuned
+
+
+def run_siblings(args: argparse.Namespace, command: str, sib: Siblings, tuned: dict) -> int:
+    """The study of a recipe pair (``--recipes``) on the realistic workloads: meta-train,
+    measure, report."""
     started = time.perf_counter()
-    sib = Siblings.load(*args.recipes)
     meta_seeds = sorted(set(args.meta_seeds if args.meta_seeds is not None else [0, 1, 2]))
     root = Path(args.root) / (sib.plain_name + ("-quick" if args.quick else ""))
     root.mkdir(parents=True, exist_ok=True)
@@ -792,11 +810,7 @@ def run_siblings(args: argparse.Namespace, command: str) -> int:
             pool.map(lambda r: meta_train_run(r[0], r[1], r[2], r[3], root, quick), runs)
         )
     meta_train_seconds = time.perf_counter() - started
-    workloads = tuple(args.workloads or (("regression",) if args.quick else WORKLOADS))
-    seeds = args.seeds or (1 if args.quick else 3)
-    horizons = args.horizons or [1000]
-    tuned_path = Path(args.tuned or TUNED)
-    tuned = json.loads(tuned_path.read_text())
+    workloads, horizons, seeds = tuple(args.workloads), args.horizons, args.seeds
     t0 = time.perf_counter()
     torch.set_num_threads(1)  # as normprop_candidates measures: its runs are comparable
     candidates = {name: str(folder) for (_, name, _, _), folder in zip(runs, folders, strict=True)}
@@ -813,7 +827,7 @@ def run_siblings(args: argparse.Namespace, command: str) -> int:
         "workloads": list(workloads),
         "horizons": horizons,
         "eval_seeds": seeds,
-        "tuned": _repo_path(tuned_path),
+        "tuned": _repo_path(args.tuned),
         "metric": {w: make_workload(w).metric for w in workloads},
         "runs": {name: _repo_path(folder) for name, folder in candidates.items()},
         "git": git,
@@ -938,10 +952,18 @@ def main(argv: list[str] | None = None) -> int:
             write_result(out, result, markdown(result))
             print(markdown(result))
             return 0
-        try:
-            return run_siblings(args, command)
-        except ValueError as e:  # the recipes are unreadable or not siblings
+        args.workloads = args.workloads or (["regression"] if args.quick else list(WORKLOADS))
+        args.horizons = args.horizons or [1000]
+        args.seeds = args.seeds or (1 if args.quick else 3)
+        args.tuned = Path(args.tuned or TUNED)
+        if args.seeds < 1 or min(args.horizons) < 1:
+            p.error("--seeds and --horizons must be at least 1")
+        try:  # everything checked before hours of meta-training
+            sib = Siblings.load(*args.recipes)
+            tuned = tuned_selection(args.tuned, tuple(args.workloads), args.horizons)
+        except ValueError as e:  # the recipes are unreadable or not siblings; no tuned AdamW
             p.error(str(e))
+        return run_siblings(args, command, sib, tuned)
     given = [
         flag
         for flag, value in (

@@ -64,6 +64,10 @@ def test_the_plain_recipe_comes_first_and_the_regularized_one_second():
         (["--recipes", str(PLAIN), str(HESSIAN), "--suite", "mnist"], "--suite realistic"),
         (["--rule", "dm", "--seeds", "3"], "--seeds is for --recipes"),
         (["--recipes", str(HESSIAN), str(PLAIN)], "is regularized"),
+        (
+            ["--recipes", str(PLAIN), str(HESSIAN), "--horizons", "1000", "2000"],
+            "has no tuned AdamW for lm at 2000 steps (it has 1000, 5000); pick --horizons",
+        ),
     ],
 )
 def test_the_cli_refuses_mixed_studies_before_training_anything(argv, message, tmp_path, capsys):
