@@ -147,6 +147,36 @@ def measure(specs: list[tuple[str, str, RunSpec]], tuned: dict) -> dict:
     return {"cells": results, "adam_checks": checks}
 
 
+def better(diff: float, metric: str) -> bool:
+    """Whether a difference A − B of ``metric`` favours A: a lower test loss, a higher
+    accuracy."""
+    return (diff < 0) == (metric == "test_loss")
+
+
+def adam_checks_lines(checks: list[dict]) -> list[str]:
+    """The report's paragraph on whether Adam at 1e-3 reproduced the tuned results' Adam runs
+    (nothing when none was compared)."""
+    if not checks:
+        return []
+    bad = [c for c in checks if not (c["same_init"] and c["same_metrics"])]
+    return [
+        f"Adam at 1e-3 reproduces the tuned results' Adam runs (same initialization and "
+        f"metrics) on {len(checks) - len(bad)} of {len(checks)} (workload, seed) pairs"
+        + (
+            "; not on "
+            + ", ".join(
+                f"{c['workload']} seed {c['seed']}"
+                + ("" if c["same_init"] else " (different initialization)")
+                for c in bad
+            )
+            if bad
+            else ""
+        )
+        + ".",
+        "",
+    ]
+
+
 def markdown(result: dict) -> str:
     """Per workload and horizon: the held-out metric per arm and each candidate's paired
     difference with Adam at 1e-3 and with tuned AdamW."""
@@ -163,25 +193,7 @@ def markdown(result: dict) -> str:
         "Candidates: " + ", ".join(f"`{n}` = `{f}`" for n, f in result["candidates"].items()),
         "",
     ]
-    checks = result["adam_checks"]
-    if checks:
-        bad = [c for c in checks if not (c["same_init"] and c["same_metrics"])]
-        lines += [
-            f"Adam at 1e-3 reproduces the tuned results' Adam runs (same initialization and "
-            f"metrics) on {len(checks) - len(bad)} of {len(checks)} (workload, seed) pairs"
-            + (
-                "; not on "
-                + ", ".join(
-                    f"{c['workload']} seed {c['seed']}"
-                    + ("" if c["same_init"] else " (different initialization)")
-                    for c in bad
-                )
-                if bad
-                else ""
-            )
-            + ".",
-            "",
-        ]
+    lines += adam_checks_lines(result["adam_checks"])
     header = "| workload | steps | metric | " + " | ".join(f"`{a}`" for a in arms)
     header += " | " + " | ".join(f"`{c}` − Adam | `{c}` − AdamW" for c in result["candidates"])
     lines += [header + " |", "|" + "---|" * (3 + len(arms) + 2 * len(result["candidates"]))]
@@ -201,10 +213,8 @@ def markdown(result: dict) -> str:
             for c in result["candidates"]:
                 for base in ("adam", "adamw"):
                     p = paired(values[c], values[base])
-                    better = "better" if (p.mean < 0) == (metric == "test_loss") else "worse"
-                    verdict = (
-                        f"{better}" if p.significant else "noise" if p.n >= 2 else "untestable"
-                    )
+                    side = "better" if better(p.mean, metric) else "worse"
+                    verdict = side if p.significant else "noise" if p.n >= 2 else "untestable"
                     row.append(f"{p.fmt_mean('+.4f')} ({verdict})")
             lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Train loss and parameter norm at the last horizon (mean over seeds):", ""]
