@@ -1002,7 +1002,10 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(result))
         return 0
     study = Study(args.rule, args.rng, tuple(args.regularizers), args.tag, tuple(args.overrides))
-    root = Path(args.root) / args.rule
+    # a --quick study's 2-iteration runs and evaluation live apart from a real study's, which
+    # would otherwise reuse them as finished
+    base = Path(args.root) / "quick" if args.quick else Path(args.root)
+    root = base / args.rule
     root.mkdir(parents=True, exist_ok=True)
     shipped = args.rng == "minibatch"  # meta-seed 0 is then the shipped checkpoints
     meta_seeds = sorted({0, *args.meta_seeds}) if shipped else sorted(set(args.meta_seeds))
@@ -1028,10 +1031,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     data = evaluate(
         config,
-        out=study.eval_dir(Path(args.root)),
+        out=study.eval_dir(base),
         jobs=args.jobs,
         progress=False,
-        resume=study.eval_dir(Path(args.root)).exists(),
+        resume=study.eval_dir(base).exists(),
         command=command,
     )
     eval_seconds = time.perf_counter() - t0
