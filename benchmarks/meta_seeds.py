@@ -846,6 +846,12 @@ def run_siblings(args: argparse.Namespace, command: str, sib: Siblings, tuned: d
     return 0
 
 
+def _given(*options: tuple[str, object]) -> list[str]:
+    """The flags among ``(flag, value)`` pairs that the command line set: a value other than
+    the parser's "not given" (None, "" or [])."""
+    return [flag for flag, value in options if value is not None and value != "" and value != []]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rule", choices=["dm", "rnnprop"], help="the shipped recipes' rule (dm)")
@@ -923,18 +929,14 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv[1:] if argv is None else argv
     )
     if args.recipes:
-        given = [
-            flag
-            for flag, value in (
-                ("--rule", args.rule),
-                ("--rng", args.rng),
-                ("--regularizers", args.regularizers),
-                ("--set", args.overrides),
-                ("--tag", args.tag),
-                ("--tasks", args.tasks),
-            )
-            if value
-        ]
+        given = _given(
+            ("--rule", args.rule),
+            ("--rng", args.rng),
+            ("--regularizers", args.regularizers),
+            ("--set", args.overrides),
+            ("--tag", args.tag),
+            ("--tasks", args.tasks),
+        )
         if given:
             p.error(
                 f"--recipes takes no {', '.join(given)}: those options belong to --rule's study "
@@ -964,16 +966,12 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:  # the recipes are unreadable or not siblings; no tuned AdamW
             p.error(str(e))
         return run_siblings(args, command, sib, tuned)
-    given = [
-        flag
-        for flag, value in (
-            ("--workloads", args.workloads),
-            ("--horizons", args.horizons),
-            ("--seeds", args.seeds),
-            ("--tuned", args.tuned),
-        )
-        if value is not None
-    ]
+    given = _given(
+        ("--workloads", args.workloads),
+        ("--horizons", args.horizons),
+        ("--seeds", args.seeds),
+        ("--tuned", args.tuned),
+    )
     if given or args.suite == "realistic":
         p.error(
             f"{', '.join(given) or '--suite realistic'} is for --recipes (the realistic "
