@@ -82,6 +82,11 @@ class MetaObjective(nn.Module):
         so a trainer that changes the task between unrolls stays right)."""
         return list(self.task.segment_sizes) * len(self.generators)
 
+    def _step(self, delta: Tensor) -> Tensor:
+        """The optimizee step of the rule's update ``delta``: ``lr * delta`` at the rule's default
+        lr, as ``L2O`` takes it (``delta`` itself for a rule whose lr is 1)."""
+        return delta if self.lr == 1.0 else self.lr * delta
+
     def _slot_grads(self, losses: list[Tensor], parts: tuple[Tensor, ...], **kw: Any) -> Tensor:
         """Each optimizee's loss gradient, concatenated like ``theta``."""
         grads = torch.autograd.grad(losses, parts, **kw)
@@ -125,7 +130,7 @@ class MetaObjective(nn.Module):
             if not train.second_order:
                 grad = grad.detach()
             delta, state = self.rule(grad, state, step + t + 1, segments)
-            theta = theta - (delta if self.lr == 1.0 else self.lr * delta)
+            theta = theta - self._step(delta)
         meta = torch.stack(terms).mean()
         reg_value = torch.stack(regs).mean() if regs else None
         return meta, reg_value, theta, state
@@ -152,11 +157,8 @@ class MetaObjective(nn.Module):
                 grad = self._slot_grads(losses, parts)
             teacher, m, v = adam_teacher_step(grad, m, v, t + 1, train.imitation_lr)
             delta, state = self.rule(grad, state, step + t + 1, segments)
-            # the rule's step as the other unrolls take it (at its default lr), so the teacher
-            # sets the step size to learn: at the rule's lr it would only pull the rule's gain
-            # towards 1 / output_scale
-            if self.lr != 1.0:
-                delta = self.lr * delta
-            terms.append(torch.mean((delta - teacher) ** 2) / train.imitation_lr**2)
+            # the rule's step as the other unrolls take it, so the teacher sets the step size to
+            # learn: taken at imitation_lr, it would only pull the gain towards 1 / output_scale
+            terms.append(torch.mean((self._step(delta) - teacher) ** 2) / train.imitation_lr**2)
             theta = theta - teacher
         return torch.stack(terms).mean(), theta, state
